@@ -1,0 +1,97 @@
+"""``ds-unlearn score``: per-sequence memorization of a model on a data file.
+
+One process: ``ds-unlearn score --model DIR --data FILE --out FILE.jsonl``. Many ranks:
+``deepspeed --num_gpus N launch/score.py <same arguments> --deepspeed configs/ds/zero3.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from .. import distributed as D
+from ..data import load_sequence_set, needs_tokenizer, read_rows, to_sequence_set
+from ..ds_config import load_ds_config
+from ..errors import InputError
+from ..files import check_writable, write_json, write_jsonl
+from ..models import DTYPES, load_config, load_for_inference, load_tokenizer, resolve_model_dir
+from ..report import summarize_scores, summary_lines
+from ..scorer import min_length, score_sequences, validate_request
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", required=True, help="local Hugging Face checkpoint directory, or 'smollm2'")
+    parser.add_argument("--data", required=True, help="JSONL, CSV or Parquet file of sequences")
+    parser.add_argument("--out", required=True, help="output JSONL, one line per input row")
+    parser.add_argument("--el_n", type=int, nargs="+", default=[10], help="n of EL_n (several allowed)")
+    parser.add_argument("--extract_k", type=int, nargs="+", default=[32], help="K of k-extractability")
+    parser.add_argument("--max_length", type=int, default=None, help="truncate sequences to this many tokens")
+    parser.add_argument("--batch_size", type=int, default=16, help="sequences / continuations per forward")
+    parser.add_argument("--text_field", default="text", help="field holding the text of a row")
+    parser.add_argument("--id_field", default="id", help="field holding a row's id (else the row index)")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="dtype to load the model in")
+    parser.add_argument("--method", choices=["fast", "reference"], default="fast", help="EL_n algorithm")
+    parser.add_argument("--deepspeed", default=None, help="DeepSpeed JSON config (ZeRO-3 loads partitioned)")
+    parser.add_argument("--overwrite", action="store_true", help="replace existing output files")
+    parser.add_argument("--local_rank", type=int, default=-1, help=argparse.SUPPRESS)  # set by launchers
+
+
+def summary_path(out: str | Path) -> Path:
+    out = Path(out)
+    stem = out.name[: -len(".jsonl")] if out.name.endswith(".jsonl") else out.stem
+    return out.with_name(f"{stem}.summary.json")
+
+
+def run(args: argparse.Namespace) -> int:
+    D.init_distributed()
+    try:
+        # Everything that can be wrong with the input is found here, before any weights load.
+        for path in (args.out, summary_path(args.out)):
+            check_writable(path, args.overwrite)
+        ds_config = load_ds_config(args.deepspeed) if args.deepspeed else None
+        if args.max_length is not None and args.max_length < min_length(args.el_n, args.extract_k):
+            raise InputError(
+                f"--max_length {args.max_length} is shorter than el_n/extract_k need "
+                f"({min_length(args.el_n, args.extract_k)} tokens)"
+            )
+        model_dir = resolve_model_dir(args.model)
+        vocab_size = load_config(model_dir).vocab_size
+        rows = read_rows(args.data)
+        tokenizer = load_tokenizer(model_dir) if needs_tokenizer(rows) else None
+        data = to_sequence_set(
+            rows,
+            tokenizer=tokenizer,
+            text_field=args.text_field,
+            id_field=args.id_field,
+            max_length=args.max_length,
+            vocab_size=vocab_size,
+        )
+        validate_request(data.sequences, args.el_n, args.extract_k, vocab_size, lambda i: f"--data row {i}")
+
+        model = load_for_inference(model_dir, DTYPES[args.dtype], ds_config)
+        scores = score_sequences(
+            model,
+            data.sequences,
+            el_n=args.el_n,
+            extract_k=args.extract_k,
+            batch_size=args.batch_size,
+            method=args.method,
+            progress=True,
+        )
+        if D.is_main():
+            write_scores(args.out, data.ids, scores)
+            summary = summarize_scores(scores)
+            write_json(summary_path(args.out), summary)
+            print("\n".join(summary_lines(summary)))
+            print(f"wrote {args.out} and {summary_path(args.out)}")
+        return 0
+    finally:
+        D.finalize()
+
+
+def write_scores(path, ids, scores) -> None:
+    write_jsonl(path, ({"id": row_id, **row} for row_id, row in zip(ids, scores)))
+
+
+# Re-exported for callers that load a set the same way the CLI does.
+__all__ = ["add_arguments", "run", "summary_path", "write_scores", "load_sequence_set"]

@@ -1,0 +1,92 @@
+"""Rank helpers over torch.distributed, and the CPU/gloo setup DeepSpeed and accelerate need.
+
+Everything degrades to a single process when no process group exists, so the same code path
+serves ``python script.py`` and ``deepspeed --num_gpus N script.py``.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+
+def is_distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def rank() -> int:
+    return dist.get_rank() if is_distributed() else 0
+
+
+def world_size() -> int:
+    return dist.get_world_size() if is_distributed() else 1
+
+
+def is_main() -> bool:
+    return rank() == 0
+
+
+def launched_by_launcher() -> bool:
+    """True inside a process started by ``deepspeed``/``torchrun`` (they set these variables)."""
+    return "LOCAL_RANK" in os.environ and "WORLD_SIZE" in os.environ
+
+
+def backend() -> str:
+    return "nccl" if torch.cuda.is_available() else "gloo"
+
+
+def init_distributed() -> None:
+    """Join the process group the launcher set up (no-op for a plain single process)."""
+    if not launched_by_launcher() or (dist.is_available() and dist.is_initialized()):
+        return
+    import deepspeed
+
+    deepspeed.init_distributed(dist_backend=backend())
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+
+
+def prepare_accelerate_for_deepspeed() -> None:
+    """Make ``transformers.Trainer`` see every rank when DeepSpeed runs on CPU.
+
+    accelerate only recognises DeepSpeed on accelerators; without this the Trainer believes the
+    world size is 1 (REFERENCE §4). Must run before ``TrainingArguments`` is built.
+    """
+    if torch.cuda.is_available():
+        return
+    os.environ["ACCELERATE_USE_DEEPSPEED"] = "true"
+    from accelerate import PartialState
+
+    PartialState(backend="gloo")
+
+
+def all_gather_objects(obj: Any) -> list[Any]:
+    """Every rank's ``obj``, in rank order, on every rank."""
+    if not is_distributed():
+        return [obj]
+    out: list[Any] = [None] * world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def broadcast_object(obj: Any, src: int = 0) -> Any:
+    if not is_distributed():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+def barrier() -> None:
+    if is_distributed():
+        dist.barrier()
+
+
+def finalize() -> None:
+    """Leave the process group cleanly: ZeRO-3 ranks abort at exit without this (REFERENCE §4)."""
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()

@@ -1,0 +1,95 @@
+"""Batched model passes the scorer needs: one teacher-forced pass, and greedy continuations.
+
+Both take a fixed number of forward calls decided by the caller, so that ranks under ZeRO-3 (where
+every forward gathers parameters collectively) stay in lockstep even when their work differs.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+import torch
+
+PAD_ID = 0  # any valid id: padded positions are masked out and never scored
+
+
+def model_device(model) -> torch.device:
+    # Under ZeRO-3 parameters are empty outside a gather, but they still live on the right device.
+    return next(model.parameters()).device
+
+
+def _score_dtype(logits: torch.Tensor) -> torch.dtype:
+    # Half-precision log-softmax over a large vocabulary loses too much; float64 stays float64.
+    return torch.float64 if logits.dtype == torch.float64 else torch.float32
+
+
+@torch.no_grad()
+def teacher_forced_rows(
+    model, sequences: Sequence[Sequence[int]]
+) -> list[tuple[np.ndarray, np.ndarray]]:
+    """One right-padded forward pass over ``sequences``; per sequence the match row and the
+    next-token NLL row, both of length T-1 (padding never counts)."""
+    device = model_device(model)
+    lengths = [len(s) for s in sequences]
+    width = max(lengths)
+    ids = torch.full((len(sequences), width), PAD_ID, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, seq in enumerate(sequences):
+        ids[i, : len(seq)] = torch.as_tensor(seq, dtype=torch.long)
+        mask[i, : len(seq)] = 1
+    ids, mask = ids.to(device), mask.to(device)
+    logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits[:, :-1]
+    logprobs = torch.log_softmax(logits.to(_score_dtype(logits)), dim=-1)
+    targets = ids[:, 1:]
+    nll = -logprobs.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    match = logits.argmax(-1) == targets
+    match, nll = match.cpu().numpy(), nll.double().cpu().numpy()
+    return [(match[i, : n - 1].copy(), nll[i, : n - 1].copy()) for i, n in enumerate(lengths)]
+
+
+@torch.no_grad()
+def greedy_continuations(
+    model,
+    prompts: Sequence[Sequence[int]],
+    num_new: Sequence[int],
+    forward_calls: int | None = None,
+) -> list[list[int]]:
+    """Greedy continuation of each prompt, ``num_new[i]`` tokens long, batched with a KV cache.
+
+    Prompts are left-padded; the attention mask hides the padding and position ids count real
+    tokens only, so each row sees exactly what it would see alone. Runs ``forward_calls`` forward
+    passes (default ``max(num_new)``), one per generated token; EOS is not special.
+    """
+    device = model_device(model)
+    steps = max(num_new) if forward_calls is None else forward_calls
+    width = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), width), PAD_ID, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, prompt in enumerate(prompts):
+        ids[i, width - len(prompt) :] = torch.as_tensor(prompt, dtype=torch.long)
+        mask[i, width - len(prompt) :] = 1
+    ids, mask = ids.to(device), mask.to(device)
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    out = model(
+        input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1
+    )
+    cache = out.past_key_values
+    next_token = out.logits[:, -1].argmax(-1)
+    generated = [next_token]
+    positions = positions[:, -1:]
+    for _ in range(steps - 1):
+        mask = torch.cat([mask, mask.new_ones((len(prompts), 1))], dim=1)
+        positions = positions + 1
+        out = model(
+            input_ids=next_token[:, None],
+            attention_mask=mask,
+            position_ids=positions,
+            past_key_values=cache,
+            use_cache=True,
+        )
+        cache = out.past_key_values
+        next_token = out.logits[:, -1].argmax(-1)
+        generated.append(next_token)
+    tokens = torch.stack(generated, dim=1).cpu().tolist()
+    return [row[:n] for row, n in zip(tokens, num_new)]

