@@ -39,11 +39,24 @@ def read_rows(path: str | Path, option: str = "--data") -> list[dict]:
     import datasets
 
     datasets.disable_progress_bars()
+    # datasets logs its own copy of a parse error; ours is the one line the user needs.
+    datasets.logging.set_verbosity(datasets.logging.CRITICAL)
     try:
         table = datasets.load_dataset(fmt, data_files=str(path), split="train", keep_in_memory=True)
     except Exception as err:  # datasets raises many types for unreadable files
-        raise InputError(f"{option}: cannot read {path}: {str(err).splitlines()[0]}") from None
+        cause = _root_cause(err)
+        if "corresponds to no data" in cause:  # a header-only CSV or an empty file
+            raise InputError(f"{option}: {path} holds no rows") from None
+        raise InputError(f"{option}: cannot read {path}: {cause}") from None
     return table.to_list()
+
+
+def _root_cause(err: BaseException) -> str:
+    """The innermost error's first line: datasets wraps the parser's useful message."""
+    while err.__cause__ is not None or err.__context__ is not None:
+        err = err.__cause__ or err.__context__
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
 
 
 def _as_token_ids(value, where: str) -> list[int]:

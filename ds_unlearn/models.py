@@ -81,5 +81,9 @@ def load_for_inference(model_dir: str | Path, dtype: torch.dtype, ds_config: dic
     model = load_causal_lm(model_dir, dtype)
     engine, *_ = deepspeed.initialize(model=model, config=cfg)
     module = engine.module.eval()
+    if hf_ds is not None and D.is_main():
+        local = sum(p.ds_tensor.numel() for p in module.parameters())
+        total = sum(p.ds_numel for p in module.parameters())
+        print(f"ZeRO-3: rank 0 holds {local:,} of {total:,} parameter elements")
     module._ds_unlearn_keepalive = (engine, hf_ds)
     return module

@@ -1,0 +1,66 @@
+"""Shared fixtures: tiny models trained in seconds to memorize known token sequences."""
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from ds_unlearn.toy import memorize, random_sequences, save_model, tiny_model
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+torch.set_num_threads(2)
+
+VOCAB = 64
+REPO = Path(__file__).resolve().parents[1]
+
+
+def mutate(seq, positions, vocab=VOCAB):
+    """A copy of ``seq`` with the tokens at ``positions`` replaced by different ids."""
+    out = list(seq)
+    for p in positions:
+        out[p] = 1 + (out[p] % (vocab - 1))
+    return out
+
+
+@pytest.fixture(scope="session")
+def token_sets():
+    """Memorized, partly memorized (memorized with a few tokens changed), unseen and repetitive
+    sequences of mixed lengths."""
+    memorized = random_sequences(3, [40, 30, 48], VOCAB, seed=11)
+    partial = [mutate(memorized[0], [12]), mutate(memorized[2], [5, 30]), memorized[1][:20] + memorized[0][:18]]
+    unseen = random_sequences(3, [40, 25, 33], VOCAB, seed=12)
+    repetitive = random_sequences(2, [30, 36], 4, seed=13)  # ids 1..3: n-grams repeat often
+    return {"memorized": memorized, "partial": partial, "unseen": unseen, "repetitive": repetitive}
+
+
+@pytest.fixture(scope="session", params=["llama", "gpt_neo"])
+def memorized_model(request, token_sets):
+    """A tiny model of each architecture that memorized the ``memorized`` set (and the
+    repetitive one), in float64 so fast and reference agree to the last bit."""
+    model = tiny_model(request.param, seed=0, vocab_size=VOCAB)
+    memorize(model, token_sets["memorized"] + token_sets["repetitive"][:1], steps=120)
+    return model.double().eval()
+
+
+@pytest.fixture(scope="session")
+def model_dir(tmp_path_factory, token_sets):
+    """A saved float32 Llama checkpoint that memorized the ``memorized`` set."""
+    model = memorize(tiny_model("llama", seed=0, vocab_size=VOCAB), token_sets["memorized"], steps=120)
+    return save_model(model, tmp_path_factory.mktemp("ckpt") / "model")
+
+
+def write_jsonl(path, rows):
+    Path(path).write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return Path(path)
+
+
+@pytest.fixture()
+def ids_file(tmp_path, token_sets):
+    rows = [
+        {"id": f"{name}-{i}", "input_ids": seq}
+        for name in ("memorized", "partial", "unseen")
+        for i, seq in enumerate(token_sets[name])
+    ]
+    return write_jsonl(tmp_path / "data.jsonl", rows)
