@@ -1,42 +1,47 @@
-"""The ``ds-unlearn`` command: one subcommand per job, each in ``ds_unlearn/commands/``."""
+"""The ``ds-unlearn`` command: one subcommand per job, each a module in ``ds_unlearn/commands/``
+with ``main(argv) -> exit code``.
+
+    ds-unlearn score    per-sequence memorization of a model on a data file
+    ds-unlearn unlearn  remove a forget set with GA, SGA, TA or TAU (one process; see launch/)
+"""
 
 from __future__ import annotations
 
-import argparse
+import importlib
 import sys
 
 from .errors import InputError
 
 SUBCOMMANDS = {
     "score": "per-sequence memorization of a model on a data file",
+    "unlearn": "remove a forget set with GA, SGA, TA or TAU",
 }
 
 
-def _command_module(name: str):
-    import importlib
-
-    return importlib.import_module(f"ds_unlearn.commands.{name}")
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="ds-unlearn", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
-    for name, help_text in SUBCOMMANDS.items():
-        sub_parser = sub.add_parser(name, help=help_text, description=help_text)
-        _command_module(name).add_arguments(sub_parser)
-    return parser
+def usage() -> str:
+    lines = ["usage: ds-unlearn {" + ",".join(SUBCOMMANDS) + "} [options]", ""]
+    lines += [f"  {name:<9} {text}" for name, text in SUBCOMMANDS.items()]
+    lines += ["", "ds-unlearn COMMAND --help shows a command's options."]
+    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(usage())
+        return 0 if argv else 2
+    name, rest = argv[0], argv[1:]
+    if name not in SUBCOMMANDS:
+        print(f"ds-unlearn: error: unknown command {name!r}\n{usage()}", file=sys.stderr)
+        return 2
     try:
-        return _command_module(args.command).run(args)
+        return importlib.import_module(f"ds_unlearn.commands.{name}").main(rest)
     except InputError as err:
         from . import distributed as D
 
         if D.rank() == 0:
-            print(f"ds-unlearn {args.command}: error: {err}", file=sys.stderr)
+            print(f"ds-unlearn {name}: error: {err}", file=sys.stderr)
+        D.finalize()
         return 2
 
 

@@ -49,18 +49,31 @@ def init_distributed() -> None:
         torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
 
 
-def prepare_accelerate_for_deepspeed() -> None:
-    """Make ``transformers.Trainer`` see every rank when DeepSpeed runs on CPU.
+def prepare_accelerate_for_deepspeed() -> bool:
+    """Make ``transformers.Trainer`` see every rank when DeepSpeed runs on CPU; True if it did.
 
     accelerate only recognises DeepSpeed on accelerators; without this the Trainer believes the
-    world size is 1 (REFERENCE §4). Must run before ``TrainingArguments`` is built.
+    world size is 1 (REFERENCE §4). Must run before ``TrainingArguments`` is built. A plain
+    process (no launcher) becomes a world of one.
     """
     if torch.cuda.is_available():
-        return
+        return False
+    if not launched_by_launcher():
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(_free_port()))
     os.environ["ACCELERATE_USE_DEEPSPEED"] = "true"
     from accelerate import PartialState
 
     PartialState(backend="gloo")
+    return True
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 def all_gather_objects(obj: Any) -> list[Any]:

@@ -132,7 +132,9 @@ def _el_reference(model, sequences, el_n, batch_size, progress) -> list[dict]:
 
 def _score_local(model, sequences, el_n, extract_k, batch_size, method, progress) -> list[dict]:
     rows = _teacher_forced(model, sequences, batch_size, progress)
-    if method == "fast":
+    if not el_n:  # teacher-forced metrics only
+        els = [{} for _ in sequences]
+    elif method == "fast":
         els = _el_fast(model, sequences, rows, el_n, batch_size, progress)
     else:
         els = _el_reference(model, sequences, el_n, batch_size, progress)

@@ -10,13 +10,24 @@ import argparse
 from pathlib import Path
 
 from .. import distributed as D
-from ..data import load_sequence_set, needs_tokenizer, read_rows, to_sequence_set
+from ..data import needs_tokenizer, read_rows, to_sequence_set
 from ..ds_config import load_ds_config
 from ..errors import InputError
 from ..files import check_writable, write_json, write_jsonl
 from ..models import DTYPES, load_config, load_for_inference, load_tokenizer, resolve_model_dir
 from ..report import summarize_scores, summary_lines
 from ..scorer import min_length, score_sequences, validate_request
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ds-unlearn score", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_arguments(parser)
+    return parser
+
+
+def main(argv: list[str]) -> int:
+    return run(build_parser().parse_args(argv))
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -92,6 +103,3 @@ def run(args: argparse.Namespace) -> int:
 def write_scores(path, ids, scores) -> None:
     write_jsonl(path, ({"id": row_id, **row} for row_id, row in zip(ids, scores)))
 
-
-# Re-exported for callers that load a set the same way the CLI does.
-__all__ = ["add_arguments", "run", "summary_path", "write_scores", "load_sequence_set"]

@@ -1,0 +1,90 @@
+"""Pure decisions of an unlearning run: which sequences to train on, how to deal them to ranks,
+when a forget set counts as unlearned, and thresholds calibrated from a holdout set."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+
+
+def sga_selection(scores: Sequence[float], gamma: float) -> list[int]:
+    """Selective GA: the rows scoring at or above ``gamma``, plus always the most memorized one
+    (so ascent never stalls while something is still the forget set's worst case)."""
+    scores = np.asarray(scores, dtype=np.float64)
+    chosen = set(np.flatnonzero(scores >= gamma).tolist())
+    chosen.add(int(np.argmax(scores)))
+    return sorted(chosen)
+
+
+@dataclass(frozen=True)
+class Slot:
+    """One row of one micro-batch: a dataset index and its loss weight (0 for a filler row that
+    only keeps the number of forward/backward calls equal across ranks)."""
+
+    index: int
+    weight: float
+
+
+def plan_epoch(
+    selected: Sequence[int],
+    world_size: int,
+    micro_batches_per_rank: int,
+    grad_accum: int,
+) -> list[list[list[Slot]]]:
+    """Deal the selected rows evenly over every rank's micro-batches for one epoch.
+
+    Returns ``plan[rank][micro_batch] -> slots``. Every rank gets exactly
+    ``micro_batches_per_rank`` micro-batches (ZeRO-3 needs equal call counts), each holding at
+    least one slot; compute follows the number of selected rows. Weights make the accumulated,
+    rank-averaged gradient of each optimizer step equal the gradient of the mean loss over that
+    step's real rows: weight = world_size / (real rows in the step).
+    """
+    if not selected:
+        raise ValueError("plan_epoch needs at least one selected row")
+    slots = world_size * micro_batches_per_rank
+    buckets: list[list[int]] = [[] for _ in range(slots)]
+    # Slot order is micro-batch-major, so every optimizer step gets its share of rows.
+    for i, index in enumerate(selected):
+        buckets[i % slots].append(index)
+    plan = [[[] for _ in range(micro_batches_per_rank)] for _ in range(world_size)]
+    for step_start in range(0, micro_batches_per_rank, grad_accum):
+        step_micro = range(step_start, min(step_start + grad_accum, micro_batches_per_rank))
+        real = sum(len(buckets[m * world_size + r]) for m in step_micro for r in range(world_size))
+        weight = world_size / real if real else 0.0
+        for m in step_micro:
+            for r in range(world_size):
+                rows = buckets[m * world_size + r]
+                plan[r][m] = [Slot(i, weight) for i in rows] or [Slot(selected[0], 0.0)]
+    return plan
+
+
+@dataclass(frozen=True)
+class Thresholds:
+    memorized_ma: float
+    over_unlearned_ma: float
+    mean_ma: float | None = None  # the `mean` stop rule's level
+
+
+def calibrate_thresholds(holdout_ma: Sequence[float], quantile: float) -> Thresholds:
+    """Thresholds from text the model never saw: a sequence is memorized above the holdout's
+    upper ``1-quantile`` MA, over-unlearned below its lower ``quantile`` MA (where a membership
+    attack would spot it), and the mean rule stops at the holdout's mean MA (Jang et al.)."""
+    ma = np.asarray(holdout_ma, dtype=np.float64)
+    return Thresholds(
+        memorized_ma=float(np.quantile(ma, 1 - quantile)),
+        over_unlearned_ma=float(np.quantile(ma, quantile)),
+        mean_ma=float(ma.mean()),
+    )
+
+
+def stop_satisfied(ma_values: Sequence[float], rule: str, thresholds: Thresholds) -> bool:
+    """``per_sequence``: no sequence is memorized any more. ``mean``: the forget set's mean MA
+    fell below the threshold (the papers' baseline rule, which can leave sequences extractable)."""
+    ma = np.asarray(ma_values, dtype=np.float64)
+    if rule == "per_sequence":
+        return bool(np.all(ma < thresholds.memorized_ma))
+    if rule == "mean":
+        return bool(ma.mean() < thresholds.mean_ma)
+    raise ValueError(f"unknown stop rule {rule!r}")

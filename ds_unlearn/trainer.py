@@ -1,0 +1,255 @@
+"""``UnlearnTrainer``: GA, SGA, TA and TAU on DeepSpeed ranks, judged per sequence every epoch.
+
+The training loop is the upstream Trainer's (see training.SequenceTrainer). This class adds the
+run's state machine, driven by ``UnlearnMonitor`` at epoch boundaries:
+
+    ascent   -- GA on every forget sequence, or SGA on the selected ones
+    finetune -- TA/TAU only: descend on the forget set from theta_base; every epoch judge the
+                edited weights theta_base - lambda * (theta - theta_base), kept shard by shard
+    done     -- the stop rule holds, a guard fired, or epochs ran out
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from transformers import TrainerCallback
+from transformers.integrations import TensorBoardCallback
+
+from . import distributed as D
+from . import task_vector as TV
+from .data import SequenceSet
+from .files import write_jsonl
+from .memorization import verdict_counts
+from .scorer import score_sequences
+from .selection import Thresholds, calibrate_thresholds, sga_selection, stop_satisfied
+from .training import SequenceTrainer
+
+STATE_FILE = "unlearn_state.json"
+
+
+@dataclass
+class RunState:
+    """Everything needed to judge, report and resume a run (weights excepted)."""
+
+    phase: str = "ascent"
+    ma: list[float] = field(default_factory=list)  # latest per-sequence scores of the forget set
+    el10: list[float] | None = None
+    selected: list[int] = field(default_factory=list)  # rows the next epoch trains on
+    epochs: int = 0
+    stop_reason: str | None = None
+    switched_at_epoch: int | None = None
+    thresholds: dict = field(default_factory=dict)
+    holdout_loss_before: float | None = None
+    retain_ma_before: float | None = None
+    history: list[dict] = field(default_factory=list)
+
+
+class UnlearnTrainer(SequenceTrainer):
+    def __init__(self, *args, forget: SequenceSet, retain: SequenceSet | None = None,
+                 holdout: SequenceSet | None = None, **kwargs):
+        super().__init__(*args, train_sequences=forget.sequences, **kwargs)
+        self.forget, self.retain, self.holdout = forget, retain, holdout
+        self.run = RunState()
+        self.base: list[torch.Tensor] | None = None  # theta_base, this rank's own shards
+        self.last_good: list[torch.Tensor] | None = None
+        self.resume_dir: Path | None = None
+        self.started = time.time()
+        self.add_callback(UnlearnMonitor(self))
+
+    # -- SequenceTrainer hooks ----------------------------------------------------------------
+    def epoch_rows(self) -> list[int]:
+        return [] if self.run.phase == "done" else self.run.selected
+
+    @property
+    def ascending(self) -> bool:
+        return self.run.phase == "ascent"
+
+    def train(self, resume_from_checkpoint=None, trial=None, ignore_keys_for_eval=None, **kwargs):
+        # Our run state lives beside the Trainer's checkpoint; remember where to read it.
+        if resume_from_checkpoint is True:
+            from transformers.trainer_utils import get_last_checkpoint
+
+            resume_from_checkpoint = get_last_checkpoint(self.args.output_dir)
+        self.resume_dir = Path(resume_from_checkpoint) if resume_from_checkpoint else None
+        return super().train(resume_from_checkpoint=resume_from_checkpoint, trial=trial,
+                             ignore_keys_for_eval=ignore_keys_for_eval, **kwargs)
+
+    # -- measurements (collective: every rank calls them) ------------------------------------
+    def score_set(self, data: SequenceSet, el: bool = True) -> list[dict]:
+        return score_sequences(self.model, data.sequences, el_n=(10,) if el else (),
+                               extract_k=(self.args.extract_k,), batch_size=self.args.score_batch_size)
+
+    def holdout_loss(self) -> float | None:
+        if self.holdout is None:
+            return None
+        return float(np.mean([r["loss"] for r in self.score_set(self.holdout, el=False)]))
+
+    @property
+    def thresholds(self) -> Thresholds:
+        return Thresholds(**self.run.thresholds)
+
+    # -- the state machine ----------------------------------------------------------------------
+    def begin_run(self, control) -> None:
+        if self.resume_dir is not None and (self.resume_dir / STATE_FILE).exists():
+            self._load_run_state(self.resume_dir)
+        else:
+            self._start_fresh()
+        if self.run.phase == "done":
+            control.should_training_stop = True
+
+    def _start_fresh(self) -> None:
+        args = self.args
+        scores = self.score_set(self.forget)
+        self.write_scores("scores_before.jsonl", scores)
+        thresholds = Thresholds(args.memorized_threshold, args.over_unlearned_threshold, args.mean_threshold)
+        if self.holdout is not None and (args.calibrate_thresholds or args.mean_threshold is None):
+            calibrated = calibrate_thresholds([r["ma"] for r in self.score_set(self.holdout, el=False)],
+                                              args.calibration_quantile)
+            thresholds = calibrated if args.calibrate_thresholds else Thresholds(
+                thresholds.memorized_ma, thresholds.over_unlearned_ma, calibrated.mean_ma)
+        self.run.thresholds = asdict(thresholds)
+        self.run.holdout_loss_before = self.holdout_loss()
+        if self.retain is not None:
+            self.run.retain_ma_before = float(np.mean([r["ma"] for r in self.score_set(self.retain, el=False)]))
+        self.last_good = TV.snapshot(self.model)
+        self._absorb_scores(scores)
+        self._log_epoch(scores, holdout_loss=self.run.holdout_loss_before, trained=0)
+        if stop_satisfied(self.run.ma, args.stop_rule, thresholds):
+            self._finish("nothing to unlearn: the stop rule already holds")
+        else:
+            self._maybe_switch_to_finetune()
+
+    def end_epoch(self, control) -> None:
+        if self.run.phase == "done":
+            return
+        self.run.epochs += 1
+        trained = len(self.run.selected)
+        if any(D.all_gather_objects(self.nonfinite_loss)):
+            TV.restore(self.model, self.last_good)
+            self._finish(f"non-finite loss in epoch {self.run.epochs}: kept the weights of the last good epoch")
+            control.should_training_stop = True
+            return
+
+        editing = self.run.phase == "finetune"
+        if editing:  # judge the edited weights, then train on from the unedited ones
+            trained_weights = TV.snapshot(self.model)
+            TV.apply_negated_task_vector(self.model, self.base, self.args.tv_coefficient)
+        scores = self._epoch_scores(fresh=editing)
+        holdout_loss = self.holdout_loss()
+        self._absorb_scores(scores)
+        self.write_scores(f"scores_epoch{self.run.epochs}.jsonl", scores)
+        self._log_epoch(scores, holdout_loss, trained)
+
+        guard = self.args.max_holdout_loss_increase
+        if guard is not None and holdout_loss > self.run.holdout_loss_before * (1 + guard):
+            TV.restore(self.model, self.last_good)
+            self._finish(f"utility guard: holdout loss {holdout_loss:.4f} rose more than {guard:.0%} "
+                         f"over {self.run.holdout_loss_before:.4f}; kept the weights of the last good epoch")
+        elif stop_satisfied(self.run.ma, self.args.stop_rule, self.thresholds):
+            self._finish(f"{self.args.stop_rule} stop rule holds after epoch {self.run.epochs}")
+        else:
+            self.last_good = TV.snapshot(self.model)
+            if self.run.epochs >= self.args.num_train_epochs:
+                # TA/TAU: the model holds the edited weights, which are the run's output.
+                self._finish(f"epoch limit ({self.args.num_train_epochs:g}) reached before the stop rule held")
+            else:
+                if editing:
+                    TV.restore(self.model, trained_weights)
+                self._maybe_switch_to_finetune()
+        if self.run.phase == "done":
+            control.should_training_stop = True
+
+    def _epoch_scores(self, fresh: bool) -> list[dict]:
+        if fresh or self.args.score_refresh == "epoch":
+            return self.score_set(self.forget)
+        # score_refresh=step: each trained row's MA as its last training forward pass saw it.
+        seen: dict[int, float] = {}
+        for part in D.all_gather_objects(self.forward_ma):
+            seen.update(part)
+        return [{"ma": seen.get(i, self.run.ma[i])} for i in range(len(self.forget))]
+
+    def _absorb_scores(self, scores: list[dict]) -> None:
+        self.run.ma = [float(r["ma"]) for r in scores]
+        self.run.el10 = [float(r["el_10"]) for r in scores] if "el_10" in scores[0] else None
+        key = self.run.el10 if self.args.select_on == "el10" else self.run.ma
+        self.run.selected = (
+            sga_selection(key, self.args.sga_gamma) if self.args.selects and self.run.phase == "ascent"
+            else list(range(len(self.forget)))
+        )
+
+    def _maybe_switch_to_finetune(self) -> None:
+        """TA/TAU: once the ascent brought the mean MA below tv_switch_ma, snapshot theta_base."""
+        if self.args.method in ("ta", "tau") and self.run.phase == "ascent":
+            if float(np.mean(self.run.ma)) < self.args.tv_switch_ma:
+                self.base = TV.snapshot(self.model)
+                self.run.phase = "finetune"
+                self.run.switched_at_epoch = self.run.epochs
+                self.run.selected = list(range(len(self.forget)))
+
+    def _finish(self, reason: str) -> None:
+        self.run.phase = "done"
+        self.run.stop_reason = reason
+
+    # -- outputs ------------------------------------------------------------------------------------
+    def write_scores(self, name: str, scores: list[dict]) -> None:
+        """Per-sequence scores by id (never the text)."""
+        if D.is_main():
+            Path(self.args.output_dir).mkdir(parents=True, exist_ok=True)
+            write_jsonl(Path(self.args.output_dir) / name,
+                        ({"id": i, **s} for i, s in zip(self.forget.ids, scores)))
+
+    def _log_epoch(self, scores: list[dict], holdout_loss: float | None, trained: int) -> None:
+        t = self.thresholds
+        counts = verdict_counts(self.run.ma, t.memorized_ma, t.over_unlearned_ma)
+        metrics = {
+            "forget/ma_mean": float(np.mean(self.run.ma)),
+            "forget/memorized": counts["memorized"],
+            "forget/over_unlearned": counts["over_unlearned"],
+            "sga/selected": trained,
+        }
+        if self.run.el10 is not None:
+            metrics["forget/el10_mean"] = float(np.mean(self.run.el10))
+        if holdout_loss is not None:
+            metrics["holdout/loss"] = holdout_loss
+        self.run.history.append({"epoch": self.run.epochs, "phase": self.run.phase, **metrics})
+        self.log(dict(metrics))
+        writer = next((cb.tb_writer for cb in self.callback_handler.callbacks
+                       if isinstance(cb, TensorBoardCallback) and cb.tb_writer is not None), None)
+        if writer is not None:
+            writer.add_histogram("forget/ma", np.asarray(self.run.ma), self.state.global_step)
+            if self.run.el10 is not None:
+                writer.add_histogram("forget/el10", np.asarray(self.run.el10), self.state.global_step)
+            writer.flush()
+
+    def save_run_state(self, checkpoint_dir: Path) -> None:
+        torch.save({"base": self.base, "last_good": self.last_good},
+                   checkpoint_dir / f"unlearn_shards_rank{D.rank()}.pt")
+        if D.is_main():
+            (checkpoint_dir / STATE_FILE).write_text(json.dumps(asdict(self.run)))
+
+    def _load_run_state(self, checkpoint_dir: Path) -> None:
+        self.run = RunState(**json.loads((checkpoint_dir / STATE_FILE).read_text()))
+        shards = torch.load(checkpoint_dir / f"unlearn_shards_rank{D.rank()}.pt")
+        self.base, self.last_good = shards["base"], shards["last_good"]
+
+
+class UnlearnMonitor(TrainerCallback):
+    """Hands the Trainer's epoch boundaries and checkpoints to the run's state machine."""
+
+    def __init__(self, trainer: UnlearnTrainer):
+        self.trainer = trainer
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.trainer.begin_run(control)
+
+    def on_epoch_end(self, args, state, control, **kwargs):
+        self.trainer.end_epoch(control)
+
+    def on_save(self, args, state, control, **kwargs):
+        self.trainer.save_run_state(Path(args.output_dir) / f"checkpoint-{state.global_step}")

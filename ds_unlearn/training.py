@@ -1,0 +1,127 @@
+"""Sequence-level training on top of ``transformers.Trainer``, shared by unlearning and the lab.
+
+``SequenceTrainer`` trains on token-id sequences where each epoch's rows, and their loss
+weights, come from a plan (``selection.plan_epoch``): every rank runs the same number of
+micro-batches, compute goes only to planned rows, and the loss is a per-sequence weighted NLL,
+ascended or descended. Subclasses decide the rows (``epoch_rows``) and the direction
+(``ascending``); everything else is the upstream Trainer and its DeepSpeed integration.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import torch
+from torch.utils.data import DataLoader, Dataset
+from transformers import Trainer
+
+from . import distributed as D
+from .generation import PAD_ID
+from .losses import IGNORE, per_sequence_nll, weighted_objective
+from .selection import Slot, plan_epoch
+
+FILLER_TOKENS = 2  # a zero-weight filler row only has to exist, not to be long
+
+
+class SlotDataset(Dataset):
+    """Token sequences addressed by ``Slot`` (index + loss weight)."""
+
+    def __init__(self, sequences: Sequence[Sequence[int]]):
+        self.sequences = [list(s) for s in sequences]
+
+    def __len__(self) -> int:
+        return len(self.sequences)
+
+    def __getitem__(self, slot: Slot) -> dict:
+        tokens = self.sequences[slot.index]
+        if slot.weight == 0.0:
+            tokens = tokens[:FILLER_TOKENS]
+        return {"input_ids": tokens, "row_index": slot.index, "weight": slot.weight}
+
+
+def collate_sequences(rows: list[dict]) -> dict:
+    """Right-pad; labels ignore padding; row indices and weights travel with the batch."""
+    width = max(len(r["input_ids"]) for r in rows)
+    ids = torch.full((len(rows), width), PAD_ID, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, row in enumerate(rows):
+        ids[i, : len(row["input_ids"])] = torch.as_tensor(row["input_ids"])
+        mask[i, : len(row["input_ids"])] = 1
+    return {
+        "input_ids": ids,
+        "attention_mask": mask,
+        "labels": ids.masked_fill(mask == 0, IGNORE),
+        "row_index": torch.tensor([r["row_index"] for r in rows]),
+        "weight": torch.tensor([r["weight"] for r in rows], dtype=torch.float32),
+    }
+
+
+class EpochPlanSampler:
+    """Yields this rank's micro-batches of the current epoch; the plan is built when the epoch
+    starts, so a selection made at the end of the previous epoch takes effect at once."""
+
+    def __init__(self, trainer: "SequenceTrainer"):
+        self.trainer = trainer
+
+    def __len__(self) -> int:
+        return self.trainer.micro_batches_per_rank
+
+    def __iter__(self):
+        rows = self.trainer.epoch_rows()
+        if not rows:
+            # Nothing to train: zero-weight fillers keep every rank's collective calls in step,
+            # and a zero gradient on fresh Adam state changes no weight.
+            return iter([[Slot(0, 0.0)] for _ in range(len(self))])
+        plan = plan_epoch(rows, D.world_size(), len(self), self.trainer.args.gradient_accumulation_steps)
+        return iter(plan[D.rank()])
+
+
+class SequenceTrainer(Trainer):
+    """A Trainer over a list of token sequences with per-sequence weighted NLL."""
+
+    def __init__(self, *args, train_sequences: Sequence[Sequence[int]], **kwargs):
+        kwargs.setdefault("data_collator", collate_sequences)
+        super().__init__(*args, train_dataset=SlotDataset(train_sequences), **kwargs)
+        # Our weights already normalize over micro-batches and ranks: no extra division by GA.
+        self.loss_is_scaled_for_ga = True
+        self.forward_ma: dict[int, float] = {}  # per-sequence MA seen by training forward passes
+        self.nonfinite_loss = False
+
+    @property
+    def micro_batches_per_rank(self) -> int:
+        """Enough micro-batches to hold every sequence once, rounded to whole optimizer steps."""
+        per_step = D.world_size() * self.args.per_device_train_batch_size * self.args.gradient_accumulation_steps
+        return math.ceil(len(self.train_dataset) / per_step) * self.args.gradient_accumulation_steps
+
+    # -- what subclasses decide -------------------------------------------------------------
+    def epoch_rows(self) -> list[int]:
+        """Dataset indices to train on this epoch (all of them by default; empty trains nothing)."""
+        return list(range(len(self.train_dataset)))
+
+    @property
+    def ascending(self) -> bool:
+        return False
+
+    # -- thin overrides -----------------------------------------------------------------------
+    def get_train_dataloader(self) -> DataLoader:
+        # Rank-local already (see EpochPlanSampler), so it is not handed to accelerate to shard.
+        return DataLoader(
+            self.train_dataset,
+            batch_sampler=EpochPlanSampler(self),
+            collate_fn=self.data_collator,
+        )
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        # Per-sequence weighted NLL (ascended or descended) instead of the model's token mean.
+        weights, rows, labels = inputs.pop("weight"), inputs.pop("row_index"), inputs.pop("labels")
+        outputs = model(**inputs, use_cache=False)
+        nll, ma = per_sequence_nll(outputs.logits, labels)
+        for row, weight, value in zip(rows.tolist(), weights.tolist(), ma.tolist()):
+            if weight > 0:
+                self.forward_ma[row] = value
+        loss = weighted_objective(nll, weights.to(nll.device), self.ascending)
+        if not torch.isfinite(loss.detach()):
+            self.nonfinite_loss = True
+        return (loss, outputs) if return_outputs else loss
+

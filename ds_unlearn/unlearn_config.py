@@ -1,0 +1,186 @@
+"""``UnlearnConfig``: every setting of an unlearning run, on top of ``TrainingArguments``.
+
+YAML files map onto it key by key (unknown keys are an error) and command-line flags override
+YAML. Defaults follow the ICML 2024 reference code (REFERENCE §3).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+
+import yaml
+from transformers import HfArgumentParser, TrainingArguments
+
+from .errors import InputError
+
+METHODS = ("ga", "sga", "ta", "tau")
+# Per method: (ascent with selection?, task-vector coefficient, mean MA that ends the ascent).
+TASK_VECTOR_DEFAULTS = {"ta": (3.0, 0.9), "tau": (1.0, 0.5)}
+
+
+def _help(text: str, **kwargs):
+    return field(metadata={"help": text}, **kwargs)
+
+
+@dataclass
+class UnlearnConfig(TrainingArguments):
+    # What to unlearn, from what.
+    model: str | None = _help("Local Hugging Face checkpoint directory, or 'smollm2'. Never written to.", default=None)
+    forget: str | None = _help("Forget set (JSONL/CSV/Parquet; `input_ids` or a text field).", default=None)
+    retain: str | None = _help("Optional retain set: memorization we want to keep, measured before/after.", default=None)
+    holdout: str | None = _help("Optional holdout set the model never saw: utility (loss) and threshold calibration.", default=None)
+    text_field: str = _help("Field holding a row's text.", default="text")
+    id_field: str = _help("Field holding a row's id (else its index).", default="id")
+    max_length: int | None = _help("Truncate every sequence to this many tokens (the papers use 200).", default=None)
+
+    # The algorithm.
+    method: str = _help("ga (gradient ascent), sga (selective GA), ta (task arithmetic), tau (TA for unlearning).", default="ga")
+    sga_gamma: float = _help("SGA: ascend only on sequences scoring at least this (plus the most memorized one).", default=0.70)
+    select_on: str = _help("SGA's score: 'ma' or 'el10' (EL_10 needs score_refresh=epoch).", default="ma")
+    score_refresh: str = _help(
+        "'epoch': re-score the forget set with the distributed scorer every epoch (the paper's way); "
+        "'step': reuse each training forward pass's per-sequence MA (free, one update stale).",
+        default="epoch",
+    )
+    tv_coefficient: float | None = _help("TA/TAU: lambda in theta_base - lambda * tau (default 3.0 TA, 1.0 TAU).", default=None)
+    tv_switch_ma: float | None = _help(
+        "TA/TAU: ascend until the forget set's mean MA drops below this, then build the task vector "
+        "(default 0.9 TA, 0.5 TAU; 1.0 or more skips the ascent).",
+        default=None,
+    )
+
+    # When it is done.
+    stop_rule: str = _help("'per_sequence': stop when no forget sequence is memorized; 'mean': when the mean MA is below mean_threshold.", default="per_sequence")
+    memorized_threshold: float = _help("A sequence with MA at or above this counts as memorized.", default=0.60)
+    over_unlearned_threshold: float = _help("A sequence with MA at or below this counts as over-unlearned.", default=0.15)
+    mean_threshold: float | None = _help("The 'mean' rule's MA level (Jang et al.: 0.2994 for GPT-Neo 125M); default: the holdout's mean MA.", default=None)
+    calibrate_thresholds: bool = _help("Derive the thresholds from the holdout set's MA distribution.", default=False)
+    calibration_quantile: float = _help("With calibrate_thresholds: memorized above the holdout's (1-q) quantile, over-unlearned below its q quantile.", default=0.05)
+    max_holdout_loss_increase: float | None = _help(
+        "Utility guard: stop and keep the last good weights once holdout loss exceeds its starting value by this fraction.",
+        default=None,
+    )
+
+    # Scoring.
+    extract_k: int = _help("K of the k-extractability reported per sequence.", default=32)
+    score_batch_size: int = _help("Sequences / continuations per forward pass when scoring.", default=16)
+    overwrite_output_dir: bool = _help("Replace the results of an earlier run in output_dir.", default=False)
+
+    # TrainingArguments defaults that suit unlearning (still overridable).
+    learning_rate: float = _help("Adam learning rate (the paper: 5e-5).", default=5e-5)
+    adam_beta2: float = _help("Adam beta2 (the paper: 0.98).", default=0.98)
+    num_train_epochs: float = _help("Upper bound on epochs; the stop rule usually ends the run earlier.", default=30)
+    lr_scheduler_type: str = _help("Constant: the stopping epoch is unknown in advance.", default="constant")
+    logging_steps: float = _help("Log train/loss every optimizer step (one per epoch in the paper's setting).", default=1)
+    save_strategy: str = _help("Checkpoint every epoch so --resume_from_checkpoint can continue a run.", default="epoch")
+    save_total_limit: int | None = _help("Keep only the newest checkpoint.", default=1)
+    report_to: None | str | list[str] = _help("TensorBoard by default.", default="tensorboard")
+    remove_unused_columns: bool = _help("Keep every column: the collator needs row indices and weights.", default=False)
+
+    def __post_init__(self):
+        self.validate()
+        if self.deepspeed:
+            # DeepSpeed on CPU: accelerate must be told to use gloo before TrainingArguments
+            # resolves devices, or the Trainer sees a world of one (REFERENCE §4).
+            from .distributed import prepare_accelerate_for_deepspeed
+
+            if prepare_accelerate_for_deepspeed():
+                self.accelerator_config = {"use_configured_state": True}
+        super().__post_init__()
+
+    def validate(self) -> None:
+        """One clear line per problem, naming the field; runs before anything is loaded."""
+        def bad(name, why):
+            raise InputError(f"{name}: {why}")
+
+        if not self.model:
+            bad("model", "required (a checkpoint directory or 'smollm2')")
+        if not self.forget:
+            bad("forget", "required (the forget set file)")
+        if self.method not in METHODS:
+            bad("method", f"must be one of {', '.join(METHODS)}, got {self.method!r}")
+        if not 0.0 <= self.sga_gamma <= 1.0:
+            bad("sga_gamma", f"must lie in [0, 1], got {self.sga_gamma}")
+        if self.select_on not in ("ma", "el10"):
+            bad("select_on", f"must be 'ma' or 'el10', got {self.select_on!r}")
+        if self.score_refresh not in ("epoch", "step"):
+            bad("score_refresh", f"must be 'epoch' or 'step', got {self.score_refresh!r}")
+        if self.select_on == "el10" and self.score_refresh == "step":
+            bad("select_on", "el10 needs score_refresh=epoch (a training pass gives MA only)")
+        if self.stop_rule not in ("per_sequence", "mean"):
+            bad("stop_rule", f"must be 'per_sequence' or 'mean', got {self.stop_rule!r}")
+        if not 0.0 <= self.over_unlearned_threshold < self.memorized_threshold <= 1.0:
+            bad("memorized_threshold", "need 0 <= over_unlearned_threshold < memorized_threshold <= 1")
+        if self.calibrate_thresholds and not self.holdout:
+            bad("calibrate_thresholds", "needs a holdout set (--holdout)")
+        if not 0.0 < self.calibration_quantile < 0.5:
+            bad("calibration_quantile", f"must lie in (0, 0.5), got {self.calibration_quantile}")
+        if self.stop_rule == "mean" and self.mean_threshold is None and not self.holdout:
+            bad("mean_threshold", "the 'mean' stop rule needs mean_threshold or a holdout set to calibrate it")
+        if self.max_holdout_loss_increase is not None:
+            if self.max_holdout_loss_increase <= 0:
+                bad("max_holdout_loss_increase", "must be positive")
+            if not self.holdout:
+                bad("max_holdout_loss_increase", "the utility guard needs a holdout set (--holdout)")
+        if self.method in TASK_VECTOR_DEFAULTS:
+            coefficient, switch = TASK_VECTOR_DEFAULTS[self.method]
+            self.tv_coefficient = coefficient if self.tv_coefficient is None else self.tv_coefficient
+            self.tv_switch_ma = switch if self.tv_switch_ma is None else self.tv_switch_ma
+            if self.tv_coefficient <= 0:
+                bad("tv_coefficient", "must be positive")
+        elif self.tv_coefficient is not None or self.tv_switch_ma is not None:
+            bad("tv_coefficient", f"only applies to ta/tau, not {self.method}")
+        if self.extract_k < 1:
+            bad("extract_k", "must be at least 1")
+        if self.score_batch_size < 1:
+            bad("score_batch_size", "must be at least 1")
+        if self.max_length is not None and self.max_length < max(11, self.extract_k + 1):
+            bad("max_length", f"must leave room for EL_10 and extract_k={self.extract_k}")
+
+    @property
+    def selects(self) -> bool:
+        """Whether the ascent trains on a selection (SGA, and TAU's ascent) or on everything."""
+        return self.method in ("sga", "tau")
+
+
+def config_keys() -> set[str]:
+    return {f.name for f in fields(UnlearnConfig) if f.init}
+
+
+def load_yaml(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"--config: no such file {path}")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise InputError(f"--config: {path} is not valid YAML ({str(err).splitlines()[0]})") from None
+    if not isinstance(data, dict):
+        raise InputError(f"--config: {path} must hold a mapping of settings")
+    unknown = sorted(set(data) - config_keys())
+    if unknown:
+        raise InputError(f"--config: {path}: unknown key '{unknown[0]}'")
+    return data
+
+
+def parse_config(argv: list[str]) -> UnlearnConfig:
+    """``[--config FILE.yaml] [--flag value ...]`` into a validated UnlearnConfig."""
+    parser = HfArgumentParser(UnlearnConfig)
+    parser.add_argument("--config", default=None, help="YAML file of UnlearnConfig fields; flags override it")
+    pre, _ = parser.parse_known_args(argv) if "--config" in argv else (None, None)
+    if pre is not None and pre.config:
+        parser.set_defaults(**{k: v for k, v in load_yaml(pre.config).items()})
+    try:
+        namespace, unknown = parser.parse_known_args(argv)
+    except SystemExit as exit_:  # argparse already printed its one line
+        raise InputError("invalid command-line flags (see the message above)") from exit_
+    if unknown:
+        raise InputError(f"unknown flag {unknown[0]}")
+    values = {k: v for k, v in vars(namespace).items() if k != "config"}
+    try:
+        return UnlearnConfig(**values)
+    except InputError:
+        raise
+    except (ValueError, TypeError) as err:  # TrainingArguments' own checks
+        raise InputError(str(err).strip().splitlines()[0]) from None
