@@ -155,13 +155,12 @@ class UnlearnTrainer(SequenceTrainer):
             self._finish(f"{self.args.stop_rule} stop rule holds after epoch {self.run.epochs}")
         else:
             self.last_good = TV.snapshot(self.model)
+            if editing:
+                TV.restore(self.model, trained_weights)
+            self._maybe_switch_to_finetune()
             if self.run.epochs >= self.args.num_train_epochs:
-                # TA/TAU: the model holds the edited weights, which are the run's output.
-                self._finish(f"epoch limit ({self.args.num_train_epochs:g}) reached before the stop rule held")
-            else:
-                if editing:
-                    TV.restore(self.model, trained_weights)
-                self._maybe_switch_to_finetune()
+                # Not "done": a resumed run with a higher limit carries on from here.
+                self.run.stop_reason = f"epoch limit ({self.args.num_train_epochs:g}) reached before the stop rule held"
         if self.run.phase == "done":
             control.should_training_stop = True
 
@@ -191,6 +190,12 @@ class UnlearnTrainer(SequenceTrainer):
                 self.run.phase = "finetune"
                 self.run.switched_at_epoch = self.run.epochs
                 self.run.selected = list(range(len(self.forget)))
+
+    def finalize_weights(self) -> None:
+        """After train(): a TA/TAU run that ran out of epochs outputs its edited weights (a run
+        that finished already holds its final weights)."""
+        if self.run.phase == "finetune":
+            TV.apply_negated_task_vector(self.model, self.base, self.args.tv_coefficient)
 
     def _finish(self, reason: str) -> None:
         self.run.phase = "done"

@@ -64,3 +64,30 @@ def ids_file(tmp_path, token_sets):
         for i, seq in enumerate(token_sets[name])
     ]
     return write_jsonl(tmp_path / "data.jsonl", rows)
+
+
+@pytest.fixture(scope="session")
+def unlearn_case(tmp_path_factory):
+    """A tiny Llama that memorized 8 sequences of 24 tokens: 4 to forget, 4 to retain, plus 4
+    unseen holdout sequences, as files an unlearning run takes."""
+    root = tmp_path_factory.mktemp("unlearn_case")
+    seqs = random_sequences(8, 24, VOCAB, seed=21)
+    model = memorize(tiny_model("llama", seed=1, vocab_size=VOCAB), seqs, steps=150)
+    save_model(model, root / "model")
+    files = {}
+    for name, rows in {
+        "forget": seqs[:4],
+        "retain": seqs[4:],
+        "holdout": random_sequences(4, 24, VOCAB, seed=22),
+    }.items():
+        files[name] = write_jsonl(root / f"{name}.jsonl",
+                                  [{"id": f"{name}-{i}", "input_ids": s} for i, s in enumerate(rows)])
+    return {"model": root / "model", **files}
+
+
+def unlearn_args(case, output_dir, *extra):
+    """Flags of a small, fast unlearning run on ``unlearn_case``."""
+    return ["--model", str(case["model"]), "--forget", str(case["forget"]), "--retain", str(case["retain"]),
+            "--holdout", str(case["holdout"]), "--output_dir", str(output_dir), "--extract_k", "8",
+            "--learning_rate", "3e-3", "--per_device_train_batch_size", "4", "--score_batch_size", "64",
+            "--save_strategy", "no", "--seed", "0", *map(str, extra)]

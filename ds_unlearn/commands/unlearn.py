@@ -79,6 +79,7 @@ def run(config: UnlearnConfig) -> int:
     trainer = UnlearnTrainer(model=model, args=config, processing_class=tokenizer,
                              forget=sets["forget"], retain=sets["retain"], holdout=sets["holdout"])
     trainer.train(resume_from_checkpoint=config.resume_from_checkpoint)
+    trainer.finalize_weights()
 
     out = Path(config.output_dir)
     trainer.save_model(str(out / "model"))

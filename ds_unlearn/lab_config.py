@@ -1,0 +1,191 @@
+"""``LabConfig``: every setting of a memorisation-lab run (``ds-unlearn memorize``).
+
+YAML files (``configs/dynamics/``) map onto it key by key, unknown keys are an error, and
+command-line flags override YAML, as for ``UnlearnConfig``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+
+import yaml
+
+from .dynamics import LETTERS
+from .errors import InputError
+
+EXPERIMENTS = ("exposure", "local_prefix", "global_context", "sequential", "unlearning")
+# Experiments that probe or unlearn the model that the exposure run trained.
+AFTER_EXPOSURE = ("local_prefix", "global_context", "unlearning")
+UNLEARN_METHODS = ("ga", "sga")
+MIN_UNLEARN_TOKENS = 11  # the unlearning trainer scores EL_10 every epoch
+
+
+def _help(text: str, **kwargs):
+    return field(metadata={"help": text}, **kwargs)
+
+
+@dataclass
+class LabConfig:
+    # The model and the strings.
+    model: str | None = _help("Local Hugging Face checkpoint directory, or 'smollm2'. Never written to.", default=None)
+    alphabet_size: int | None = _help("l: the strings use the first l lowercase letters (default 4, or len(symbols)).", default=None)
+    symbols: list[str] | None = _help("The alphabet as a list of characters, instead of the first l letters.", default=None)
+    string_length: int = _help("Characters per string.", default=32)
+    num_strings: int = _help("Strings trained on (sequential: strings A, B, C, ... shown one after another).", default=4)
+    distribution: str = _help("'uniform' or 'skewed' (p_i proportional to exp(-beta*i), beta set by target_entropy).", default="uniform")
+    target_entropy: float | None = _help("Skewed only: entropy of the character distribution, in bits, in (0, log2 l].", default=None)
+    bos: bool = _help("Put the tokenizer's BOS token in front of every string.", default=False)
+    control_strings: int = _help("Fresh unseen strings of the same distribution, measured every epoch as the control.", default=4)
+    seed: int = _help("Seed of the strings, the probes and the Trainer.", default=0)
+
+    # Training.
+    epochs: int = _help("Epochs of exposure (sequential: per string, and again for relearning A).", default=40)
+    learning_rate: float = _help(
+        "Adam learning rate, constant. The paper uses about 1e-5 over about 100 epochs on GPUs; 1e-4 lets "
+        "SmolLM2-135M memorise short strings in tens of epochs on a CPU.", default=1e-4)
+    per_device_train_batch_size: int = _help("Strings per micro-batch; at least num_strings gives one optimizer step per epoch.", default=16)
+    deepspeed: str | None = _help("DeepSpeed JSON config for multi-rank runs (launch with deepspeed --module ds_unlearn memorize ...).", default=None)
+
+    # What to run.
+    experiment: list[str] = _help(
+        f"One or more of {', '.join(EXPERIMENTS)}. local_prefix, global_context and unlearning probe the model "
+        "the exposure run trained (they share one exposure); sequential trains its own schedule.",
+        default_factory=lambda: ["exposure"])
+    phase_margin: float = _help(
+        "Memorisation means accuracy clearly above the unseen control: above it by at least this much, and by "
+        "two binomial standard errors of the control level over the string's positions.", default=0.1)
+    local_prefix_ks: list[int] | None = _help("Context lengths k of the local-prefix and global-context probes (default 1..8, 16, 32, ...).", default=None)
+    unlearn_method: str = _help("Unlearning experiment: 'ga' or 'sga' (the methods whose trained weights are the judged ones).", default="ga")
+    unlearn_epochs: int = _help("Unlearning experiment: at most this many epochs; it stops once the mean accuracy is below the control's.", default=20)
+    unlearn_learning_rate: float | None = _help("Unlearning experiment: learning rate (default: learning_rate).", default=None)
+
+    # Outputs.
+    output_dir: str | None = _help("Where dynamics.json, the plots, TensorBoard logs and the model go.", default=None)
+    overwrite: bool = _help("Replace the lab outputs of an earlier run in output_dir.", default=False)
+    save_model: bool = _help("Save the trained model to output_dir/model and the strings to canaries.jsonl (a forget set).", default=False)
+
+    def __post_init__(self):
+        def bad(name, why):
+            raise InputError(f"{name}: {why}")
+
+        if not self.model:
+            bad("model", "required (a checkpoint directory or 'smollm2')")
+        if not self.output_dir:
+            bad("output_dir", "required")
+        if self.symbols is not None:
+            if len(set(self.symbols)) != len(self.symbols) or not all(isinstance(s, str) and s for s in self.symbols):
+                bad("symbols", "must be distinct non-empty characters")
+            if self.alphabet_size is not None and self.alphabet_size != len(self.symbols):
+                bad("alphabet_size", f"{self.alphabet_size} disagrees with the {len(self.symbols)} symbols given")
+            self.alphabet_size = len(self.symbols)
+        else:
+            self.alphabet_size = 4 if self.alphabet_size is None else self.alphabet_size
+            if not 2 <= self.alphabet_size <= len(LETTERS):
+                bad("alphabet_size", f"must lie in [2, 26] (or give symbols), got {self.alphabet_size}")
+            self.symbols = list(LETTERS[: self.alphabet_size])
+        if self.alphabet_size < 2:
+            bad("symbols", "need at least 2 characters")
+        for name in ("string_length", "num_strings", "control_strings", "epochs", "per_device_train_batch_size", "unlearn_epochs"):
+            if getattr(self, name) < 1:
+                bad(name, f"must be at least 1, got {getattr(self, name)}")
+        if self.string_length < 2:
+            bad("string_length", "must be at least 2 (the first character is never predicted without bos)")
+        if self.distribution not in ("uniform", "skewed"):
+            bad("distribution", f"must be 'uniform' or 'skewed', got {self.distribution!r}")
+        top = math.log2(self.alphabet_size)
+        if self.distribution == "skewed":
+            if self.target_entropy is None or not 0 < self.target_entropy <= top + 1e-12:
+                bad("target_entropy", f"skewed strings need a target in (0, {top:.4f}] bits, got {self.target_entropy}")
+        elif self.target_entropy is not None:
+            bad("target_entropy", "only applies to distribution=skewed")
+        if not self.learning_rate > 0:
+            bad("learning_rate", "must be positive")
+        self.unlearn_learning_rate = self.unlearn_learning_rate or self.learning_rate
+        if not self.unlearn_learning_rate > 0:
+            bad("unlearn_learning_rate", "must be positive")
+        if not 0 <= self.phase_margin < 1:
+            bad("phase_margin", f"must lie in [0, 1), got {self.phase_margin}")
+        self._check_experiments()
+        if self.local_prefix_ks is not None:
+            longest = self.string_length - 1
+            if not self.local_prefix_ks or any(not 1 <= k < longest for k in self.local_prefix_ks):
+                bad("local_prefix_ks", f"each k must lie in [1, {longest - 1}] (shorter than the longest context)")
+            self.local_prefix_ks = sorted(set(self.local_prefix_ks))
+        if self.deepspeed and not Path(self.deepspeed).is_file():
+            bad("deepspeed", f"no such file {self.deepspeed}")
+
+    def _check_experiments(self) -> None:
+        self.experiment = [e.replace("-", "_") for e in self.experiment]
+        unknown = [e for e in self.experiment if e not in EXPERIMENTS]
+        if unknown or not self.experiment:
+            raise InputError(f"experiment: must be one or more of {', '.join(EXPERIMENTS)}, got {unknown or 'none'}")
+        if "sequential" in self.experiment and len(set(self.experiment)) > 1:
+            raise InputError("experiment: sequential trains its own schedule; run it on its own")
+        if "sequential" in self.experiment and self.num_strings < 2:
+            raise InputError("num_strings: sequential exposure needs at least 2 strings (A, B, ...)")
+        if {"local_prefix", "global_context"} & set(self.experiment) and self.string_length < 3:
+            raise InputError("string_length: the context probes need at least 3 characters")
+        if "unlearning" in self.experiment:
+            if self.unlearn_method not in UNLEARN_METHODS:
+                raise InputError(f"unlearn_method: must be one of {', '.join(UNLEARN_METHODS)}, got {self.unlearn_method!r}")
+            if self.string_length + int(self.bos) < MIN_UNLEARN_TOKENS:
+                raise InputError(f"string_length: the unlearning experiment scores EL_10, so strings need at least "
+                                 f"{MIN_UNLEARN_TOKENS} tokens (got {self.string_length + int(self.bos)})")
+
+    @property
+    def trains_exposure(self) -> bool:
+        return "sequential" not in self.experiment
+
+
+def config_keys() -> set[str]:
+    return {f.name for f in fields(LabConfig)}
+
+
+def load_yaml(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"--config: no such file {path}")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise InputError(f"--config: {path} is not valid YAML ({str(err).splitlines()[0]})") from None
+    if not isinstance(data, dict):
+        raise InputError(f"--config: {path} must hold a mapping of settings")
+    unknown = sorted(set(data) - config_keys())
+    if unknown:
+        raise InputError(f"--config: {path}: unknown key '{unknown[0]}'")
+    if isinstance(data.get("experiment"), str):
+        data["experiment"] = [data["experiment"]]
+    return data
+
+
+def build_parser():
+    from transformers import HfArgumentParser
+
+    parser = HfArgumentParser(LabConfig)
+    parser.prog = "ds-unlearn memorize"
+    parser.add_argument("--config", default=None, help="YAML file of LabConfig fields; flags override it")
+    return parser
+
+
+def parse_config(argv: list[str]) -> LabConfig:
+    """``[--config FILE.yaml] [--flag value ...]`` into a validated LabConfig."""
+    # The deepspeed launcher adds --local_rank; LOCAL_RANK in the environment says the same.
+    argv = [a for a in argv if not a.startswith("--local_rank")]
+    parser = build_parser()
+    pre, _ = parser.parse_known_args(argv) if "--config" in argv else (None, None)
+    if pre is not None and pre.config:
+        parser.set_defaults(**load_yaml(pre.config))
+    try:
+        namespace, unknown = parser.parse_known_args(argv)
+    except SystemExit as exit_:  # argparse already printed its one line
+        raise InputError("invalid command-line flags (see the message above)") from exit_
+    if unknown:
+        raise InputError(f"unknown flag {unknown[0]}")
+    values = {k: v for k, v in vars(namespace).items() if k != "config"}
+    try:
+        return LabConfig(**values)
+    except TypeError as err:  # a YAML value of the wrong shape
+        raise InputError(str(err).strip().splitlines()[0]) from None

@@ -1,0 +1,75 @@
+"""The pure pieces of unlearning: selection, epoch plans, stop rules, calibration, losses."""
+
+import pytest
+import torch
+
+from ds_unlearn.losses import negated_task_vector, per_sequence_nll, weighted_objective
+from ds_unlearn.selection import (
+    Slot,
+    Thresholds,
+    calibrate_thresholds,
+    plan_epoch,
+    sga_selection,
+    stop_satisfied,
+)
+
+
+def test_sga_selects_above_gamma_plus_the_most_memorized():
+    assert sga_selection([0.9, 0.2, 0.7, 0.69], gamma=0.7) == [0, 2]
+    assert sga_selection([0.1, 0.5, 0.3], gamma=0.7) == [1]  # nothing above: still the worst case
+    assert sga_selection([0.1, 0.5], gamma=0.0) == [0, 1]  # gamma 0 is plain GA
+
+
+def test_plan_deals_rows_evenly_with_equal_micro_batch_counts_and_exact_weights():
+    plan = plan_epoch(list(range(5)), world_size=2, micro_batches_per_rank=2, grad_accum=2)
+    assert [len(rank) for rank in plan] == [2, 2]
+    real = sorted(s.index for rank in plan for mb in rank for s in mb if s.weight > 0)
+    assert real == [0, 1, 2, 3, 4]
+    # One optimizer step holds all 5 rows: weight = world / rows, so the rank-averaged sum of
+    # weighted losses is the mean over the 5 rows.
+    assert all(s.weight == pytest.approx(2 / 5) for rank in plan for mb in rank for s in mb)
+    assert sum(s.weight for rank in plan for mb in rank for s in mb) / 2 == pytest.approx(1.0)
+
+
+def test_plan_fills_empty_micro_batches_with_zero_weight_rows():
+    plan = plan_epoch([7], world_size=2, micro_batches_per_rank=1, grad_accum=1)
+    assert plan == [[[Slot(7, 2.0)]], [[Slot(7, 0.0)]]]
+
+
+def test_plan_normalizes_each_optimizer_step_separately():
+    plan = plan_epoch(list(range(6)), world_size=1, micro_batches_per_rank=2, grad_accum=1)
+    assert [[s.index for s in mb] for mb in plan[0]] == [[0, 2, 4], [1, 3, 5]]
+    assert all(s.weight == pytest.approx(1 / 3) for mb in plan[0] for s in mb)
+
+
+def test_stop_rules():
+    t = Thresholds(memorized_ma=0.6, over_unlearned_ma=0.15, mean_ma=0.3)
+    assert stop_satisfied([0.1, 0.59], "per_sequence", t)
+    assert not stop_satisfied([0.0, 0.0, 0.6], "per_sequence", t)
+    # The mean rule is fooled by one sequence that stays fully memorized (the paper's point).
+    assert stop_satisfied([0.0, 0.0, 0.0, 0.9], "mean", t)
+
+
+def test_calibration_from_holdout_quantiles():
+    t = calibrate_thresholds([0.1, 0.2, 0.3, 0.4, 0.5], quantile=0.25)
+    assert (t.over_unlearned_ma, t.memorized_ma, t.mean_ma) == pytest.approx((0.2, 0.4, 0.3))
+
+
+def test_per_sequence_nll_by_hand():
+    # Vocabulary of 2; logits favour token 0 with log-odds ln 3 (p = 3/4).
+    logit = torch.log(torch.tensor([3.0, 1.0]))
+    logits = logit.repeat(2, 3, 1)
+    labels = torch.tensor([[0, 0, 1], [1, 0, -100]])
+    nll, ma = per_sequence_nll(logits, labels)
+    p0, p1 = -torch.log(torch.tensor(0.75)), -torch.log(torch.tensor(0.25))
+    assert nll.tolist() == pytest.approx([((p0 + p1) / 2).item(), p0.item()])  # padding never counts
+    assert ma.tolist() == pytest.approx([0.5, 1.0])
+
+
+def test_weighted_objective_and_task_vector():
+    nll = torch.tensor([2.0, 4.0])
+    w = torch.tensor([0.5, 0.25])
+    assert weighted_objective(nll, w, ascend=False).item() == pytest.approx(2.0)
+    assert weighted_objective(nll, w, ascend=True).item() == pytest.approx(-2.0)
+    base, current = torch.tensor([1.0, 2.0]), torch.tensor([1.5, 1.0])
+    assert negated_task_vector(current, base, 3.0).tolist() == pytest.approx([-0.5, 5.0])

@@ -1,0 +1,113 @@
+"""UnlearnTrainer on one process: every method forgets every forget sequence (judged per
+sequence), keeps the retain set, writes what it promises, and stops safely."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from ds_unlearn import score_sequences
+from ds_unlearn.cli import main
+from ds_unlearn.files import read_jsonl
+from ds_unlearn.models import load_causal_lm
+
+from .conftest import unlearn_args
+
+TB_SCALARS = {"forget/ma_mean", "forget/el10_mean", "forget/memorized", "forget/over_unlearned",
+              "sga/selected", "holdout/loss", "train/loss"}
+
+
+def tensorboard_tags(output_dir):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    scalars, histograms = set(), set()
+    for events in output_dir.rglob("events.out.tfevents.*"):
+        acc = EventAccumulator(str(events), size_guidance={"histograms": 0, "scalars": 0})
+        acc.Reload()
+        scalars |= set(acc.Tags()["scalars"])
+        histograms |= set(acc.Tags()["histograms"])
+    return scalars, histograms
+
+
+@pytest.mark.parametrize("method", ["ga", "sga", "ta", "tau"])
+def test_each_method_forgets_every_sequence(method, unlearn_case, tmp_path):
+    out = tmp_path / method
+    # TA switches to the task vector at once; TAU after SGA has done part of the work (its design).
+    switch = {"ta": ["--tv_switch_ma", "1.01"], "tau": ["--tv_switch_ma", "0.7"]}.get(method, [])
+    assert main(["unlearn", *unlearn_args(unlearn_case, out, "--method", method, *switch)]) == 0
+    report = json.loads((out / "report.json").read_text())
+    before, after = read_jsonl(out / "scores_before.jsonl"), read_jsonl(out / "scores_after.jsonl")
+    assert all(r["ma"] >= 0.6 for r in before)
+    assert all(r["ma"] < 0.6 for r in after), [r["ma"] for r in after]
+    assert report["before"]["memorized"] == 4 and report["after"]["memorized"] == 0
+    assert "stop rule holds" in report["stop_reason"]
+    assert report["epochs"] == len(list(out.glob("scores_epoch*.jsonl")))
+    # The other memorized sequences keep most of their memorization.
+    assert report["retain_ma"]["before"] > 0.95 and report["retain_ma"]["after"] > 0.5
+    if method in ("ta", "tau"):
+        assert report["switched_to_task_vector_at_epoch"] is not None
+    # The saved model is the unlearned one: reloading it reproduces scores_after.jsonl.
+    reloaded = load_causal_lm(out / "model")
+    forget = [r["input_ids"] for r in read_jsonl(unlearn_case["forget"])]
+    again = score_sequences(reloaded, forget, el_n=(10,), extract_k=(8,))
+    for a, b in zip(after, again):
+        assert b["ma"] == pytest.approx(a["ma"]) and b["el_10"] == pytest.approx(a["el_10"])
+
+
+def test_sga_trains_only_on_selected_sequences(unlearn_case, tmp_path):
+    out = tmp_path / "sga"
+    assert main(["unlearn", *unlearn_args(unlearn_case, out, "--method", "sga", "--sga_gamma", "0.9")]) == 0
+    history = json.loads((out / "report.json").read_text())["history"]
+    selected = [h["sga/selected"] for h in history[1:]]
+    assert selected[0] == 4 and min(selected) < 4  # the selection shrinks as sequences fall below gamma
+    assert min(selected) >= 1
+
+
+def test_tensorboard_and_outputs(unlearn_case, tmp_path):
+    out = tmp_path / "tb"
+    assert main(["unlearn", *unlearn_args(unlearn_case, out, "--method", "ga")]) == 0
+    scalars, histograms = tensorboard_tags(out)
+    assert TB_SCALARS <= scalars, TB_SCALARS - scalars
+    assert {"forget/ma", "forget/el10"} <= histograms
+    assert (out / "model" / "model.safetensors").exists() and (out / "model" / "config.json").exists()
+    report = json.loads((out / "report.json").read_text())
+    assert report["holdout_loss"]["before"] > 0 and report["holdout_loss"]["after"] > 0
+    assert report["after"]["means"]["ma"] == pytest.approx(np.mean([r["ma"] for r in read_jsonl(out / "scores_after.jsonl")]))
+
+
+def test_mean_rule_can_stop_with_a_sequence_still_memorized(unlearn_case, tmp_path):
+    out = tmp_path / "mean"
+    assert main(["unlearn", *unlearn_args(unlearn_case, out, "--method", "ga", "--stop_rule", "mean",
+                                          "--mean_threshold", "0.9")]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["after"]["means"]["ma"] < 0.9 and report["epochs"] >= 1
+
+
+def test_utility_guard_keeps_the_last_good_weights(unlearn_case, tmp_path):
+    out = tmp_path / "guard"
+    assert main(["unlearn", *unlearn_args(unlearn_case, out, "--method", "ga", "--learning_rate", "3e-2",
+                                          "--max_holdout_loss_increase", "0.0001")]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["stop_reason"].startswith("utility guard") and report["epochs"] == 1
+    before, after = read_jsonl(out / "scores_before.jsonl"), read_jsonl(out / "scores_after.jsonl")
+    assert [r["ma"] for r in after] == pytest.approx([r["ma"] for r in before])  # weights restored
+
+
+def test_nonfinite_loss_stops_with_the_last_good_weights(unlearn_case, tmp_path):
+    out = tmp_path / "nan"
+    assert main(["unlearn", *unlearn_args(unlearn_case, out, "--method", "ga", "--learning_rate", "1e30",
+                                          "--max_grad_norm", "0")]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["stop_reason"].startswith("non-finite loss"), report["stop_reason"]
+    weights = load_causal_lm(out / "model").state_dict()
+    assert all(torch.isfinite(w).all() for w in weights.values())
+
+
+def test_input_checkpoint_is_never_written(unlearn_case, tmp_path):
+    before = {p.name: p.stat().st_mtime_ns for p in unlearn_case["model"].iterdir()}
+    assert main(["unlearn", *unlearn_args(unlearn_case, tmp_path / "x", "--method", "ga",
+                                          "--num_train_epochs", "1")]) == 0
+    assert {p.name: p.stat().st_mtime_ns for p in unlearn_case["model"].iterdir()} == before
+    code = main(["unlearn", *unlearn_args(unlearn_case, unlearn_case["model"] / "out", "--method", "ga")])
+    assert code == 2 and not (unlearn_case["model"] / "out").exists()
