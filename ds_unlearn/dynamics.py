@@ -95,10 +95,12 @@ def map_symbols(tokenizer, symbols: Sequence[str]) -> tuple[list[int], bool]:
         ids, failure = _single_tokens(tokenizer, symbols, " " if leading_space else "")
         if failure is None:
             return ids, leading_space
-        failures.append(failure)
-    (symbol, why), (_, why_spaced) = failures
-    raise InputError(f"symbols: character {symbol!r} is {why} for this tokenizer ({why_spaced} with a "
-                     f"leading space); each character must be exactly one token of its own")
+        failures.append((len(ids), leading_space, failure))
+    # Name the character that stopped the convention which got further: that one is the culprit.
+    (_, spaced, (symbol, why)), (_, _, (other, other_why)) = sorted(failures, key=lambda f: -f[0])
+    raise InputError(f"symbols: character {symbol!r} is {why} for this tokenizer ({'with' if spaced else 'without'} "
+                     f"a leading space; {'without' if spaced else 'with'} one, {other!r} is {other_why}); "
+                     f"each character must be exactly one token of its own")
 
 
 def _single_tokens(tokenizer, symbols: Sequence[str], prefix: str) -> tuple[list[int], tuple | None]:
@@ -225,6 +227,7 @@ def smallest_k(ks: Sequence[int], accuracy: Sequence[float], full: float, fracti
 
 
 def default_ks(longest_context: int) -> list[int]:
-    """Every k up to 8, then powers of two, all shorter than the longest context."""
-    ks = list(range(1, 9)) + [2**p for p in range(4, 12)]
+    """Every k up to 16 (where the 90% point of short strings lies), then powers of two; all
+    shorter than the longest context."""
+    ks = list(range(1, 17)) + [2**p for p in range(5, 12)]
     return [k for k in ks if k < longest_context]

@@ -3,39 +3,35 @@ unlearning dynamics.
 
 Training is ``SequenceTrainer``'s (the upstream Trainer and its DeepSpeed integration) driven by
 an epoch schedule, and unlearning is ``UnlearnTrainer`` itself; ``EpochRecorder`` measures every
-string at the start and after every epoch. Measurements are sharded over ranks and gathered on
-all of them, with the same number of forward calls everywhere, so ZeRO-3 never hangs.
+string at the start and after every epoch (``lab_probes.measure``, collective on every rank).
 """
 
 from __future__ import annotations
 
+import gc
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 from transformers import TrainerCallback
+from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
 from . import distributed as D
 from .dynamics import (
     chance_level,
     character_distribution,
-    different_distribution,
+    default_ks,
     entropy_bits,
-    local_windows,
     map_symbols,
-    replaced_contexts,
     sample_strings,
-    smallest_k,
     string_entropy_bits,
 )
 from .errors import InputError
-from .generation import teacher_forced_rows
 from .lab_config import LabConfig
+from .lab_probes import global_context, local_prefix, measure
 from .models import load_causal_lm
 from .training import SequenceTrainer
-
-MEASURE_BATCH = 64  # sequences per forward pass when measuring (strings are short)
 
 
 @dataclass
@@ -108,62 +104,30 @@ def build_strings(config: LabConfig, tokenizer, vocab_size: int) -> LabStrings:
     return LabStrings(config.symbols, token_ids, leading_space, bos_id, probabilities, train, control)
 
 
-# -- measuring (collective: every rank calls these with the same arguments) ---------------------
-def teacher_forced(model, sequences: Sequence[Sequence[int]]) -> list[tuple[np.ndarray, np.ndarray]]:
-    """(match row, NLL row) of every sequence: contiguous equal shards per rank (the last padded
-    with repeats), so every rank runs the same number of forward passes; gathered on all ranks."""
-    per_rank = -(-len(sequences) // D.world_size())
-    start = D.rank() * per_rank
-    mine = [sequences[min(start + j, len(sequences) - 1)] for j in range(per_rank)]
-    was_training = model.training
-    model.eval()
-    try:
-        rows = []
-        for i in range(0, len(mine), MEASURE_BATCH):
-            rows.extend(teacher_forced_rows(model, mine[i : i + MEASURE_BATCH]))
-    finally:
-        model.train(was_training)
-    return [row for shard in D.all_gather_objects(rows) for row in shard][: len(sequences)]
-
-
-def last_predictions(model, probes: Sequence[Sequence[int]]) -> list[bool]:
-    """Whether each probe's last token is the model's top-1 prediction from the tokens before."""
-    order = sorted(range(len(probes)), key=lambda i: len(probes[i]))  # similar lengths batch together
-    rows = teacher_forced(model, [probes[i] for i in order])
-    out = [False] * len(probes)
-    for i, (match, _) in zip(order, rows):
-        out[i] = bool(match[-1])
-    return out
-
-
-def measure(model, strings: LabStrings) -> dict:
-    """Per-string accuracy, loss and correctness row, and the control strings' mean accuracy/loss."""
-    rows = teacher_forced(model, strings.train_sequences + strings.control_sequences)
-    train, control = rows[: len(strings.train)], rows[len(strings.train) :]
-    return {
-        "accuracy": [float(m.mean()) for m, _ in train],
-        "loss": [float(n.mean()) for _, n in train],
-        "control_accuracy": float(np.mean([m.mean() for m, _ in control])),
-        "control_loss": float(np.mean([n.mean() for _, n in control])),
-        "positions": [m.astype(int).tolist() for m, _ in train],
-    }
-
-
 class EpochRecorder(TrainerCallback):
-    """Measures the strings before training and after every epoch; logs lab/* scalars."""
+    """Measures the strings before training and after every epoch; logs lab/* scalars and
+    prints one line per epoch (instead of the Trainer's raw log dicts)."""
 
-    def __init__(self, trainer, strings: LabStrings):
-        self.trainer, self.strings = trainer, strings
+    def __init__(self, trainer, strings: LabStrings, label: str):
+        self.trainer, self.strings, self.label = trainer, strings, label
         self.history: list[dict] = []
+        trainer.remove_callback(PrinterCallback)
+        trainer.remove_callback(ProgressCallback)
+        trainer.add_callback(self)
 
     def _record(self) -> None:
         record = {"epoch": len(self.history), **measure(self.trainer.model, self.strings)}
         self.history.append(record)
+        accuracy, loss = float(np.mean(record["accuracy"])), float(np.mean(record["loss"]))
         self.trainer.log({
-            "lab/accuracy": float(np.mean(record["accuracy"])), "lab/loss": float(np.mean(record["loss"])),
+            "lab/accuracy": accuracy, "lab/loss": loss,
             "lab/control_accuracy": record["control_accuracy"], "lab/control_loss": record["control_loss"],
             **{f"lab/string{i}/accuracy": a for i, a in enumerate(record["accuracy"][:MAX_STRING_SCALARS])},
         })
+        if D.is_main():
+            print(f"{self.label} epoch {record['epoch']}: accuracy {accuracy:.3f} (control "
+                  f"{record['control_accuracy']:.3f}), loss {loss:.3f} (control {record['control_loss']:.3f})",
+                  flush=True)
 
     def on_train_begin(self, args, state, control, **kwargs):
         self._record()
@@ -207,65 +171,15 @@ def training_arguments(config: LabConfig, output_dir: Path, epochs: int):
 
 
 def train_schedule(config: LabConfig, strings: LabStrings, model_dir: Path, tokenizer,
-                   schedule: list[list[int]], log_dir: Path):
+                   schedule: list[list[int]], log_dir: Path, label: str):
     """Fine-tune the model through the schedule; returns the trainer and the epoch records."""
     args = training_arguments(config, log_dir, len(schedule))
     model = load_causal_lm(model_dir)  # after the arguments: under ZeRO-3 it loads partitioned
     trainer = ScheduleTrainer(model=model, args=args, train_sequences=strings.train_sequences,
                               schedule=schedule, processing_class=tokenizer)
-    recorder = EpochRecorder(trainer, strings)
-    trainer.add_callback(recorder)
+    recorder = EpochRecorder(trainer, strings, label)
     trainer.train()
     return trainer, recorder.history
-
-
-# -- probes of the trained model ----------------------------------------------------------------
-def local_prefix(model, strings: LabStrings, ks: Sequence[int]) -> dict:
-    """Accuracy when each prediction sees only the last k characters of its context."""
-    sequences = strings.train_sequences
-    full = [m for m, _ in teacher_forced(model, sequences)]
-    probes = [(i, k, j, p) for k in ks for i, s in enumerate(sequences)
-              for j, p in local_windows(s, k, strings.keep).items()]
-    answers = last_predictions(model, [p for *_, p in probes])
-    rows = {k: [m.copy() for m in full] for k in ks}  # positions with short contexts keep their answer
-    for (i, k, j, _), correct in zip(probes, answers):
-        rows[k][i][j] = correct
-    accuracy = [float(np.mean([r.mean() for r in rows[k]])) for k in ks]
-    full_accuracy = float(np.mean([m.mean() for m in full]))
-    return {"ks": list(ks), "accuracy": accuracy, "full_accuracy": full_accuracy,
-            "k_90": smallest_k(ks, accuracy, full_accuracy)}
-
-
-def global_context(model, strings: LabStrings, ks: Sequence[int], seed: int) -> dict:
-    """Accuracy at the positions whose context is longer than k, when the context before the
-    last k characters is kept, dropped (local only), or replaced by fresh characters from the
-    same distribution or from a different one."""
-    rng = np.random.default_rng([seed, 1])
-    sequences = strings.train_sequences
-    length = len(strings.train[0])
-    full = [m for m, _ in teacher_forced(model, sequences)]
-    sources = {"same_distribution": strings.probabilities,
-               "different_distribution": different_distribution(strings.probabilities)}
-    fresh = {name: [strings.sequence(s)[strings.keep :] for s in sample_strings(p, length, len(sequences), rng)]
-             for name, p in sources.items()}
-    probes = []  # (k, variant, string, position, probe)
-    for k in ks:
-        for i, seq in enumerate(sequences):
-            probes += [(k, "local_only", i, j, p) for j, p in local_windows(seq, k, strings.keep).items()]
-            for name in sources:
-                probes += [(k, name, i, j, p) for j, p in replaced_contexts(seq, k, strings.keep, fresh[name][i]).items()]
-    answers = last_predictions(model, [p[-1] for p in probes])
-    results = []
-    for k in ks:
-        hits = {name: [] for name in ("local_only", *sources)}
-        for (pk, name, i, j, _), correct in zip(probes, answers):
-            if pk == k:
-                hits[name].append(correct)
-        positions = [(i, j) for (pk, name, i, j, _) in probes if pk == k and name == "local_only"]
-        results.append({"k": k, "positions": len(positions),
-                        "full": float(np.mean([full[i][j] for i, j in positions])),
-                        **{name: float(np.mean(v)) for name, v in hits.items()}})
-    return {"different_distribution": sources["different_distribution"].tolist(), "by_k": results}
 
 
 # -- experiments ----------------------------------------------------------------------------------
@@ -281,14 +195,14 @@ def sequential_stages(num_strings: int) -> list[tuple[str, int]]:
 
 def run_lab(config: LabConfig, strings: LabStrings, model_dir: Path, tokenizer, out: Path) -> dict:
     """Every requested experiment; returns their results (collective: all ranks call it)."""
-    from .dynamics import default_ks
     from .lab_results import exposure_phases, sequential_summary
 
     results: dict = {}
     margin = config.phase_margin
     if config.trains_exposure:
         schedule = [list(range(len(strings.train)))] * config.epochs
-        trainer, history = train_schedule(config, strings, model_dir, tokenizer, schedule, out / "tensorboard" / "exposure")
+        trainer, history = train_schedule(config, strings, model_dir, tokenizer, schedule,
+                                          out / "tensorboard" / "exposure", "exposure")
         results["exposure"] = {"epochs": history, "phases": exposure_phases(history, strings.predicted, margin)}
         ks = config.local_prefix_ks or default_ks(config.string_length - 1)
         if "local_prefix" in config.experiment:
@@ -298,12 +212,14 @@ def run_lab(config: LabConfig, strings: LabStrings, model_dir: Path, tokenizer, 
     else:
         stages = sequential_stages(len(strings.train))
         schedule = [[i] for _, i in stages for _ in range(config.epochs)]
-        trainer, history = train_schedule(config, strings, model_dir, tokenizer, schedule, out / "tensorboard" / "sequential")
-        results["sequential"] = {"epochs": history, **sequential_summary(history, stages, config.epochs,
-                                                                         strings.predicted, margin)}
+        trainer, history = train_schedule(config, strings, model_dir, tokenizer, schedule,
+                                          out / "tensorboard" / "sequential", "sequential")
+        summary = sequential_summary(history, stages, config.epochs, strings.predicted, margin)
+        results["sequential"] = {"epochs": history, **summary}
     if config.save_model or "unlearning" in config.experiment:
         save_canaries(trainer, strings, out)
     del trainer  # the unlearning run loads its own copy (and DeepSpeed engine) from out/model
+    gc.collect()  # the Trainer, its optimizer state and the model sit in reference cycles
     if "unlearning" in config.experiment:
         results["unlearning"] = run_unlearning(config, strings, out, tokenizer, history)
     return results
@@ -337,12 +253,18 @@ def run_unlearning(config: LabConfig, strings: LabStrings, out: Path, tokenizer,
         save_strategy="no", disable_tqdm=True, seed=config.seed, deepspeed=config.deepspeed,
     )
     forget = load_sequence_set(out / CANARIES, option=CANARIES)
+    if config.deepspeed:
+        # accelerate refuses a second DeepSpeed Accelerator in one process while the first one's
+        # state lives on; the exposure trainer is finished with it (the process group stays).
+        from accelerate.state import AcceleratorState
+
+        AcceleratorState._reset_state(reset_partial_state=False)
     model = load_causal_lm(out / "model")  # after the arguments: under ZeRO-3 it loads partitioned
     trainer = UnlearnTrainer(model=model, args=args, forget=forget, processing_class=tokenizer)
-    recorder = EpochRecorder(trainer, strings)
-    trainer.add_callback(recorder)  # after the trainer's own monitor: it records what the monitor kept
+    # Added after the trainer's own monitor, so it records the weights the monitor kept.
+    recorder = EpochRecorder(trainer, strings, f"unlearning ({config.unlearn_method})")
     trainer.train()
     entropy_nats = entropy_bits(strings.probabilities) * float(np.log(2))
-    return {"method": config.unlearn_method, "stop_threshold": control_level, "stop_reason": trainer.run.stop_reason,
-            "epochs": recorder.history,
-            **unlearning_summary(recorder.history, exposure, strings.predicted, config.phase_margin, entropy_nats)}
+    summary = unlearning_summary(recorder.history, exposure, strings.predicted, config.phase_margin, entropy_nats)
+    return {"method": config.unlearn_method, "stop_threshold": control_level,
+            "stop_reason": trainer.run.stop_reason, "epochs": recorder.history, **summary}

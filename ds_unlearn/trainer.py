@@ -149,7 +149,7 @@ class UnlearnTrainer(SequenceTrainer):
         guard = self.args.max_holdout_loss_increase
         if guard is not None and holdout_loss > self.run.holdout_loss_before * (1 + guard):
             TV.restore(self.model, self.last_good)
-            self._finish(f"utility guard: holdout loss {holdout_loss:.4f} rose more than {guard:.0%} "
+            self._finish(f"utility guard: holdout loss {holdout_loss:.4f} rose more than {guard:.2%} "
                          f"over {self.run.holdout_loss_before:.4f}; kept the weights of the last good epoch")
         elif stop_satisfied(self.run.ma, self.args.stop_rule, self.thresholds):
             self._finish(f"{self.args.stop_rule} stop rule holds after epoch {self.run.epochs}")
@@ -223,10 +223,13 @@ class UnlearnTrainer(SequenceTrainer):
         if holdout_loss is not None:
             metrics["holdout/loss"] = holdout_loss
         self.run.history.append({"epoch": self.run.epochs, "phase": self.run.phase, **metrics})
-        self.log(dict(metrics))
+        self.state.log_history.append({**metrics, "epoch": self.run.epochs, "step": self.state.global_step})
+        # Straight to the writer: Trainer.log would file these under "train/".
         writer = next((cb.tb_writer for cb in self.callback_handler.callbacks
                        if isinstance(cb, TensorBoardCallback) and cb.tb_writer is not None), None)
         if writer is not None:
+            for tag, value in metrics.items():
+                writer.add_scalar(tag, value, self.state.global_step)
             writer.add_histogram("forget/ma", np.asarray(self.run.ma), self.state.global_step)
             if self.run.el10 is not None:
                 writer.add_histogram("forget/el10", np.asarray(self.run.el10), self.state.global_step)

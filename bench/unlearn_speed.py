@@ -1,0 +1,327 @@
+"""Seconds per epoch of GA, SGA (all / a quarter selected) and TAU, and peak memory per rank
+under ZeRO-0 and ZeRO-3, on 2 DeepSpeed ranks, side by side in one run.
+
+    python bench/unlearn_speed.py                  # ~100M-parameter Llama; about 10 min on 2 CPU cores
+    python bench/unlearn_speed.py --hidden 64 --layers 2 --vocab 512 --epochs 1   # smoke run
+
+The parent launches the real launcher once per ZeRO stage,
+``deepspeed --num_accelerators 2 bench/unlearn_speed.py --worker --stage S --result FILE``,
+with a DeepSpeed config derived from ``configs/ds/zero2.json`` (stage 0) or
+``configs/ds/zero3.json`` (stage 3) whose "auto" values the Trainer fills.
+
+Each worker builds one model from a config (under ZeRO-3 partitioned at construction, through
+the Trainer's DeepSpeed config) and runs ONE ``UnlearnTrainer.train()`` whose epochs go through
+the variants in turn, a warm-up epoch and then the measured ones each: GA, SGA with gamma 0
+(every row selected), SGA with a quarter of the rows above gamma, and TAU (descent plus the
+per-epoch task-vector edit and restore of each rank's own shards). It is the real trainer: its
+state machine, ``sga_selection``, ``plan_epoch`` and ``UnlearnTrainer.end_epoch``; only the
+forget-set scoring is replaced by fixed per-sequence scores, because it costs the same for every
+method and would hide the differences. An epoch is timed from ``on_epoch_begin`` to the end of
+``on_epoch_end`` (so it includes end_epoch's bookkeeping: the non-finite check, the last-good
+snapshot and, for TAU, the edit/restore), slowest rank, after a barrier.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+VARIANTS = ("GA", "SGA-all", "SGA-quarter", "TAU")
+# UnlearnConfig fields per variant. SGA-all: gamma 0 keeps every score. SGA-quarter: the default
+# gamma 0.7 keeps the rows scored 0.9 (every 4th, see fixed_scores). TAU: tv_switch_ma 1.0
+# skips the ascent, so every epoch is a finetune epoch judged on the edited weights.
+SETTINGS = {
+    "GA": dict(method="ga", sga_gamma=0.7, tv_coefficient=None, tv_switch_ma=None),
+    "SGA-all": dict(method="sga", sga_gamma=0.0, tv_coefficient=None, tv_switch_ma=None),
+    "SGA-quarter": dict(method="sga", sga_gamma=0.7, tv_coefficient=None, tv_switch_ma=None),
+    "TAU": dict(method="tau", sga_gamma=0.7, tv_coefficient=1.0, tv_switch_ma=1.0),
+}
+MIB = 1024  # ru_maxrss is in KiB on Linux
+
+
+def fixed_scores(n: int) -> list[float]:
+    """MA per forget row: every 4th memorized (0.9), the rest not (0.3); the per-sequence stop
+    rule never holds, so no variant stops early."""
+    return [0.9 if i % 4 == 0 else 0.3 for i in range(n)]
+
+
+def intermediate_size(hidden: int) -> int:
+    return max(64, round(8 * hidden / 3 / 64) * 64)  # Llama's ~8/3 ratio: 768 -> 2048
+
+
+def add_model_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--hidden", type=int, default=768)
+    parser.add_argument("--layers", type=int, default=12)
+    parser.add_argument("--vocab", type=int, default=8192)
+    parser.add_argument("--intermediate", type=int, default=None, help="default: ~8/3 x hidden")
+    parser.add_argument("--num_sequences", type=int, default=16)
+    parser.add_argument("--length", type=int, default=64)
+    parser.add_argument("--batch_size", type=int, default=8, help="per rank; 16 rows on 2 ranks = 1 step/epoch")
+    parser.add_argument("--epochs", type=int, default=3, help="measured epochs per variant (after 1 warm-up)")
+    parser.add_argument("--seed", type=int, default=0)
+
+
+# -- worker (one DeepSpeed rank) ------------------------------------------------------------------
+def rss_peak_kib() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+
+
+def worker(args) -> None:
+    import torch
+    import transformers
+    from transformers import AutoModelForCausalLM, LlamaConfig, TrainerCallback
+    from transformers.trainer_callback import PrinterCallback
+
+    from ds_unlearn import distributed as D
+    from ds_unlearn.data import SequenceSet
+    from ds_unlearn.toy import random_sequences
+    from ds_unlearn.trainer import RunState, UnlearnTrainer
+    from ds_unlearn.unlearn_config import UnlearnConfig
+
+    transformers.logging.set_verbosity_error()
+    per_variant = 1 + args.epochs
+    schedule = [v for v in VARIANTS for _ in range(per_variant)]
+    # The DeepSpeed config goes in FIRST: under ZeRO-3 the model below is then built under
+    # deepspeed.zero.Init (partitioned), and UnlearnConfig sets up accelerate for gloo.
+    config = UnlearnConfig(
+        model="bench", forget="bench", output_dir=args.output_dir, deepspeed=args.ds_config,
+        per_device_train_batch_size=args.batch_size, gradient_accumulation_steps=1,
+        num_train_epochs=len(schedule), save_strategy="no", report_to=[], disable_tqdm=True,
+        seed=args.seed, **SETTINGS["GA"],
+    )
+    D.init_distributed()
+    baseline = rss_peak_kib()
+
+    torch.manual_seed(args.seed)
+    heads = max(1, args.hidden // 64)
+    model = AutoModelForCausalLM.from_config(LlamaConfig(
+        vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=args.intermediate,
+        num_hidden_layers=args.layers, num_attention_heads=heads, num_key_value_heads=heads,
+        max_position_embeddings=args.length + 8, tie_word_embeddings=False,
+        bos_token_id=0, eos_token_id=0, pad_token_id=0,
+    ))
+    params = list(model.parameters())
+    partitioned = all(hasattr(p, "ds_numel") for p in params)
+    if args.stage == 3 and not partitioned:
+        raise SystemExit("ZeRO-3: the model was not partitioned at construction (no ds_numel)")
+    n_params = sum(p.ds_numel if partitioned else p.numel() for p in params)
+    local_elems = sum(p.ds_tensor.numel() if partitioned else p.numel() for p in params)
+    after_model = rss_peak_kib()
+
+    sequences = random_sequences(args.num_sequences, args.length, args.vocab, seed=args.seed + 1)
+    forget = SequenceSet(ids=list(range(len(sequences))), sequences=sequences)
+    scores = fixed_scores(len(sequences))
+
+    class BenchTrainer(UnlearnTrainer):
+        """The real UnlearnTrainer with the forget-set scoring replaced by fixed scores."""
+
+        def score_set(self, data, el=True):
+            return [{"ma": m, **({"el_10": m} if el else {}), "loss": 1.0 - m} for m in scores]
+
+    class EpochClock(TrainerCallback):
+        """Times each epoch (after UnlearnMonitor, so end_epoch is inside) and switches variants."""
+
+        def __init__(self, trainer):
+            self.trainer, self.epoch, self.start = trainer, 0, 0.0
+            self.times = {v: [] for v in VARIANTS}
+            self.rows = {v: 0 for v in VARIANTS}
+            self.peak_after_ga = 0
+
+        def on_epoch_begin(self, args_, state, control, **kwargs):
+            self.rows[schedule[self.epoch]] = len(self.trainer.epoch_rows())
+            D.barrier()
+            self.start = time.perf_counter()
+
+        def on_epoch_end(self, args_, state, control, **kwargs):
+            D.barrier()
+            seconds = time.perf_counter() - self.start
+            variant = schedule[self.epoch]
+            if self.epoch % per_variant:  # not the warm-up epoch
+                self.times[variant].append(seconds)
+            self.epoch += 1
+            if variant == "GA" and self.epoch == per_variant:
+                self.peak_after_ga = rss_peak_kib()
+            if self.epoch < len(schedule) and schedule[self.epoch] != variant:
+                self.switch(schedule[self.epoch], control)
+
+        def switch(self, variant, control):
+            """A fresh run of the next method on the current weights (begin_run, untimed)."""
+            trainer = self.trainer
+            for key, value in SETTINGS[variant].items():
+                setattr(trainer.args, key, value)
+            trainer.run, trainer.base = RunState(), None
+            trainer.begin_run(control)
+            assert trainer.run.phase == ("finetune" if variant == "TAU" else "ascent"), trainer.run.phase
+
+    trainer = BenchTrainer(model=model, args=config, forget=forget)
+    trainer.remove_callback(PrinterCallback)
+    clock = EpochClock(trainer)
+    trainer.add_callback(clock)
+    trainer.train()
+    end = rss_peak_kib()
+
+    mine = {
+        "rank": D.rank(), "baseline_kib": baseline, "after_model_kib": after_model,
+        "peak_after_ga_kib": clock.peak_after_ga, "peak_end_kib": end,
+        "local_param_elems": local_elems, "times": clock.times, "rows": clock.rows,
+        "threads": torch.get_num_threads(),
+    }
+    ranks = D.all_gather_objects(mine)
+    if D.is_main():
+        Path(args.result).write_text(json.dumps({
+            "stage": args.stage, "world_size": D.world_size(), "params": n_params,
+            "partitioned": partitioned, "ranks": ranks,
+        }))
+    D.finalize()
+
+
+# -- parent -----------------------------------------------------------------------------------------
+def write_ds_configs(folder: Path) -> dict[int, Path]:
+    """Stage 0 from zero2.json (its stage-2-only keys dropped), stage 3 = zero3.json; "auto" kept."""
+    zero2 = json.loads((REPO / "configs/ds/zero2.json").read_text())
+    zero2["zero_optimization"] = {"stage": 0}
+    zero3 = json.loads((REPO / "configs/ds/zero3.json").read_text())
+    paths = {}
+    for stage, cfg in ((0, zero2), (3, zero3)):
+        paths[stage] = folder / f"zero{stage}.json"
+        paths[stage].write_text(json.dumps(cfg, indent=2))
+    return paths
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def launch(args, stage: int, ds_config: Path, folder: Path, ranks: int) -> dict:
+    deepspeed = Path(sys.executable).with_name("deepspeed")
+    result = folder / f"result_stage{stage}.json"
+    log = folder / f"stage{stage}.log"
+    model_args = [f"--{k}={getattr(args, k)}" for k in
+                  ("hidden", "layers", "vocab", "intermediate", "num_sequences", "length", "batch_size", "epochs", "seed")]
+    cmd = [str(deepspeed if deepspeed.exists() else shutil.which("deepspeed")),
+           "--num_accelerators", str(ranks), "--master_port", str(free_port()),
+           str(Path(__file__).resolve()), "--worker", "--stage", str(stage), "--result", str(result),
+           "--ds_config", str(ds_config), "--output_dir", str(folder / f"out{stage}"), *model_args]
+    threads = max(1, (os.cpu_count() or ranks) // ranks)
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "HF_HUB_OFFLINE": "1",
+           "TOKENIZERS_PARALLELISM": "false",
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
+    start = time.perf_counter()
+    with open(log, "w") as out:
+        code = subprocess.run(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=REPO).returncode
+    seconds = time.perf_counter() - start
+    if code != 0 or not result.exists():
+        tail = "\n".join(log.read_text().splitlines()[-40:])
+        raise SystemExit(f"ZeRO-{stage} worker failed (exit {code}); last lines of {log}:\n{tail}")
+    print(f"ZeRO-{stage}: done in {seconds:.0f} s", flush=True)
+    return {**json.loads(result.read_text()), "wall_s": seconds}
+
+
+def epoch_seconds(res: dict, variant: str) -> list[float]:
+    """Per measured epoch, the slowest rank's time (ranks meet at barriers around each epoch)."""
+    per_rank = [r["times"][variant] for r in res["ranks"]]
+    return [max(ts) for ts in zip(*per_rank)]
+
+
+def mib(kib: float) -> float:
+    return kib / MIB
+
+
+def report(args, results: dict[int, dict], wall: float, load: tuple) -> None:
+    any_res = next(iter(results.values()))
+    print(f"\nmodel: Llama, {args.layers} layers, hidden {args.hidden}, intermediate {args.intermediate}, "
+          f"vocab {args.vocab}, untied embeddings: {any_res['params']:,} parameters")
+    print(f"forget set: {args.num_sequences} sequences x {args.length} tokens; per-rank batch {args.batch_size} on "
+          f"{any_res['world_size']} ranks = one optimizer step per epoch; {args.epochs} measured epochs per "
+          f"variant after 1 warm-up; torch threads per rank {any_res['ranks'][0]['threads']}")
+
+    print(f"\n{'stage':<7}{'variant':<13}{'rows':>5}{'s/epoch':>9}{'min-max':>13}{'vs GA':>8}   target")
+    medians: dict[tuple[int, str], float] = {}
+    for stage, res in results.items():
+        for variant in VARIANTS:
+            secs = epoch_seconds(res, variant)
+            medians[stage, variant] = med = statistics.median(secs)
+            ratio = med / medians[stage, "GA"]
+            target = {"SGA-all": "<= 1.10x", "SGA-quarter": "< SGA-all"}.get(variant, "")
+            rows = res["ranks"][0]["rows"][variant]
+            print(f"ZeRO-{stage:<2}{variant:<13}{rows:>5}{med:>9.2f}{f'{min(secs):.2f}-{max(secs):.2f}':>13}"
+                  f"{ratio:>7.2f}x   {target}")
+    if {0, 3} <= set(results):
+        print("ZeRO-3 / ZeRO-0 seconds per epoch: " + ", ".join(
+            f"{v} {medians[3, v] / medians[0, v]:.2f}x" for v in VARIANTS))
+
+    print(f"\n{'stage':<7}{'rank':>5}{'local params':>14}{'baseline':>10}{'peak@GA':>10}{'growth@GA':>11}"
+          f"{'peak@end':>10}{'growth@end':>12}   (MiB; peak = ru_maxrss, growth = peak - pre-model RSS)")
+    worst: dict[int, dict[str, float]] = {}
+    for stage, res in results.items():
+        for r in res["ranks"]:
+            b, ga, end = r["baseline_kib"], r["peak_after_ga_kib"], r["peak_end_kib"]
+            print(f"ZeRO-{stage:<2}{r['rank']:>5}{r['local_param_elems']:>14,}{mib(b):>10.0f}{mib(ga):>10.0f}"
+                  f"{mib(ga - b):>11.0f}{mib(end):>10.0f}{mib(end - b):>12.0f}")
+        worst[stage] = {
+            "peak@GA": max(r["peak_after_ga_kib"] for r in res["ranks"]),
+            "growth@GA": max(r["peak_after_ga_kib"] - r["baseline_kib"] for r in res["ranks"]),
+            "peak@end": max(r["peak_end_kib"] for r in res["ranks"]),
+            "growth@end": max(r["peak_end_kib"] - r["baseline_kib"] for r in res["ranks"]),
+        }
+    if {0, 3} <= set(results):
+        print("ZeRO-3 / ZeRO-0 memory per rank (largest rank): " + ", ".join(
+            f"{k} {worst[3][k] / worst[0][k]:.2f}x" for k in worst[0]) + "   target: peak <= 0.60x")
+
+    print(f"\nWall time {wall:.0f} s ({', '.join(f'ZeRO-{s} {r['wall_s']:.0f} s' for s, r in results.items())}). "
+          f"Load average before/after: {load[0]:.1f}/{os.getloadavg()[0]:.1f}.")
+    print("Notes: seconds per epoch = median over the measured epochs of the slowest rank, after one warm-up "
+          "epoch per variant; it covers the training epoch and UnlearnTrainer.end_epoch's bookkeeping (non-finite "
+          "check, last-good snapshot, TAU's task-vector edit/restore of each rank's own shards) but NOT the "
+          "per-epoch forget-set scoring, which is identical across methods and replaced here by fixed scores. "
+          "'rows' = forget rows trained per epoch (SGA through sga_selection + plan_epoch; micro-batch count is "
+          "fixed by the forget-set size). peak@GA = after GA's epochs, before the other variants; peak@end adds "
+          "TAU's theta_base and edit snapshots. "
+          f"Machine: {os.cpu_count()} CPU cores (shared), no GPU; DeepSpeed on CPU over gloo. On CPU ZeRO-3's "
+          "parameter gathers (and gradient reduce-scatters) over gloo dominate its epoch time; on GPUs with NCCL "
+          "they overlap with compute.")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_model_args(parser)
+    parser.add_argument("--stages", type=int, nargs="+", default=[0, 3], choices=[0, 3])
+    parser.add_argument("--ranks", type=int, default=2)
+    # Worker-only (set by the parent / the launcher).
+    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--stage", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--result", help=argparse.SUPPRESS)
+    parser.add_argument("--ds_config", help=argparse.SUPPRESS)
+    parser.add_argument("--output_dir", help=argparse.SUPPRESS)
+    parser.add_argument("--local_rank", type=int, default=0, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    args.intermediate = args.intermediate or intermediate_size(args.hidden)
+    if args.worker:
+        worker(args)
+        return
+
+    load = os.getloadavg()
+    start = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="unlearn_speed_") as tmp:
+        folder = Path(tmp)
+        configs = write_ds_configs(folder)
+        results = {stage: launch(args, stage, configs[stage], folder, args.ranks) for stage in args.stages}
+    report(args, results, time.perf_counter() - start, load)
+
+
+if __name__ == "__main__":
+    main()

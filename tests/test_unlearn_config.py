@@ -1,0 +1,71 @@
+"""UnlearnConfig: every shipped YAML parses, flags override YAML, bad settings fail in one line."""
+
+import subprocess
+import sys
+
+import pytest
+
+from ds_unlearn.errors import InputError
+from ds_unlearn.unlearn_config import UnlearnConfig, parse_config
+
+from .conftest import REPO
+
+PAPER = sorted((REPO / "configs" / "paper").glob("*.yaml"))
+
+
+def test_there_is_a_paper_config_per_model_and_method():
+    names = {p.stem for p in PAPER}
+    assert names == {f"gpt_neo_{s}_{m}" for s in ("125m", "1_3b", "2_7b") for m in ("ga", "sga", "ta", "tau")}
+
+
+@pytest.mark.parametrize("path", PAPER, ids=lambda p: p.stem)
+def test_paper_configs_parse_and_open_with_their_command(path):
+    assert path.read_text().startswith(f"# deepspeed --num_gpus 8 launch/unlearn.py --config configs/paper/{path.name}")
+    config = parse_config(["--config", str(path), "--bf16", "false"])  # bf16 needs an accelerator here
+    assert isinstance(config, UnlearnConfig)
+    assert config.method == path.stem.rsplit("_", 1)[1]
+    assert config.learning_rate == pytest.approx(5e-5) and config.adam_beta2 == pytest.approx(0.98)
+    assert config.stop_rule == "mean" and 0.29 < config.mean_threshold < 0.35
+    if config.method in ("ta", "tau"):
+        assert config.tv_coefficient == {"ta": 3.0, "tau": 1.0}[config.method]
+
+
+def test_flags_override_yaml_and_defaults_follow_the_method(tmp_path):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("model: m\nforget: f.jsonl\nmethod: tau\nlearning_rate: 1.0e-4\noutput_dir: o\n")
+    config = parse_config(["--config", str(cfg), "--learning_rate", "2e-4"])
+    assert config.learning_rate == pytest.approx(2e-4)
+    assert (config.tv_coefficient, config.tv_switch_ma) == (1.0, 0.5)
+    assert config.remove_unused_columns is False and config.report_to == ["tensorboard"]
+
+
+@pytest.mark.parametrize(
+    "yaml_text, flags, message",
+    [
+        ("model: m\nforget: f\nlr: 1\n", [], "unknown key 'lr'"),
+        ("model: m\nforget: f\nmethod: npo\n", [], "method: must be one of ga, sga, ta, tau"),
+        ("model: m\nforget: f\n", ["--select_on", "el10", "--score_refresh", "step"], "select_on: el10 needs score_refresh=epoch"),
+        ("model: m\nforget: f\nstop_rule: mean\n", [], "mean_threshold: the 'mean' stop rule needs"),
+        ("model: m\nforget: f\n", ["--calibrate_thresholds", "true"], "calibrate_thresholds: needs a holdout"),
+        ("model: m\nforget: f\n", ["--memorized_threshold", "0.1"], "memorized_threshold: need 0 <="),
+        ("forget: f\n", [], "model: required"),
+        ("model: m\nforget: f\nmethod: ga\ntv_coefficient: 2\n", [], "tv_coefficient: only applies to ta/tau"),
+        ("- just\n- a list\n", [], "must hold a mapping"),
+    ],
+)
+def test_bad_configs_fail_with_one_line(tmp_path, yaml_text, flags, message):
+    cfg = tmp_path / "bad.yaml"
+    cfg.write_text(yaml_text)
+    with pytest.raises(InputError, match=message):
+        parse_config(["--config", str(cfg), "--output_dir", str(tmp_path / "o"), *flags])
+
+
+def test_cli_reports_a_bad_config_in_one_line_with_exit_2(tmp_path):
+    cfg = tmp_path / "bad.yaml"
+    cfg.write_text("model: m\nforget: f\nlearning_rat: 1\n")
+    result = subprocess.run([sys.executable, "-m", "ds_unlearn", "unlearn", "--config", str(cfg)],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2
+    lines = [l for l in result.stderr.splitlines() if l.strip()]
+    assert len(lines) == 1 and "unknown key 'learning_rat'" in lines[0]
+    assert not (tmp_path / "o").exists()
