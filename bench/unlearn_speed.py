@@ -282,7 +282,8 @@ def report(args, results: dict[int, dict], wall: float, load: tuple) -> None:
         print("ZeRO-3 / ZeRO-0 memory per rank (largest rank): " + ", ".join(
             f"{k} {worst[3][k] / worst[0][k]:.2f}x" for k in worst[0]) + "   target: peak <= 0.60x")
 
-    print(f"\nWall time {wall:.0f} s ({', '.join(f'ZeRO-{s} {r['wall_s']:.0f} s' for s, r in results.items())}). "
+    per_stage = ", ".join(f"ZeRO-{s} {r['wall_s']:.0f} s" for s, r in results.items())
+    print(f"\nWall time {wall:.0f} s ({per_stage}). "
           f"Load average before/after: {load[0]:.1f}/{os.getloadavg()[0]:.1f}.")
     print("Notes: seconds per epoch = median over the measured epochs of the slowest rank, after one warm-up "
           "epoch per variant; it covers the training epoch and UnlearnTrainer.end_epoch's bookkeeping (non-finite "
@@ -301,6 +302,7 @@ def main() -> None:
     add_model_args(parser)
     parser.add_argument("--stages", type=int, nargs="+", default=[0, 3], choices=[0, 3])
     parser.add_argument("--ranks", type=int, default=2)
+    parser.add_argument("--keep", default=None, help="keep configs, rank logs and results in this folder")
     # Worker-only (set by the parent / the launcher).
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--stage", type=int, help=argparse.SUPPRESS)
@@ -317,7 +319,8 @@ def main() -> None:
     load = os.getloadavg()
     start = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="unlearn_speed_") as tmp:
-        folder = Path(tmp)
+        folder = Path(args.keep or tmp)
+        folder.mkdir(parents=True, exist_ok=True)
         configs = write_ds_configs(folder)
         results = {stage: launch(args, stage, configs[stage], folder, args.ranks) for stage in args.stages}
     report(args, results, time.perf_counter() - start, load)

@@ -81,9 +81,17 @@ def load_for_inference(model_dir: str | Path, dtype: torch.dtype, ds_config: dic
     model = load_causal_lm(model_dir, dtype)
     engine, *_ = deepspeed.initialize(model=model, config=cfg)
     module = engine.module.eval()
-    if hf_ds is not None and D.is_main():
-        local = sum(p.ds_tensor.numel() for p in module.parameters())
-        total = sum(p.ds_numel for p in module.parameters())
-        print(f"ZeRO-3: rank 0 holds {local:,} of {total:,} parameter elements")
+    report_partition(module)
     module._ds_unlearn_keepalive = (engine, hf_ds)
     return module
+
+
+def report_partition(model) -> None:
+    """Say on rank 0 how much of a ZeRO-3-partitioned model this rank holds (nothing otherwise)."""
+    from . import distributed as D
+
+    params = list(model.parameters())
+    if D.is_main() and params and hasattr(params[0], "ds_numel"):
+        local = sum(p.ds_tensor.numel() for p in params)
+        total = sum(p.ds_numel for p in params)
+        print(f"ZeRO-3: rank 0 holds {local:,} of {total:,} parameter elements", flush=True)

@@ -1,6 +1,7 @@
 """UnlearnTrainer through the real deepspeed launcher on 2 CPU ranks (gloo)."""
 
 import json
+import re
 import subprocess
 
 import pytest
@@ -70,7 +71,11 @@ def test_resume_continues_where_a_stopped_run_left_off(ga_zero3, unlearn_case, t
 
 def test_zero3_tau_edits_each_rank_partition(unlearn_case, tmp_path):
     out = tmp_path / "tau"
-    run_ok(*ds_args(unlearn_case, out, "zero3", "--method", "tau", "--tv_switch_ma", "0.7"))
+    result = run_ok(*ds_args(unlearn_case, out, "zero3", "--method", "tau", "--tv_switch_ma", "0.7"))
+    held = re.search(r"ZeRO-3: rank 0 holds ([\d,]+) of ([\d,]+) parameter elements", result.stdout)
+    assert held, tail(result)  # printed right after from_pretrained: the checkpoint loaded partitioned
+    local, total = (int(g.replace(",", "")) for g in held.groups())
+    assert local < 0.6 * total
     report = json.loads((out / "report.json").read_text())
     assert report["switched_to_task_vector_at_epoch"] is not None
     assert report["after"]["memorized"] == 0 and report["retain_ma"]["after"] > 0.5

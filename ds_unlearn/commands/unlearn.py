@@ -18,7 +18,7 @@ from ..data import SequenceSet, needs_tokenizer, read_rows, to_sequence_set
 from ..errors import InputError
 from ..files import write_json
 from ..memorization import verdict_counts
-from ..models import load_causal_lm, load_config, load_tokenizer, resolve_model_dir
+from ..models import load_causal_lm, load_config, load_tokenizer, report_partition, resolve_model_dir
 from ..unlearn_config import UnlearnConfig, parse_config
 
 REPORT = "report.json"
@@ -76,6 +76,7 @@ def run(config: UnlearnConfig) -> int:
 
     # Built after UnlearnConfig: under ZeRO-3 its DeepSpeed config makes this load partitioned.
     model = load_causal_lm(model_dir)
+    report_partition(model)
     trainer = UnlearnTrainer(model=model, args=config, processing_class=tokenizer,
                              forget=sets["forget"], retain=sets["retain"], holdout=sets["holdout"])
     trainer.train(resume_from_checkpoint=config.resume_from_checkpoint)
