@@ -118,22 +118,6 @@ def needs_tokenizer(rows: list[dict]) -> bool:
     return any(row.get(IDS_FIELD) is None for row in rows)
 
 
-def load_sequence_set(
-    path: str | Path,
-    *,
-    tokenizer=None,
-    text_field: str = "text",
-    id_field: str = "id",
-    max_length: int | None = None,
-    vocab_size: int | None = None,
-    option: str = "--data",
-) -> SequenceSet:
-    return to_sequence_set(
-        read_rows(path, option),
-        tokenizer=tokenizer,
-        text_field=text_field,
-        id_field=id_field,
-        max_length=max_length,
-        vocab_size=vocab_size,
-        option=option,
-    )
+def load_sequence_set(path: str | Path, option: str = "--data", **options) -> SequenceSet:
+    """``read_rows`` then ``to_sequence_set`` (same keyword options)."""
+    return to_sequence_set(read_rows(path, option), option=option, **options)
