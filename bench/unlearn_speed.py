@@ -32,6 +32,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import textwrap
 import time
 from pathlib import Path
 
@@ -76,6 +77,23 @@ def rss_peak_kib() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 
 
+def rss_now_kib() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") // 1024
+
+
+GA_FIRST = 2  # GA epochs before any other variant (both warm-up): the first has no Adam state yet
+
+
+def epoch_schedule(rounds: int) -> tuple[list[str], list[bool]]:
+    """GA twice (warm-up; its memory is read after them), one warm-up epoch of each other
+    variant, then ``rounds`` measured rounds that interleave the variants, so that load from
+    other processes on a shared machine falls on all of them alike rather than on one block."""
+    warm = ["GA"] * GA_FIRST + [v for v in VARIANTS if v != "GA"]
+    schedule = warm + list(VARIANTS) * rounds
+    return schedule, [False] * len(warm) + [True] * (len(schedule) - len(warm))
+
+
 def worker(args) -> None:
     import torch
     import transformers
@@ -89,8 +107,7 @@ def worker(args) -> None:
     from ds_unlearn.unlearn_config import UnlearnConfig
 
     transformers.logging.set_verbosity_error()
-    per_variant = 1 + args.epochs
-    schedule = [v for v in VARIANTS for _ in range(per_variant)]
+    schedule, measured = epoch_schedule(args.epochs)
     # The DeepSpeed config goes in FIRST: under ZeRO-3 the model below is then built under
     # deepspeed.zero.Init (partitioned), and UnlearnConfig sets up accelerate for gloo.
     config = UnlearnConfig(
@@ -100,7 +117,7 @@ def worker(args) -> None:
         seed=args.seed, **SETTINGS["GA"],
     )
     D.init_distributed()
-    baseline = rss_peak_kib()
+    baseline = rss_now_kib()
 
     torch.manual_seed(args.seed)
     heads = max(1, args.hidden // 64)
@@ -116,7 +133,7 @@ def worker(args) -> None:
         raise SystemExit("ZeRO-3: the model was not partitioned at construction (no ds_numel)")
     n_params = sum(p.ds_numel if partitioned else p.numel() for p in params)
     local_elems = sum(p.ds_tensor.numel() if partitioned else p.numel() for p in params)
-    after_model = rss_peak_kib()
+    after_model = rss_now_kib()
 
     sequences = random_sequences(args.num_sequences, args.length, args.vocab, seed=args.seed + 1)
     forget = SequenceSet(ids=list(range(len(sequences))), sequences=sequences)
@@ -135,7 +152,10 @@ def worker(args) -> None:
             self.trainer, self.epoch, self.start = trainer, 0, 0.0
             self.times = {v: [] for v in VARIANTS}
             self.rows = {v: 0 for v in VARIANTS}
-            self.peak_after_ga = 0
+            self.at_init = self.steady_after_ga = self.peak_after_ga = 0
+
+        def on_train_begin(self, args_, state, control, **kwargs):
+            self.at_init = rss_now_kib()  # engine built, begin_run's last-good snapshot taken
 
         def on_epoch_begin(self, args_, state, control, **kwargs):
             self.rows[schedule[self.epoch]] = len(self.trainer.epoch_rows())
@@ -146,11 +166,11 @@ def worker(args) -> None:
             D.barrier()
             seconds = time.perf_counter() - self.start
             variant = schedule[self.epoch]
-            if self.epoch % per_variant:  # not the warm-up epoch
+            if measured[self.epoch]:
                 self.times[variant].append(seconds)
             self.epoch += 1
-            if variant == "GA" and self.epoch == per_variant:
-                self.peak_after_ga = rss_peak_kib()
+            if self.epoch == GA_FIRST:  # GA alone so far: its memory, before the other variants
+                self.steady_after_ga, self.peak_after_ga = rss_now_kib(), rss_peak_kib()
             if self.epoch < len(schedule) and schedule[self.epoch] != variant:
                 self.switch(schedule[self.epoch], control)
 
@@ -171,8 +191,8 @@ def worker(args) -> None:
     end = rss_peak_kib()
 
     mine = {
-        "rank": D.rank(), "baseline_kib": baseline, "after_model_kib": after_model,
-        "peak_after_ga_kib": clock.peak_after_ga, "peak_end_kib": end,
+        "rank": D.rank(), "baseline_kib": baseline, "after_model_kib": after_model, "at_init_kib": clock.at_init,
+        "steady_after_ga_kib": clock.steady_after_ga, "peak_after_ga_kib": clock.peak_after_ga, "peak_end_kib": end,
         "local_param_elems": local_elems, "times": clock.times, "rows": clock.rows,
         "threads": torch.get_num_threads(),
     }
@@ -244,10 +264,10 @@ def mib(kib: float) -> float:
 def report(args, results: dict[int, dict], wall: float, load: tuple) -> None:
     any_res = next(iter(results.values()))
     print(f"\nmodel: Llama, {args.layers} layers, hidden {args.hidden}, intermediate {args.intermediate}, "
-          f"vocab {args.vocab}, untied embeddings: {any_res['params']:,} parameters")
+          f"vocab {args.vocab}, untied embeddings, fp32: {any_res['params']:,} parameters")
     print(f"forget set: {args.num_sequences} sequences x {args.length} tokens; per-rank batch {args.batch_size} on "
-          f"{any_res['world_size']} ranks = one optimizer step per epoch; {args.epochs} measured epochs per "
-          f"variant after 1 warm-up; torch threads per rank {any_res['ranks'][0]['threads']}")
+          f"{any_res['world_size']} ranks; {args.epochs} measured epochs per variant, interleaved, after warm-up; "
+          f"torch threads per rank {any_res['ranks'][0]['threads']}")
 
     print(f"\n{'stage':<7}{'variant':<13}{'rows':>5}{'s/epoch':>9}{'min-max':>13}{'vs GA':>8}   target")
     medians: dict[tuple[int, str], float] = {}
@@ -256,7 +276,7 @@ def report(args, results: dict[int, dict], wall: float, load: tuple) -> None:
             secs = epoch_seconds(res, variant)
             medians[stage, variant] = med = statistics.median(secs)
             ratio = med / medians[stage, "GA"]
-            target = {"SGA-all": "<= 1.10x", "SGA-quarter": "< SGA-all"}.get(variant, "")
+            target = {"SGA-all": "<= 1.10x GA", "SGA-quarter": "< SGA-all"}.get(variant, "")
             rows = res["ranks"][0]["rows"][variant]
             print(f"ZeRO-{stage:<2}{variant:<13}{rows:>5}{med:>9.2f}{f'{min(secs):.2f}-{max(secs):.2f}':>13}"
                   f"{ratio:>7.2f}x   {target}")
@@ -264,37 +284,44 @@ def report(args, results: dict[int, dict], wall: float, load: tuple) -> None:
         print("ZeRO-3 / ZeRO-0 seconds per epoch: " + ", ".join(
             f"{v} {medians[3, v] / medians[0, v]:.2f}x" for v in VARIANTS))
 
-    print(f"\n{'stage':<7}{'rank':>5}{'local params':>14}{'baseline':>10}{'peak@GA':>10}{'growth@GA':>11}"
-          f"{'peak@end':>10}{'growth@end':>12}   (MiB; peak = ru_maxrss, growth = peak - pre-model RSS)")
+    print("\nmemory per rank, MiB: RSS before the model is built, then growth over it: after the model is "
+          "built, after engine init, steady (between steps) and peak (ru_maxrss) after GA, peak at the end")
+    columns = (("model", "after_model_kib"), ("init", "at_init_kib"), ("GA steady", "steady_after_ga_kib"),
+               ("GA peak", "peak_after_ga_kib"), ("end peak", "peak_end_kib"))
+    print(f"{'stage':<7}{'rank':>5}{'local params':>14}{'pre-model':>11}"
+          + "".join(f"{name:>11}" for name, _ in columns) + f"{'peak RSS':>10}")
     worst: dict[int, dict[str, float]] = {}
     for stage, res in results.items():
         for r in res["ranks"]:
-            b, ga, end = r["baseline_kib"], r["peak_after_ga_kib"], r["peak_end_kib"]
-            print(f"ZeRO-{stage:<2}{r['rank']:>5}{r['local_param_elems']:>14,}{mib(b):>10.0f}{mib(ga):>10.0f}"
-                  f"{mib(ga - b):>11.0f}{mib(end):>10.0f}{mib(end - b):>12.0f}")
+            b = r["baseline_kib"]
+            print(f"ZeRO-{stage:<2}{r['rank']:>5}{r['local_param_elems']:>14,}{mib(b):>11.0f}"
+                  + "".join(f"{mib(r[key] - b):>+11.0f}" for _, key in columns)
+                  + f"{mib(r['peak_end_kib']):>10.0f}")
         worst[stage] = {
-            "peak@GA": max(r["peak_after_ga_kib"] for r in res["ranks"]),
-            "growth@GA": max(r["peak_after_ga_kib"] - r["baseline_kib"] for r in res["ranks"]),
-            "peak@end": max(r["peak_end_kib"] for r in res["ranks"]),
-            "growth@end": max(r["peak_end_kib"] - r["baseline_kib"] for r in res["ranks"]),
+            "peak RSS after GA": max(r["peak_after_ga_kib"] for r in res["ranks"]),
+            "its growth": max(r["peak_after_ga_kib"] - r["baseline_kib"] for r in res["ranks"]),
+            "peak RSS at end": max(r["peak_end_kib"] for r in res["ranks"]),
+            "its growth ": max(r["peak_end_kib"] - r["baseline_kib"] for r in res["ranks"]),
         }
     if {0, 3} <= set(results):
-        print("ZeRO-3 / ZeRO-0 memory per rank (largest rank): " + ", ".join(
-            f"{k} {worst[3][k] / worst[0][k]:.2f}x" for k in worst[0]) + "   target: peak <= 0.60x")
+        print("ZeRO-3 / ZeRO-0 per rank (largest rank): " + ", ".join(
+            f"{k.strip()} {worst[3][k] / worst[0][k]:.2f}x" for k in worst[0]) + "   (target: peak <= 0.60x)")
 
     per_stage = ", ".join(f"ZeRO-{s} {r['wall_s']:.0f} s" for s, r in results.items())
-    print(f"\nWall time {wall:.0f} s ({per_stage}). "
-          f"Load average before/after: {load[0]:.1f}/{os.getloadavg()[0]:.1f}.")
-    print("Notes: seconds per epoch = median over the measured epochs of the slowest rank, after one warm-up "
-          "epoch per variant; it covers the training epoch and UnlearnTrainer.end_epoch's bookkeeping (non-finite "
-          "check, last-good snapshot, TAU's task-vector edit/restore of each rank's own shards) but NOT the "
-          "per-epoch forget-set scoring, which is identical across methods and replaced here by fixed scores. "
-          "'rows' = forget rows trained per epoch (SGA through sga_selection + plan_epoch; micro-batch count is "
-          "fixed by the forget-set size). peak@GA = after GA's epochs, before the other variants; peak@end adds "
-          "TAU's theta_base and edit snapshots. "
-          f"Machine: {os.cpu_count()} CPU cores (shared), no GPU; DeepSpeed on CPU over gloo. On CPU ZeRO-3's "
-          "parameter gathers (and gradient reduce-scatters) over gloo dominate its epoch time; on GPUs with NCCL "
-          "they overlap with compute.")
+    print(f"\nWall time {wall:.0f} s ({per_stage}, each with launcher start-up and model build). "
+          f"Load average before/after: {load[0]:.1f}/{os.getloadavg()[0]:.1f} on {os.cpu_count()} cores.")
+    print(textwrap.fill(
+        "Notes: s/epoch = median over the measured epochs of the slowest rank. It covers the training epoch and "
+        "UnlearnTrainer.end_epoch's bookkeeping (non-finite check, last-good snapshot, and for TAU the "
+        "task-vector edit and restore of each rank's own shards) but NOT the per-epoch forget-set scoring, "
+        "which costs the same for every method and is replaced here by fixed scores. 'rows' = forget rows "
+        "trained per epoch, chosen by sga_selection and dealt by plan_epoch; the number of micro-batches and "
+        "optimizer steps per epoch is fixed by the forget-set size, so SGA saves compute inside each "
+        "micro-batch only. GA peak = after GA's epochs, before the other variants; end peak adds TAU's "
+        "theta_base and edit snapshots. "
+        f"Machine: {os.cpu_count()} CPU cores shared with other jobs, no GPU; DeepSpeed runs on CPU over gloo, "
+        "where ZeRO-3's parameter gathers and gradient reduce-scatters dominate its epoch time (on GPUs with "
+        "NCCL they overlap with compute).", width=110))
 
 
 def main() -> None:

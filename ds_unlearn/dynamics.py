@@ -164,6 +164,29 @@ def guessing_band_entry(epochs: Sequence[int], accuracy: Sequence[float], contro
 
 
 # -- positions -----------------------------------------------------------------------------------
+def shared_contexts(strings: Sequence[Sequence[int]], keep: int) -> list[list[bool]]:
+    """Per string and predicted position, whether another training string has the same context
+    there but a different next character. No model gets both right, so with several short
+    strings over a small alphabet (which share openings) accuracy 1 is out of reach.
+
+    Position j predicts character j+1 from characters 0..j, or with BOS (``keep`` 1) character j
+    from characters 0..j-1; rows line up with the teacher-forced match rows.
+    """
+    offset = 1 - keep
+    context = [0] * len(strings)  # an id per distinct prefix; all empty at first
+    rows: list[list[bool]] = [[] for _ in strings]
+    for c in range(len(strings[0])):
+        if c >= offset:  # character c is predicted from characters 0..c-1
+            following: dict[int, set] = {}
+            for ctx, string in zip(context, strings):
+                following.setdefault(ctx, set()).add(string[c])
+            for row, ctx in zip(rows, context):
+                row.append(len(following[ctx]) > 1)
+        ids: dict[tuple, int] = {}
+        context = [ids.setdefault((ctx, string[c]), len(ids)) for ctx, string in zip(context, strings)]
+    return rows
+
+
 def learned_at(epochs: Sequence[int], rows: np.ndarray) -> list[int | None]:
     """Per position, the epoch from which it stays correct (``rows``: epochs x positions, bool)."""
     return [settled_epoch(epochs, rows[:, j]) for j in range(rows.shape[1])]

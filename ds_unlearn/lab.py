@@ -25,6 +25,7 @@ from .dynamics import (
     entropy_bits,
     map_symbols,
     sample_strings,
+    shared_contexts,
     string_entropy_bits,
 )
 from .errors import InputError
@@ -71,16 +72,20 @@ class LabStrings:
         return "".join(self.symbols[c] for c in string)
 
     def describe(self) -> dict:
-        rows = lambda strings, prefix: [  # noqa: E731
-            {"id": f"{prefix}-{i:03d}", "text": self.text(s), "entropy_bits": string_entropy_bits(s),
-             "chance_level": chance_level(s)} for i, s in enumerate(strings)]
+        def rows(strings, prefix):
+            return [{"id": f"{prefix}-{i:03d}", "text": self.text(s), "entropy_bits": string_entropy_bits(s),
+                     "chance_level": chance_level(s)} for i, s in enumerate(strings)]
+
+        train = rows(self.train, "canary")
+        for row, shared in zip(train, shared_contexts(self.train, self.keep)):
+            row["shared_context_positions"] = int(sum(shared))  # out of reach for any model
         return {
             "symbols": self.symbols, "token_ids": self.token_ids, "leading_space": self.leading_space,
             "bos_token_id": self.bos_id,
             "distribution": {"probabilities": self.probabilities.tolist(),
                              "entropy_bits": entropy_bits(self.probabilities),
                              "chance_level": float(self.probabilities.max())},
-            "train": rows(self.train, "canary"), "control": rows(self.control, "control"),
+            "train": train, "control": rows(self.control, "control"),
         }
 
 
@@ -203,7 +208,8 @@ def run_lab(config: LabConfig, strings: LabStrings, model_dir: Path, tokenizer, 
         schedule = [list(range(len(strings.train)))] * config.epochs
         trainer, history = train_schedule(config, strings, model_dir, tokenizer, schedule,
                                           out / "tensorboard" / "exposure", "exposure")
-        results["exposure"] = {"epochs": history, "phases": exposure_phases(history, strings.predicted, margin)}
+        shared = shared_contexts(strings.train, strings.keep)
+        results["exposure"] = {"epochs": history, "phases": exposure_phases(history, strings.predicted, margin, shared)}
         ks = config.local_prefix_ks or default_ks(config.string_length - 1)
         if "local_prefix" in config.experiment:
             results["local_prefix"] = local_prefix(trainer.model, strings, ks)

@@ -7,12 +7,12 @@ command-line flags override YAML, as for ``UnlearnConfig``.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 
-import yaml
-
 from .dynamics import LETTERS
+from .config_parsing import build_parser as build_config_parser
+from .config_parsing import parse_config as parse_dataclass_config
 from .errors import InputError
 
 EXPERIMENTS = ("exposure", "local_prefix", "global_context", "sequential", "unlearning")
@@ -33,11 +33,15 @@ class LabConfig:
     alphabet_size: int | None = _help("l: the strings use the first l lowercase letters (default 4, or len(symbols)).", default=None)
     symbols: list[str] | None = _help("The alphabet as a list of characters, instead of the first l letters.", default=None)
     string_length: int = _help("Characters per string.", default=32)
-    num_strings: int = _help("Strings trained on (sequential: strings A, B, C, ... shown one after another).", default=4)
+    num_strings: int = _help(
+        "Strings trained on (sequential: A, B, C, ... one after another). Short strings over a small alphabet "
+        "share openings no model can tell apart; dynamics.json counts them (shared_context_positions).", default=4)
     distribution: str = _help("'uniform' or 'skewed' (p_i proportional to exp(-beta*i), beta set by target_entropy).", default="uniform")
     target_entropy: float | None = _help("Skewed only: entropy of the character distribution, in bits, in (0, log2 l].", default=None)
     bos: bool = _help("Put the tokenizer's BOS token in front of every string.", default=False)
-    control_strings: int = _help("Fresh unseen strings of the same distribution, measured every epoch as the control.", default=4)
+    control_strings: int = _help(
+        "Fresh unseen strings of the same distribution, measured every epoch as the control (a forward pass "
+        "each: more of them make the control level less noisy).", default=8)
     seed: int = _help("Seed of the strings, the probes and the Trainer.", default=0)
 
     # Training.
@@ -46,7 +50,7 @@ class LabConfig:
         "Adam learning rate, constant. The paper uses about 1e-5 over about 100 epochs on GPUs; 1e-4 lets "
         "SmolLM2-135M memorise short strings in tens of epochs on a CPU.", default=1e-4)
     per_device_train_batch_size: int = _help("Strings per micro-batch; at least num_strings gives one optimizer step per epoch.", default=16)
-    deepspeed: str | None = _help("DeepSpeed JSON config for multi-rank runs (launch with deepspeed --module ds_unlearn memorize ...).", default=None)
+    deepspeed: str | None = _help("DeepSpeed JSON config for multi-rank runs (deepspeed --no_local_rank --module ds_unlearn memorize ...).", default=None)
 
     # What to run.
     experiment: list[str] = _help(
@@ -56,7 +60,7 @@ class LabConfig:
     phase_margin: float = _help(
         "Memorisation means accuracy clearly above the unseen control: above it by at least this much, and by "
         "two binomial standard errors of the control level over the string's positions.", default=0.1)
-    local_prefix_ks: list[int] | None = _help("Context lengths k of the local-prefix and global-context probes (default 1..8, 16, 32, ...).", default=None)
+    local_prefix_ks: list[int] | None = _help("Context lengths k of the local-prefix and global-context probes (default 1..16, then 32, 64, ...).", default=None)
     unlearn_method: str = _help("Unlearning experiment: 'ga' or 'sga' (the methods whose trained weights are the judged ones).", default="ga")
     unlearn_epochs: int = _help("Unlearning experiment: at most this many epochs; it stops once the mean accuracy is below the control's.", default=20)
     unlearn_learning_rate: float | None = _help("Unlearning experiment: learning rate (default: learning_rate).", default=None)
@@ -74,6 +78,8 @@ class LabConfig:
             bad("model", "required (a checkpoint directory or 'smollm2')")
         if not self.output_dir:
             bad("output_dir", "required")
+        if isinstance(self.symbols, str):  # YAML `symbols: xyz` means the characters x, y, z
+            self.symbols = list(self.symbols)
         if self.symbols is not None:
             if len(set(self.symbols)) != len(self.symbols) or not all(isinstance(s, str) and s for s in self.symbols):
                 bad("symbols", "must be distinct non-empty characters")
@@ -102,7 +108,8 @@ class LabConfig:
             bad("target_entropy", "only applies to distribution=skewed")
         if not self.learning_rate > 0:
             bad("learning_rate", "must be positive")
-        self.unlearn_learning_rate = self.unlearn_learning_rate or self.learning_rate
+        if self.unlearn_learning_rate is None:
+            self.unlearn_learning_rate = self.learning_rate
         if not self.unlearn_learning_rate > 0:
             bad("unlearn_learning_rate", "must be positive")
         if not 0 <= self.phase_margin < 1:
@@ -139,53 +146,19 @@ class LabConfig:
         return "sequential" not in self.experiment
 
 
-def config_keys() -> set[str]:
-    return {f.name for f in fields(LabConfig)}
-
-
-def load_yaml(path: str | Path) -> dict:
-    path = Path(path)
-    if not path.is_file():
-        raise InputError(f"--config: no such file {path}")
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as err:
-        raise InputError(f"--config: {path} is not valid YAML ({str(err).splitlines()[0]})") from None
-    if not isinstance(data, dict):
-        raise InputError(f"--config: {path} must hold a mapping of settings")
-    unknown = sorted(set(data) - config_keys())
-    if unknown:
-        raise InputError(f"--config: {path}: unknown key '{unknown[0]}'")
+def _one_experiment_is_a_list(data: dict) -> dict:
     if isinstance(data.get("experiment"), str):
         data["experiment"] = [data["experiment"]]
     return data
 
 
 def build_parser():
-    from transformers import HfArgumentParser
-
-    parser = HfArgumentParser(LabConfig)
-    parser.prog = "ds-unlearn memorize"
-    parser.add_argument("--config", default=None, help="YAML file of LabConfig fields; flags override it")
-    return parser
+    return build_config_parser(LabConfig, prog="ds-unlearn memorize")
 
 
 def parse_config(argv: list[str]) -> LabConfig:
     """``[--config FILE.yaml] [--flag value ...]`` into a validated LabConfig."""
     # The deepspeed launcher adds --local_rank; LOCAL_RANK in the environment says the same.
     argv = [a for a in argv if not a.startswith("--local_rank")]
-    parser = build_parser()
-    pre, _ = parser.parse_known_args(argv) if "--config" in argv else (None, None)
-    if pre is not None and pre.config:
-        parser.set_defaults(**load_yaml(pre.config))
-    try:
-        namespace, unknown = parser.parse_known_args(argv)
-    except SystemExit as exit_:  # argparse already printed its one line
-        raise InputError("invalid command-line flags (see the message above)") from exit_
-    if unknown:
-        raise InputError(f"unknown flag {unknown[0]}")
-    values = {k: v for k, v in vars(namespace).items() if k != "config"}
-    try:
-        return LabConfig(**values)
-    except TypeError as err:  # a YAML value of the wrong shape
-        raise InputError(str(err).strip().splitlines()[0]) from None
+    return parse_dataclass_config(LabConfig, argv, prog="ds-unlearn memorize",
+                                  adjust_yaml=_one_experiment_is_a_list)

@@ -34,25 +34,31 @@ def position_rows(history: Sequence[dict], i: int) -> np.ndarray:
     return np.array([r["positions"][i] for r in history], dtype=bool)
 
 
-def exposure_phases(history: Sequence[dict], predicted: int, margin: float) -> dict:
+def exposure_phases(history: Sequence[dict], predicted: int, margin: float, shared: Sequence[Sequence[bool]]) -> dict:
     """Guessing and memorisation phases of every string, and of the strings' mean accuracy;
     with the loss where memorisation starts (the paper: the guessing phase ends near the
-    strings' entropy)."""
+    strings' entropy) and ``unique_full_at``, the first epoch every position whose context no
+    other string shares (``shared``, see ``dynamics.shared_contexts``) is right."""
     epochs, control = _curve(history, "epoch"), _curve(history, "control_accuracy")
     strings = []
-    for i in range(len(history[0]["accuracy"])):
+    for i, shared_row in enumerate(shared):
         phases = detect_phases(epochs, _curve(history, "accuracy", i), control, predicted, margin, FULL)
         start = phases["memorisation_start"]
         phases["loss_at_memorisation_start"] = None if start is None else history[start]["loss"][i]
+        unique = ~np.asarray(shared_row, dtype=bool)
+        phases["unique_full_at"] = first_epoch(epochs, position_rows(history, i)[:, unique].all(axis=1))
         strings.append(phases)
     mean = [float(np.mean(r["accuracy"])) for r in history]
     return {"strings": strings,
             "mean": detect_phases(epochs, mean, control, predicted * len(strings), margin, FULL)}
 
 
-def median_or_none(values: Sequence[int | None]) -> float | None:
-    """Median over the strings that got there; None unless every string did."""
-    return None if any(v is None for v in values) or not values else float(np.median(values))
+def median_epoch(values: Sequence[int | None]) -> float | None:
+    """Median over strings, a string that never got there counting as later than any epoch
+    (a censored median); None when the median string did not get there."""
+    ordered = sorted(values, key=lambda v: math.inf if v is None else v)
+    middle = ordered[(len(ordered) - 1) // 2 : len(ordered) // 2 + 1]
+    return None if not ordered or None in middle else float(np.mean(middle))
 
 
 def sequential_summary(history: Sequence[dict], stages: Sequence[tuple[str, int]], stage_epochs: int,
@@ -134,8 +140,9 @@ def summarize(results: dict, entropy_bits: float) -> dict:
         phases = results["exposure"]["phases"]
         last = results["exposure"]["epochs"][-1]
         summary.update({
-            "memorisation_start": median_or_none([p["memorisation_start"] for p in phases["strings"]]),
-            "full_at": median_or_none([p["full_at"] for p in phases["strings"]]),
+            "memorisation_start": median_epoch([p["memorisation_start"] for p in phases["strings"]]),
+            "full_at": median_epoch([p["full_at"] for p in phases["strings"]]),
+            "unique_full_at": median_epoch([p["unique_full_at"] for p in phases["strings"]]),
             "final_accuracy": float(np.mean(last["accuracy"])),
             "final_control_accuracy": last["control_accuracy"],
         })

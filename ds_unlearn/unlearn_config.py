@@ -6,12 +6,11 @@ YAML. Defaults follow the ICML 2024 reference code (REFERENCE §3).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields
-from pathlib import Path
+from dataclasses import dataclass, field
 
-import yaml
-from transformers import HfArgumentParser, TrainingArguments
+from transformers import TrainingArguments
 
+from .config_parsing import parse_config as parse_dataclass_config
 from .errors import InputError
 
 METHODS = ("ga", "sga", "ta", "tau")
@@ -144,43 +143,6 @@ class UnlearnConfig(TrainingArguments):
         return self.method in ("sga", "tau")
 
 
-def config_keys() -> set[str]:
-    return {f.name for f in fields(UnlearnConfig) if f.init}
-
-
-def load_yaml(path: str | Path) -> dict:
-    path = Path(path)
-    if not path.is_file():
-        raise InputError(f"--config: no such file {path}")
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as err:
-        raise InputError(f"--config: {path} is not valid YAML ({str(err).splitlines()[0]})") from None
-    if not isinstance(data, dict):
-        raise InputError(f"--config: {path} must hold a mapping of settings")
-    unknown = sorted(set(data) - config_keys())
-    if unknown:
-        raise InputError(f"--config: {path}: unknown key '{unknown[0]}'")
-    return data
-
-
 def parse_config(argv: list[str]) -> UnlearnConfig:
     """``[--config FILE.yaml] [--flag value ...]`` into a validated UnlearnConfig."""
-    parser = HfArgumentParser(UnlearnConfig)
-    parser.add_argument("--config", default=None, help="YAML file of UnlearnConfig fields; flags override it")
-    pre, _ = parser.parse_known_args(argv) if "--config" in argv else (None, None)
-    if pre is not None and pre.config:
-        parser.set_defaults(**{k: v for k, v in load_yaml(pre.config).items()})
-    try:
-        namespace, unknown = parser.parse_known_args(argv)
-    except SystemExit as exit_:  # argparse already printed its one line
-        raise InputError("invalid command-line flags (see the message above)") from exit_
-    if unknown:
-        raise InputError(f"unknown flag {unknown[0]}")
-    values = {k: v for k, v in vars(namespace).items() if k != "config"}
-    try:
-        return UnlearnConfig(**values)
-    except InputError:
-        raise
-    except (ValueError, TypeError) as err:  # TrainingArguments' own checks
-        raise InputError(str(err).strip().splitlines()[0]) from None
+    return parse_dataclass_config(UnlearnConfig, argv, prog="ds-unlearn unlearn")

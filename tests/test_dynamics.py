@@ -17,7 +17,7 @@ from ds_unlearn.data import load_sequence_set
 from ds_unlearn.errors import InputError
 from ds_unlearn.files import read_jsonl
 from ds_unlearn.lab_config import LabConfig, parse_config
-from ds_unlearn.lab_results import sequential_summary, unlearning_summary
+from ds_unlearn.lab_results import exposure_phases, median_epoch, sequential_summary, unlearning_summary
 from ds_unlearn.toy import save_model, tiny_model
 
 from .conftest import REPO
@@ -158,6 +158,31 @@ def test_probe_contexts_on_hand_made_sequences():
     assert dyn.default_ks(40)[-2:] == [16, 32]
 
 
+def test_shared_contexts_cap_what_can_be_memorised():
+    strings = [[0, 1, 0], [0, 0, 1], [1, 1, 1]]
+    # Without BOS, position 0 predicts the second character from the first: strings 0 and 1
+    # both open with 0 and go on differently, so no model gets both right.
+    assert dyn.shared_contexts(strings, keep=0) == [[True, False], [True, False], [False, False]]
+    # With BOS, position 0 predicts the first character from BOS alone: shared by every string.
+    assert dyn.shared_contexts(strings, keep=1) == [[True, True, False], [True, True, False], [True, False, False]]
+    assert dyn.shared_contexts([[0, 1, 0], [0, 1, 1]], keep=0) == [[False, True], [False, True]]
+
+
+def test_exposure_phases_count_only_positions_a_model_can_get():
+    # Position 0 is shared with another string: the string is "full" once positions 1-2 are right.
+    rows = [[0, 0, 0], [0, 1, 0], [0, 1, 1], [1, 1, 1]]
+    history = [_record(e, [float(np.mean(r))], positions=[r]) for e, r in enumerate(rows)]
+    phases = exposure_phases(history, 3, 0.1, [[True, False, False]])
+    assert phases["strings"][0]["unique_full_at"] == 2 and phases["strings"][0]["full_at"] == 3
+
+
+def test_median_epoch_counts_strings_that_never_got_there_as_latest():
+    assert median_epoch([6, None, 15, 15]) == 15.0
+    assert median_epoch([None, 12, 12, 8]) == 12.0
+    assert median_epoch([None, 20, 12, None]) is None  # the median string never got there
+    assert median_epoch([3, None, 5]) == 5.0 and median_epoch([]) is None
+
+
 def _record(epoch, accuracy, control=0.25, loss=None, positions=None):
     return {"epoch": epoch, "accuracy": accuracy, "loss": loss or [1.0] * len(accuracy),
             "control_accuracy": control, "control_loss": 2.0,
@@ -267,13 +292,14 @@ def test_exposure_memorises_and_writes_every_output(char_model, tmp_path, capsys
     for p in phases["strings"]:
         assert p["memorisation_start"] is not None and p["guessing"][0] == 0
         assert p["full_at"] is None or p["full_at"] >= p["memorisation_start"]
+        assert p["unique_full_at"] is not None and p["unique_full_at"] <= (p["full_at"] or 10**6)
     strings = d["strings"]
     assert strings["distribution"]["entropy_bits"] == pytest.approx(2.0)
     assert strings["token_ids"] == [3, 4, 5, 6] and strings["leading_space"] is False
     for s in strings["train"]:
         assert len(s["text"]) == 12 and set(s["text"]) <= set("abcd")
         assert s["chance_level"] == max(s["text"].count(c) for c in "abcd") / 12
-        assert s["entropy_bits"] <= 2.0
+        assert s["entropy_bits"] <= 2.0 and 0 <= s["shared_context_positions"] <= 11
     lp = d["local_prefix"]
     assert lp["ks"] == [1, 2, 4, 8] and len(lp["accuracy"]) == 4
     assert lp["full_accuracy"] == pytest.approx(np.mean(last["accuracy"]))
