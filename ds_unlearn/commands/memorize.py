@@ -7,8 +7,8 @@ One process:
         --epochs 40 --seed 0 --experiment exposure local_prefix --output_dir runs/lab
 From a config (flags override it):
     ds-unlearn memorize --config configs/dynamics/exposure.yaml --output_dir runs/lab
-Many ranks (the launcher's --local_rank would land before the subcommand, hence --no_local_rank):
-    deepspeed --num_accelerators 2 --no_local_rank --module ds_unlearn memorize \\
+Many ranks:
+    deepspeed --num_accelerators 2 launch/memorize.py \\
         --config configs/dynamics/exposure.yaml --deepspeed configs/ds/zero3.json --output_dir runs/lab
 
 Outputs in output_dir: dynamics.json, PNG plots, TensorBoard logs (tensorboard/), and with
