@@ -127,3 +127,15 @@ def test_input_checkpoint_is_never_written(unlearn_case, tmp_path):
     assert {p.name: p.stat().st_mtime_ns for p in unlearn_case["model"].iterdir()} == before
     code = main(["unlearn", *unlearn_args(unlearn_case, unlearn_case["model"] / "out", "--method", "ga")])
     assert code == 2 and not (unlearn_case["model"] / "out").exists()
+
+
+def test_step_refresh_selects_from_the_training_forward_pass(unlearn_case, tmp_path):
+    out = tmp_path / "step"
+    assert main(["unlearn", *unlearn_args(unlearn_case, out, "--method", "sga", "--score_refresh", "step")]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["after"]["memorized"] == 0  # judged on a real scoring pass at the end
+    epoch1 = read_jsonl(out / "scores_epoch1.jsonl")
+    assert set(epoch1[0]) == {"id", "ma"}  # no scorer pass during training: MA from the forward
+    # The first epoch's forward pass saw the model before its first update.
+    before = read_jsonl(out / "scores_before.jsonl")
+    assert [r["ma"] for r in epoch1] == pytest.approx([r["ma"] for r in before])
