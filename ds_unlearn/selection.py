@@ -27,6 +27,15 @@ class Slot:
     weight: float
 
 
+def steps_with_rows(plan: list[list[list[Slot]]], grad_accum: int) -> list[bool]:
+    """Per optimizer step of an epoch plan: does any rank train a real row in it?"""
+    micro_batches = len(plan[0])
+    return [
+        any(slot.weight > 0 for rank in plan for mb in rank[start : start + grad_accum] for slot in mb)
+        for start in range(0, micro_batches, grad_accum)
+    ]
+
+
 def plan_epoch(
     selected: Sequence[int],
     world_size: int,
@@ -45,9 +54,17 @@ def plan_epoch(
         raise ValueError("plan_epoch needs at least one selected row")
     slots = world_size * micro_batches_per_rank
     buckets: list[list[int]] = [[] for _ in range(slots)]
-    # Slot order is micro-batch-major, so every optimizer step gets its share of rows.
+    # Deal to optimizer steps first, then ranks, then micro-batches within a step: every step
+    # gets rows while there are at least as many rows as steps.
+    steps = -(-micro_batches_per_rank // grad_accum)
+    order = [
+        (step * grad_accum + within // world_size) * world_size + within % world_size
+        for within in range(grad_accum * world_size)
+        for step in range(steps)
+        if step * grad_accum + within // world_size < micro_batches_per_rank
+    ]
     for i, index in enumerate(selected):
-        buckets[i % slots].append(index)
+        buckets[order[i % slots]].append(index)
     plan = [[[] for _ in range(micro_batches_per_rank)] for _ in range(world_size)]
     for step_start in range(0, micro_batches_per_rank, grad_accum):
         step_micro = range(step_start, min(step_start + grad_accum, micro_batches_per_rank))

