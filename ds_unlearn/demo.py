@@ -36,12 +36,18 @@ Choices the issue left open, and why:
 - Unlearning: lr 1e-4 (twice the paper's 5e-5 and with 16 sequences, so a method stops
   within a few epochs), one optimizer step per epoch over the whole forget set, at most 10
   epochs, per-sequence stop rule. ``score_refresh=step``: GA and SGA judge each epoch by the
-  MA of the training forward pass (free) instead of re-running EL_10 every epoch (about 30 s
-  of greedy decoding on two cores); the before/after scores are always full and fresh.
-  TAU ascends with SGA until the mean MA falls below 0.9, then fine-tunes and judges
-  ``theta_base - tau`` every epoch (fresh, with EL_10).
+  MA of that epoch's training forward pass (free, but one update stale, so a run may take one
+  epoch more than needed) instead of re-running EL_10 every epoch (about 30 s of greedy
+  decoding on two cores); the before/after scores are always full and fresh. TAU keeps its
+  default switch (SGA ascent until the mean MA falls below 0.5; those epochs are the cheap
+  ones), then fine-tunes and judges ``theta_base - tau`` every epoch (fresh, with EL_10).
+- Scoring batches of 128 sequences/continuations: EL_10's greedy decoding is bound by reading
+  the weights once per step, so fewer, larger batches are faster.
 - The wild scan flags a verse at MA >= 0.60 (the ICML code's verdict, fixed: the calibrated
-  thresholds come from the holdout itself) and always lists the top five by MA.
+  thresholds come from the holdout itself) and always lists the top five by MA; k=4 for its
+  k-extractability, as the shortest famous verse has 8 tokens.
+- ``--quick``: 4 forget, 2 retain, 4 holdout records cut to 20 tokens, 5 planting and 2
+  unlearning epochs at most; every stage and file of the full run, in about 1.5 minutes.
 - Privacy: record text only ever lives in ``data/*.jsonl`` (the user's data); every report,
   log and TensorBoard event names records by id.
 """
@@ -64,7 +70,6 @@ from .files import read_jsonl, write_json, write_jsonl
 METHODS = ("ga", "sga", "ta", "tau")
 METHOD_TITLES = {"ga": "GA (baseline)", "sga": "SGA", "ta": "TA", "tau": "TAU"}
 WILD_MA = 0.60  # the ICML code's "memorized" verdict, used for the wild scan
-WILD_TOP = 5  # verses listed (and given EL_10) even if none crosses WILD_MA
 # What the demo writes directly under DIR; --overwrite removes exactly these (and method dirs).
 OWN_ENTRIES = ("data", "planted", "report.md", "report.json", "ma_per_sequence.png",
                "epoch_curves.png", "tradeoff.png", "planting.png")
@@ -85,16 +90,17 @@ class DemoSettings:
     plant_max_epochs: int = 12
     unlearn_lr: float = 1e-4
     unlearn_max_epochs: int = 10
-    tv_switch_ma: float = 0.9
-    score_batch_size: int = 64
+    tv_switch_ma: float | None = None  # TAU's default (0.5): the ascent epochs are the cheap ones
+    score_batch_size: int = 128
+    wild_top: int = 5  # verses listed (and given EL_10) even if none crosses WILD_MA
     methods: tuple[str, ...] = ("ga", "sga", "tau")
     seed: int = 0
     quick: bool = False
 
 
-QUICK = DemoSettings(forget=4, retain=2, holdout=4, unseen=2, famous=6, max_length=32, extract_k=8,
-                     plant_lr=1e-3, plant_batch_size=6, plant_max_epochs=4, unlearn_lr=3e-4,
-                     unlearn_max_epochs=2, quick=True)
+QUICK = DemoSettings(forget=4, retain=2, holdout=4, unseen=2, famous=3, max_length=20, extract_k=8,
+                     plant_lr=5e-4, plant_batch_size=2, plant_max_epochs=5, unlearn_lr=3e-4,
+                     unlearn_max_epochs=2, tv_switch_ma=0.9, wild_top=2, quick=True)
 
 
 def settings_for(quick: bool, **overrides) -> DemoSettings:
@@ -111,16 +117,19 @@ def settings_for(quick: bool, **overrides) -> DemoSettings:
 
 @dataclass
 class Clock:
-    """Stage timings in seconds, in the order the stages ran."""
+    """Wall and CPU seconds per stage, in the order the stages ran. CPU time (all threads) is
+    the fairer number on a shared machine, where wall time also counts other people's work."""
 
     started: float = field(default_factory=time.time)
     stages: dict = field(default_factory=dict)
+    cpu: dict = field(default_factory=dict)
 
     def run(self, name: str, fn, *args, **kwargs):
         _say(f"[demo] {name} ...")
-        start = time.time()
+        start, cpu = time.time(), time.process_time()
         result = fn(*args, **kwargs)
         self.stages[name] = round(time.time() - start, 1)
+        self.cpu[name] = round(time.process_time() - cpu, 1)
         _say(f"[demo] {name} done in {self.stages[name]:.1f} s")
         return result
 
@@ -163,6 +172,7 @@ def run_demo(output_dir: str | Path, settings: DemoSettings, overwrite: bool = F
 
     clock.run("report", write_report, out, report)  # writes report.md and the plots
     report["timing"] = {**clock.stages, "total": clock.total()}
+    report["cpu_seconds"] = {**clock.cpu, "total": round(time.process_time(), 1)}
     write_report(out, report, plots=False)  # the markdown again, now with the report's own time
     write_json(out / "report.json", report)
     return report
@@ -250,7 +260,7 @@ def scan_wild(checkpoint, data: dict, tokens: dict, settings: DemoSettings) -> d
     """Which KJV verses the pretrained model already reproduces, before any planting.
 
     Every verse gets the teacher-forced metrics (one forward pass per batch); EL_10, which
-    costs greedy continuations, is computed for the flagged verses and the top ``WILD_TOP``."""
+    costs greedy continuations, is computed for the flagged verses and the top ``wild_top``."""
     from .models import load_causal_lm
     from .scorer import min_length, score_sequences
 
@@ -272,7 +282,7 @@ def scan_wild(checkpoint, data: dict, tokens: dict, settings: DemoSettings) -> d
                         "_tokens": seqs[i]})
     scanned.sort(key=lambda r: -r["ma"])
     flagged = [r for r in scanned if r["ma"] >= WILD_MA]
-    listed = scanned[: max(len(flagged), WILD_TOP)]
+    listed = scanned[: max(len(flagged), settings.wild_top)]
     with_el = [r for r in listed if len(r["_tokens"]) >= min_length((10,), ())]
     if with_el:
         els = score_sequences(model, [r["_tokens"] for r in with_el], el_n=(10,), extract_k=(),
@@ -418,7 +428,7 @@ def unlearn_config(method: str, out: Path, settings: DemoSettings, overwrite: bo
     from .unlearn_config import UnlearnConfig
 
     data = out / "data"
-    extra = {"tv_switch_ma": settings.tv_switch_ma} if method in ("ta", "tau") else {}
+    extra = {"tv_switch_ma": settings.tv_switch_ma} if method in ("ta", "tau") and settings.tv_switch_ma else {}
     return UnlearnConfig(
         model=str(out / "planted" / "model"),
         forget=str(data / "forget.jsonl"),

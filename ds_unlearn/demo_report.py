@@ -82,7 +82,7 @@ def markdown(report: dict) -> str:
     lines += wild_section(report["wild"])
     lines += files_section(report)
     if "timing" in report:
-        lines += timing_section(report["timing"])
+        lines += timing_section(report["timing"], report.get("cpu_seconds", {}))
     return "\n".join(lines) + "\n"
 
 
@@ -202,9 +202,10 @@ def files_section(report: dict) -> list[str]:
     return lines
 
 
-def timing_section(timing: dict) -> list[str]:
-    lines = ["## Timing", "", "| stage | seconds |", "|---|---|"]
-    lines += [f"| {stage} | {f1(seconds)} |" for stage, seconds in timing.items()]
+def timing_section(timing: dict, cpu: dict) -> list[str]:
+    lines = ["## Timing", "", "Wall seconds, and CPU seconds of this process (all threads).", "",
+             "| stage | wall s | CPU s |", "|---|---|---|"]
+    lines += [f"| {stage} | {f1(seconds)} | {f1(cpu.get(stage))} |" for stage, seconds in timing.items()]
     return lines + [""]
 
 
