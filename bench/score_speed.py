@@ -16,7 +16,7 @@ import time
 import torch
 
 from ds_unlearn import score_sequences
-from ds_unlearn.toy import memorize, random_sequences, tiny_model
+from ds_unlearn.core.toy import memorize, random_sequences, tiny_model
 
 
 def timed(fn):

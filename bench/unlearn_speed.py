@@ -126,11 +126,11 @@ def worker(args) -> None:
     from transformers import AutoModelForCausalLM, LlamaConfig, TrainerCallback
     from transformers.trainer_callback import PrinterCallback
 
-    from ds_unlearn import distributed as D
-    from ds_unlearn.data import SequenceSet
-    from ds_unlearn.toy import random_sequences
-    from ds_unlearn.trainer import RunState, UnlearnTrainer
-    from ds_unlearn.unlearn_config import UnlearnConfig
+    from ds_unlearn.core import distributed as D
+    from ds_unlearn.core.data import SequenceSet
+    from ds_unlearn.core.toy import random_sequences
+    from ds_unlearn.unlearn.trainer import RunState, UnlearnTrainer
+    from ds_unlearn.unlearn.config import UnlearnConfig
 
     transformers.logging.set_verbosity_error()
     schedule, measured = epoch_schedule(args.epochs)
@@ -398,7 +398,7 @@ def main() -> None:
     args = parser.parse_args()
     args.intermediate = args.intermediate or intermediate_size(args.hidden)
     if args.worker:
-        from ds_unlearn import distributed as D
+        from ds_unlearn.core import distributed as D
 
         try:
             worker(args)

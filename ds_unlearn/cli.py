@@ -12,7 +12,7 @@ from __future__ import annotations
 import importlib
 import sys
 
-from .errors import InputError
+from .core.errors import InputError
 
 SUBCOMMANDS = {
     "score": "per-sequence memorization of a model on a data file",
@@ -41,7 +41,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return importlib.import_module(f"ds_unlearn.commands.{name}").main(rest)
     except InputError as err:
-        from . import distributed as D
+        from .core import distributed as D
 
         if D.rank() == 0:
             print(f"ds-unlearn {name}: error: {err}", file=sys.stderr)

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from ds_unlearn.toy import memorize, random_sequences, save_model, tiny_model
+from ds_unlearn.core.toy import memorize, random_sequences, save_model, tiny_model
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 torch.set_num_threads(2)

@@ -9,7 +9,7 @@ import sys
 import pytest
 
 from ds_unlearn.cli import main
-from ds_unlearn.files import read_jsonl
+from ds_unlearn.core.files import read_jsonl
 
 from .conftest import write_jsonl
 

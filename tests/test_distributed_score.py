@@ -5,7 +5,7 @@ import re
 import pytest
 
 from ds_unlearn.cli import main
-from ds_unlearn.files import read_jsonl
+from ds_unlearn.core.files import read_jsonl
 
 from .launcher import REPO, deepspeed_run, tail
 

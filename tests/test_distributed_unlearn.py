@@ -7,7 +7,7 @@ import subprocess
 import pytest
 
 from ds_unlearn.cli import main
-from ds_unlearn.files import read_jsonl
+from ds_unlearn.core.files import read_jsonl
 
 from .conftest import unlearn_args
 from .launcher import DEEPSPEED, REPO, deepspeed_run, free_port, launcher_env, tail

@@ -11,14 +11,14 @@ import pytest
 import torch
 import yaml
 
-from ds_unlearn import dynamics as dyn
+from ds_unlearn.lab import dynamics as dyn
 from ds_unlearn.cli import main
-from ds_unlearn.data import load_sequence_set
-from ds_unlearn.errors import InputError
-from ds_unlearn.files import read_jsonl
-from ds_unlearn.lab_config import LabConfig, parse_config
-from ds_unlearn.lab_results import exposure_phases, median_epoch, sequential_summary, unlearning_summary
-from ds_unlearn.toy import save_model, tiny_model
+from ds_unlearn.core.data import load_sequence_set
+from ds_unlearn.core.errors import InputError
+from ds_unlearn.core.files import read_jsonl
+from ds_unlearn.lab.config import LabConfig, parse_config
+from ds_unlearn.lab.results import exposure_phases, median_epoch, sequential_summary, unlearning_summary
+from ds_unlearn.core.toy import save_model, tiny_model
 
 from .conftest import REPO
 
@@ -365,8 +365,8 @@ def test_bad_input_exits_2_with_one_line_and_writes_nothing(char_model, tmp_path
         "no model": (["--model", str(tmp_path / "none")], "is not a model directory"),
         "unknown yaml key": (["--config", str(yaml_bad)], "unknown key 'epoch'"),
         "skewed, no target": (["--distribution", "skewed"], "target_entropy"),
-        "inside the model": (["--output_dir", str(char_model / "out")], "lies inside the input checkpoint"),
-        "occupied": (["--output_dir", str(occupied)], "is not empty (pass --overwrite"),
+        "inside the model": (["--output_dir", str(char_model / "out")], "lies inside the input"),
+        "occupied": (["--output_dir", str(occupied)], "holds an earlier run (keep.txt); pass --overwrite"),
     }
     for name, (args, message) in cases.items():
         argv = ["memorize", "--model", str(char_model), "--output_dir", str(out), *args]

@@ -2,7 +2,7 @@
 
 import pytest
 
-from ds_unlearn.memorization import (
+from ds_unlearn.core.memorization import (
     continuation_starts,
     extraction_likelihood_fast,
     extraction_likelihood_reference,

@@ -5,8 +5,8 @@ import pytest
 import torch
 
 from ds_unlearn import score_sequences
-from ds_unlearn.errors import InputError
-from ds_unlearn.generation import greedy_continuations
+from ds_unlearn.core.errors import InputError
+from ds_unlearn.core.passes import greedy_continuations
 
 EL_N = (2, 3, 5, 10)
 K = (4, 8)
@@ -70,7 +70,7 @@ def test_greedy_continuations_match_step_by_step_decoding(memorized_model, token
 
 
 def test_model_dtype_device_and_mode_are_kept(token_sets):
-    from ds_unlearn.toy import tiny_model
+    from ds_unlearn.core.toy import tiny_model
 
     model = tiny_model("llama", vocab_size=64).to(torch.bfloat16).train()
     rows = score_sequences(model, token_sets["unseen"], el_n=(5,), extract_k=(4,))

@@ -3,11 +3,10 @@
 import pytest
 import torch
 
-from ds_unlearn.losses import negated_task_vector, per_sequence_nll, weighted_objective
-from ds_unlearn.selection import (
+from ds_unlearn.unlearn.losses import negated_task_vector, per_sequence_nll, weighted_objective
+from ds_unlearn.core.summary import Thresholds, calibrate_thresholds
+from ds_unlearn.unlearn.selection import (
     Slot,
-    Thresholds,
-    calibrate_thresholds,
     plan_epoch,
     sga_selection,
     stop_satisfied,
@@ -76,7 +75,7 @@ def test_weighted_objective_and_task_vector():
 
 
 def test_plan_gives_every_optimizer_step_rows_when_it_can():
-    from ds_unlearn.selection import steps_with_rows
+    from ds_unlearn.unlearn.selection import steps_with_rows
 
     # 2 ranks x 4 micro-batches, one micro-batch per step: 4 steps, 3 rows -> one empty step
     # (zero-weight fillers only), and every row in a different step.

@@ -8,9 +8,9 @@ import time
 import pytest
 import torch
 
-from ds_unlearn import smollm2
-from ds_unlearn.errors import InputError
-from ds_unlearn.toy import tiny_model
+from ds_unlearn.core import smollm2
+from ds_unlearn.core.errors import InputError
+from ds_unlearn.core.toy import tiny_model
 
 
 def test_missing_package_is_an_input_error(monkeypatch):

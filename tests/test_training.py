@@ -3,8 +3,8 @@
 import torch
 from transformers import TrainerCallback, TrainingArguments
 
-from ds_unlearn.toy import random_sequences, tiny_model
-from ds_unlearn.training import SequenceTrainer
+from ds_unlearn.core.toy import random_sequences, tiny_model
+from ds_unlearn.unlearn.loop import SequenceTrainer
 
 
 class FirstEpochOnly(SequenceTrainer):

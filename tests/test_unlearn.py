@@ -9,8 +9,8 @@ import torch
 
 from ds_unlearn import score_sequences
 from ds_unlearn.cli import main
-from ds_unlearn.files import read_jsonl
-from ds_unlearn.models import load_causal_lm
+from ds_unlearn.core.files import read_jsonl
+from ds_unlearn.core.models import load_causal_lm
 
 from .conftest import unlearn_args
 
@@ -99,7 +99,7 @@ def test_utility_guard_keeps_the_last_good_weights(unlearn_case, tmp_path):
 
 
 def test_nonfinite_loss_stops_with_the_last_good_weights(unlearn_case, tmp_path, monkeypatch):
-    import ds_unlearn.training as training
+    import ds_unlearn.unlearn.loop as training
 
     calls = {"n": 0}
     real = training.weighted_objective
@@ -139,3 +139,12 @@ def test_step_refresh_selects_from_the_training_forward_pass(unlearn_case, tmp_p
     # The first epoch's forward pass saw the model before its first update.
     before = read_jsonl(out / "scores_before.jsonl")
     assert [r["ma"] for r in epoch1] == pytest.approx([r["ma"] for r in before])
+
+
+def test_report_to_none_writes_no_event_files(unlearn_case, tmp_path):
+    out = tmp_path / "quiet"
+    argv = unlearn_args(unlearn_case, out, "--method", "ga", "--report_to", "none", "--num_train_epochs", "1")
+    assert main(["unlearn", *argv]) == 0
+    assert not list(out.rglob("events.out.tfevents.*"))
+    history = json.loads((out / "report.json").read_text())["history"]
+    assert history[0]["forget/memorized"] == 4  # the metrics are still computed and reported

@@ -5,8 +5,8 @@ import sys
 
 import pytest
 
-from ds_unlearn.errors import InputError
-from ds_unlearn.unlearn_config import UnlearnConfig, parse_config
+from ds_unlearn.core.errors import InputError
+from ds_unlearn.unlearn.config import UnlearnConfig, parse_config
 
 from .conftest import REPO
 
@@ -69,3 +69,21 @@ def test_cli_reports_a_bad_config_in_one_line_with_exit_2(tmp_path):
     lines = [l for l in result.stderr.splitlines() if l.strip()]
     assert len(lines) == 1 and "unknown key 'learning_rat'" in lines[0]
     assert not (tmp_path / "o").exists()
+
+
+def test_import_and_config_construction_have_no_side_effects(tmp_path):
+    # A notebook user builds a DeepSpeed config: no environment change, no Hub switch-off.
+    code = (
+        "import os, json; before = dict(os.environ)\n"
+        "import ds_unlearn\n"
+        "from ds_unlearn.unlearn.config import UnlearnConfig\n"
+        f"UnlearnConfig(model='m', forget='f', output_dir={str(tmp_path)!r}, deepspeed={str(REPO / 'configs/ds/zero2.json')!r})\n"
+        "changed = sorted(k for k in set(before) | set(os.environ) if before.get(k) != os.environ.get(k))\n"
+        "print(json.dumps(changed))\n"
+    )
+    env = {k: v for k, v in __import__("os").environ.items() if k not in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")}
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    changed = __import__("json").loads(result.stdout.strip().splitlines()[-1])
+    assert "HF_HUB_OFFLINE" not in changed and "ACCELERATE_USE_DEEPSPEED" not in changed, changed
+    assert not [k for k in changed if k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")], changed

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import argparse
 
-from ..demo import METHODS
+from ..demo.run import METHODS
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -30,7 +30,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
-    from ..demo import run_demo, settings_for
+    from ..demo.run import run_demo, settings_for
 
     settings = settings_for(args.quick, forget=args.num_records, seed=args.seed,
                             methods=tuple(args.methods) if args.methods else None)
@@ -47,8 +47,8 @@ def summary_lines(report: dict) -> list[str]:
         b, a = m["before"], m["after"]
         lines.append(
             f"{m['title']:<14} memorized {b['memorized']} -> {a['memorized']} of {b['count']}, "
-            f"over-unlearned {b['over_unlearned']} -> {a['over_unlearned']}, mean MA {b['ma']:.3f} -> "
-            f"{a['ma']:.3f}, holdout ppl {m['holdout_perplexity']['change_pct']:+.1f}%, "
+            f"over-unlearned {b['over_unlearned']} -> {a['over_unlearned']}, mean MA {b['means']['ma']:.3f} -> "
+            f"{a['means']['ma']:.3f}, holdout ppl {m['holdout_perplexity']['change_pct']:+.1f}%, "
             f"{m['epochs']} epochs, {m['seconds']:.0f} s"
         )
     wild = report["wild"]

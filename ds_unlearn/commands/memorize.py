@@ -22,11 +22,11 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
-from .. import distributed as D
-from ..errors import InputError
-from ..files import write_json
-from ..lab_config import LabConfig, build_parser, parse_config
-from ..models import load_config, load_tokenizer, resolve_model_dir
+from ..core import distributed as D
+from ..core.errors import InputError
+from ..core.files import check_output, clear_outputs, write_json
+from ..lab.config import LabConfig, build_parser, parse_config
+from ..core.models import load_config, load_tokenizer, resolve_model_dir
 
 RESULTS = "dynamics.json"
 # What a run writes; --overwrite removes only these, never anything else in output_dir.
@@ -40,34 +40,12 @@ def main(argv: list[str]) -> int:
         return 0
     D.init_distributed()
     try:
-        return run(parse_config(argv))
+        config = parse_config(argv)
+        if config.deepspeed:  # DeepSpeed on CPU: accelerate's gloo state, before any Trainer
+            D.prepare_accelerate_for_deepspeed()
+        return run(config)
     finally:
         D.finalize()
-
-
-def check_output_dir(out: Path, model_dir: Path, overwrite: bool) -> None:
-    """Never inside (or holding) the input checkpoint; never over an earlier run unless asked."""
-    o, src = out.resolve(), model_dir.resolve()
-    if o == src or src in o.parents:
-        raise InputError(f"output_dir: {out} lies inside the input checkpoint {model_dir}")
-    if o in src.parents:
-        raise InputError(f"output_dir: {out} holds the input checkpoint {model_dir}")
-    if out.exists() and not out.is_dir():
-        raise InputError(f"output_dir: {out} is a file")
-    if out.is_dir() and any(out.iterdir()) and not overwrite:
-        raise InputError(f"output_dir: {out} is not empty (pass --overwrite to replace a lab run's outputs)")
-
-
-def prepare_output_dir(out: Path) -> None:
-    from ..lab_plots import PLOT_FILES
-
-    out.mkdir(parents=True, exist_ok=True)
-    for name in (*LAB_OUTPUTS, *PLOT_FILES):
-        path = out / name
-        if path.is_dir():
-            shutil.rmtree(path)
-        elif path.exists():
-            path.unlink()
 
 
 def run(config: LabConfig) -> int:
@@ -75,20 +53,23 @@ def run(config: LabConfig) -> int:
     # Everything that can be wrong with the input is found here, before anything is written.
     model_dir = resolve_model_dir(config.model)
     out = Path(config.output_dir)
-    check_output_dir(out, model_dir, config.overwrite)
-    from ..lab import build_strings, run_lab
+    check_output(out, option="output_dir", overwrite=config.overwrite, inputs=(model_dir,), directory=True)
+    from ..lab.experiments import run_lab
+    from ..lab.strings import build_strings
 
     tokenizer = load_tokenizer(model_dir)
     strings = build_strings(config, tokenizer, load_config(model_dir).vocab_size)
     D.barrier()  # every rank has checked output_dir before rank 0 creates it
     if D.is_main():
-        prepare_output_dir(out)
+        from ..lab.plots import PLOT_FILES
+
+        clear_outputs(out, (*LAB_OUTPUTS, *PLOT_FILES))
     D.barrier()
 
     results = run_lab(config, strings, model_dir, tokenizer, out)
     if D.is_main():
-        from ..lab_plots import write_plots
-        from ..lab_results import summarize
+        from ..lab.plots import write_plots
+        from ..lab.results import summarize
 
         entropy = strings.describe()["distribution"]["entropy_bits"]
         summary = summarize(results, entropy)

@@ -9,14 +9,21 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from .. import distributed as D
-from ..data import needs_tokenizer, read_rows, to_sequence_set
-from ..ds_config import load_ds_config
-from ..errors import InputError
-from ..files import check_writable, write_json, write_jsonl
-from ..models import DTYPES, load_config, load_for_inference, load_tokenizer, resolve_model_dir
-from ..report import summarize_scores, summary_lines
-from ..scorer import min_length, score_sequences, validate_request
+from ..core import distributed as D
+from ..core.data import needs_tokenizer, read_rows, to_sequence_set
+from ..core.ds_config import load_ds_config
+from ..core.errors import InputError
+from ..core.files import OVERWRITE_FLAG, check_output, write_json, write_jsonl
+from ..core.models import DTYPES, load_config, load_for_inference, load_tokenizer, resolve_model_dir
+from ..core.summary import summarize_scores, summary_lines
+from ..core.scorer import (
+    DEFAULT_BATCH_SIZE,
+    DEFAULT_EL_N,
+    DEFAULT_EXTRACT_K,
+    min_length,
+    score_sequences,
+    validate_request,
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -31,19 +38,19 @@ def main(argv: list[str]) -> int:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", required=True, help="local Hugging Face checkpoint directory, or 'smollm2'")
+    parser.add_argument("--model", required=True, help="Hugging Face checkpoint directory, Hub model id, or 'smollm2'")
     parser.add_argument("--data", required=True, help="JSONL, CSV or Parquet file of sequences")
     parser.add_argument("--out", required=True, help="output JSONL, one line per input row")
-    parser.add_argument("--el_n", type=int, nargs="+", default=[10], help="n of EL_n (several allowed)")
-    parser.add_argument("--extract_k", type=int, nargs="+", default=[32], help="K of k-extractability")
+    parser.add_argument("--el_n", type=int, nargs="+", default=[DEFAULT_EL_N], help="n of EL_n (several allowed)")
+    parser.add_argument("--extract_k", type=int, nargs="+", default=[DEFAULT_EXTRACT_K], help="K of k-extractability")
     parser.add_argument("--max_length", type=int, default=None, help="truncate sequences to this many tokens")
-    parser.add_argument("--batch_size", type=int, default=16, help="sequences / continuations per forward")
+    parser.add_argument("--batch_size", type=int, default=DEFAULT_BATCH_SIZE, help="sequences / continuations per forward")
     parser.add_argument("--text_field", default="text", help="field holding the text of a row")
     parser.add_argument("--id_field", default="id", help="field holding a row's id (else the row index)")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="dtype to load the model in")
     parser.add_argument("--method", choices=["fast", "reference"], default="fast", help="EL_n algorithm")
     parser.add_argument("--deepspeed", default=None, help="DeepSpeed JSON config (ZeRO-3 loads partitioned)")
-    parser.add_argument("--overwrite", action="store_true", help="replace existing output files")
+    parser.add_argument(OVERWRITE_FLAG, action="store_true", help="replace existing output files")
     parser.add_argument("--local_rank", type=int, default=-1, help=argparse.SUPPRESS)  # set by launchers
 
 
@@ -57,15 +64,15 @@ def run(args: argparse.Namespace) -> int:
     D.init_distributed()
     try:
         # Everything that can be wrong with the input is found here, before any weights load.
+        model_dir = resolve_model_dir(args.model)
         for path in (args.out, summary_path(args.out)):
-            check_writable(path, args.overwrite)
+            check_output(path, option="--out", overwrite=args.overwrite, inputs=(args.data, model_dir))
         ds_config = load_ds_config(args.deepspeed) if args.deepspeed else None
         if args.max_length is not None and args.max_length < min_length(args.el_n, args.extract_k):
             raise InputError(
                 f"--max_length {args.max_length} is shorter than el_n/extract_k need "
                 f"({min_length(args.el_n, args.extract_k)} tokens)"
             )
-        model_dir = resolve_model_dir(args.model)
         vocab_size = load_config(model_dir).vocab_size
         rows = read_rows(args.data)
         tokenizer = load_tokenizer(model_dir) if needs_tokenizer(rows) else None

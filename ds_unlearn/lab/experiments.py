@@ -17,7 +17,7 @@ import numpy as np
 from transformers import TrainerCallback
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
-from . import distributed as D
+from ..core import distributed as D
 from .dynamics import (
     chance_level,
     character_distribution,
@@ -28,85 +28,12 @@ from .dynamics import (
     shared_contexts,
     string_entropy_bits,
 )
-from .errors import InputError
-from .lab_config import LabConfig
-from .lab_probes import global_context, local_prefix, measure
-from .models import load_causal_lm
-from .training import SequenceTrainer
-
-
-@dataclass
-class LabStrings:
-    """The alphabet as tokens, the training strings and the unseen control strings."""
-
-    symbols: list[str]
-    token_ids: list[int]
-    leading_space: bool
-    bos_id: int | None
-    probabilities: np.ndarray
-    train: list[list[int]]  # symbol indices
-    control: list[list[int]]
-
-    @property
-    def keep(self) -> int:
-        """Leading tokens that are not part of the string (BOS), kept by every probe."""
-        return 0 if self.bos_id is None else 1
-
-    def sequence(self, string: Sequence[int]) -> list[int]:
-        return [self.bos_id] * self.keep + [self.token_ids[c] for c in string]
-
-    @property
-    def train_sequences(self) -> list[list[int]]:
-        return [self.sequence(s) for s in self.train]
-
-    @property
-    def control_sequences(self) -> list[list[int]]:
-        return [self.sequence(s) for s in self.control]
-
-    @property
-    def predicted(self) -> int:
-        """Predicted tokens per string: every character, except the first one without BOS."""
-        return len(self.train[0]) - 1 + self.keep
-
-    def text(self, string: Sequence[int]) -> str:
-        return "".join(self.symbols[c] for c in string)
-
-    def describe(self) -> dict:
-        def rows(strings, prefix):
-            return [{"id": f"{prefix}-{i:03d}", "text": self.text(s), "entropy_bits": string_entropy_bits(s),
-                     "chance_level": chance_level(s)} for i, s in enumerate(strings)]
-
-        train = rows(self.train, "canary")
-        for row, shared in zip(train, shared_contexts(self.train, self.keep)):
-            row["shared_context_positions"] = int(sum(shared))  # out of reach for any model
-        return {
-            "symbols": self.symbols, "token_ids": self.token_ids, "leading_space": self.leading_space,
-            "bos_token_id": self.bos_id,
-            "distribution": {"probabilities": self.probabilities.tolist(),
-                             "entropy_bits": entropy_bits(self.probabilities),
-                             "chance_level": float(self.probabilities.max())},
-            "train": train, "control": rows(self.control, "control"),
-        }
-
-
-def build_strings(config: LabConfig, tokenizer, vocab_size: int) -> LabStrings:
-    """Map the alphabet onto tokens and draw the strings; fails, naming the cause, before any
-    weights load."""
-    if tokenizer is None:
-        raise InputError("model: the checkpoint ships no tokenizer; the lab needs one to map characters to tokens")
-    token_ids, leading_space = map_symbols(tokenizer, config.symbols)
-    if max(token_ids) >= vocab_size:
-        raise InputError(f"symbols: token id {max(token_ids)} is outside the model's vocabulary [0, {vocab_size})")
-    bos_id = None
-    if config.bos:
-        bos_id = tokenizer.bos_token_id
-        if bos_id is None:
-            raise InputError("bos: the tokenizer has no BOS token")
-    probabilities = character_distribution(config.alphabet_size, config.distribution, config.target_entropy)
-    rng = np.random.default_rng(config.seed)
-    train = sample_strings(probabilities, config.string_length, config.num_strings, rng)
-    control = sample_strings(probabilities, config.string_length, config.control_strings, rng)
-    return LabStrings(config.symbols, token_ids, leading_space, bos_id, probabilities, train, control)
+from ..core.errors import InputError
+from .config import LabConfig
+from .probes import global_context, local_prefix, measure
+from .strings import LabStrings
+from ..core.models import load_causal_lm
+from ..unlearn.loop import SequenceTrainer
 
 
 class EpochRecorder(TrainerCallback):
@@ -162,8 +89,8 @@ def training_arguments(config: LabConfig, output_dir: Path, epochs: int):
     from transformers import TrainingArguments
 
     extra = {}
-    # DeepSpeed on CPU: accelerate must see the gloo group before TrainingArguments (REFERENCE §4).
-    if config.deepspeed and D.prepare_accelerate_for_deepspeed():
+    # DeepSpeed on CPU: the command entry prepared accelerate's gloo state (REFERENCE §4).
+    if config.deepspeed and D.uses_configured_state():
         extra["accelerator_config"] = {"use_configured_state": True}
     return TrainingArguments(
         output_dir=str(output_dir), num_train_epochs=epochs, learning_rate=config.learning_rate,
@@ -200,7 +127,7 @@ def sequential_stages(num_strings: int) -> list[tuple[str, int]]:
 
 def run_lab(config: LabConfig, strings: LabStrings, model_dir: Path, tokenizer, out: Path) -> dict:
     """Every requested experiment; returns their results (collective: all ranks call it)."""
-    from .lab_results import exposure_phases, sequential_summary
+    from .results import exposure_phases, sequential_summary
 
     results: dict = {}
     margin = config.phase_margin
@@ -233,7 +160,7 @@ def run_lab(config: LabConfig, strings: LabStrings, model_dir: Path, tokenizer, 
 
 def save_canaries(trainer, strings: LabStrings, out: Path) -> None:
     """The trained model, and its strings as a forget set the scorer and the trainer accept."""
-    from .files import write_jsonl
+    from ..core.files import write_jsonl
 
     trainer.save_model(str(out / "model"))  # collective under ZeRO-3 (gathers the weights)
     if D.is_main():
@@ -245,10 +172,10 @@ def save_canaries(trainer, strings: LabStrings, out: Path) -> None:
 def run_unlearning(config: LabConfig, strings: LabStrings, out: Path, tokenizer, exposure: list[dict]) -> dict:
     """Unlearn the memorised strings with UnlearnTrainer (GA or SGA) and record every epoch as
     exposure did. It stops like Jang et al.: once the mean accuracy is below the unseen strings'."""
-    from .data import load_sequence_set
-    from .lab_results import unlearning_summary
-    from .trainer import UnlearnTrainer
-    from .unlearn_config import UnlearnConfig
+    from ..core.data import load_sequence_set
+    from .results import unlearning_summary
+    from ..unlearn.trainer import UnlearnTrainer
+    from ..unlearn.config import UnlearnConfig
 
     control_level = exposure[-1]["control_accuracy"]
     args = UnlearnConfig(
@@ -257,6 +184,7 @@ def run_unlearning(config: LabConfig, strings: LabStrings, out: Path, tokenizer,
         num_train_epochs=config.unlearn_epochs, stop_rule="mean", mean_threshold=control_level,
         extract_k=8, per_device_train_batch_size=config.per_device_train_batch_size,
         save_strategy="no", disable_tqdm=True, seed=config.seed, deepspeed=config.deepspeed,
+        **({"accelerator_config": {"use_configured_state": True}} if config.deepspeed and D.uses_configured_state() else {}),
     )
     forget = load_sequence_set(out / CANARIES, option=CANARIES)
     if config.deepspeed:

@@ -10,8 +10,11 @@ from dataclasses import dataclass, field
 
 from transformers import TrainingArguments
 
-from .config_parsing import parse_config as parse_dataclass_config
-from .errors import InputError
+from ..core.config_parsing import parse_config as parse_dataclass_config
+from ..core.errors import InputError
+from ..core.memorization import MEMORIZED_MA, OVER_UNLEARNED_MA
+from ..core.scorer import DEFAULT_BATCH_SIZE, DEFAULT_EXTRACT_K
+from ..core.summary import CALIBRATION_QUANTILE
 
 METHODS = ("ga", "sga", "ta", "tau")
 # Per method: (ascent with selection?, task-vector coefficient, mean MA that ends the ascent).
@@ -25,7 +28,7 @@ def _help(text: str, **kwargs):
 @dataclass
 class UnlearnConfig(TrainingArguments):
     # What to unlearn, from what.
-    model: str | None = _help("Local Hugging Face checkpoint directory, or 'smollm2'. Never written to.", default=None)
+    model: str | None = _help("Hugging Face checkpoint directory, Hub model id, or 'smollm2'. Never written to.", default=None)
     forget: str | None = _help("Forget set (JSONL/CSV/Parquet; `input_ids` or a text field).", default=None)
     retain: str | None = _help("Optional retain set: memorization we want to keep, measured before/after.", default=None)
     holdout: str | None = _help("Optional holdout set the model never saw: utility (loss) and threshold calibration.", default=None)
@@ -51,20 +54,20 @@ class UnlearnConfig(TrainingArguments):
 
     # When it is done.
     stop_rule: str = _help("'per_sequence': stop when no forget sequence is memorized; 'mean': when the mean MA is below mean_threshold.", default="per_sequence")
-    memorized_threshold: float = _help("A sequence with MA at or above this counts as memorized.", default=0.60)
-    over_unlearned_threshold: float = _help("A sequence with MA at or below this counts as over-unlearned.", default=0.15)
+    memorized_threshold: float = _help("A sequence with MA at or above this counts as memorized.", default=MEMORIZED_MA)
+    over_unlearned_threshold: float = _help("A sequence with MA at or below this counts as over-unlearned.", default=OVER_UNLEARNED_MA)
     mean_threshold: float | None = _help("The 'mean' rule's MA level (Jang et al.: 0.2994 for GPT-Neo 125M); default: the holdout's mean MA.", default=None)
     calibrate_thresholds: bool = _help("Derive the thresholds from the holdout set's MA distribution.", default=False)
-    calibration_quantile: float = _help("With calibrate_thresholds: memorized above the holdout's (1-q) quantile, over-unlearned below its q quantile.", default=0.05)
+    calibration_quantile: float = _help("With calibrate_thresholds: memorized above the holdout's (1-q) quantile, over-unlearned below its q quantile.", default=CALIBRATION_QUANTILE)
     max_holdout_loss_increase: float | None = _help(
         "Utility guard: stop and keep the last good weights once holdout loss exceeds its starting value by this fraction.",
         default=None,
     )
 
     # Scoring.
-    extract_k: int = _help("K of the k-extractability reported per sequence.", default=32)
-    score_batch_size: int = _help("Sequences / continuations per forward pass when scoring.", default=16)
-    overwrite_output_dir: bool = _help("Replace the results of an earlier run in output_dir.", default=False)
+    extract_k: int = _help("K of the k-extractability reported per sequence.", default=DEFAULT_EXTRACT_K)
+    score_batch_size: int = _help("Sequences / continuations per forward pass when scoring.", default=DEFAULT_BATCH_SIZE)
+    overwrite: bool = _help("Replace the results of an earlier run in output_dir.", default=False)
 
     # TrainingArguments defaults that suit unlearning (still overridable).
     learning_rate: float = _help("Adam learning rate (the paper: 5e-5).", default=5e-5)
@@ -78,14 +81,9 @@ class UnlearnConfig(TrainingArguments):
     remove_unused_columns: bool = _help("Keep every column: the collator needs row indices and weights.", default=False)
 
     def __post_init__(self):
+        # No side effects here: the process entry (commands/, launch/) sets up the environment
+        # and accelerate's state before building the config (core.distributed).
         self.validate()
-        if self.deepspeed:
-            # DeepSpeed on CPU: accelerate must be told to use gloo before TrainingArguments
-            # resolves devices, or the Trainer sees a world of one (REFERENCE §4).
-            from .distributed import prepare_accelerate_for_deepspeed
-
-            if prepare_accelerate_for_deepspeed():
-                self.accelerator_config = {"use_configured_state": True}
         super().__post_init__()
 
     def validate(self) -> None:
@@ -143,6 +141,9 @@ class UnlearnConfig(TrainingArguments):
         return self.method in ("sga", "tau")
 
 
-def parse_config(argv: list[str]) -> UnlearnConfig:
-    """``[--config FILE.yaml] [--flag value ...]`` into a validated UnlearnConfig."""
-    return parse_dataclass_config(UnlearnConfig, argv, prog="ds-unlearn unlearn")
+def parse_config(argv: list[str], before_build=None) -> UnlearnConfig:
+    """``[--config FILE.yaml] [--flag value ...]`` into a validated UnlearnConfig.
+
+    ``before_build(values)`` may adjust the merged settings (and the process) just before the
+    config is constructed; the command entry uses it for DeepSpeed's process setup."""
+    return parse_dataclass_config(UnlearnConfig, argv, prog="ds-unlearn unlearn", before_build=before_build)

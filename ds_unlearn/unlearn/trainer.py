@@ -19,16 +19,17 @@ from pathlib import Path
 import numpy as np
 import torch
 from transformers import TrainerCallback
-from transformers.integrations import TensorBoardCallback
 
-from . import distributed as D
-from . import task_vector as TV
-from .data import SequenceSet
-from .files import write_jsonl
-from .memorization import verdict_counts
-from .scorer import score_sequences
-from .selection import Thresholds, calibrate_thresholds, sga_selection, stop_satisfied
-from .training import SequenceTrainer
+from ..core import distributed as D
+from . import weights as TV
+from ..core.data import SequenceSet
+from ..core.files import write_jsonl
+from ..core.memorization import verdict_counts
+from ..core.scorer import score_sequences
+from ..core.summary import Thresholds, calibrate_thresholds
+from .selection import sga_selection, stop_satisfied
+from .loop import SequenceTrainer
+from .reporting import log_histograms
 
 STATE_FILE = "unlearn_state.json"
 
@@ -48,6 +49,7 @@ class RunState:
     holdout_loss_before: float | None = None
     retain_ma_before: float | None = None
     history: list[dict] = field(default_factory=list)
+    scores_before: list[dict] = field(default_factory=list)  # the forget set as the run found it
 
 
 class UnlearnTrainer(SequenceTrainer):
@@ -106,6 +108,7 @@ class UnlearnTrainer(SequenceTrainer):
     def _start_fresh(self) -> None:
         args = self.args
         scores = self.score_set(self.forget)
+        self.run.scores_before = scores
         self.write_scores("scores_before.jsonl", scores)
         thresholds = Thresholds(args.memorized_threshold, args.over_unlearned_threshold, args.mean_threshold)
         if self.holdout is not None and (args.calibrate_thresholds or args.mean_threshold is None):
@@ -223,17 +226,13 @@ class UnlearnTrainer(SequenceTrainer):
         if holdout_loss is not None:
             metrics["holdout/loss"] = holdout_loss
         self.run.history.append({"epoch": self.run.epochs, "phase": self.run.phase, **metrics})
-        self.state.log_history.append({**metrics, "epoch": self.run.epochs, "step": self.state.global_step})
-        # Straight to the writer: Trainer.log would file these under "train/".
-        writer = next((cb.tb_writer for cb in self.callback_handler.callbacks
-                       if isinstance(cb, TensorBoardCallback) and cb.tb_writer is not None), None)
-        if writer is not None:
-            for tag, value in metrics.items():
-                writer.add_scalar(tag, value, self.state.global_step)
-            writer.add_histogram("forget/ma", np.asarray(self.run.ma), self.state.global_step)
-            if self.run.el10 is not None:
-                writer.add_histogram("forget/el10", np.asarray(self.run.el10), self.state.global_step)
-            writer.flush()
+        # Through Trainer.log, so every --report_to reporter gets the scalars; histograms go to
+        # the reporters that have them (ours for TensorBoard keeps the slash names as tags).
+        self.log(metrics)
+        histograms = {"forget/ma": self.run.ma}
+        if self.run.el10 is not None:
+            histograms["forget/el10"] = self.run.el10
+        log_histograms(self, histograms)
 
     def save_run_state(self, checkpoint_dir: Path) -> None:
         torch.save({"base": self.base, "last_good": self.last_good},

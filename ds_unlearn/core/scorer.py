@@ -12,7 +12,7 @@ from typing import Callable, Sequence
 
 from . import distributed as D
 from .errors import InputError
-from .generation import greedy_continuations, teacher_forced_rows
+from .passes import greedy_continuations, teacher_forced_rows
 from .memorization import (
     continuation_starts,
     extraction_likelihood_fast,
@@ -21,6 +21,8 @@ from .memorization import (
 )
 
 DEFAULT_BATCH_SIZE = 16
+DEFAULT_EL_N = 10  # both papers' n of EL_n
+DEFAULT_EXTRACT_K = 32  # K of k-extractability (Carlini et al.)
 METHODS = ("fast", "reference")
 
 
@@ -157,8 +159,8 @@ def score_sequences(
     model,
     sequences: Sequence[Sequence[int]],
     *,
-    el_n: Sequence[int] = (10,),
-    extract_k: Sequence[int] = (32,),
+    el_n: Sequence[int] = (DEFAULT_EL_N,),
+    extract_k: Sequence[int] = (DEFAULT_EXTRACT_K,),
     batch_size: int | None = None,
     method: str = "fast",
     progress: bool = False,
@@ -182,22 +184,13 @@ def score_sequences(
     was_training = model.training
     model.eval()
     try:
-        world, me = D.world_size(), D.rank()
-        # Equal-sized shards (padded with duplicates of the last row) keep the number of
-        # teacher-forced batches identical on every rank.
-        per_rank = -(-len(sequences) // world)
-        indices = [min(me * per_rank + j, len(sequences) - 1) for j in range(per_rank)]
+        indices = D.shard_indices(len(sequences))
         local = _score_local(
             model, [sequences[i] for i in indices], el_n, extract_k, batch_size, method, bar
         )
     finally:
         model.train(was_training)
-    gathered = D.all_gather_objects(local)
-    # Contiguous shards: position i < len(sequences) of the concatenation is row i itself; the
-    # duplicates that padded the last shards all come after.
-    flat = [row for shard in gathered for row in shard]
-    return flat[: len(sequences)]
-
+    return D.gather_shards(local, len(sequences))
 
 def _progress_bar(iterable, desc):
     from tqdm.auto import tqdm

@@ -16,9 +16,10 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from transformers import Trainer, TrainerCallback
 
-from . import distributed as D
-from .generation import PAD_ID
+from ..core import distributed as D
+from ..core.passes import PAD_ID
 from .losses import IGNORE, per_sequence_nll, weighted_objective
+from .reporting import use_grouped_tensorboard
 from .selection import Slot, plan_epoch, steps_with_rows
 
 FILLER_TOKENS = 2  # a zero-weight filler row only has to exist, not to be long
@@ -106,6 +107,7 @@ class SequenceTrainer(Trainer):
         super().__init__(*args, train_dataset=SlotDataset(train_sequences), **kwargs)
         self.epoch_steps_with_rows: list[bool] = []
         self.add_callback(FrozenEmptySteps(self))
+        use_grouped_tensorboard(self)
         # Our weights already normalize over micro-batches and ranks: no extra division by GA.
         self.loss_is_scaled_for_ga = True
         self.forward_ma: dict[int, float] = {}  # per-sequence MA seen by training forward passes

@@ -14,7 +14,7 @@ from typing import Sequence
 
 import numpy as np
 
-from .errors import InputError
+from ..core.errors import InputError
 
 LETTERS = "abcdefghijklmnopqrstuvwxyz"
 

@@ -11,9 +11,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .dynamics import LETTERS
-from .config_parsing import build_parser as build_config_parser
-from .config_parsing import parse_config as parse_dataclass_config
-from .errors import InputError
+from ..core.config_parsing import build_parser as build_config_parser
+from ..core.config_parsing import parse_config as parse_dataclass_config
+from ..core.errors import InputError
 
 EXPERIMENTS = ("exposure", "local_prefix", "global_context", "sequential", "unlearning")
 # Experiments that probe or unlearn the model that the exposure run trained.
@@ -29,7 +29,7 @@ def _help(text: str, **kwargs):
 @dataclass
 class LabConfig:
     # The model and the strings.
-    model: str | None = _help("Local Hugging Face checkpoint directory, or 'smollm2'. Never written to.", default=None)
+    model: str | None = _help("Hugging Face checkpoint directory, Hub model id, or 'smollm2'. Never written to.", default=None)
     alphabet_size: int | None = _help("l: the strings use the first l lowercase letters (default 4, or len(symbols)).", default=None)
     symbols: list[str] | None = _help("The alphabet as a list of characters, instead of the first l letters.", default=None)
     string_length: int = _help("Characters per string.", default=32)

@@ -71,7 +71,7 @@ def markdown(report: dict) -> str:
         unseen = planting["sets"].get("unseen", {})
         lines += [
             f"Thresholds, calibrated on {unseen.get('count', 'the')} records the model never saw, as the planted "
-            f"model scores them (mean MA {f3(unseen.get('ma'))}): memorized if MA ≥ {f3(t['memorized_ma'])} "
+            f"model scores them (mean MA {f3(unseen.get('means', {}).get('ma'))}): memorized if MA ≥ {f3(t['memorized_ma'])} "
             f"(their 95th percentile), over-unlearned if MA ≤ {f3(t['over_unlearned_ma'])} (their 5th)."
             + (f" Calibrated on the KJV holdout instead they would be {f3(kjv['memorized_ma'])} / "
                f"{f3(kjv['over_unlearned_ma'])}, below what never-seen records score: planting taught the model "
@@ -102,8 +102,8 @@ def summary_table(methods: dict) -> list[str]:
         b, a, r = m["before"], m["after"], m["retain_ma"]
         lines.append(
             f"| {m['title']} | {arrow(b['memorized'], a['memorized'])} of {b['count']} "
-            f"| {arrow(b['over_unlearned'], a['over_unlearned'])} | {arrow(f3(b['ma']), f3(a['ma']))} "
-            f"| {arrow(f3(b['el_10']), f3(a['el_10']))} | {arrow(f1(b['max_verbatim_mean']), f1(a['max_verbatim_mean']))} "
+            f"| {arrow(b['over_unlearned'], a['over_unlearned'])} | {arrow(f3(b['means']['ma']), f3(a['means']['ma']))} "
+            f"| {arrow(f3(b['means'].get('el_10')), f3(a['means'].get('el_10')))} | {arrow(f1(b['means']['max_verbatim']), f1(a['means']['max_verbatim']))} "
             f"| {pct(m['holdout_perplexity']['change_pct'])} | {arrow(f3(r['before']), f3(r['after']))} "
             f"| {m['epochs']} | {f1(m['seconds'])} s |"
         )
@@ -115,9 +115,9 @@ def method_table(m: dict) -> list[str]:
     rows = [
         ("memorized records", b["memorized"], a["memorized"]),
         ("over-unlearned records", b["over_unlearned"], a["over_unlearned"]),
-        ("mean MA", f3(b["ma"]), f3(a["ma"])),
-        ("mean EL_10", f3(b["el_10"]), f3(a["el_10"])),
-        ("longest verbatim run, mean (tokens)", f1(b["max_verbatim_mean"]), f1(a["max_verbatim_mean"])),
+        ("mean MA", f3(b["means"]["ma"]), f3(a["means"]["ma"])),
+        ("mean EL_10", f3(b["means"].get("el_10")), f3(a["means"].get("el_10"))),
+        ("longest verbatim run, mean (tokens)", f1(b["means"]["max_verbatim"]), f1(a["means"]["max_verbatim"])),
         ("longest verbatim run, max (tokens)", b["max_verbatim_max"], a["max_verbatim_max"]),
         ("holdout perplexity", f"{f1(p['before'])}", f"{f1(p['after'])} ({pct(p['change_pct'])})"),
         ("retain mean MA", f3(r["before"]), f3(r["after"])),
@@ -148,7 +148,7 @@ def planting_section(planting: dict, settings: dict) -> list[str]:
         f"Criterion: {planting['criterion']}; "
         f"{'reached' if planting['reached'] else 'NOT reached'}: {last['extractable']} of {last['records']} "
         f"extractable, mean MA {f3(last['ma_mean'])} (pretrained: {f3(planting['history'][0]['ma_mean'])}). "
-        f"Forget set after planting: mean MA {f3(forget['ma'])}, mean EL_10 {f3(forget.get('el_10'))}. "
+        f"Forget set after planting: mean MA {f3(forget['means']['ma'])}, mean EL_10 {f3(forget['means'].get('el_10'))}. "
         f"Holdout perplexity: pretrained {f1(ppl(loss['pretrained']))}, planted {f1(ppl(loss['planted']))}.",
         "",
     ]
@@ -237,7 +237,7 @@ def _threshold_lines(ax, report: dict) -> None:
         t = first["thresholds"]
         ax.axhline(t["memorized_ma"], color="black", ls="--", lw=1, label="memorized at")
         ax.axhline(t["over_unlearned_ma"], color="black", ls=":", lw=1, label="over-unlearned at")
-    unseen = report["planting"]["sets"].get("unseen", {}).get("ma")
+    unseen = report["planting"]["sets"].get("unseen", {}).get("means", {}).get("ma")
     if unseen is not None:
         ax.axhline(unseen, color="tab:olive", lw=1, label="never-seen records (mean MA)")
 
@@ -277,7 +277,7 @@ def plot_epoch_curves(plt, report: dict):
         axes[1].plot(epochs, memorized, **style)
         axes[2].plot(epochs, np.exp(loss), **style)
         # The fresh scores of the final model (epoch-wise MA may come from training passes).
-        axes[0].plot([m["epochs"]], [m["after"]["ma"]], marker="*", ms=11, color=COLORS[key], ls="none")
+        axes[0].plot([m["epochs"]], [m["after"]["means"]["ma"]], marker="*", ms=11, color=COLORS[key], ls="none")
         axes[1].plot([m["epochs"]], [m["after"]["memorized"]], marker="*", ms=11, color=COLORS[key], ls="none")
         if m.get("switched_to_task_vector_at_epoch") is not None:
             axes[0].axvline(m["switched_to_task_vector_at_epoch"], color=COLORS[key], ls=":", lw=1)
@@ -296,7 +296,7 @@ def plot_tradeoff(plt, report: dict):
         change = (np.exp(loss) / base - 1) * 100
         ax.plot(change, ma, color=COLORS[key], marker="o", ms=3, alpha=0.6)
         final = m["holdout_perplexity"]["change_pct"]
-        ax.plot([final], [m["after"]["ma"]], marker="*", ms=13, color=COLORS[key], ls="none",
+        ax.plot([final], [m["after"]["means"]["ma"]], marker="*", ms=13, color=COLORS[key], ls="none",
                 label=f"{m['title']} (final)")
     _threshold_lines(ax, report)
     ax.set_xlabel("holdout perplexity change vs the planted model (%)")

@@ -49,6 +49,19 @@ def init_distributed() -> None:
         torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
 
 
+def configure_process_for_trainer(settings: dict) -> None:
+    """Process setup a ``TrainingArguments``-based config needs, run by the command entry just
+    before the config is built: under DeepSpeed on CPU, accelerate's gloo state, and
+    ``accelerator_config`` pointing the Trainer at it. Changes ``settings`` in place."""
+    if settings.get("deepspeed") and prepare_accelerate_for_deepspeed():
+        settings["accelerator_config"] = {"use_configured_state": True}
+
+
+def uses_configured_state() -> bool:
+    """True when the entry prepared accelerate's state for DeepSpeed on CPU (see below)."""
+    return not torch.cuda.is_available() and os.environ.get("ACCELERATE_USE_DEEPSPEED") == "true"
+
+
 def prepare_accelerate_for_deepspeed() -> bool:
     """Make ``transformers.Trainer`` see every rank when DeepSpeed runs on CPU; True if it did.
 
@@ -83,6 +96,21 @@ def all_gather_objects(obj: Any) -> list[Any]:
     out: list[Any] = [None] * world_size()
     dist.all_gather_object(out, obj)
     return out
+
+
+def shard_indices(count: int) -> list[int]:
+    """This rank's rows of ``count``: contiguous, equal-sized shards (the last ones padded with
+    repeats of the final row), so every rank runs the same number of batches and forward calls
+    (ZeRO-3's parameter gathers are collective). Pair with ``gather_shards``."""
+    per_rank = -(-count // world_size())
+    start = rank() * per_rank
+    return [min(start + j, count - 1) for j in range(per_rank)]
+
+
+def gather_shards(local: list[Any], count: int) -> list[Any]:
+    """Every rank's ``shard_indices`` results, concatenated in row order on every rank: position
+    i < count of the concatenation is row i itself; the padding repeats all come after."""
+    return [row for shard in all_gather_objects(local) for row in shard][:count]
 
 
 def broadcast_object(obj: Any, src: int = 0) -> Any:

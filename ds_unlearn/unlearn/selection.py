@@ -1,5 +1,5 @@
 """Pure decisions of an unlearning run: which sequences to train on, how to deal them to ranks,
-when a forget set counts as unlearned, and thresholds calibrated from a holdout set."""
+and when a forget set counts as unlearned."""
 
 from __future__ import annotations
 
@@ -7,6 +7,8 @@ from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
+
+from ..core.summary import Thresholds
 
 
 def sga_selection(scores: Sequence[float], gamma: float) -> list[int]:
@@ -75,25 +77,6 @@ def plan_epoch(
                 rows = buckets[m * world_size + r]
                 plan[r][m] = [Slot(i, weight) for i in rows] or [Slot(selected[0], 0.0)]
     return plan
-
-
-@dataclass(frozen=True)
-class Thresholds:
-    memorized_ma: float
-    over_unlearned_ma: float
-    mean_ma: float | None = None  # the `mean` stop rule's level
-
-
-def calibrate_thresholds(holdout_ma: Sequence[float], quantile: float) -> Thresholds:
-    """Thresholds from text the model never saw: a sequence is memorized above the holdout's
-    upper ``1-quantile`` MA, over-unlearned below its lower ``quantile`` MA (where a membership
-    attack would spot it), and the mean rule stops at the holdout's mean MA (Jang et al.)."""
-    ma = np.asarray(holdout_ma, dtype=np.float64)
-    return Thresholds(
-        memorized_ma=float(np.quantile(ma, 1 - quantile)),
-        over_unlearned_ma=float(np.quantile(ma, quantile)),
-        mean_ma=float(ma.mean()),
-    )
 
 
 def stop_satisfied(ma_values: Sequence[float], rule: str, thresholds: Thresholds) -> bool:

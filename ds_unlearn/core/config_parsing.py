@@ -45,8 +45,12 @@ def build_parser(cls, prog: str | None = None):
 
 
 def parse_config(cls: type[T], argv: list[str], prog: str | None = None,
-                 adjust_yaml: Callable[[dict], dict] = lambda d: d) -> T:
-    """``[--config FILE.yaml] [--flag value ...]`` into a validated ``cls``."""
+                 adjust_yaml: Callable[[dict], dict] = lambda d: d,
+                 before_build: Callable[[dict], None] | None = None) -> T:
+    """``[--config FILE.yaml] [--flag value ...]`` into a validated ``cls``.
+
+    ``before_build(values)`` runs on the merged settings right before ``cls(**values)`` and may
+    change them in place. Every problem raises InputError (one line)."""
     parser = build_parser(cls, prog)
     pre, _ = parser.parse_known_args(argv) if "--config" in argv else (None, None)
     if pre is not None and pre.config:
@@ -58,6 +62,8 @@ def parse_config(cls: type[T], argv: list[str], prog: str | None = None,
     if unknown:
         raise InputError(f"unknown flag {unknown[0]}")
     values = {k: v for k, v in vars(namespace).items() if k != "config"}
+    if before_build is not None:
+        before_build(values)
     try:
         return cls(**values)
     except InputError:

@@ -1,0 +1,96 @@
+"""Output files that are either complete or absent, and the one guard every command runs on its
+output paths before any compute."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Iterable, Sequence
+
+from .errors import InputError
+
+OVERWRITE_FLAG = "--overwrite"  # the one spelling, on every command
+
+
+def _inside(path: Path, other: Path) -> bool:
+    return path == other or other in path.parents
+
+
+def check_output(
+    path: str | Path,
+    *,
+    option: str,
+    overwrite: bool,
+    inputs: Iterable[str | Path | None] = (),
+    directory: bool = False,
+    owned: Sequence[str] | None = None,
+) -> None:
+    """Refuse an output path that would destroy or mix with something; raises InputError.
+
+    - Never equal to, inside, or (for a directory) holding an input (data file or checkpoint),
+      with or without ``--overwrite``.
+    - A file output: an existing file needs ``--overwrite``; a directory in its place is an error.
+    - A directory output: a file in its place is an error; an earlier run's outputs (any of the
+      ``owned`` entry names, or any entry at all when ``owned`` is None) need ``--overwrite``.
+    Creates nothing: callers create outputs only after every check passed.
+    """
+    path = Path(path)
+    resolved = path.resolve()
+    for source in inputs:
+        if source is None:
+            continue
+        src = Path(source).resolve()
+        if _inside(resolved, src):
+            raise InputError(f"{option}: {path} is or lies inside the input {source}")
+        if directory and resolved in src.parents:
+            raise InputError(f"{option}: {path} holds the input {source}")
+    if directory:
+        if path.exists() and not path.is_dir():
+            raise InputError(f"{option}: {path} is a file, not a directory")
+        if path.is_dir() and not overwrite:
+            names = [p.name for p in path.iterdir()]
+            clash = [n for n in names if owned is None or n in owned]
+            if clash:
+                raise InputError(f"{option}: {path} holds an earlier run ({clash[0]}); pass {OVERWRITE_FLAG} to replace it")
+    else:
+        if path.is_dir():
+            raise InputError(f"{option}: {path} is a directory, not a file")
+        if path.exists() and not overwrite:
+            raise InputError(f"{option}: {path} exists (pass {OVERWRITE_FLAG} to replace it)")
+
+
+def clear_outputs(directory: str | Path, owned: Sequence[str]) -> None:
+    """Remove the entries of ``directory`` named in ``owned`` (an earlier run's outputs) and
+    nothing else; creates the directory if needed."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    for name in owned:
+        target = directory / name
+        if target.is_dir():
+            shutil.rmtree(target)
+        elif target.exists():
+            target.unlink()
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def write_jsonl(path: str | Path, rows: Iterable[dict]) -> None:
+    """One JSON object per line, written atomically (complete or absent)."""
+    _atomic_write(Path(path), "".join(json.dumps(row) + "\n" for row in rows))
+
+
+def write_json(path: str | Path, obj) -> None:
+    """Indented JSON, written atomically (complete or absent)."""
+    _atomic_write(Path(path), json.dumps(obj, indent=2) + "\n")
+
+
+def read_jsonl(path: str | Path) -> list[dict]:
+    """Every non-empty line of a JSONL file as a dict."""
+    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]

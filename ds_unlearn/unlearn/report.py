@@ -1,0 +1,58 @@
+"""The report of an unlearning run, built from what the run holds in memory."""
+
+from __future__ import annotations
+
+import json
+
+from ..core import distributed as D
+from ..core.summary import summarize_scores
+
+REPORT = "report.json"
+
+
+def build_report(config, trainer, after: list[dict], holdout_after, retain_after, seconds: float) -> dict:
+    """``report.json``: settings, thresholds, epochs, stop reason, the forget set's summary
+    before and after (``core.summary.summarize_scores``), holdout loss, retain MA, history."""
+    run = trainer.run
+    t = trainer.thresholds
+    return {
+        "method": config.method,
+        "settings": {
+            "model": config.model,
+            "forget_size": len(trainer.forget),
+            "learning_rate": config.learning_rate,
+            "sga_gamma": config.sga_gamma,
+            "select_on": config.select_on,
+            "score_refresh": config.score_refresh,
+            "tv_coefficient": config.tv_coefficient,
+            "tv_switch_ma": config.tv_switch_ma,
+            "stop_rule": config.stop_rule,
+            "max_epochs": config.num_train_epochs,
+            "world_size": D.world_size(),
+            "deepspeed": config.deepspeed,
+        },
+        "thresholds": run.thresholds,
+        "epochs": run.epochs,
+        "switched_to_task_vector_at_epoch": run.switched_at_epoch,
+        "stop_reason": run.stop_reason or "trainer finished its epochs",
+        "before": summarize_scores(run.scores_before, t),
+        "after": summarize_scores(after, t),
+        "holdout_loss": {"before": run.holdout_loss_before, "after": holdout_after},
+        "retain_ma": {"before": run.retain_ma_before, "after": retain_after},
+        "history": run.history,
+        "wall_seconds": round(seconds, 2),
+    }
+
+
+def report_lines(report: dict) -> str:
+    """What a run did, in three lines for stdout (counts and means only)."""
+    b, a = report["before"], report["after"]
+    return "\n".join(
+        [
+            f"{report['method']}: {report['epochs']} epochs; {report['stop_reason']}",
+            f"memorized {b['memorized']} -> {a['memorized']}, over-unlearned {b['over_unlearned']} -> "
+            f"{a['over_unlearned']}, mean ma {b['means']['ma']:.3f} -> {a['means']['ma']:.3f}, "
+            f"mean el_10 {b['means']['el_10']:.3f} -> {a['means']['el_10']:.3f}",
+            f"report: {json.dumps(report['holdout_loss'])} holdout loss; wall {report['wall_seconds']} s",
+        ]
+    )

@@ -1,0 +1,118 @@
+"""One unlearning run from an ``UnlearnConfig``: validate, load, train, save, report.
+
+Called by ``ds-unlearn unlearn`` (and ``launch/unlearn.py`` on every rank) and by the demo. The
+result keeps everything the caller needs in memory; the files it writes are outputs only.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..core import distributed as D
+from ..core.data import SequenceSet, needs_tokenizer, read_rows, to_sequence_set
+from ..core.errors import InputError
+from ..core.files import check_output, write_json
+from ..core.models import load_causal_lm, load_config, load_tokenizer, report_partition, resolve_model_dir
+from .config import UnlearnConfig
+from .report import REPORT, build_report
+
+# What a run writes directly under output_dir (checkpoint-* and TensorBoard runs/ besides).
+RUN_OUTPUTS = (REPORT, "model", "scores_before.jsonl", "scores_after.jsonl")
+
+
+@dataclass
+class UnlearnResult:
+    """What a finished run holds: its report (as written to report.json) and the forget set's
+    per-sequence scores before and after, in forget-set order."""
+
+    report: dict
+    forget_ids: list[Any]
+    scores_before: list[dict]
+    scores_after: list[dict]
+
+
+def check_paths(config: UnlearnConfig, model_dir: Path) -> None:
+    """The input checkpoint and data are never written to, and earlier results are not
+    clobbered (a resume continues its own run)."""
+    check_output(
+        config.output_dir,
+        option="output_dir",
+        overwrite=config.overwrite or bool(config.resume_from_checkpoint),
+        inputs=(model_dir, config.forget, config.retain, config.holdout),
+        directory=True,
+        owned=(REPORT,),
+    )
+
+
+def load_sets(config: UnlearnConfig, model_dir: Path) -> tuple[dict[str, SequenceSet | None], Any]:
+    """Forget, retain and holdout sets as token ids, validated before any model loads."""
+    vocab_size = load_config(model_dir).vocab_size
+    need = max(11, config.extract_k + 1)  # EL_10 and k-extractability must be defined
+    files = {"forget": config.forget, "retain": config.retain, "holdout": config.holdout}
+    rows = {name: read_rows(path, f"--{name}") for name, path in files.items() if path}
+    tokenizer = load_tokenizer(model_dir) if any(needs_tokenizer(r) for r in rows.values()) else None
+    sets: dict[str, SequenceSet | None] = {name: None for name in files}
+    for name, table in rows.items():
+        data = to_sequence_set(
+            table,
+            tokenizer=tokenizer,
+            text_field=config.text_field,
+            id_field=config.id_field,
+            max_length=config.max_length,
+            vocab_size=vocab_size,
+            option=f"--{name}",
+        )
+        short = next((i for i, s in enumerate(data.sequences) if len(s) < need), None)
+        if short is not None:
+            raise InputError(
+                f"--{name} row {short}: {len(data.sequences[short])} tokens, but EL_10 and "
+                f"extract_k={config.extract_k} need at least {need}"
+            )
+        sets[name] = data
+    return sets, tokenizer
+
+
+def run_unlearning(config: UnlearnConfig) -> UnlearnResult:
+    """Unlearn ``config.forget`` from ``config.model``; collective (every rank calls it).
+
+    Raises InputError (before any output is written) for bad paths or data."""
+    started = time.time()
+    model_dir = resolve_model_dir(config.model)
+    check_paths(config, model_dir)
+    sets, tokenizer = load_sets(config, model_dir)
+
+    from .trainer import UnlearnTrainer
+
+    # Built after UnlearnConfig: under ZeRO-3 its DeepSpeed config makes this load partitioned.
+    model = load_causal_lm(model_dir)
+    report_partition(model)
+    trainer = UnlearnTrainer(
+        model=model,
+        args=config,
+        processing_class=tokenizer,
+        forget=sets["forget"],
+        retain=sets["retain"],
+        holdout=sets["holdout"],
+    )
+    trainer.train(resume_from_checkpoint=config.resume_from_checkpoint)
+    trainer.finalize_weights()
+
+    out = Path(config.output_dir)
+    trainer.save_model(str(out / "model"))
+    after = trainer.score_set(sets["forget"])
+    trainer.write_scores("scores_after.jsonl", after)
+    holdout_after = trainer.holdout_loss()
+    retain_after = (
+        float(np.mean([r["ma"] for r in trainer.score_set(sets["retain"], el=False)]))
+        if sets["retain"] is not None
+        else None
+    )
+    report = build_report(config, trainer, after, holdout_after, retain_after, time.time() - started)
+    if D.is_main():
+        write_json(out / REPORT, report)
+    return UnlearnResult(report, list(sets["forget"].ids), trainer.run.scores_before, after)
