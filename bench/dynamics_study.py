@@ -27,9 +27,26 @@ from ds_unlearn.cli import main as cli
 
 
 def run(args, l: int, experiment: str, out: Path, *extra: str) -> dict:
-    code = cli(["memorize", "--model", args.model, "--alphabet_size", str(l), "--string_length", str(args.length),
-                "--seed", str(args.seed), "--learning_rate", str(args.learning_rate), "--experiment", experiment,
-                "--output_dir", str(out), *extra])
+    code = cli(
+        [
+            "memorize",
+            "--model",
+            args.model,
+            "--alphabet_size",
+            str(l),
+            "--string_length",
+            str(args.length),
+            "--seed",
+            str(args.seed),
+            "--learning_rate",
+            str(args.learning_rate),
+            "--experiment",
+            experiment,
+            "--output_dir",
+            str(out),
+            *extra,
+        ]
+    )
     if code != 0:
         raise SystemExit(f"ds-unlearn memorize failed for l={l} ({experiment}), exit code {code}")
     gc.collect()  # the finished Trainer, its optimizer and the model: before the next load
@@ -45,9 +62,13 @@ def fmt(value, digits: int = 0) -> str:
 def row(l: int, exposure: dict, sequential: dict) -> dict:
     s, q = exposure["summary"], sequential["sequential"]
     return {
-        "l": l, "entropy_bits": s["entropy_bits"],
-        "memorisation_start": s["memorisation_start"], "full_at": s["full_at"], "unique_full_at": s["unique_full_at"],
-        "final_accuracy": s["final_accuracy"], "final_control": s["final_control_accuracy"],
+        "l": l,
+        "entropy_bits": s["entropy_bits"],
+        "memorisation_start": s["memorisation_start"],
+        "full_at": s["full_at"],
+        "unique_full_at": s["unique_full_at"],
+        "final_accuracy": s["final_accuracy"],
+        "final_control": s["final_control_accuracy"],
         "local_prefix_k90": s["local_prefix_k90"],
         "a_after_own_stage": q["forgetting"]["a_after_own_stage"],
         "a_after_b": q["forgetting"]["a_after_each_later_stage"][-1],
@@ -58,21 +79,27 @@ def row(l: int, exposure: dict, sequential: dict) -> dict:
 
 
 def table(rows: list[dict], args) -> str:
-    head = (f"{'l':>3} {'H bits':>6} {'mem starts':>10} {'acc 0.99':>8} {'unique':>6} {'final acc':>9} {'control':>7} "
-            f"{'k 90%':>5} | {'A own':>5} {'A after B':>9} {'forgotten':>9} {'A to 0.99':>9} {'again':>5}")
-    lines = [f"{args.model}: strings of {args.length} characters, lr {args.learning_rate:g}; exposure: "
-             f"{args.num_strings} strings x {args.exposure_epochs} epochs; sequential: A, B, A again, "
-             f"{args.stage_epochs} epochs each",
-             "epochs are medians over strings ('-': the median string did not get there); unique: every "
-             "position whose context no other string shares is right", head,
-             "-" * len(head)]
+    head = (
+        f"{'l':>3} {'H bits':>6} {'mem starts':>10} {'acc 0.99':>8} {'unique':>6} {'final acc':>9} {'control':>7} "
+        f"{'k 90%':>5} | {'A own':>5} {'A after B':>9} {'forgotten':>9} {'A to 0.99':>9} {'again':>5}"
+    )
+    lines = [
+        f"{args.model}: strings of {args.length} characters, lr {args.learning_rate:g}; exposure: "
+        f"{args.num_strings} strings x {args.exposure_epochs} epochs; sequential: A, B, A again, "
+        f"{args.stage_epochs} epochs each",
+        "epochs are medians over strings ('-': the median string did not get there); unique: every "
+        "position whose context no other string shares is right",
+        head,
+        "-" * len(head),
+    ]
     for r in rows:
         lines.append(
             f"{r['l']:>3} {r['entropy_bits']:>6.2f} {fmt(r['memorisation_start'], 1):>10} {fmt(r['full_at'], 1):>8} "
             f"{fmt(r['unique_full_at'], 1):>6} "
             f"{r['final_accuracy']:>9.3f} {r['final_control']:>7.3f} {fmt(r['local_prefix_k90']):>5} | "
             f"{r['a_after_own_stage']:>5.2f} {r['a_after_b']:>9.2f} {r['a_forgotten']:>9.2f} "
-            f"{fmt(r['a_first_epochs_to_full']):>9} {fmt(r['a_relearn_epochs_to_full']):>5}")
+            f"{fmt(r['a_first_epochs_to_full']):>9} {fmt(r['a_relearn_epochs_to_full']):>5}"
+        )
     return "\n".join(lines)
 
 
@@ -96,10 +123,19 @@ def main() -> None:
     started = time.perf_counter()
     rows = []
     for l in args.alphabets:
-        exposure = run(args, l, "local_prefix", root / f"l{l}_exposure", "--num_strings", str(args.num_strings),
-                       "--epochs", str(args.exposure_epochs))
-        sequential = run(args, l, "sequential", root / f"l{l}_sequential", "--num_strings", "2",
-                         "--epochs", str(args.stage_epochs))
+        exposure = run(
+            args,
+            l,
+            "local_prefix",
+            root / f"l{l}_exposure",
+            "--num_strings",
+            str(args.num_strings),
+            "--epochs",
+            str(args.exposure_epochs),
+        )
+        sequential = run(
+            args, l, "sequential", root / f"l{l}_sequential", "--num_strings", "2", "--epochs", str(args.stage_epochs)
+        )
         rows.append(row(l, exposure, sequential))
     seconds = time.perf_counter() - started
     (root / "study.json").write_text(json.dumps({"rows": rows, "wall_seconds": seconds, **vars(args)}, indent=2))

@@ -45,8 +45,14 @@ def main() -> None:
     header = f"{'set':<10}{'T':>5}{'method':>11}{'seconds':>10}{'seq/s':>9}{'speed-up':>10}{'max |diff|':>12}"
     rows = []
     for length in args.lengths:
-        model = tiny_model("llama", seed=args.seed, vocab_size=args.vocab, hidden_size=args.hidden,
-                           layers=args.layers, max_positions=max(args.lengths) + 8)
+        model = tiny_model(
+            "llama",
+            seed=args.seed,
+            vocab_size=args.vocab,
+            hidden_size=args.hidden,
+            layers=args.layers,
+            max_positions=max(args.lengths) + 8,
+        )
         memorized = random_sequences(args.num_sequences, length, args.vocab, seed=args.seed + length)
         unseen = random_sequences(args.num_sequences, length, args.vocab, seed=args.seed + length + 1)
         (_, train_s) = timed(lambda: memorize(model, memorized, steps=150, lr=1e-2))
@@ -60,12 +66,16 @@ def main() -> None:
             mean_ma = sum(r["ma"] for r in fast) / len(fast)
             n = len(seqs)
             rows.append(f"{name:<10}{length:>5}{'reference':>11}{ref_s:>10.2f}{n / ref_s:>9.1f}{'1.0x':>10}{'':>12}")
-            rows.append(f"{'':<10}{'':>5}{'fast':>11}{fast_s:>10.2f}{n / fast_s:>9.1f}"
-                        f"{ref_s / fast_s:>9.1f}x{diff:>12.1e}   (mean ma {mean_ma:.2f})")
+            rows.append(
+                f"{'':<10}{'':>5}{'fast':>11}{fast_s:>10.2f}{n / fast_s:>9.1f}"
+                f"{ref_s / fast_s:>9.1f}x{diff:>12.1e}   (mean ma {mean_ma:.2f})"
+            )
             print(rows[-2] + "\n" + rows[-1], flush=True)
-    print(f"\nmodel: llama {args.layers} layers, hidden {args.hidden}, vocab {args.vocab}, "
-          f"{args.num_sequences} sequences per set, batch {args.batch_size}, device {args.device}, "
-          f"torch threads {torch.get_num_threads()}")
+    print(
+        f"\nmodel: llama {args.layers} layers, hidden {args.hidden}, vocab {args.vocab}, "
+        f"{args.num_sequences} sequences per set, batch {args.batch_size}, device {args.device}, "
+        f"torch threads {torch.get_num_threads()}"
+    )
     print(header)
     print("\n".join(rows))
 

@@ -137,22 +137,39 @@ def worker(args) -> None:
     # The DeepSpeed config goes in FIRST: under ZeRO-3 the model below is then built under
     # deepspeed.zero.Init (partitioned), and UnlearnConfig sets up accelerate for gloo.
     config = UnlearnConfig(
-        model="bench", forget="bench", output_dir=args.output_dir, deepspeed=args.ds_config,
-        per_device_train_batch_size=args.batch_size, gradient_accumulation_steps=1,
-        num_train_epochs=len(schedule), save_strategy="no", report_to=[], disable_tqdm=True,
-        seed=args.seed, **SETTINGS["GA"],
+        model="bench",
+        forget="bench",
+        output_dir=args.output_dir,
+        deepspeed=args.ds_config,
+        per_device_train_batch_size=args.batch_size,
+        gradient_accumulation_steps=1,
+        num_train_epochs=len(schedule),
+        save_strategy="no",
+        report_to=[],
+        disable_tqdm=True,
+        seed=args.seed,
+        **SETTINGS["GA"],
     )
     D.init_distributed()
     baseline = rss_now_kib()
 
     torch.manual_seed(args.seed)
     heads = max(1, args.hidden // 64)
-    model = AutoModelForCausalLM.from_config(LlamaConfig(
-        vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=args.intermediate,
-        num_hidden_layers=args.layers, num_attention_heads=heads, num_key_value_heads=heads,
-        max_position_embeddings=args.length + 8, tie_word_embeddings=False,
-        bos_token_id=0, eos_token_id=0, pad_token_id=0,
-    ))
+    model = AutoModelForCausalLM.from_config(
+        LlamaConfig(
+            vocab_size=args.vocab,
+            hidden_size=args.hidden,
+            intermediate_size=args.intermediate,
+            num_hidden_layers=args.layers,
+            num_attention_heads=heads,
+            num_key_value_heads=heads,
+            max_position_embeddings=args.length + 8,
+            tie_word_embeddings=False,
+            bos_token_id=0,
+            eos_token_id=0,
+            pad_token_id=0,
+        )
+    )
     params = list(model.parameters())
     partitioned = all(hasattr(p, "ds_numel") for p in params)
     if args.stage == 3 and not partitioned:
@@ -227,19 +244,34 @@ def worker(args) -> None:
     end = rss_peak_kib()
 
     mine = {
-        "rank": D.rank(), "baseline_kib": baseline, "after_model_kib": after_model, "at_init_kib": clock.at_init,
+        "rank": D.rank(),
+        "baseline_kib": baseline,
+        "after_model_kib": after_model,
+        "at_init_kib": clock.at_init,
         "steady_after_ga_kib": clock.steady_after_ga,
-        "tensors_after_ga_kib": clock.tensors_after_ga, "peak_after_ga_kib": clock.peak_after_ga, "peak_end_kib": end,
-        "local_param_elems": local_elems, "times": clock.times,
-        "bookkeeping": clock.bookkeeping, "log": clock.log, "rows": clock.rows,
+        "tensors_after_ga_kib": clock.tensors_after_ga,
+        "peak_after_ga_kib": clock.peak_after_ga,
+        "peak_end_kib": end,
+        "local_param_elems": local_elems,
+        "times": clock.times,
+        "bookkeeping": clock.bookkeeping,
+        "log": clock.log,
+        "rows": clock.rows,
         "threads": torch.get_num_threads(),
     }
     ranks = D.all_gather_objects(mine)
     if D.is_main():
-        Path(args.result).write_text(json.dumps({
-            "stage": args.stage, "world_size": D.world_size(), "params": n_params,
-            "partitioned": partitioned, "ranks": ranks,
-        }))
+        Path(args.result).write_text(
+            json.dumps(
+                {
+                    "stage": args.stage,
+                    "world_size": D.world_size(),
+                    "params": n_params,
+                    "partitioned": partitioned,
+                    "ranks": ranks,
+                }
+            )
+        )
 
 
 # -- parent -----------------------------------------------------------------------------------------
@@ -268,14 +300,32 @@ def launch(args, stage: int, ds_config: Path, folder: Path, ranks: int) -> dict:
     result = folder / f"result_stage{stage}.json"
     log = folder / f"stage{stage}.log"
     model_args = [f"--{k}={getattr(args, k)}" for k in MODEL_ARGS]
-    cmd = [str(deepspeed if deepspeed.exists() else shutil.which("deepspeed")),
-           "--num_accelerators", str(ranks), "--master_port", str(free_port()),
-           str(Path(__file__).resolve()), "--worker", "--stage", str(stage), "--result", str(result),
-           "--ds_config", str(ds_config), "--output_dir", str(folder / f"out{stage}"), *model_args]
+    cmd = [
+        str(deepspeed if deepspeed.exists() else shutil.which("deepspeed")),
+        "--num_accelerators",
+        str(ranks),
+        "--master_port",
+        str(free_port()),
+        str(Path(__file__).resolve()),
+        "--worker",
+        "--stage",
+        str(stage),
+        "--result",
+        str(result),
+        "--ds_config",
+        str(ds_config),
+        "--output_dir",
+        str(folder / f"out{stage}"),
+        *model_args,
+    ]
     threads = max(1, (os.cpu_count() or ranks) // ranks)
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "HF_HUB_OFFLINE": "1",
-           "TOKENIZERS_PARALLELISM": "false",
-           "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": str(threads),
+        "HF_HUB_OFFLINE": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
+    }
     start = time.perf_counter()
     with open(log, "w") as out:
         code = subprocess.run(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=REPO).returncode
@@ -297,8 +347,9 @@ def mib(kib: float) -> float:
 
 
 def time_table(results: dict[int, dict]) -> None:
-    print(f"\n{'stage':<7}{'variant':<13}{'rows':>5}{'s/epoch':>9}{'min-max':>13}{'vs GA':>8}"
-          f"{'end_epoch s':>13}   target")
+    print(
+        f"\n{'stage':<7}{'variant':<13}{'rows':>5}{'s/epoch':>9}{'min-max':>13}{'vs GA':>8}{'end_epoch s':>13}   target"
+    )
     medians: dict[tuple[int, str], float] = {}
     for stage, res in results.items():
         for variant in VARIANTS:
@@ -307,72 +358,102 @@ def time_table(results: dict[int, dict]) -> None:
             book = statistics.median(slowest(res, "bookkeeping", variant))
             target = {"SGA-all": "<= 1.10x GA", "SGA-quarter": "< SGA-all"}.get(variant, "")
             spread = f"{min(secs):.2f}-{max(secs):.2f}"
-            print(f"ZeRO-{stage:<2}{variant:<13}{res['ranks'][0]['rows'][variant]:>5}{med:>9.2f}{spread:>13}"
-                  f"{med / medians[stage, 'GA']:>7.2f}x{book:>13.2f}   {target}")
+            print(
+                f"ZeRO-{stage:<2}{variant:<13}{res['ranks'][0]['rows'][variant]:>5}{med:>9.2f}{spread:>13}"
+                f"{med / medians[stage, 'GA']:>7.2f}x{book:>13.2f}   {target}"
+            )
     if {0, 3} <= set(results):
-        print("ZeRO-3 / ZeRO-0 seconds per epoch: " + ", ".join(
-            f"{v} {medians[3, v] / medians[0, v]:.2f}x" for v in VARIANTS))
+        print(
+            "ZeRO-3 / ZeRO-0 seconds per epoch: "
+            + ", ".join(f"{v} {medians[3, v] / medians[0, v]:.2f}x" for v in VARIANTS)
+        )
 
 
 MEMORY_COLUMNS = (  # (heading, key, relative to the pre-model RSS?)
-    ("model", "after_model_kib", True), ("init", "at_init_kib", True),
-    ("GA steady", "steady_after_ga_kib", True), ("GA tensors", "tensors_after_ga_kib", False),
-    ("GA peak", "peak_after_ga_kib", True), ("end peak", "peak_end_kib", True),
+    ("model", "after_model_kib", True),
+    ("init", "at_init_kib", True),
+    ("GA steady", "steady_after_ga_kib", True),
+    ("GA tensors", "tensors_after_ga_kib", False),
+    ("GA peak", "peak_after_ga_kib", True),
+    ("end peak", "peak_end_kib", True),
 )
 MEMORY_RATIOS = (  # (label, key, minus the pre-model RSS?)
-    ("peak RSS after GA", "peak_after_ga_kib", False), ("its growth", "peak_after_ga_kib", True),
+    ("peak RSS after GA", "peak_after_ga_kib", False),
+    ("its growth", "peak_after_ga_kib", True),
     ("live tensors after GA", "tensors_after_ga_kib", False),
-    ("peak RSS at end", "peak_end_kib", False), ("its growth", "peak_end_kib", True),
+    ("peak RSS at end", "peak_end_kib", False),
+    ("its growth", "peak_end_kib", True),
 )
 
 
 def memory_table(results: dict[int, dict]) -> None:
-    print("\nmemory per rank, MiB: RSS before the model is built ('pre-model'); growth over it after the model "
-          "is built, after engine init, between steps after GA ('steady'); tensors alive then; peak RSS "
-          "(ru_maxrss) growth after GA and at the end; the end peak itself")
-    print(f"{'stage':<7}{'rank':>5}{'local params':>14}{'pre-model':>11}"
-          + "".join(f"{name:>12}" for name, *_ in MEMORY_COLUMNS) + f"{'peak RSS':>10}")
+    print(
+        "\nmemory per rank, MiB: RSS before the model is built ('pre-model'); growth over it after the model "
+        "is built, after engine init, between steps after GA ('steady'); tensors alive then; peak RSS "
+        "(ru_maxrss) growth after GA and at the end; the end peak itself"
+    )
+    print(
+        f"{'stage':<7}{'rank':>5}{'local params':>14}{'pre-model':>11}"
+        + "".join(f"{name:>12}" for name, *_ in MEMORY_COLUMNS)
+        + f"{'peak RSS':>10}"
+    )
     for stage, res in results.items():
         for r in res["ranks"]:
             b = r["baseline_kib"]
-            print(f"ZeRO-{stage:<2}{r['rank']:>5}{r['local_param_elems']:>14,}{mib(b):>11.0f}"
-                  + "".join(f"{mib(r[key] - b):>+12.0f}" if rel else f"{mib(r[key]):>12.0f}"
-                            for _, key, rel in MEMORY_COLUMNS)
-                  + f"{mib(r['peak_end_kib']):>10.0f}")
+            print(
+                f"ZeRO-{stage:<2}{r['rank']:>5}{r['local_param_elems']:>14,}{mib(b):>11.0f}"
+                + "".join(
+                    f"{mib(r[key] - b):>+12.0f}" if rel else f"{mib(r[key]):>12.0f}" for _, key, rel in MEMORY_COLUMNS
+                )
+                + f"{mib(r['peak_end_kib']):>10.0f}"
+            )
     if {0, 3} <= set(results):
+
         def largest(stage, key, growth):
             return max(r[key] - (r["baseline_kib"] if growth else 0) for r in results[stage]["ranks"])
 
-        print("ZeRO-3 / ZeRO-0, largest rank: " + ", ".join(
-            f"{label} {largest(3, key, g) / largest(0, key, g):.2f}x" for label, key, g in MEMORY_RATIOS)
-              + "   (target: peak <= 0.60x)")
+        print(
+            "ZeRO-3 / ZeRO-0, largest rank: "
+            + ", ".join(f"{label} {largest(3, key, g) / largest(0, key, g):.2f}x" for label, key, g in MEMORY_RATIOS)
+            + "   (target: peak <= 0.60x)"
+        )
 
 
 def report(args, results: dict[int, dict], wall: float, load: tuple) -> None:
     first = next(iter(results.values()))
-    print(f"\nmodel: Llama, {args.layers} layers, hidden {args.hidden}, intermediate {args.intermediate}, "
-          f"vocab {args.vocab}, untied embeddings, fp32: {first['params']:,} parameters")
-    print(f"forget set: {args.num_sequences} sequences x {args.length} tokens; per-rank batch {args.batch_size} on "
-          f"{first['world_size']} ranks; {args.epochs} measured epochs per variant, interleaved, after warm-up; "
-          f"torch threads per rank {first['ranks'][0]['threads']}")
+    print(
+        f"\nmodel: Llama, {args.layers} layers, hidden {args.hidden}, intermediate {args.intermediate}, "
+        f"vocab {args.vocab}, untied embeddings, fp32: {first['params']:,} parameters"
+    )
+    print(
+        f"forget set: {args.num_sequences} sequences x {args.length} tokens; per-rank batch {args.batch_size} on "
+        f"{first['world_size']} ranks; {args.epochs} measured epochs per variant, interleaved, after warm-up; "
+        f"torch threads per rank {first['ranks'][0]['threads']}"
+    )
     time_table(results)
     memory_table(results)
     per_stage = ", ".join(f"ZeRO-{s} {r['wall_s']:.0f} s" for s, r in results.items())
-    print(f"\nWall time {wall:.0f} s ({per_stage}, each with launcher start-up and model build). "
-          f"Load average before/after: {load[0]:.1f}/{os.getloadavg()[0]:.1f} on {os.cpu_count()} cores.")
-    print(textwrap.fill(
-        "Notes: s/epoch = median over the measured epochs of the slowest rank. It covers the training epoch and "
-        "UnlearnTrainer.end_epoch's bookkeeping ('end_epoch s': non-finite check, last-good snapshot, and for "
-        "TAU the task-vector edit and restore of each rank's own shards) but NOT the per-epoch forget-set "
-        "scoring, which costs the same for every method and is replaced here by fixed scores. 'rows' = forget "
-        "rows trained per epoch, chosen by sga_selection and dealt by plan_epoch; the number of micro-batches "
-        "and optimizer steps per epoch is fixed by the forget-set size, so SGA saves compute inside each "
-        "micro-batch only. GA = after GA's epochs, before the other variants; the end peak adds TAU's "
-        "theta_base and edit snapshots. "
-        f"Machine: {os.cpu_count()} CPU cores shared with other jobs, no GPU; DeepSpeed runs on CPU over gloo, "
-        "where ZeRO-3's parameter gathers and gradient reduce-scatters (with its partitioning hooks) are all of "
-        f"its extra time over ZeRO-0 for the same compute{zero3_share(results)}; they do not overlap with "
-        "compute there as they do on GPUs with NCCL.", width=110))
+    print(
+        f"\nWall time {wall:.0f} s ({per_stage}, each with launcher start-up and model build). "
+        f"Load average before/after: {load[0]:.1f}/{os.getloadavg()[0]:.1f} on {os.cpu_count()} cores."
+    )
+    print(
+        textwrap.fill(
+            "Notes: s/epoch = median over the measured epochs of the slowest rank. It covers the training epoch and "
+            "UnlearnTrainer.end_epoch's bookkeeping ('end_epoch s': non-finite check, last-good snapshot, and for "
+            "TAU the task-vector edit and restore of each rank's own shards) but NOT the per-epoch forget-set "
+            "scoring, which costs the same for every method and is replaced here by fixed scores. 'rows' = forget "
+            "rows trained per epoch, chosen by sga_selection and dealt by plan_epoch; the number of micro-batches "
+            "and optimizer steps per epoch is fixed by the forget-set size, so SGA saves compute inside each "
+            "micro-batch only. GA = after GA's epochs, before the other variants; the end peak adds TAU's "
+            "theta_base and edit snapshots. "
+            f"Machine: {os.cpu_count()} CPU cores shared with other jobs, no GPU; DeepSpeed runs on CPU over gloo, "
+            "where ZeRO-3's parameter gathers and gradient reduce-scatters (with its partitioning hooks) are all of "
+            f"its extra time over ZeRO-0 for the same compute{zero3_share(results)}; they do not overlap with "
+            "compute there as they do on GPUs with NCCL.",
+            width=110,
+        )
+    )
 
 
 def zero3_share(results: dict[int, dict]) -> str:

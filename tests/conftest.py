@@ -80,14 +80,36 @@ def unlearn_case(tmp_path_factory):
         "retain": seqs[4:],
         "holdout": random_sequences(4, 24, VOCAB, seed=22),
     }.items():
-        files[name] = write_jsonl(root / f"{name}.jsonl",
-                                  [{"id": f"{name}-{i}", "input_ids": s} for i, s in enumerate(rows)])
+        files[name] = write_jsonl(
+            root / f"{name}.jsonl", [{"id": f"{name}-{i}", "input_ids": s} for i, s in enumerate(rows)]
+        )
     return {"model": root / "model", **files}
 
 
 def unlearn_args(case, output_dir, *extra):
     """Flags of a small, fast unlearning run on ``unlearn_case``."""
-    return ["--model", str(case["model"]), "--forget", str(case["forget"]), "--retain", str(case["retain"]),
-            "--holdout", str(case["holdout"]), "--output_dir", str(output_dir), "--extract_k", "8",
-            "--learning_rate", "3e-3", "--per_device_train_batch_size", "4", "--score_batch_size", "64",
-            "--save_strategy", "no", "--seed", "0", *map(str, extra)]
+    return [
+        "--model",
+        str(case["model"]),
+        "--forget",
+        str(case["forget"]),
+        "--retain",
+        str(case["retain"]),
+        "--holdout",
+        str(case["holdout"]),
+        "--output_dir",
+        str(output_dir),
+        "--extract_k",
+        "8",
+        "--learning_rate",
+        "3e-3",
+        "--per_device_train_batch_size",
+        "4",
+        "--score_batch_size",
+        "64",
+        "--save_strategy",
+        "no",
+        "--seed",
+        "0",
+        *map(str, extra),
+    ]

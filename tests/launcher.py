@@ -18,15 +18,26 @@ def free_port() -> int:
 
 def launcher_env() -> dict:
     env = dict(os.environ)
-    env.update(OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
-               PYTHONPATH=os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")]))
+    env.update(
+        OMP_NUM_THREADS="1",
+        HF_HUB_OFFLINE="1",
+        TOKENIZERS_PARALLELISM="false",
+        PYTHONPATH=os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")]),
+    )
     return env
 
 
 def deepspeed_run(script, *args, ranks=2, timeout=600, cwd=None):
     """``deepspeed --num_accelerators N script args``; returns the CompletedProcess."""
-    cmd = [DEEPSPEED, "--num_accelerators", str(ranks), "--master_port", str(free_port()),
-           str(REPO / script), *map(str, args)]
+    cmd = [
+        DEEPSPEED,
+        "--num_accelerators",
+        str(ranks),
+        "--master_port",
+        str(free_port()),
+        str(REPO / script),
+        *map(str, args),
+    ]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=launcher_env(), cwd=cwd)
 
 

@@ -17,14 +17,33 @@ from .conftest import write_jsonl
 def run_cli(*args):
     return subprocess.run(
         [sys.executable, "-m", "ds_unlearn", "score", *map(str, args)],
-        capture_output=True, text=True, timeout=300,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
 
 
 def test_score_writes_rows_in_order_and_summary(model_dir, ids_file, tmp_path, capsys):
     out = tmp_path / "scores.jsonl"
-    assert main(["score", "--model", str(model_dir), "--data", str(ids_file), "--out", str(out),
-                 "--el_n", "5", "10", "--extract_k", "8"]) == 0
+    assert (
+        main(
+            [
+                "score",
+                "--model",
+                str(model_dir),
+                "--data",
+                str(ids_file),
+                "--out",
+                str(out),
+                "--el_n",
+                "5",
+                "10",
+                "--extract_k",
+                "8",
+            ]
+        )
+        == 0
+    )
     rows = read_jsonl(out)
     assert [r["id"] for r in rows] == [json.loads(l)["id"] for l in ids_file.read_text().splitlines()]
     assert list(rows[0]) == ["id", "n_tokens", "loss", "ma", "el_5", "el_10", "max_verbatim", "extractable_k8"]
@@ -54,12 +73,44 @@ def test_text_rows_are_tokenized_with_the_model_tokenizer(model_dir, tmp_path):
     data = tmp_path / "text.csv"
     data.write_text("name,body\n" + f"a,{' '.join(f't{i}' for i in seq)}\n")
     out = tmp_path / "s.jsonl"
-    assert main(["score", "--model", str(model_with_tok), "--data", str(data), "--out", str(out),
-                 "--text_field", "body", "--id_field", "name", "--extract_k", "4"]) == 0
+    assert (
+        main(
+            [
+                "score",
+                "--model",
+                str(model_with_tok),
+                "--data",
+                str(data),
+                "--out",
+                str(out),
+                "--text_field",
+                "body",
+                "--id_field",
+                "name",
+                "--extract_k",
+                "4",
+            ]
+        )
+        == 0
+    )
     ids_out = tmp_path / "ids.jsonl"
     write_jsonl(tmp_path / "ids_in.jsonl", [{"input_ids": seq}])
-    assert main(["score", "--model", str(model_dir), "--data", str(tmp_path / "ids_in.jsonl"),
-                 "--out", str(ids_out), "--extract_k", "4"]) == 0
+    assert (
+        main(
+            [
+                "score",
+                "--model",
+                str(model_dir),
+                "--data",
+                str(tmp_path / "ids_in.jsonl"),
+                "--out",
+                str(ids_out),
+                "--extract_k",
+                "4",
+            ]
+        )
+        == 0
+    )
     by_text, by_ids = read_jsonl(out)[0], read_jsonl(ids_out)[0]
     assert by_text["id"] == "a" and by_ids["id"] == 0
     assert by_text["n_tokens"] == 30 and by_text["loss"] == pytest.approx(by_ids["loss"])
@@ -75,7 +126,10 @@ def _bad_cases(model_dir, tmp_path):
         "missing id": ([[good, {"id": None, "input_ids": list(range(40))}]], "row 1: field 'id' is missing"),
         "duplicate id": ([[good, good]], "row 1: duplicate id 'x' (first at row 0)"),
         "too short": ([[good, {"id": "s", "input_ids": [1, 2, 3]}]], "row 1: 3 tokens"),
-        "text, no tokenizer": ([[{"id": "t", "text": "hello there"}]], "row 0: has text but the model has no tokenizer"),
+        "text, no tokenizer": (
+            [[{"id": "t", "text": "hello there"}]],
+            "row 0: has text but the model has no tokenizer",
+        ),
         "out of vocab": ([[{"id": "v", "input_ids": [1] * 39 + [99]}]], "row 0: token id 99 is outside the vocabulary"),
     }
     return cases

@@ -169,7 +169,9 @@ def test_report_numbers_match_the_score_files(quick):
         b, a = summary["before"], summary["after"]
         ppl = summary["holdout_perplexity"]
         assert ppl["before"] == pytest.approx(np.exp(own["holdout_loss"]["before"]))
-        assert ppl["change_pct"] == pytest.approx((np.exp(own["holdout_loss"]["after"] - own["holdout_loss"]["before"]) - 1) * 100)
+        assert ppl["change_pct"] == pytest.approx(
+            (np.exp(own["holdout_loss"]["after"] - own["holdout_loss"]["before"]) - 1) * 100
+        )
         assert summary["epochs"] == own["epochs"] and summary["retain_ma"] == own["retain_ma"]
         # The markdown shows these very numbers.
         section = markdown.split(f"### {summary['title']}\n", 1)[1].split("###", 1)[0]
@@ -185,7 +187,9 @@ def test_report_numbers_match_the_score_files(quick):
 def test_wild_scan_lists_verses_by_id_and_reference(quick):
     out, report, _ = quick
     wild = report["wild"]
-    known = {r["id"]: r["reference"] for name in ("famous", "holdout") for r in read_jsonl(out / "data" / f"{name}.jsonl")}
+    known = {
+        r["id"]: r["reference"] for name in ("famous", "holdout") for r in read_jsonl(out / "data" / f"{name}.jsonl")
+    }
     assert wild["scanned"] == len(known) - len(wild["skipped_short"])
     assert len(wild["listed"]) >= min(QUICK.wild_top, wild["scanned"])
     markdown = (out / "report.md").read_text()

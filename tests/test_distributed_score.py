@@ -14,13 +14,47 @@ pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 
 def test_zero3_two_ranks_match_one_process(model_dir, ids_file, tmp_path):
     one = tmp_path / "one.jsonl"
-    assert main(["score", "--model", str(model_dir), "--data", str(ids_file), "--out", str(one),
-                 "--extract_k", "8", "--el_n", "5", "10", "--batch_size", "2"]) == 0
+    assert (
+        main(
+            [
+                "score",
+                "--model",
+                str(model_dir),
+                "--data",
+                str(ids_file),
+                "--out",
+                str(one),
+                "--extract_k",
+                "8",
+                "--el_n",
+                "5",
+                "10",
+                "--batch_size",
+                "2",
+            ]
+        )
+        == 0
+    )
     two = tmp_path / "two.jsonl"
     # 9 rows over 2 ranks: uneven shards, and different continuation work on each rank.
-    result = deepspeed_run("launch/score.py", "--model", model_dir, "--data", ids_file, "--out", two,
-                           "--extract_k", 8, "--el_n", 5, 10, "--batch_size", 2,
-                           "--deepspeed", REPO / "configs/ds/zero3.json")
+    result = deepspeed_run(
+        "launch/score.py",
+        "--model",
+        model_dir,
+        "--data",
+        ids_file,
+        "--out",
+        two,
+        "--extract_k",
+        8,
+        "--el_n",
+        5,
+        10,
+        "--batch_size",
+        2,
+        "--deepspeed",
+        REPO / "configs/ds/zero3.json",
+    )
     assert result.returncode == 0, tail(result)
     held = re.search(r"ZeRO-3: rank 0 holds ([\d,]+) of ([\d,]+) parameter elements", result.stdout)
     assert held, tail(result)

@@ -17,8 +17,11 @@ pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 
 def ds_args(case, out, stage, *extra):
     # 2 ranks x 2 sequences = the whole forget set of 4 per optimizer step, as 1 process x 4.
-    return [*unlearn_args(case, out, "--per_device_train_batch_size", 2, *extra),
-            "--deepspeed", REPO / "configs" / "ds" / f"{stage}.json"]
+    return [
+        *unlearn_args(case, out, "--per_device_train_batch_size", 2, *extra),
+        "--deepspeed",
+        REPO / "configs" / "ds" / f"{stage}.json",
+    ]
 
 
 def run_ok(*args, **kwargs):
@@ -61,8 +64,19 @@ def test_resume_continues_where_a_stopped_run_left_off(ga_zero3, unlearn_case, t
     assert json.loads((out / "report.json").read_text())["stop_reason"].startswith("epoch limit")
     checkpoint = out / "checkpoint-2"
     assert (checkpoint / "unlearn_state.json").exists()
-    run_ok(*ds_args(unlearn_case, out, "zero3", "--method", "ga", "--save_strategy", "epoch",
-                    "--resume_from_checkpoint", checkpoint))
+    run_ok(
+        *ds_args(
+            unlearn_case,
+            out,
+            "zero3",
+            "--method",
+            "ga",
+            "--save_strategy",
+            "epoch",
+            "--resume_from_checkpoint",
+            checkpoint,
+        )
+    )
     report = json.loads((out / "report.json").read_text())
     assert report["after"]["memorized"] == 0
     assert report["epochs"] == json.loads((ga_zero3 / "report.json").read_text())["epochs"]
@@ -95,10 +109,30 @@ def test_two_nodes_without_ssh(ga_zero3, unlearn_case, tmp_path):
     out, port = tmp_path / "nodes", free_port()
     args = [str(a) for a in ds_args(unlearn_case, out, "zero3", "--method", "ga")]
     procs = [
-        subprocess.Popen([DEEPSPEED, "--hostfile", str(hostfile), "--no_ssh", "--node_rank", str(rank),
-                          "--master_addr", "127.0.0.1", "--master_port", str(port), "--num_nodes", "2",
-                          "--num_gpus", "1", str(REPO / "launch" / "unlearn.py"), *args],
-                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=launcher_env())
+        subprocess.Popen(
+            [
+                DEEPSPEED,
+                "--hostfile",
+                str(hostfile),
+                "--no_ssh",
+                "--node_rank",
+                str(rank),
+                "--master_addr",
+                "127.0.0.1",
+                "--master_port",
+                str(port),
+                "--num_nodes",
+                "2",
+                "--num_gpus",
+                "1",
+                str(REPO / "launch" / "unlearn.py"),
+                *args,
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            env=launcher_env(),
+        )
         for rank in (0, 1)
     ]
     outputs = [p.communicate(timeout=900)[0] for p in procs]

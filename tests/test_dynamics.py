@@ -44,14 +44,16 @@ def char_tokenizer():
     vocab = {"<pad>": 0, "<s>": 1, "<unk>": 2, **{c: 3 + i for i, c in enumerate(LETTERS)}}
     tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Sequence(
-        [pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Split(Regex("."), "isolated")])
+        [pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Split(Regex("."), "isolated")]
+    )
     return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", pad_token="<pad>")
 
 
 @pytest.fixture(scope="module")
 def char_model(tmp_path_factory):
-    path = save_model(tiny_model("llama", seed=0, vocab_size=32, hidden_size=64),
-                      tmp_path_factory.mktemp("lab") / "char_llama")
+    path = save_model(
+        tiny_model("llama", seed=0, vocab_size=32, hidden_size=64), tmp_path_factory.mktemp("lab") / "char_llama"
+    )
     char_tokenizer().save_pretrained(path)
     return path
 
@@ -107,8 +109,11 @@ def test_symbols_map_to_single_tokens():
         dyn.map_symbols(tok, ["a", "é"])
     # A tokenizer that needs the leading space gets it, for the whole alphabet.
     assert dyn.map_symbols(SpaceTokenizer(), list("abc")) == ([106, 100, 101], True)
-    with pytest.raises(InputError, match=r"character 'h' is token 106, the same as 'a' .*with a leading space; "
-                                         r"without one, 'a' is 2 tokens \[1, 1\]"):
+    with pytest.raises(
+        InputError,
+        match=r"character 'h' is token 106, the same as 'a' .*with a leading space; "
+        r"without one, 'a' is 2 tokens \[1, 1\]",
+    ):
         dyn.map_symbols(SpaceTokenizer(), list("abh"))
 
 
@@ -120,13 +125,19 @@ def test_phases_on_hand_made_curves():
     assert dyn.clear_margin(0.5, 16, 0.1) == pytest.approx(0.25)  # short binary strings: luck is large
     rising = [0.2, 0.25, 0.3, 0.6, 0.9, 1.0, 1.0]
     assert dyn.detect_phases(epochs, rising, control, 100, 0.1) == {
-        "guessing": [0, 2], "memorisation_start": 3, "full_at": 5}
+        "guessing": [0, 2],
+        "memorisation_start": 3,
+        "full_at": 5,
+    }
     # One lucky epoch is not the start: accuracy must stay clearly above the control.
     spiky = [0.2, 0.5, 0.25, 0.6, 0.9, 1.0, 1.0]
     assert dyn.detect_phases(epochs, spiky, control, 100, 0.1)["memorisation_start"] == 3
     flat = [0.2, 0.3, 0.25, 0.3, 0.5, 0.2, 0.3]
     assert dyn.detect_phases(epochs, flat, control, 100, 0.1) == {
-        "guessing": [0, 6], "memorisation_start": None, "full_at": None}
+        "guessing": [0, 6],
+        "memorisation_start": None,
+        "full_at": None,
+    }
     falling = [1.0, 0.9, 0.5, 0.3, 0.2, 0.4, 0.2]
     assert dyn.guessing_band_entry(epochs, falling, control, 100, 0.1) == 3
 
@@ -149,8 +160,7 @@ def test_probe_contexts_on_hand_made_sequences():
     bos = [1, 10, 11, 12, 13]  # BOS stays in front of every probe and does not count towards k
     assert dyn.local_windows(bos, 2, keep=1) == {3: [1, 11, 12, 13]}
     fresh = [90, 91, 92, 93]
-    assert dyn.replaced_contexts(seq, 1, 0, fresh) == {
-        1: [90, 11, 12], 2: [90, 91, 12, 13], 3: [90, 91, 92, 13, 14]}
+    assert dyn.replaced_contexts(seq, 1, 0, fresh) == {1: [90, 11, 12], 2: [90, 91, 12, 13], 3: [90, 91, 92, 13, 14]}
     assert dyn.replaced_contexts(bos, 2, 1, fresh) == {3: [1, 90, 11, 12, 13]}
     assert dyn.smallest_k([1, 2, 4, 8], [0.2, 0.5, 0.86, 0.9], full=0.95) == 4
     assert dyn.smallest_k([1, 2], [0.2, 0.5], full=0.95) is None
@@ -184,9 +194,14 @@ def test_median_epoch_counts_strings_that_never_got_there_as_latest():
 
 
 def _record(epoch, accuracy, control=0.25, loss=None, positions=None):
-    return {"epoch": epoch, "accuracy": accuracy, "loss": loss or [1.0] * len(accuracy),
-            "control_accuracy": control, "control_loss": 2.0,
-            "positions": positions or [[1, 1]] * len(accuracy)}
+    return {
+        "epoch": epoch,
+        "accuracy": accuracy,
+        "loss": loss or [1.0] * len(accuracy),
+        "control_accuracy": control,
+        "control_loss": 2.0,
+        "positions": positions or [[1, 1]] * len(accuracy),
+    }
 
 
 def test_sequential_summary_on_hand_made_records():
@@ -197,18 +212,28 @@ def test_sequential_summary_on_hand_made_records():
     out = sequential_summary(history, [("A", 0), ("B", 1), ("A again", 0)], 2, 100, 0.1)
     assert [s["epochs"] for s in out["stages"]] == [[1, 2], [3, 4], [5, 6]]
     assert [s["epochs_to_full"] for s in out["stages"]] == [2, 2, 2]
-    assert out["forgetting"] == {"a_after_own_stage": 1.0, "a_after_each_later_stage": [0.5],
-                                 "a_lowest_while_others_learned": 0.5, "a_forgotten": 0.5}
+    assert out["forgetting"] == {
+        "a_after_own_stage": 1.0,
+        "a_after_each_later_stage": [0.5],
+        "a_lowest_while_others_learned": 0.5,
+        "a_forgotten": 0.5,
+    }
     assert out["relearning"]["a_when_shown_again"] == 0.5
 
 
 def test_unlearning_summary_on_hand_made_records():
-    exposure = [_record(0, [0.0], positions=[[0, 0, 0]]), _record(1, [0.3], positions=[[1, 0, 0]]),
-                _record(2, [0.7], positions=[[1, 1, 0]]), _record(3, [1.0], positions=[[1, 1, 1]])]
-    unlearning = [_record(0, [1.0], loss=[0.1], positions=[[1, 1, 1]]),
-                  _record(1, [0.7], loss=[0.9], positions=[[1, 1, 0]]),
-                  _record(2, [0.3], loss=[1.5], positions=[[1, 0, 0]]),
-                  _record(3, [0.0], loss=[3.0], positions=[[0, 0, 0]])]
+    exposure = [
+        _record(0, [0.0], positions=[[0, 0, 0]]),
+        _record(1, [0.3], positions=[[1, 0, 0]]),
+        _record(2, [0.7], positions=[[1, 1, 0]]),
+        _record(3, [1.0], positions=[[1, 1, 1]]),
+    ]
+    unlearning = [
+        _record(0, [1.0], loss=[0.1], positions=[[1, 1, 1]]),
+        _record(1, [0.7], loss=[0.9], positions=[[1, 1, 0]]),
+        _record(2, [0.3], loss=[1.5], positions=[[1, 0, 0]]),
+        _record(3, [0.0], loss=[3.0], positions=[[0, 0, 0]]),
+    ]
     out = unlearning_summary(unlearning, exposure, 3, 0.1, math.log(4))
     s = out["strings"][0]
     assert s["leaves_full_at"] == 1
@@ -221,23 +246,26 @@ def test_unlearning_summary_on_hand_made_records():
 
 
 # -- configuration ---------------------------------------------------------------------------------
-@pytest.mark.parametrize("kwargs, message", [
-    ({"alphabet_size": 27}, "alphabet_size: must lie in"),
-    ({"symbols": ["a", "b"], "alphabet_size": 3}, "alphabet_size: 3 disagrees"),
-    ({"symbols": ["a", "a"]}, "symbols: must be distinct"),
-    ({"distribution": "skewed"}, "target_entropy: skewed strings need"),
-    ({"distribution": "skewed", "target_entropy": 2.5}, "target_entropy"),
-    ({"target_entropy": 1.0}, "target_entropy: only applies"),
-    ({"distribution": "zipf"}, "distribution: must be"),
-    ({"experiment": ["exposure", "memorise"]}, "experiment: must be one or more"),
-    ({"experiment": ["sequential", "local_prefix"]}, "sequential trains its own schedule"),
-    ({"experiment": ["sequential"], "num_strings": 1}, "num_strings: sequential"),
-    ({"experiment": ["unlearning"], "string_length": 8}, "string_length: the unlearning experiment"),
-    ({"experiment": ["unlearning"], "unlearn_method": "tau"}, "unlearn_method"),
-    ({"local_prefix_ks": [0, 4]}, "local_prefix_ks"),
-    ({"epochs": 0}, "epochs: must be at least 1"),
-    ({"deepspeed": "/nope.json"}, "deepspeed: no such file"),
-])
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"alphabet_size": 27}, "alphabet_size: must lie in"),
+        ({"symbols": ["a", "b"], "alphabet_size": 3}, "alphabet_size: 3 disagrees"),
+        ({"symbols": ["a", "a"]}, "symbols: must be distinct"),
+        ({"distribution": "skewed"}, "target_entropy: skewed strings need"),
+        ({"distribution": "skewed", "target_entropy": 2.5}, "target_entropy"),
+        ({"target_entropy": 1.0}, "target_entropy: only applies"),
+        ({"distribution": "zipf"}, "distribution: must be"),
+        ({"experiment": ["exposure", "memorise"]}, "experiment: must be one or more"),
+        ({"experiment": ["sequential", "local_prefix"]}, "sequential trains its own schedule"),
+        ({"experiment": ["sequential"], "num_strings": 1}, "num_strings: sequential"),
+        ({"experiment": ["unlearning"], "string_length": 8}, "string_length: the unlearning experiment"),
+        ({"experiment": ["unlearning"], "unlearn_method": "tau"}, "unlearn_method"),
+        ({"local_prefix_ks": [0, 4]}, "local_prefix_ks"),
+        ({"epochs": 0}, "epochs: must be at least 1"),
+        ({"deepspeed": "/nope.json"}, "deepspeed: no such file"),
+    ],
+)
 def test_config_errors_name_the_field(kwargs, message):
     with pytest.raises(InputError, match=message):
         LabConfig(model="m", output_dir="o", **kwargs)
@@ -274,9 +302,33 @@ def is_png(path):
 
 def test_exposure_memorises_and_writes_every_output(char_model, tmp_path, capsys):
     out = tmp_path / "run"
-    assert main(["memorize", "--model", str(char_model), *RUN, "--num_strings", "4", "--epochs", "60",
-                 "--experiment", "exposure", "local_prefix", "global_context", "--local_prefix_ks", "1", "2", "4", "8",
-                 "--save_model", "--output_dir", str(out)]) == 0
+    assert (
+        main(
+            [
+                "memorize",
+                "--model",
+                str(char_model),
+                *RUN,
+                "--num_strings",
+                "4",
+                "--epochs",
+                "60",
+                "--experiment",
+                "exposure",
+                "local_prefix",
+                "global_context",
+                "--local_prefix_ks",
+                "1",
+                "2",
+                "4",
+                "8",
+                "--save_model",
+                "--output_dir",
+                str(out),
+            ]
+        )
+        == 0
+    )
     assert "memorize (exposure, local_prefix, global_context" in capsys.readouterr().out
     d = json.loads((out / "dynamics.json").read_text())
     epochs = d["exposure"]["epochs"]
@@ -321,8 +373,25 @@ def test_exposure_memorises_and_writes_every_output(char_model, tmp_path, capsys
 
 def test_sequential_exposure_forgets_a_while_b_is_learned(char_model, tmp_path):
     out = tmp_path / "seq"
-    assert main(["memorize", "--model", str(char_model), *RUN, "--num_strings", "2", "--epochs", "40",
-                 "--experiment", "sequential", "--output_dir", str(out)]) == 0
+    assert (
+        main(
+            [
+                "memorize",
+                "--model",
+                str(char_model),
+                *RUN,
+                "--num_strings",
+                "2",
+                "--epochs",
+                "40",
+                "--experiment",
+                "sequential",
+                "--output_dir",
+                str(out),
+            ]
+        )
+        == 0
+    )
     d = json.loads((out / "dynamics.json").read_text())
     seq = d["sequential"]
     assert [s["name"] for s in seq["stages"]] == ["A", "B", "A again"]
@@ -337,9 +406,29 @@ def test_sequential_exposure_forgets_a_while_b_is_learned(char_model, tmp_path):
 
 def test_unlearning_reverses_memorisation(char_model, tmp_path):
     out = tmp_path / "unl"
-    assert main(["memorize", "--model", str(char_model), *RUN, "--num_strings", "4", "--epochs", "60",
-                 "--experiment", "unlearning", "--unlearn_learning_rate", "1e-3", "--unlearn_epochs", "25",
-                 "--output_dir", str(out)]) == 0
+    assert (
+        main(
+            [
+                "memorize",
+                "--model",
+                str(char_model),
+                *RUN,
+                "--num_strings",
+                "4",
+                "--epochs",
+                "60",
+                "--experiment",
+                "unlearning",
+                "--unlearn_learning_rate",
+                "1e-3",
+                "--unlearn_epochs",
+                "25",
+                "--output_dir",
+                str(out),
+            ]
+        )
+        == 0
+    )
     d = json.loads((out / "dynamics.json").read_text())
     unl = d["unlearning"]
     start, end = unl["epochs"][0], unl["epochs"][-1]
@@ -384,13 +473,32 @@ def test_zero3_two_ranks_match_one_process(char_model, tmp_path):
     unlearning run (a second Trainer in the same process) give the one-process records."""
     from .launcher import deepspeed_run, tail
 
-    args = ["--model", str(char_model), *RUN, "--num_strings", "3", "--epochs", "20",
-            "--experiment", "local_prefix", "unlearning", "--local_prefix_ks", "1", "2", "4",
-            "--unlearn_learning_rate", "1e-3", "--unlearn_epochs", "4"]
+    args = [
+        "--model",
+        str(char_model),
+        *RUN,
+        "--num_strings",
+        "3",
+        "--epochs",
+        "20",
+        "--experiment",
+        "local_prefix",
+        "unlearning",
+        "--local_prefix_ks",
+        "1",
+        "2",
+        "4",
+        "--unlearn_learning_rate",
+        "1e-3",
+        "--unlearn_epochs",
+        "4",
+    ]
     assert main(["memorize", *args, "--output_dir", str(tmp_path / "one")]) == 0
     script = tmp_path / "memorize.py"  # the launcher runs a script and passes --local_rank=N first
     script.write_text("import sys\nfrom ds_unlearn.cli import main\nsys.exit(main(['memorize', *sys.argv[1:]]))\n")
-    result = deepspeed_run(script, *args, "--deepspeed", REPO / "configs/ds/zero3.json", "--output_dir", tmp_path / "two")
+    result = deepspeed_run(
+        script, *args, "--deepspeed", REPO / "configs/ds/zero3.json", "--output_dir", tmp_path / "two"
+    )
     assert result.returncode == 0, tail(result)
     one, two = (json.loads((tmp_path / name / "dynamics.json").read_text()) for name in ("one", "two"))
     assert two["world_size"] == 2

@@ -25,11 +25,18 @@ class WeightsAtEpochEnd(TrainerCallback):
 def test_filler_only_steps_leave_the_weights_alone(tmp_path):
     model = tiny_model("llama", vocab_size=64)
     seen = WeightsAtEpochEnd()
-    args = TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=1, num_train_epochs=3,
-                             learning_rate=1e-2, lr_scheduler_type="constant", report_to=[],
-                             save_strategy="no", remove_unused_columns=False, disable_tqdm=True)
-    trainer = FirstEpochOnly(model=model, args=args, train_sequences=random_sequences(4, 12, 64),
-                             callbacks=[seen])
+    args = TrainingArguments(
+        output_dir=str(tmp_path),
+        per_device_train_batch_size=1,
+        num_train_epochs=3,
+        learning_rate=1e-2,
+        lr_scheduler_type="constant",
+        report_to=[],
+        save_strategy="no",
+        remove_unused_columns=False,
+        disable_tqdm=True,
+    )
+    trainer = FirstEpochOnly(model=model, args=args, train_sequences=random_sequences(4, 12, 64), callbacks=[seen])
     trainer.train()
     first, second, third = seen.weights
     initial = tiny_model("llama", vocab_size=64).state_dict()

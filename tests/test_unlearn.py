@@ -14,8 +14,15 @@ from ds_unlearn.core.models import load_causal_lm
 
 from .conftest import unlearn_args
 
-TB_SCALARS = {"forget/ma_mean", "forget/el10_mean", "forget/memorized", "forget/over_unlearned",
-              "sga/selected", "holdout/loss", "train/loss"}
+TB_SCALARS = {
+    "forget/ma_mean",
+    "forget/el10_mean",
+    "forget/memorized",
+    "forget/over_unlearned",
+    "sga/selected",
+    "holdout/loss",
+    "train/loss",
+}
 
 
 def tensorboard_tags(output_dir):
@@ -73,13 +80,22 @@ def test_tensorboard_and_outputs(unlearn_case, tmp_path):
     assert (out / "model" / "model.safetensors").exists() and (out / "model" / "config.json").exists()
     report = json.loads((out / "report.json").read_text())
     assert report["holdout_loss"]["before"] > 0 and report["holdout_loss"]["after"] > 0
-    assert report["after"]["means"]["ma"] == pytest.approx(np.mean([r["ma"] for r in read_jsonl(out / "scores_after.jsonl")]))
+    assert report["after"]["means"]["ma"] == pytest.approx(
+        np.mean([r["ma"] for r in read_jsonl(out / "scores_after.jsonl")])
+    )
 
 
 def test_mean_rule_can_stop_with_a_sequence_still_memorized(unlearn_case, tmp_path):
     out = tmp_path / "mean"
-    assert main(["unlearn", *unlearn_args(unlearn_case, out, "--method", "ga", "--stop_rule", "mean",
-                                          "--mean_threshold", "0.9")]) == 0
+    assert (
+        main(
+            [
+                "unlearn",
+                *unlearn_args(unlearn_case, out, "--method", "ga", "--stop_rule", "mean", "--mean_threshold", "0.9"),
+            ]
+        )
+        == 0
+    )
     report = json.loads((out / "report.json").read_text())
     assert report["after"]["means"]["ma"] < 0.9 and report["epochs"] >= 1
 
@@ -87,8 +103,24 @@ def test_mean_rule_can_stop_with_a_sequence_still_memorized(unlearn_case, tmp_pa
 def test_utility_guard_keeps_the_last_good_weights(unlearn_case, tmp_path):
     out = tmp_path / "guard"
     # Holdout = other memorized text, whose loss ascent on the forget set surely raises.
-    assert main(["unlearn", *unlearn_args(unlearn_case, out, "--method", "ga", "--holdout", unlearn_case["retain"],
-                                          "--max_holdout_loss_increase", "0.0001")]) == 0
+    assert (
+        main(
+            [
+                "unlearn",
+                *unlearn_args(
+                    unlearn_case,
+                    out,
+                    "--method",
+                    "ga",
+                    "--holdout",
+                    unlearn_case["retain"],
+                    "--max_holdout_loss_increase",
+                    "0.0001",
+                ),
+            ]
+        )
+        == 0
+    )
     report = json.loads((out / "report.json").read_text())
     assert report["stop_reason"].startswith("utility guard")
     epoch = report["epochs"]
@@ -122,8 +154,9 @@ def test_nonfinite_loss_stops_with_the_last_good_weights(unlearn_case, tmp_path,
 
 def test_input_checkpoint_is_never_written(unlearn_case, tmp_path):
     before = {p.name: p.stat().st_mtime_ns for p in unlearn_case["model"].iterdir()}
-    assert main(["unlearn", *unlearn_args(unlearn_case, tmp_path / "x", "--method", "ga",
-                                          "--num_train_epochs", "1")]) == 0
+    assert (
+        main(["unlearn", *unlearn_args(unlearn_case, tmp_path / "x", "--method", "ga", "--num_train_epochs", "1")]) == 0
+    )
     assert {p.name: p.stat().st_mtime_ns for p in unlearn_case["model"].iterdir()} == before
     code = main(["unlearn", *unlearn_args(unlearn_case, unlearn_case["model"] / "out", "--method", "ga")])
     assert code == 2 and not (unlearn_case["model"] / "out").exists()

@@ -44,7 +44,11 @@ def test_flags_override_yaml_and_defaults_follow_the_method(tmp_path):
     [
         ("model: m\nforget: f\nlr: 1\n", [], "unknown key 'lr'"),
         ("model: m\nforget: f\nmethod: npo\n", [], "method: must be one of ga, sga, ta, tau"),
-        ("model: m\nforget: f\n", ["--select_on", "el10", "--score_refresh", "step"], "select_on: el10 needs score_refresh=epoch"),
+        (
+            "model: m\nforget: f\n",
+            ["--select_on", "el10", "--score_refresh", "step"],
+            "select_on: el10 needs score_refresh=epoch",
+        ),
         ("model: m\nforget: f\nstop_rule: mean\n", [], "mean_threshold: the 'mean' stop rule needs"),
         ("model: m\nforget: f\n", ["--calibrate_thresholds", "true"], "calibrate_thresholds: needs a holdout"),
         ("model: m\nforget: f\n", ["--memorized_threshold", "0.1"], "memorized_threshold: need 0 <="),
@@ -63,8 +67,12 @@ def test_bad_configs_fail_with_one_line(tmp_path, yaml_text, flags, message):
 def test_cli_reports_a_bad_config_in_one_line_with_exit_2(tmp_path):
     cfg = tmp_path / "bad.yaml"
     cfg.write_text("model: m\nforget: f\nlearning_rat: 1\n")
-    result = subprocess.run([sys.executable, "-m", "ds_unlearn", "unlearn", "--config", str(cfg)],
-                            capture_output=True, text=True, timeout=120)
+    result = subprocess.run(
+        [sys.executable, "-m", "ds_unlearn", "unlearn", "--config", str(cfg)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert result.returncode == 2
     lines = [l for l in result.stderr.splitlines() if l.strip()]
     assert len(lines) == 1 and "unknown key 'learning_rat'" in lines[0]

@@ -16,15 +16,17 @@ from ..demo.run import METHODS
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="ds-unlearn demo", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="ds-unlearn demo", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--output_dir", required=True, help="where the report, plots, models and logs go")
     parser.add_argument("--quick", action="store_true", help="tiny sets and capped epochs: a smoke run")
     parser.add_argument("--overwrite", action="store_true", help="replace an earlier demo run in output_dir")
     parser.add_argument("--num_records", type=int, default=None, help="forget-set size (default 16; 4 with --quick)")
     parser.add_argument("--seed", type=int, default=None, help="Faker, holdout sample and training seed (default 0)")
-    parser.add_argument("--methods", nargs="+", choices=METHODS, default=None,
-                        help="unlearning methods to run (default: ga sga tau)")
+    parser.add_argument(
+        "--methods", nargs="+", choices=METHODS, default=None, help="unlearning methods to run (default: ga sga tau)"
+    )
     return parser
 
 
@@ -32,8 +34,9 @@ def main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
     from ..demo.run import run_demo, settings_for
 
-    settings = settings_for(args.quick, forget=args.num_records, seed=args.seed,
-                            methods=tuple(args.methods) if args.methods else None)
+    settings = settings_for(
+        args.quick, forget=args.num_records, seed=args.seed, methods=tuple(args.methods) if args.methods else None
+    )
     report = run_demo(args.output_dir, settings, overwrite=args.overwrite)
     print("\n".join(summary_lines(report)))
     return 0
@@ -52,8 +55,11 @@ def summary_lines(report: dict) -> list[str]:
             f"{m['epochs']} epochs, {m['seconds']:.0f} s"
         )
     wild = report["wild"]
-    lines.append(f"memorized in the wild (pretrained, MA >= {wild['threshold_ma']:.2f}): "
-                 + (", ".join(wild["memorized"]) or "none"))
-    lines.append(f"report: {out}/report.md ({report['timing']['total']:.0f} s in all); "
-                 f"TensorBoard: {report['tensorboard']}")
+    lines.append(
+        f"memorized in the wild (pretrained, MA >= {wild['threshold_ma']:.2f}): "
+        + (", ".join(wild["memorized"]) or "none")
+    )
+    lines.append(
+        f"report: {out}/report.md ({report['timing']['total']:.0f} s in all); TensorBoard: {report['tensorboard']}"
+    )
     return lines

@@ -74,15 +74,25 @@ def run(config: LabConfig) -> int:
         entropy = strings.describe()["distribution"]["entropy_bits"]
         summary = summarize(results, entropy)
         plots = write_plots(results, out, summary["entropy_nats"], first_char=1 - strings.keep)
-        write_json(out / RESULTS, {
-            "config": asdict(config), "world_size": D.world_size(), "strings": strings.describe(),
-            "summary": summary, **results, "plots": plots, "wall_seconds": round(time.time() - started, 2),
-        })
+        write_json(
+            out / RESULTS,
+            {
+                "config": asdict(config),
+                "world_size": D.world_size(),
+                "strings": strings.describe(),
+                "summary": summary,
+                **results,
+                "plots": plots,
+                "wall_seconds": round(time.time() - started, 2),
+            },
+        )
         print(summary_line(config, summary, out))
     return 0
 
 
 def summary_line(config: LabConfig, summary: dict, out: Path) -> str:
     shown = {k: (round(v, 3) if isinstance(v, float) else v) for k, v in summary.items()}
-    return (f"memorize ({', '.join(config.experiment)}; l={config.alphabet_size}, n={config.string_length}, "
-            f"{config.num_strings} strings): {shown} -> {out / RESULTS}")
+    return (
+        f"memorize ({', '.join(config.experiment)}; l={config.alphabet_size}, n={config.string_length}, "
+        f"{config.num_strings} strings): {shown} -> {out / RESULTS}"
+    )

@@ -27,8 +27,9 @@ from ..core.scorer import (
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="ds-unlearn score", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="ds-unlearn score", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     add_arguments(parser)
     return parser
 
@@ -44,7 +45,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--el_n", type=int, nargs="+", default=[DEFAULT_EL_N], help="n of EL_n (several allowed)")
     parser.add_argument("--extract_k", type=int, nargs="+", default=[DEFAULT_EXTRACT_K], help="K of k-extractability")
     parser.add_argument("--max_length", type=int, default=None, help="truncate sequences to this many tokens")
-    parser.add_argument("--batch_size", type=int, default=DEFAULT_BATCH_SIZE, help="sequences / continuations per forward")
+    parser.add_argument(
+        "--batch_size", type=int, default=DEFAULT_BATCH_SIZE, help="sequences / continuations per forward"
+    )
     parser.add_argument("--text_field", default="text", help="field holding the text of a row")
     parser.add_argument("--id_field", default="id", help="field holding a row's id (else the row index)")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="dtype to load the model in")
@@ -109,4 +112,3 @@ def run(args: argparse.Namespace) -> int:
 
 def write_scores(path, ids, scores) -> None:
     write_jsonl(path, ({"id": row_id, **row} for row_id, row in zip(ids, scores)))
-

@@ -44,9 +44,13 @@ def build_parser(cls, prog: str | None = None):
     return parser
 
 
-def parse_config(cls: type[T], argv: list[str], prog: str | None = None,
-                 adjust_yaml: Callable[[dict], dict] = lambda d: d,
-                 before_build: Callable[[dict], None] | None = None) -> T:
+def parse_config(
+    cls: type[T],
+    argv: list[str],
+    prog: str | None = None,
+    adjust_yaml: Callable[[dict], dict] = lambda d: d,
+    before_build: Callable[[dict], None] | None = None,
+) -> T:
     """``[--config FILE.yaml] [--flag value ...]`` into a validated ``cls``.
 
     ``before_build(values)`` runs on the merged settings right before ``cls(**values)`` and may

@@ -60,9 +60,7 @@ def _root_cause(err: BaseException) -> str:
 
 
 def _as_token_ids(value, where: str) -> list[int]:
-    if not isinstance(value, (list, tuple)) or not all(
-        isinstance(t, int) and not isinstance(t, bool) for t in value
-    ):
+    if not isinstance(value, (list, tuple)) or not all(isinstance(t, int) and not isinstance(t, bool) for t in value):
         raise InputError(f"{where}: {IDS_FIELD} must be a list of integers")
     return list(value)
 

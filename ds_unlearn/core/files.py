@@ -53,7 +53,9 @@ def check_output(
             names = [p.name for p in path.iterdir()]
             clash = [n for n in names if owned is None or n in owned]
             if clash:
-                raise InputError(f"{option}: {path} holds an earlier run ({clash[0]}); pass {OVERWRITE_FLAG} to replace it")
+                raise InputError(
+                    f"{option}: {path} holds an earlier run ({clash[0]}); pass {OVERWRITE_FLAG} to replace it"
+                )
     else:
         if path.is_dir():
             raise InputError(f"{option}: {path} is a directory, not a file")

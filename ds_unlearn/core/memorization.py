@@ -48,9 +48,7 @@ def ngram_overlap(generated: Sequence[int], target: Sequence[int], n: int) -> fl
     return hits / num_grams
 
 
-def extraction_likelihood_reference(
-    tokens: Sequence[int], continuations: Mapping[int, Sequence[int]], n: int
-) -> float:
+def extraction_likelihood_reference(tokens: Sequence[int], continuations: Mapping[int, Sequence[int]], n: int) -> float:
     """EL_n by definition: ``continuations[p]`` is the greedy continuation of ``tokens[:p]``
     (exactly T-p tokens) for every p in 1..T-n."""
     T = len(tokens)

@@ -25,9 +25,7 @@ def _score_dtype(logits: torch.Tensor) -> torch.dtype:
 
 
 @torch.no_grad()
-def teacher_forced_rows(
-    model, sequences: Sequence[Sequence[int]]
-) -> list[tuple[np.ndarray, np.ndarray]]:
+def teacher_forced_rows(model, sequences: Sequence[Sequence[int]]) -> list[tuple[np.ndarray, np.ndarray]]:
     """One right-padded forward pass over ``sequences``; per sequence the match row and the
     next-token NLL row, both of length T-1 (padding never counts)."""
     device = model_device(model)
@@ -71,9 +69,7 @@ def greedy_continuations(
         mask[i, width - len(prompt) :] = 1
     ids, mask = ids.to(device), mask.to(device)
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
-    out = model(
-        input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1
-    )
+    out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1)
     cache = out.past_key_values
     next_token = out.logits[:, -1].argmax(-1)
     generated = [next_token]

@@ -55,9 +55,7 @@ def validate_request(
         if vocab_size is not None:
             for tok in seq:
                 if not 0 <= int(tok) < vocab_size:
-                    raise InputError(
-                        f"{describe_row(i)}: token id {tok} is outside the vocabulary [0, {vocab_size})"
-                    )
+                    raise InputError(f"{describe_row(i)}: token id {tok} is outside the vocabulary [0, {vocab_size})")
 
 
 def _chunks(items: list, size: int) -> list[list]:
@@ -105,10 +103,7 @@ def _el_fast(model, sequences, rows, el_n, batch_size, progress) -> list[dict]:
         for (i, f, _, _), cont in zip(chunk, outs):
             continuations[i][f] = cont
     return [
-        {
-            f"el_{n}": extraction_likelihood_fast(list(seq), match, continuations[i], n)
-            for n in el_n
-        }
+        {f"el_{n}": extraction_likelihood_fast(list(seq), match, continuations[i], n) for n in el_n}
         for i, (seq, (match, _)) in enumerate(zip(sequences, rows))
     ]
 
@@ -185,12 +180,11 @@ def score_sequences(
     model.eval()
     try:
         indices = D.shard_indices(len(sequences))
-        local = _score_local(
-            model, [sequences[i] for i in indices], el_n, extract_k, batch_size, method, bar
-        )
+        local = _score_local(model, [sequences[i] for i in indices], el_n, extract_k, batch_size, method, bar)
     finally:
         model.train(was_training)
     return D.gather_shards(local, len(sequences))
+
 
 def _progress_bar(iterable, desc):
     from tqdm.auto import tqdm

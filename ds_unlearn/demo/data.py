@@ -124,11 +124,13 @@ def _kjv_verses() -> tuple[dict, ...]:
     rows = []
     for line in path.read_text(encoding="utf-8").splitlines():
         verse = json.loads(line)
-        rows.append({
-            "id": _verse_id(verse["book"], verse["chapter"], verse["verse"]),
-            "reference": verse["citation"],
-            "text": " ".join(verse["text"].split()),
-        })
+        rows.append(
+            {
+                "id": _verse_id(verse["book"], verse["chapter"], verse["verse"]),
+                "reference": verse["citation"],
+                "text": " ".join(verse["text"].split()),
+            }
+        )
     return tuple(rows)
 
 

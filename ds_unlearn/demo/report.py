@@ -73,9 +73,13 @@ def markdown(report: dict) -> str:
             f"Thresholds, calibrated on {unseen.get('count', 'the')} records the model never saw, as the planted "
             f"model scores them (mean MA {f3(unseen.get('means', {}).get('ma'))}): memorized if MA ≥ {f3(t['memorized_ma'])} "
             f"(their 95th percentile), over-unlearned if MA ≤ {f3(t['over_unlearned_ma'])} (their 5th)."
-            + (f" Calibrated on the KJV holdout instead they would be {f3(kjv['memorized_ma'])} / "
-               f"{f3(kjv['over_unlearned_ma'])}, below what never-seen records score: planting taught the model "
-               f"the record templates, so a record it never saw is easier to guess than scripture." if kjv else ""),
+            + (
+                f" Calibrated on the KJV holdout instead they would be {f3(kjv['memorized_ma'])} / "
+                f"{f3(kjv['over_unlearned_ma'])}, below what never-seen records score: planting taught the model "
+                f"the record templates, so a record it never saw is easier to guess than scripture."
+                if kjv
+                else ""
+            ),
             "",
         ]
     lines += summary_table(methods)
@@ -128,7 +132,8 @@ def method_table(m: dict) -> list[str]:
     lines += [
         "",
         f"{m['epochs']} epochs in {f1(m['seconds'])} s; {m['stop_reason']}"
-        + (f"; task vector from epoch {switched}" if switched is not None else "") + ". "
+        + (f"; task vector from epoch {switched}" if switched is not None else "")
+        + ". "
         f"Scores: `{m['files']['scores_before']}`, `{m['files']['scores_after']}`.",
         "",
     ]
@@ -170,8 +175,12 @@ def wild_section(wild: dict) -> list[str]:
         "",
         f"Before any planting, the pretrained model was scanned on {wild['scanned']} KJV verses "
         f"({corpora['famous']} from famous passages, {corpora['holdout']} from the holdout sample). "
-        + (f"{len(found)} verse(s) reach MA ≥ {wild['threshold_ma']:.2f}, the ICML code's \"memorized\" verdict: "
-           f"{', '.join(found)}." if found else f"No verse reaches MA ≥ {wild['threshold_ma']:.2f}.")
+        + (
+            f'{len(found)} verse(s) reach MA ≥ {wild["threshold_ma"]:.2f}, the ICML code\'s "memorized" verdict: '
+            f"{', '.join(found)}."
+            if found
+            else f"No verse reaches MA ≥ {wild['threshold_ma']:.2f}."
+        )
         + f" {len(wild.get('extractable', []))} verse(s) are extractable from their first {k} tokens"
         + (f" ({', '.join(wild['extractable'])})." if wild.get("extractable") else ".")
         + " The most memorized verses:",
@@ -200,16 +209,31 @@ def files_section(report: dict) -> list[str]:
         "- `planted/model`: the planted checkpoint; `planted/scores_*.jsonl`: every set scored by it",
     ]
     for key, m in report["methods"].items():
-        lines.append(f"- `{key}/`: `report.json`, `scores_before.jsonl`, `scores_epoch*.jsonl`, "
-                     f"`scores_after.jsonl`, `model/`, TensorBoard logs in `runs/`")
-    lines += ["", "TensorBoard (planting and every method's per-epoch metrics):", "",
-              "```", report["tensorboard"], "```", ""]
+        lines.append(
+            f"- `{key}/`: `report.json`, `scores_before.jsonl`, `scores_epoch*.jsonl`, "
+            f"`scores_after.jsonl`, `model/`, TensorBoard logs in `runs/`"
+        )
+    lines += [
+        "",
+        "TensorBoard (planting and every method's per-epoch metrics):",
+        "",
+        "```",
+        report["tensorboard"],
+        "```",
+        "",
+    ]
     return lines
 
 
 def timing_section(timing: dict, cpu: dict) -> list[str]:
-    lines = ["## Timing", "", "Wall seconds, and CPU seconds of this process (all threads).", "",
-             "| stage | wall s | CPU s |", "|---|---|---|"]
+    lines = [
+        "## Timing",
+        "",
+        "Wall seconds, and CPU seconds of this process (all threads).",
+        "",
+        "| stage | wall s | CPU s |",
+        "|---|---|---|",
+    ]
     lines += [f"| {stage} | {f1(seconds)} | {f1(cpu.get(stage))} |" for stage, seconds in timing.items()]
     return lines + [""]
 
@@ -223,8 +247,12 @@ def write_plots(out: Path, report: dict) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    for name, draw in (("ma_per_sequence.png", plot_ma_per_sequence), ("epoch_curves.png", plot_epoch_curves),
-                       ("tradeoff.png", plot_tradeoff), ("planting.png", plot_planting)):
+    for name, draw in (
+        ("ma_per_sequence.png", plot_ma_per_sequence),
+        ("epoch_curves.png", plot_epoch_curves),
+        ("tradeoff.png", plot_tradeoff),
+        ("planting.png", plot_planting),
+    ):
         fig = draw(plt, report)
         fig.tight_layout(rect=(0, 0.07, 1, 1) if name == "ma_per_sequence.png" else None)
         fig.savefig(out / name, dpi=110)
@@ -244,8 +272,9 @@ def _threshold_lines(ax, report: dict) -> None:
 
 def plot_ma_per_sequence(plt, report: dict):
     methods = report["methods"]
-    fig, axes = plt.subplots(1, max(len(methods), 1), figsize=(4.5 * max(len(methods), 1), 3.8),
-                             sharey=True, squeeze=False)
+    fig, axes = plt.subplots(
+        1, max(len(methods), 1), figsize=(4.5 * max(len(methods), 1), 3.8), sharey=True, squeeze=False
+    )
     for ax, (key, m) in zip(axes[0], methods.items()):
         x = np.arange(len(m["ma"]["ids"]))
         ax.bar(x - 0.2, m["ma"]["before"], width=0.4, color="0.7", label="before")
@@ -263,9 +292,12 @@ def plot_ma_per_sequence(plt, report: dict):
 
 def _history(m: dict):
     h = m["history"]
-    return (np.array([r["epoch"] for r in h]), np.array([r["forget/ma_mean"] for r in h]),
-            np.array([r["forget/memorized"] for r in h]),
-            np.array([r.get("holdout/loss", np.nan) for r in h], dtype=float))
+    return (
+        np.array([r["epoch"] for r in h]),
+        np.array([r["forget/ma_mean"] for r in h]),
+        np.array([r["forget/memorized"] for r in h]),
+        np.array([r.get("holdout/loss", np.nan) for r in h], dtype=float),
+    )
 
 
 def plot_epoch_curves(plt, report: dict):
@@ -296,8 +328,15 @@ def plot_tradeoff(plt, report: dict):
         change = (np.exp(loss) / base - 1) * 100
         ax.plot(change, ma, color=COLORS[key], marker="o", ms=3, alpha=0.6)
         final = m["holdout_perplexity"]["change_pct"]
-        ax.plot([final], [m["after"]["means"]["ma"]], marker="*", ms=13, color=COLORS[key], ls="none",
-                label=f"{m['title']} (final)")
+        ax.plot(
+            [final],
+            [m["after"]["means"]["ma"]],
+            marker="*",
+            ms=13,
+            color=COLORS[key],
+            ls="none",
+            label=f"{m['title']} (final)",
+        )
     _threshold_lines(ax, report)
     ax.set_xlabel("holdout perplexity change vs the planted model (%)")
     ax.set_ylabel("forget mean MA")
@@ -312,8 +351,12 @@ def plot_planting(plt, report: dict):
     epochs = [r["epoch"] for r in h]
     ax.plot(epochs, [r["ma_mean"] for r in h], marker="o", label="mean MA")
     ax.plot(epochs, [r["ma_min"] for r in h], marker="o", label="lowest MA")
-    ax.plot(epochs, [r["extractable"] / r["records"] for r in h], marker="s",
-            label=f"extractable fraction (k={report['demo']['settings']['extract_k']})")
+    ax.plot(
+        epochs,
+        [r["extractable"] / r["records"] for r in h],
+        marker="s",
+        label=f"extractable fraction (k={report['demo']['settings']['extract_k']})",
+    )
     ax.set_xlabel("planting epoch (0 = pretrained)")
     ax.set_ylim(0, 1.02)
     ax.set_title("planting the records")

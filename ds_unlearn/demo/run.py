@@ -87,8 +87,16 @@ METHODS = ("ga", "sga", "ta", "tau")
 METHOD_TITLES = {"ga": "GA (baseline)", "sga": "SGA", "ta": "TA", "tau": "TAU"}
 WILD_MA = MEMORIZED_MA  # the ICML code's "memorized" verdict, used for the wild scan
 # What the demo writes directly under DIR; --overwrite removes exactly these (and method dirs).
-OWN_ENTRIES = ("data", "planted", "report.md", "report.json", "ma_per_sequence.png",
-               "epoch_curves.png", "tradeoff.png", "planting.png")
+OWN_ENTRIES = (
+    "data",
+    "planted",
+    "report.md",
+    "report.json",
+    "ma_per_sequence.png",
+    "epoch_curves.png",
+    "tradeoff.png",
+    "planting.png",
+)
 
 
 @dataclass(frozen=True)
@@ -114,9 +122,23 @@ class DemoSettings:
     quick: bool = False
 
 
-QUICK = DemoSettings(forget=4, retain=2, holdout=4, unseen=4, famous=3, max_length=20, extract_k=8,
-                     plant_lr=5e-4, plant_batch_size=2, plant_max_epochs=5, unlearn_lr=3e-4,
-                     unlearn_max_epochs=2, tv_switch_ma=1.0, wild_top=2, quick=True)  # TAU: task vector at once
+QUICK = DemoSettings(
+    forget=4,
+    retain=2,
+    holdout=4,
+    unseen=4,
+    famous=3,
+    max_length=20,
+    extract_k=8,
+    plant_lr=5e-4,
+    plant_batch_size=2,
+    plant_max_epochs=5,
+    unlearn_lr=3e-4,
+    unlearn_max_epochs=2,
+    tv_switch_ma=1.0,
+    wild_top=2,
+    quick=True,
+)  # TAU: task vector at once
 
 
 def settings_for(quick: bool, **overrides) -> DemoSettings:
@@ -177,12 +199,16 @@ def run_demo(output_dir: str | Path, settings: DemoSettings, overwrite: bool = F
     planting["thresholds"] = {name: asdict(t) for name, t in thresholds.items()}
     methods = {}
     for method in settings.methods:
-        methods[method] = clock.run(f"unlearn {method}", unlearn, method, out, settings, overwrite, thresholds["unseen"])
+        methods[method] = clock.run(
+            f"unlearn {method}", unlearn, method, out, settings, overwrite, thresholds["unseen"]
+        )
     report = {
         "demo": {"quick": settings.quick, "settings": asdict(settings), "output_dir": str(out)},
         "model": model_info,
-        "data": {name: {"file": f"data/{name}.jsonl", "count": len(rows), "ids": [r["id"] for r in rows]}
-                 for name, rows in data.items()},
+        "data": {
+            name: {"file": f"data/{name}.jsonl", "count": len(rows), "ids": [r["id"] for r in rows]}
+            for name, rows in data.items()
+        },
         "wild": wild,
         "planting": planting,
         "methods": methods,
@@ -289,21 +315,36 @@ def scan_wild(checkpoint, data: dict, tokens: dict, settings: DemoSettings) -> d
             seqs.append(seq)
     need = min_length((), (k,))
     usable = [i for i, seq in enumerate(seqs) if len(seq) >= need]
-    tf = score_sequences(model, [seqs[i] for i in usable], el_n=(), extract_k=(k,),
-                         batch_size=settings.score_batch_size, progress=True)
+    tf = score_sequences(
+        model, [seqs[i] for i in usable], el_n=(), extract_k=(k,), batch_size=settings.score_batch_size, progress=True
+    )
     scanned = []
     for i, score in zip(usable, tf):
-        scanned.append({**rows[i], "n_tokens": score["n_tokens"], "ma": score["ma"], "loss": score["loss"],
-                        "max_verbatim": score["max_verbatim"], f"extractable_k{k}": score[f"extractable_k{k}"],
-                        "_tokens": seqs[i]})
+        scanned.append(
+            {
+                **rows[i],
+                "n_tokens": score["n_tokens"],
+                "ma": score["ma"],
+                "loss": score["loss"],
+                "max_verbatim": score["max_verbatim"],
+                f"extractable_k{k}": score[f"extractable_k{k}"],
+                "_tokens": seqs[i],
+            }
+        )
     scanned.sort(key=lambda r: -r["ma"])
     flagged = [r for r in scanned if r["ma"] >= WILD_MA]
     listed = scanned[: max(len(flagged), settings.wild_top)]
     # EL_10 (greedy decoding, the slow part) only where the scan claims memorization.
     with_el = [r for r in flagged if len(r["_tokens"]) >= min_length((10,), ())]
     if with_el:
-        els = score_sequences(model, [r["_tokens"] for r in with_el], el_n=(10,), extract_k=(),
-                              batch_size=settings.score_batch_size, progress=True)
+        els = score_sequences(
+            model,
+            [r["_tokens"] for r in with_el],
+            el_n=(10,),
+            extract_k=(),
+            batch_size=settings.score_batch_size,
+            progress=True,
+        )
         for r, score in zip(with_el, els):
             r["el_10"] = score["el_10"]
     for r in scanned:
@@ -368,18 +409,21 @@ def plant(checkpoint, tokenizer, data: dict, tokens: dict, settings: DemoSetting
     scores = {}
     for name in ("forget", "retain"):  # memorized by now: EL_10 is cheap (few wrong positions)
         if tokens[name]:
-            scores[name] = score_sequences(model, tokens[name], el_n=(10,), extract_k=(k,),
-                                           batch_size=settings.score_batch_size, progress=True)
+            scores[name] = score_sequences(
+                model, tokens[name], el_n=(10,), extract_k=(k,), batch_size=settings.score_batch_size, progress=True
+            )
     for name in ("holdout", "unseen"):  # unmemorized: teacher-forced metrics only
         if tokens[name]:
             scores[name] = _teacher_forced(model, tokens[name], settings)
     for name, rows in scores.items():
         write_jsonl(out / f"scores_{name}.jsonl", ({"id": r["id"], **s} for r, s in zip(data[name], rows)))
     summary = {name: summarize_scores(rows) for name, rows in scores.items()}
-    extractable = sum(summary[name]["extractable"][f"extractable_k{k}"] for name in ("forget", "retain") if name in summary)
+    extractable = sum(
+        summary[name]["extractable"][f"extractable_k{k}"] for name in ("forget", "retain") if name in summary
+    )
     result = {
         "criterion": f"every planted record k-extractable (k={k}: greedy decoding from its first {k} "
-                     f"tokens reproduces the rest)",
+        f"tokens reproduces the rest)",
         "reached": extractable == len(planted),
         "epochs": monitor.history[-1]["epoch"],
         "max_epochs": settings.plant_max_epochs,
@@ -387,8 +431,10 @@ def plant(checkpoint, tokenizer, data: dict, tokens: dict, settings: DemoSetting
         "records": len(planted),
         "history": monitor.history,
         "sets": summary,
-        "holdout_loss": {"pretrained": _mean([s["loss"] for s in pretrained_holdout]),
-                         "planted": summary["holdout"]["means"]["loss"] if "holdout" in summary else None},
+        "holdout_loss": {
+            "pretrained": _mean([s["loss"] for s in pretrained_holdout]),
+            "planted": summary["holdout"]["means"]["loss"] if "holdout" in summary else None,
+        },
         "checkpoint": "planted/model",
     }
     del trainer, model
@@ -399,8 +445,7 @@ def plant(checkpoint, tokenizer, data: dict, tokens: dict, settings: DemoSetting
 def _teacher_forced(model, seqs, settings: DemoSettings) -> list[dict]:
     from ..core.scorer import score_sequences
 
-    return score_sequences(model, seqs, el_n=(), extract_k=(settings.extract_k,),
-                           batch_size=settings.score_batch_size)
+    return score_sequences(model, seqs, el_n=(), extract_k=(settings.extract_k,), batch_size=settings.score_batch_size)
 
 
 class PlantingMonitor(TrainerCallback):
@@ -414,8 +459,9 @@ class PlantingMonitor(TrainerCallback):
         """Scores the records now, appends to the history; True once all are extractable."""
         from ..core.scorer import score_sequences
 
-        scores = score_sequences(self.trainer.model, self.sequences, el_n=(), extract_k=(self.k,),
-                                 batch_size=self.batch_size)
+        scores = score_sequences(
+            self.trainer.model, self.sequences, el_n=(), extract_k=(self.k,), batch_size=self.batch_size
+        )
         ma = [s["ma"] for s in scores]
         done = int(sum(bool(s[f"extractable_k{self.k}"]) for s in scores))
         row = {"ma_mean": float(np.mean(ma)), "ma_min": float(np.min(ma)), "extractable": done}
@@ -500,11 +546,17 @@ def method_summary(method_dir: Path, result) -> dict:
         "stop_reason": report["stop_reason"],
         "switched_to_task_vector_at_epoch": report.get("switched_to_task_vector_at_epoch"),
         "seconds": report["wall_seconds"],
-        "files": {"scores_before": f"{method_dir.name}/scores_before.jsonl",
-                  "scores_after": f"{method_dir.name}/scores_after.jsonl",
-                  "report": f"{method_dir.name}/report.json", "model": f"{method_dir.name}/model"},
+        "files": {
+            "scores_before": f"{method_dir.name}/scores_before.jsonl",
+            "scores_after": f"{method_dir.name}/scores_after.jsonl",
+            "report": f"{method_dir.name}/report.json",
+            "model": f"{method_dir.name}/model",
+        },
         "history": report["history"],
-        "ma": {"ids": result.forget_ids, "before": [r["ma"] for r in result.scores_before],
-               "after": [r["ma"] for r in result.scores_after]},
+        "ma": {
+            "ids": result.forget_ids,
+            "before": [r["ma"] for r in result.scores_before],
+            "after": [r["ma"] for r in result.scores_after],
+        },
         "report": {k: v for k, v in report.items() if k != "history"},
     }

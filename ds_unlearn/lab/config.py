@@ -29,46 +29,82 @@ def _help(text: str, **kwargs):
 @dataclass
 class LabConfig:
     # The model and the strings.
-    model: str | None = _help("Hugging Face checkpoint directory, Hub model id, or 'smollm2'. Never written to.", default=None)
-    alphabet_size: int | None = _help("l: the strings use the first l lowercase letters (default 4, or len(symbols)).", default=None)
-    symbols: list[str] | None = _help("The alphabet as a list of characters, instead of the first l letters.", default=None)
+    model: str | None = _help(
+        "Hugging Face checkpoint directory, Hub model id, or 'smollm2'. Never written to.", default=None
+    )
+    alphabet_size: int | None = _help(
+        "l: the strings use the first l lowercase letters (default 4, or len(symbols)).", default=None
+    )
+    symbols: list[str] | None = _help(
+        "The alphabet as a list of characters, instead of the first l letters.", default=None
+    )
     string_length: int = _help("Characters per string.", default=32)
     num_strings: int = _help(
         "Strings trained on (sequential: A, B, C, ... one after another). Short strings over a small alphabet "
-        "share openings no model can tell apart; dynamics.json counts them (shared_context_positions).", default=4)
-    distribution: str = _help("'uniform' or 'skewed' (p_i proportional to exp(-beta*i), beta set by target_entropy).", default="uniform")
-    target_entropy: float | None = _help("Skewed only: entropy of the character distribution, in bits, in (0, log2 l].", default=None)
+        "share openings no model can tell apart; dynamics.json counts them (shared_context_positions).",
+        default=4,
+    )
+    distribution: str = _help(
+        "'uniform' or 'skewed' (p_i proportional to exp(-beta*i), beta set by target_entropy).", default="uniform"
+    )
+    target_entropy: float | None = _help(
+        "Skewed only: entropy of the character distribution, in bits, in (0, log2 l].", default=None
+    )
     bos: bool = _help("Put the tokenizer's BOS token in front of every string.", default=False)
     control_strings: int = _help(
         "Fresh unseen strings of the same distribution, measured every epoch as the control (a forward pass "
-        "each: more of them make the control level less noisy).", default=8)
+        "each: more of them make the control level less noisy).",
+        default=8,
+    )
     seed: int = _help("Seed of the strings, the probes and the Trainer.", default=0)
 
     # Training.
     epochs: int = _help("Epochs of exposure (sequential: per string, and again for relearning A).", default=40)
     learning_rate: float = _help(
         "Adam learning rate, constant. The paper uses about 1e-5 over about 100 epochs on GPUs; 1e-4 lets "
-        "SmolLM2-135M memorise short strings in tens of epochs on a CPU.", default=1e-4)
-    per_device_train_batch_size: int = _help("Strings per micro-batch; at least num_strings gives one optimizer step per epoch.", default=16)
-    deepspeed: str | None = _help("DeepSpeed JSON config for multi-rank runs (deepspeed --no_local_rank --module ds_unlearn memorize ...).", default=None)
+        "SmolLM2-135M memorise short strings in tens of epochs on a CPU.",
+        default=1e-4,
+    )
+    per_device_train_batch_size: int = _help(
+        "Strings per micro-batch; at least num_strings gives one optimizer step per epoch.", default=16
+    )
+    deepspeed: str | None = _help(
+        "DeepSpeed JSON config for multi-rank runs (deepspeed --no_local_rank --module ds_unlearn memorize ...).",
+        default=None,
+    )
 
     # What to run.
     experiment: list[str] = _help(
         f"One or more of {', '.join(EXPERIMENTS)}. local_prefix, global_context and unlearning probe the model "
         "the exposure run trained (they share one exposure); sequential trains its own schedule.",
-        default_factory=lambda: ["exposure"])
+        default_factory=lambda: ["exposure"],
+    )
     phase_margin: float = _help(
         "Memorisation means accuracy clearly above the unseen control: above it by at least this much, and by "
-        "two binomial standard errors of the control level over the string's positions.", default=0.1)
-    local_prefix_ks: list[int] | None = _help("Context lengths k of the local-prefix and global-context probes (default 1..16, then 32, 64, ...).", default=None)
-    unlearn_method: str = _help("Unlearning experiment: 'ga' or 'sga' (the methods whose trained weights are the judged ones).", default="ga")
-    unlearn_epochs: int = _help("Unlearning experiment: at most this many epochs; it stops once the mean accuracy is below the control's.", default=20)
-    unlearn_learning_rate: float | None = _help("Unlearning experiment: learning rate (default: learning_rate).", default=None)
+        "two binomial standard errors of the control level over the string's positions.",
+        default=0.1,
+    )
+    local_prefix_ks: list[int] | None = _help(
+        "Context lengths k of the local-prefix and global-context probes (default 1..16, then 32, 64, ...).",
+        default=None,
+    )
+    unlearn_method: str = _help(
+        "Unlearning experiment: 'ga' or 'sga' (the methods whose trained weights are the judged ones).", default="ga"
+    )
+    unlearn_epochs: int = _help(
+        "Unlearning experiment: at most this many epochs; it stops once the mean accuracy is below the control's.",
+        default=20,
+    )
+    unlearn_learning_rate: float | None = _help(
+        "Unlearning experiment: learning rate (default: learning_rate).", default=None
+    )
 
     # Outputs.
     output_dir: str | None = _help("Where dynamics.json, the plots, TensorBoard logs and the model go.", default=None)
     overwrite: bool = _help("Replace the lab outputs of an earlier run in output_dir.", default=False)
-    save_model: bool = _help("Save the trained model to output_dir/model and the strings to canaries.jsonl (a forget set).", default=False)
+    save_model: bool = _help(
+        "Save the trained model to output_dir/model and the strings to canaries.jsonl (a forget set).", default=False
+    )
 
     def __post_init__(self):
         def bad(name, why):
@@ -93,7 +129,14 @@ class LabConfig:
             self.symbols = list(LETTERS[: self.alphabet_size])
         if self.alphabet_size < 2:
             bad("symbols", "need at least 2 characters")
-        for name in ("string_length", "num_strings", "control_strings", "epochs", "per_device_train_batch_size", "unlearn_epochs"):
+        for name in (
+            "string_length",
+            "num_strings",
+            "control_strings",
+            "epochs",
+            "per_device_train_batch_size",
+            "unlearn_epochs",
+        ):
             if getattr(self, name) < 1:
                 bad(name, f"must be at least 1, got {getattr(self, name)}")
         if self.string_length < 2:
@@ -136,10 +179,14 @@ class LabConfig:
             raise InputError("string_length: the context probes need at least 3 characters")
         if "unlearning" in self.experiment:
             if self.unlearn_method not in UNLEARN_METHODS:
-                raise InputError(f"unlearn_method: must be one of {', '.join(UNLEARN_METHODS)}, got {self.unlearn_method!r}")
+                raise InputError(
+                    f"unlearn_method: must be one of {', '.join(UNLEARN_METHODS)}, got {self.unlearn_method!r}"
+                )
             if self.string_length + int(self.bos) < MIN_UNLEARN_TOKENS:
-                raise InputError(f"string_length: the unlearning experiment scores EL_10, so strings need at least "
-                                 f"{MIN_UNLEARN_TOKENS} tokens (got {self.string_length + int(self.bos)})")
+                raise InputError(
+                    f"string_length: the unlearning experiment scores EL_10, so strings need at least "
+                    f"{MIN_UNLEARN_TOKENS} tokens (got {self.string_length + int(self.bos)})"
+                )
 
     @property
     def trains_exposure(self) -> bool:
@@ -160,5 +207,4 @@ def parse_config(argv: list[str]) -> LabConfig:
     """``[--config FILE.yaml] [--flag value ...]`` into a validated LabConfig."""
     # The deepspeed launcher adds --local_rank; LOCAL_RANK in the environment says the same.
     argv = [a for a in argv if not a.startswith("--local_rank")]
-    return parse_dataclass_config(LabConfig, argv, prog="ds-unlearn memorize",
-                                  adjust_yaml=_one_experiment_is_a_list)
+    return parse_dataclass_config(LabConfig, argv, prog="ds-unlearn memorize", adjust_yaml=_one_experiment_is_a_list)

@@ -98,9 +98,11 @@ def map_symbols(tokenizer, symbols: Sequence[str]) -> tuple[list[int], bool]:
         failures.append((len(ids), leading_space, failure))
     # Name the character that stopped the convention which got further: that one is the culprit.
     (_, spaced, (symbol, why)), (_, _, (other, other_why)) = sorted(failures, key=lambda f: -f[0])
-    raise InputError(f"symbols: character {symbol!r} is {why} for this tokenizer ({'with' if spaced else 'without'} "
-                     f"a leading space; {'without' if spaced else 'with'} one, {other!r} is {other_why}); "
-                     f"each character must be exactly one token of its own")
+    raise InputError(
+        f"symbols: character {symbol!r} is {why} for this tokenizer ({'with' if spaced else 'without'} "
+        f"a leading space; {'without' if spaced else 'with'} one, {other!r} is {other_why}); "
+        f"each character must be exactly one token of its own"
+    )
 
 
 def _single_tokens(tokenizer, symbols: Sequence[str], prefix: str) -> tuple[list[int], tuple | None]:
@@ -138,8 +140,14 @@ def settled_epoch(epochs: Sequence[int], flags: Sequence[bool]) -> int | None:
     return start
 
 
-def detect_phases(epochs: Sequence[int], accuracy: Sequence[float], control: Sequence[float],
-                  positions: int, minimum_margin: float, full: float = 0.99) -> dict:
+def detect_phases(
+    epochs: Sequence[int],
+    accuracy: Sequence[float],
+    control: Sequence[float],
+    positions: int,
+    minimum_margin: float,
+    full: float = 0.99,
+) -> dict:
     """Guessing then memorisation, for one accuracy curve against the unseen control's.
 
     Memorisation starts at the first epoch from which accuracy stays clearly above the control
@@ -156,8 +164,9 @@ def detect_phases(epochs: Sequence[int], accuracy: Sequence[float], control: Seq
     }
 
 
-def guessing_band_entry(epochs: Sequence[int], accuracy: Sequence[float], control: Sequence[float],
-                        positions: int, minimum_margin: float) -> int | None:
+def guessing_band_entry(
+    epochs: Sequence[int], accuracy: Sequence[float], control: Sequence[float], positions: int, minimum_margin: float
+) -> int | None:
     """Unlearning in reverse: the first epoch accuracy is back within the margin of the control."""
     inside = [a <= c + clear_margin(c, positions, minimum_margin) for a, c in zip(accuracy, control)]
     return first_epoch(epochs, inside)

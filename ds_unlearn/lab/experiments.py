@@ -51,15 +51,21 @@ class EpochRecorder(TrainerCallback):
         record = {"epoch": len(self.history), **measure(self.trainer.model, self.strings)}
         self.history.append(record)
         accuracy, loss = float(np.mean(record["accuracy"])), float(np.mean(record["loss"]))
-        self.trainer.log({
-            "lab/accuracy": accuracy, "lab/loss": loss,
-            "lab/control_accuracy": record["control_accuracy"], "lab/control_loss": record["control_loss"],
-            **{f"lab/string{i}/accuracy": a for i, a in enumerate(record["accuracy"][:MAX_STRING_SCALARS])},
-        })
+        self.trainer.log(
+            {
+                "lab/accuracy": accuracy,
+                "lab/loss": loss,
+                "lab/control_accuracy": record["control_accuracy"],
+                "lab/control_loss": record["control_loss"],
+                **{f"lab/string{i}/accuracy": a for i, a in enumerate(record["accuracy"][:MAX_STRING_SCALARS])},
+            }
+        )
         if D.is_main():
-            print(f"{self.label} epoch {record['epoch']}: accuracy {accuracy:.3f} (control "
-                  f"{record['control_accuracy']:.3f}), loss {loss:.3f} (control {record['control_loss']:.3f})",
-                  flush=True)
+            print(
+                f"{self.label} epoch {record['epoch']}: accuracy {accuracy:.3f} (control "
+                f"{record['control_accuracy']:.3f}), loss {loss:.3f} (control {record['control_loss']:.3f})",
+                flush=True,
+            )
 
     def on_train_begin(self, args, state, control, **kwargs):
         self._record()
@@ -93,22 +99,39 @@ def training_arguments(config: LabConfig, output_dir: Path, epochs: int):
     if config.deepspeed and D.uses_configured_state():
         extra["accelerator_config"] = {"use_configured_state": True}
     return TrainingArguments(
-        output_dir=str(output_dir), num_train_epochs=epochs, learning_rate=config.learning_rate,
+        output_dir=str(output_dir),
+        num_train_epochs=epochs,
+        learning_rate=config.learning_rate,
         # Constant: a decaying rate would bend the phases the lab is there to see.
-        lr_scheduler_type="constant", weight_decay=0.0,
-        per_device_train_batch_size=config.per_device_train_batch_size, logging_steps=1,
-        save_strategy="no", report_to=["tensorboard"], remove_unused_columns=False, disable_tqdm=True,
-        seed=config.seed, deepspeed=config.deepspeed, **extra,
+        lr_scheduler_type="constant",
+        weight_decay=0.0,
+        per_device_train_batch_size=config.per_device_train_batch_size,
+        logging_steps=1,
+        save_strategy="no",
+        report_to=["tensorboard"],
+        remove_unused_columns=False,
+        disable_tqdm=True,
+        seed=config.seed,
+        deepspeed=config.deepspeed,
+        **extra,
     )
 
 
-def train_schedule(config: LabConfig, strings: LabStrings, model_dir: Path, tokenizer,
-                   schedule: list[list[int]], log_dir: Path, label: str):
+def train_schedule(
+    config: LabConfig,
+    strings: LabStrings,
+    model_dir: Path,
+    tokenizer,
+    schedule: list[list[int]],
+    log_dir: Path,
+    label: str,
+):
     """Fine-tune the model through the schedule; returns the trainer and the epoch records."""
     args = training_arguments(config, log_dir, len(schedule))
     model = load_causal_lm(model_dir)  # after the arguments: under ZeRO-3 it loads partitioned
-    trainer = ScheduleTrainer(model=model, args=args, train_sequences=strings.train_sequences,
-                              schedule=schedule, processing_class=tokenizer)
+    trainer = ScheduleTrainer(
+        model=model, args=args, train_sequences=strings.train_sequences, schedule=schedule, processing_class=tokenizer
+    )
     recorder = EpochRecorder(trainer, strings, label)
     trainer.train()
     return trainer, recorder.history
@@ -133,8 +156,9 @@ def run_lab(config: LabConfig, strings: LabStrings, model_dir: Path, tokenizer, 
     margin = config.phase_margin
     if config.trains_exposure:
         schedule = [list(range(len(strings.train)))] * config.epochs
-        trainer, history = train_schedule(config, strings, model_dir, tokenizer, schedule,
-                                          out / "tensorboard" / "exposure", "exposure")
+        trainer, history = train_schedule(
+            config, strings, model_dir, tokenizer, schedule, out / "tensorboard" / "exposure", "exposure"
+        )
         shared = shared_contexts(strings.train, strings.keep)
         results["exposure"] = {"epochs": history, "phases": exposure_phases(history, strings.predicted, margin, shared)}
         ks = config.local_prefix_ks or default_ks(config.string_length - 1)
@@ -145,8 +169,9 @@ def run_lab(config: LabConfig, strings: LabStrings, model_dir: Path, tokenizer, 
     else:
         stages = sequential_stages(len(strings.train))
         schedule = [[i] for _, i in stages for _ in range(config.epochs)]
-        trainer, history = train_schedule(config, strings, model_dir, tokenizer, schedule,
-                                          out / "tensorboard" / "sequential", "sequential")
+        trainer, history = train_schedule(
+            config, strings, model_dir, tokenizer, schedule, out / "tensorboard" / "sequential", "sequential"
+        )
         summary = sequential_summary(history, stages, config.epochs, strings.predicted, margin)
         results["sequential"] = {"epochs": history, **summary}
     if config.save_model or "unlearning" in config.experiment:
@@ -164,8 +189,13 @@ def save_canaries(trainer, strings: LabStrings, out: Path) -> None:
 
     trainer.save_model(str(out / "model"))  # collective under ZeRO-3 (gathers the weights)
     if D.is_main():
-        write_jsonl(out / CANARIES, ({"id": f"canary-{i:03d}", "text": strings.text(s), "input_ids": seq}
-                                     for i, (s, seq) in enumerate(zip(strings.train, strings.train_sequences))))
+        write_jsonl(
+            out / CANARIES,
+            (
+                {"id": f"canary-{i:03d}", "text": strings.text(s), "input_ids": seq}
+                for i, (s, seq) in enumerate(zip(strings.train, strings.train_sequences))
+            ),
+        )
     D.barrier()
 
 
@@ -179,12 +209,25 @@ def run_unlearning(config: LabConfig, strings: LabStrings, out: Path, tokenizer,
 
     control_level = exposure[-1]["control_accuracy"]
     args = UnlearnConfig(
-        model=str(out / "model"), forget=str(out / CANARIES), output_dir=str(out / "unlearn"),
-        method=config.unlearn_method, learning_rate=config.unlearn_learning_rate,
-        num_train_epochs=config.unlearn_epochs, stop_rule="mean", mean_threshold=control_level,
-        extract_k=8, per_device_train_batch_size=config.per_device_train_batch_size,
-        save_strategy="no", disable_tqdm=True, seed=config.seed, deepspeed=config.deepspeed,
-        **({"accelerator_config": {"use_configured_state": True}} if config.deepspeed and D.uses_configured_state() else {}),
+        model=str(out / "model"),
+        forget=str(out / CANARIES),
+        output_dir=str(out / "unlearn"),
+        method=config.unlearn_method,
+        learning_rate=config.unlearn_learning_rate,
+        num_train_epochs=config.unlearn_epochs,
+        stop_rule="mean",
+        mean_threshold=control_level,
+        extract_k=8,
+        per_device_train_batch_size=config.per_device_train_batch_size,
+        save_strategy="no",
+        disable_tqdm=True,
+        seed=config.seed,
+        deepspeed=config.deepspeed,
+        **(
+            {"accelerator_config": {"use_configured_state": True}}
+            if config.deepspeed and D.uses_configured_state()
+            else {}
+        ),
     )
     forget = load_sequence_set(out / CANARIES, option=CANARIES)
     if config.deepspeed:
@@ -200,5 +243,10 @@ def run_unlearning(config: LabConfig, strings: LabStrings, out: Path, tokenizer,
     trainer.train()
     entropy_nats = entropy_bits(strings.probabilities) * float(np.log(2))
     summary = unlearning_summary(recorder.history, exposure, strings.predicted, config.phase_margin, entropy_nats)
-    return {"method": config.unlearn_method, "stop_threshold": control_level,
-            "stop_reason": trainer.run.stop_reason, "epochs": recorder.history, **summary}
+    return {
+        "method": config.unlearn_method,
+        "stop_threshold": control_level,
+        "stop_reason": trainer.run.stop_reason,
+        "epochs": recorder.history,
+        **summary,
+    }

@@ -21,15 +21,18 @@ def _save(fig, path: Path) -> str:
     return path.name
 
 
-def curves(path: Path, title: str, history: list[dict], phases: dict | None, entropy_nats: float,
-           boundaries: list[int] = ()) -> str:
+def curves(
+    path: Path, title: str, history: list[dict], phases: dict | None, entropy_nats: float, boundaries: list[int] = ()
+) -> str:
     """Accuracy and loss per string (thin) and their mean (thick) against the unseen control;
     the mean curve's guessing and memorisation phases shaded, the entropy drawn on the loss."""
     epochs = [r["epoch"] for r in history]
     accuracy, loss = np.array([r["accuracy"] for r in history]), np.array([r["loss"] for r in history])
     fig, (top, bottom) = plt.subplots(2, 1, figsize=(7, 6), sharex=True)
-    for ax, values, control, name in ((top, accuracy, "control_accuracy", "accuracy"),
-                                      (bottom, loss, "control_loss", "loss (nats)")):
+    for ax, values, control, name in (
+        (top, accuracy, "control_accuracy", "accuracy"),
+        (bottom, loss, "control_loss", "loss (nats)"),
+    ):
         if phases is not None:
             start, last = phases["memorisation_start"], epochs[-1]
             ax.axvspan(epochs[0], last if start is None else start, color=GUESSING, label="guessing")
@@ -56,8 +59,15 @@ def position_map(path: Path, title: str, history: list[dict], first_char: int) -
     """Epoch x position map: the share of strings whose character at that position is predicted."""
     grid = np.array([np.mean(r["positions"], axis=0) for r in history])
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    image = ax.imshow(grid, aspect="auto", origin="lower", cmap="viridis", vmin=0, vmax=1,
-                      extent=(first_char - 0.5, first_char + grid.shape[1] - 0.5, -0.5, len(history) - 0.5))
+    image = ax.imshow(
+        grid,
+        aspect="auto",
+        origin="lower",
+        cmap="viridis",
+        vmin=0,
+        vmax=1,
+        extent=(first_char - 0.5, first_char + grid.shape[1] - 0.5, -0.5, len(history) - 0.5),
+    )
     fig.colorbar(image, ax=ax, label="share of strings correct")
     ax.set_xlabel("position (predicted character)")
     ax.set_ylabel("epoch")
@@ -85,8 +95,12 @@ def global_context(path: Path, result: dict) -> str:
     rows = result["by_k"]
     ks = [r["k"] for r in rows]
     fig, ax = plt.subplots(figsize=(6, 4))
-    for key, style in (("full", "k--"), ("same_distribution", "o-"), ("different_distribution", "s-"),
-                       ("local_only", "^:")):
+    for key, style in (
+        ("full", "k--"),
+        ("same_distribution", "o-"),
+        ("different_distribution", "s-"),
+        ("local_only", "^:"),
+    ):
         ax.plot(ks, [r[key] for r in rows], style, label=key.replace("_", " "))
     ax.set_xscale("log", base=2)
     ax.set_xlabel("k kept characters (the context before them replaced)")
@@ -122,10 +136,14 @@ def write_plots(results: dict, out: Path, entropy_nats: float, first_char: int) 
     written = []
     if "exposure" in results:
         exposure = results["exposure"]
-        written.append(curves(out / "exposure_curves.png", "Exposure", exposure["epochs"],
-                              exposure["phases"]["mean"], entropy_nats))
-        written.append(position_map(out / "exposure_positions.png", "Exposure: epoch x position",
-                                    exposure["epochs"], first_char))
+        written.append(
+            curves(
+                out / "exposure_curves.png", "Exposure", exposure["epochs"], exposure["phases"]["mean"], entropy_nats
+            )
+        )
+        written.append(
+            position_map(out / "exposure_positions.png", "Exposure: epoch x position", exposure["epochs"], first_char)
+        )
     if "local_prefix" in results:
         written.append(local_prefix(out / "local_prefix.png", results["local_prefix"]))
     if "global_context" in results:
@@ -134,12 +152,27 @@ def write_plots(results: dict, out: Path, entropy_nats: float, first_char: int) 
         written.append(sequential(out / "sequential.png", results["sequential"]))
     if "unlearning" in results:
         history = results["unlearning"]["epochs"]
-        written.append(curves(out / "unlearning_curves.png", f"Unlearning ({results['unlearning']['method']})",
-                              history, None, entropy_nats))
-        written.append(position_map(out / "unlearning_positions.png", "Unlearning: epoch x position",
-                                    history, first_char))
+        written.append(
+            curves(
+                out / "unlearning_curves.png",
+                f"Unlearning ({results['unlearning']['method']})",
+                history,
+                None,
+                entropy_nats,
+            )
+        )
+        written.append(
+            position_map(out / "unlearning_positions.png", "Unlearning: epoch x position", history, first_char)
+        )
     return written
 
 
-PLOT_FILES = ("exposure_curves.png", "exposure_positions.png", "local_prefix.png", "global_context.png",
-              "sequential.png", "unlearning_curves.png", "unlearning_positions.png")
+PLOT_FILES = (
+    "exposure_curves.png",
+    "exposure_positions.png",
+    "local_prefix.png",
+    "global_context.png",
+    "sequential.png",
+    "unlearning_curves.png",
+    "unlearning_positions.png",
+)

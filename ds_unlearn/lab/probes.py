@@ -62,16 +62,21 @@ def local_prefix(model, strings: LabStrings, ks: Sequence[int]) -> dict:
     """Accuracy when each prediction sees only the last k characters of its context."""
     sequences = strings.train_sequences
     full = [m for m, _ in teacher_forced(model, sequences)]
-    probes = [(i, k, j, p) for k in ks for i, s in enumerate(sequences)
-              for j, p in local_windows(s, k, strings.keep).items()]
+    probes = [
+        (i, k, j, p) for k in ks for i, s in enumerate(sequences) for j, p in local_windows(s, k, strings.keep).items()
+    ]
     answers = last_predictions(model, [p for *_, p in probes])
     rows = {k: [m.copy() for m in full] for k in ks}  # positions with short contexts keep their answer
     for (i, k, j, _), correct in zip(probes, answers):
         rows[k][i][j] = correct
     accuracy = [float(np.mean([r.mean() for r in rows[k]])) for k in ks]
     full_accuracy = float(np.mean([m.mean() for m in full]))
-    return {"ks": list(ks), "accuracy": accuracy, "full_accuracy": full_accuracy,
-            "k_90": smallest_k(ks, accuracy, full_accuracy)}
+    return {
+        "ks": list(ks),
+        "accuracy": accuracy,
+        "full_accuracy": full_accuracy,
+        "k_90": smallest_k(ks, accuracy, full_accuracy),
+    }
 
 
 def global_context(model, strings: LabStrings, ks: Sequence[int], seed: int) -> dict:
@@ -82,10 +87,14 @@ def global_context(model, strings: LabStrings, ks: Sequence[int], seed: int) -> 
     sequences = strings.train_sequences
     length = len(strings.train[0])
     full = [m for m, _ in teacher_forced(model, sequences)]
-    sources = {"same_distribution": strings.probabilities,
-               "different_distribution": different_distribution(strings.probabilities)}
-    fresh = {name: [strings.sequence(s)[strings.keep :] for s in sample_strings(p, length, len(sequences), rng)]
-             for name, p in sources.items()}
+    sources = {
+        "same_distribution": strings.probabilities,
+        "different_distribution": different_distribution(strings.probabilities),
+    }
+    fresh = {
+        name: [strings.sequence(s)[strings.keep :] for s in sample_strings(p, length, len(sequences), rng)]
+        for name, p in sources.items()
+    }
     probes = []  # (k, variant, string, position, probe)
     for k in ks:
         for i, seq in enumerate(sequences):
@@ -100,8 +109,13 @@ def global_context(model, strings: LabStrings, ks: Sequence[int], seed: int) -> 
         hits.setdefault((k, name), []).append(correct)
         if name == "local_only":
             positions.setdefault(k, []).append((i, j))
-    results = [{"k": k, "positions": len(positions[k]),
-                "full": float(np.mean([full[i][j] for i, j in positions[k]])),
-                **{name: float(np.mean(hits[k, name])) for name in ("local_only", *sources)}}
-               for k in ks]
+    results = [
+        {
+            "k": k,
+            "positions": len(positions[k]),
+            "full": float(np.mean([full[i][j] for i, j in positions[k]])),
+            **{name: float(np.mean(hits[k, name])) for name in ("local_only", *sources)},
+        }
+        for k in ks
+    ]
     return {"different_distribution": sources["different_distribution"].tolist(), "by_k": results}

@@ -49,8 +49,7 @@ def exposure_phases(history: Sequence[dict], predicted: int, margin: float, shar
         phases["unique_full_at"] = first_epoch(epochs, position_rows(history, i)[:, unique].all(axis=1))
         strings.append(phases)
     mean = [float(np.mean(r["accuracy"])) for r in history]
-    return {"strings": strings,
-            "mean": detect_phases(epochs, mean, control, predicted * len(strings), margin, FULL)}
+    return {"strings": strings, "mean": detect_phases(epochs, mean, control, predicted * len(strings), margin, FULL)}
 
 
 def median_epoch(values: Sequence[int | None]) -> float | None:
@@ -61,8 +60,9 @@ def median_epoch(values: Sequence[int | None]) -> float | None:
     return None if not ordered or None in middle else float(np.mean(middle))
 
 
-def sequential_summary(history: Sequence[dict], stages: Sequence[tuple[str, int]], stage_epochs: int,
-                       predicted: int, margin: float) -> dict:
+def sequential_summary(
+    history: Sequence[dict], stages: Sequence[tuple[str, int]], stage_epochs: int, predicted: int, margin: float
+) -> dict:
     """``stages[s] = (name, string)`` trained in epochs s*E+1 .. (s+1)*E (E = ``stage_epochs``);
     the first stage's string is A and the last stage shows A again. Stage epochs count from the
     record before the stage (0 = already there)."""
@@ -72,26 +72,40 @@ def sequential_summary(history: Sequence[dict], stages: Sequence[tuple[str, int]
         accuracy = [history[e]["accuracy"][i] for e in window]
         control = [history[e]["control_accuracy"] for e in window]
         phases = detect_phases(list(range(len(window))), accuracy, control, predicted, margin, FULL)
-        out.append({"name": name, "string": i, "epochs": [window[1], window[-1]],
-                    "accuracy_before": accuracy[0], "accuracy_after": accuracy[-1],
-                    "memorisation_start": phases["memorisation_start"], "epochs_to_full": phases["full_at"]})
+        out.append(
+            {
+                "name": name,
+                "string": i,
+                "epochs": [window[1], window[-1]],
+                "accuracy_before": accuracy[0],
+                "accuracy_after": accuracy[-1],
+                "memorisation_start": phases["memorisation_start"],
+                "epochs_to_full": phases["full_at"],
+            }
+        )
     a = stages[0][1]
     own = history[stage_epochs]["accuracy"][a]
     later_ends = [history[(s + 1) * stage_epochs]["accuracy"][a] for s in range(1, len(stages) - 1)]
     while_others = [history[e]["accuracy"][a] for e in range(stage_epochs + 1, (len(stages) - 1) * stage_epochs + 1)]
     return {
         "stages": out,
-        "forgetting": {"a_after_own_stage": own, "a_after_each_later_stage": later_ends,
-                       "a_lowest_while_others_learned": min(while_others),
-                       "a_forgotten": own - later_ends[-1]},
-        "relearning": {"a_when_shown_again": later_ends[-1],
-                       "first_exposure_epochs_to_full": out[0]["epochs_to_full"],
-                       "relearn_epochs_to_full": out[-1]["epochs_to_full"]},
+        "forgetting": {
+            "a_after_own_stage": own,
+            "a_after_each_later_stage": later_ends,
+            "a_lowest_while_others_learned": min(while_others),
+            "a_forgotten": own - later_ends[-1],
+        },
+        "relearning": {
+            "a_when_shown_again": later_ends[-1],
+            "first_exposure_epochs_to_full": out[0]["epochs_to_full"],
+            "relearn_epochs_to_full": out[-1]["epochs_to_full"],
+        },
     }
 
 
-def unlearning_summary(history: Sequence[dict], exposure: Sequence[dict], predicted: int, margin: float,
-                       entropy_nats: float) -> dict:
+def unlearning_summary(
+    history: Sequence[dict], exposure: Sequence[dict], predicted: int, margin: float, entropy_nats: float
+) -> dict:
     """Memorisation in reverse: per string, the epoch accuracy leaves full memorisation and the
     epoch it is back in the guessing band (with the loss then, against the loss of unseen strings
     and the distribution's entropy); per position, when it was learned and when it first went."""
@@ -101,13 +115,16 @@ def unlearning_summary(history: Sequence[dict], exposure: Sequence[dict], predic
     for i in range(len(history[0]["accuracy"])):
         accuracy, loss = _curve(history, "accuracy", i), _curve(history, "loss", i)
         back = guessing_band_entry(epochs, accuracy, control, predicted, margin)
-        strings.append({
-            "accuracy_before": accuracy[0], "accuracy_after": accuracy[-1],
-            "leaves_full_at": first_epoch(epochs, [a < FULL for a in accuracy]) if accuracy[0] >= FULL else None,
-            "guessing_again_at": back,
-            "loss_then": None if back is None else loss[back],
-            "control_loss_then": None if back is None else history[back]["control_loss"],
-        })
+        strings.append(
+            {
+                "accuracy_before": accuracy[0],
+                "accuracy_after": accuracy[-1],
+                "leaves_full_at": first_epoch(epochs, [a < FULL for a in accuracy]) if accuracy[0] >= FULL else None,
+                "guessing_again_at": back,
+                "loss_then": None if back is None else loss[back],
+                "control_loss_then": None if back is None else history[back]["control_loss"],
+            }
+        )
         learned.append(learned_at(exposure_epochs, position_rows(exposure, i)))
         forgotten.append(first_wrong_at(epochs, position_rows(history, i)))
     flat_learned = [v for row in learned for v in row]
@@ -117,7 +134,8 @@ def unlearning_summary(history: Sequence[dict], exposure: Sequence[dict], predic
         "entropy_nats": entropy_nats,
         "strings": strings,
         "positions": {
-            "learned_at": learned, "first_wrong_at": forgotten,
+            "learned_at": learned,
+            "first_wrong_at": forgotten,
             # > 0: first learned, first forgotten; < 0: last learned, first forgotten.
             "rank_correlation_learned_vs_forgotten": rank_correlation(flat_learned, flat_forgotten),
             # > 0: early positions hold out longer; < 0: late positions hold out longer.
@@ -139,23 +157,33 @@ def summarize(results: dict, entropy_bits: float) -> dict:
     if "exposure" in results:
         phases = results["exposure"]["phases"]
         last = results["exposure"]["epochs"][-1]
-        summary.update({
-            "memorisation_start": median_epoch([p["memorisation_start"] for p in phases["strings"]]),
-            "full_at": median_epoch([p["full_at"] for p in phases["strings"]]),
-            "unique_full_at": median_epoch([p["unique_full_at"] for p in phases["strings"]]),
-            "final_accuracy": float(np.mean(last["accuracy"])),
-            "final_control_accuracy": last["control_accuracy"],
-        })
+        summary.update(
+            {
+                "memorisation_start": median_epoch([p["memorisation_start"] for p in phases["strings"]]),
+                "full_at": median_epoch([p["full_at"] for p in phases["strings"]]),
+                "unique_full_at": median_epoch([p["unique_full_at"] for p in phases["strings"]]),
+                "final_accuracy": float(np.mean(last["accuracy"])),
+                "final_control_accuracy": last["control_accuracy"],
+            }
+        )
     if "local_prefix" in results:
         summary["local_prefix_k90"] = results["local_prefix"]["k_90"]
     if "sequential" in results:
         seq = results["sequential"]
-        summary.update({"a_forgotten": seq["forgetting"]["a_forgotten"],
-                        "a_after_own_stage": seq["forgetting"]["a_after_own_stage"],
-                        "relearn_epochs_to_full": seq["relearning"]["relearn_epochs_to_full"],
-                        "first_exposure_epochs_to_full": seq["relearning"]["first_exposure_epochs_to_full"]})
+        summary.update(
+            {
+                "a_forgotten": seq["forgetting"]["a_forgotten"],
+                "a_after_own_stage": seq["forgetting"]["a_after_own_stage"],
+                "relearn_epochs_to_full": seq["relearning"]["relearn_epochs_to_full"],
+                "first_exposure_epochs_to_full": seq["relearning"]["first_exposure_epochs_to_full"],
+            }
+        )
     if "unlearning" in results:
         unl = results["unlearning"]
-        summary.update({"unlearning_epochs": len(unl["epochs"]) - 1,
-                        "unlearned_accuracy": float(np.mean(unl["epochs"][-1]["accuracy"]))})
+        summary.update(
+            {
+                "unlearning_epochs": len(unl["epochs"]) - 1,
+                "unlearned_accuracy": float(np.mean(unl["epochs"][-1]["accuracy"])),
+            }
+        )
     return summary

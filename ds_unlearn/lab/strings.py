@@ -59,19 +59,31 @@ class LabStrings:
 
     def describe(self) -> dict:
         def rows(strings, prefix):
-            return [{"id": f"{prefix}-{i:03d}", "text": self.text(s), "entropy_bits": string_entropy_bits(s),
-                     "chance_level": chance_level(s)} for i, s in enumerate(strings)]
+            return [
+                {
+                    "id": f"{prefix}-{i:03d}",
+                    "text": self.text(s),
+                    "entropy_bits": string_entropy_bits(s),
+                    "chance_level": chance_level(s),
+                }
+                for i, s in enumerate(strings)
+            ]
 
         train = rows(self.train, "canary")
         for row, shared in zip(train, shared_contexts(self.train, self.keep)):
             row["shared_context_positions"] = int(sum(shared))  # out of reach for any model
         return {
-            "symbols": self.symbols, "token_ids": self.token_ids, "leading_space": self.leading_space,
+            "symbols": self.symbols,
+            "token_ids": self.token_ids,
+            "leading_space": self.leading_space,
             "bos_token_id": self.bos_id,
-            "distribution": {"probabilities": self.probabilities.tolist(),
-                             "entropy_bits": entropy_bits(self.probabilities),
-                             "chance_level": float(self.probabilities.max())},
-            "train": train, "control": rows(self.control, "control"),
+            "distribution": {
+                "probabilities": self.probabilities.tolist(),
+                "entropy_bits": entropy_bits(self.probabilities),
+                "chance_level": float(self.probabilities.max()),
+            },
+            "train": train,
+            "control": rows(self.control, "control"),
         }
 
 

@@ -28,24 +28,36 @@ def _help(text: str, **kwargs):
 @dataclass
 class UnlearnConfig(TrainingArguments):
     # What to unlearn, from what.
-    model: str | None = _help("Hugging Face checkpoint directory, Hub model id, or 'smollm2'. Never written to.", default=None)
+    model: str | None = _help(
+        "Hugging Face checkpoint directory, Hub model id, or 'smollm2'. Never written to.", default=None
+    )
     forget: str | None = _help("Forget set (JSONL/CSV/Parquet; `input_ids` or a text field).", default=None)
-    retain: str | None = _help("Optional retain set: memorization we want to keep, measured before/after.", default=None)
-    holdout: str | None = _help("Optional holdout set the model never saw: utility (loss) and threshold calibration.", default=None)
+    retain: str | None = _help(
+        "Optional retain set: memorization we want to keep, measured before/after.", default=None
+    )
+    holdout: str | None = _help(
+        "Optional holdout set the model never saw: utility (loss) and threshold calibration.", default=None
+    )
     text_field: str = _help("Field holding a row's text.", default="text")
     id_field: str = _help("Field holding a row's id (else its index).", default="id")
     max_length: int | None = _help("Truncate every sequence to this many tokens (the papers use 200).", default=None)
 
     # The algorithm.
-    method: str = _help("ga (gradient ascent), sga (selective GA), ta (task arithmetic), tau (TA for unlearning).", default="ga")
-    sga_gamma: float = _help("SGA: ascend only on sequences scoring at least this (plus the most memorized one).", default=0.70)
+    method: str = _help(
+        "ga (gradient ascent), sga (selective GA), ta (task arithmetic), tau (TA for unlearning).", default="ga"
+    )
+    sga_gamma: float = _help(
+        "SGA: ascend only on sequences scoring at least this (plus the most memorized one).", default=0.70
+    )
     select_on: str = _help("SGA's score: 'ma' or 'el10' (EL_10 needs score_refresh=epoch).", default="ma")
     score_refresh: str = _help(
         "'epoch': re-score the forget set with the distributed scorer every epoch (the paper's way); "
         "'step': reuse each training forward pass's per-sequence MA (free, one update stale).",
         default="epoch",
     )
-    tv_coefficient: float | None = _help("TA/TAU: lambda in theta_base - lambda * tau (default 3.0 TA, 1.0 TAU).", default=None)
+    tv_coefficient: float | None = _help(
+        "TA/TAU: lambda in theta_base - lambda * tau (default 3.0 TA, 1.0 TAU).", default=None
+    )
     tv_switch_ma: float | None = _help(
         "TA/TAU: ascend until the forget set's mean MA drops below this, then build the task vector "
         "(default 0.9 TA, 0.5 TAU; 1.0 or more skips the ascent).",
@@ -53,12 +65,23 @@ class UnlearnConfig(TrainingArguments):
     )
 
     # When it is done.
-    stop_rule: str = _help("'per_sequence': stop when no forget sequence is memorized; 'mean': when the mean MA is below mean_threshold.", default="per_sequence")
+    stop_rule: str = _help(
+        "'per_sequence': stop when no forget sequence is memorized; 'mean': when the mean MA is below mean_threshold.",
+        default="per_sequence",
+    )
     memorized_threshold: float = _help("A sequence with MA at or above this counts as memorized.", default=MEMORIZED_MA)
-    over_unlearned_threshold: float = _help("A sequence with MA at or below this counts as over-unlearned.", default=OVER_UNLEARNED_MA)
-    mean_threshold: float | None = _help("The 'mean' rule's MA level (Jang et al.: 0.2994 for GPT-Neo 125M); default: the holdout's mean MA.", default=None)
+    over_unlearned_threshold: float = _help(
+        "A sequence with MA at or below this counts as over-unlearned.", default=OVER_UNLEARNED_MA
+    )
+    mean_threshold: float | None = _help(
+        "The 'mean' rule's MA level (Jang et al.: 0.2994 for GPT-Neo 125M); default: the holdout's mean MA.",
+        default=None,
+    )
     calibrate_thresholds: bool = _help("Derive the thresholds from the holdout set's MA distribution.", default=False)
-    calibration_quantile: float = _help("With calibrate_thresholds: memorized above the holdout's (1-q) quantile, over-unlearned below its q quantile.", default=CALIBRATION_QUANTILE)
+    calibration_quantile: float = _help(
+        "With calibrate_thresholds: memorized above the holdout's (1-q) quantile, over-unlearned below its q quantile.",
+        default=CALIBRATION_QUANTILE,
+    )
     max_holdout_loss_increase: float | None = _help(
         "Utility guard: stop and keep the last good weights once holdout loss exceeds its starting value by this fraction.",
         default=None,
@@ -66,7 +89,9 @@ class UnlearnConfig(TrainingArguments):
 
     # Scoring.
     extract_k: int = _help("K of the k-extractability reported per sequence.", default=DEFAULT_EXTRACT_K)
-    score_batch_size: int = _help("Sequences / continuations per forward pass when scoring.", default=DEFAULT_BATCH_SIZE)
+    score_batch_size: int = _help(
+        "Sequences / continuations per forward pass when scoring.", default=DEFAULT_BATCH_SIZE
+    )
     overwrite: bool = _help("Replace the results of an earlier run in output_dir.", default=False)
 
     # TrainingArguments defaults that suit unlearning (still overridable).
@@ -74,8 +99,12 @@ class UnlearnConfig(TrainingArguments):
     adam_beta2: float = _help("Adam beta2 (the paper: 0.98).", default=0.98)
     num_train_epochs: float = _help("Upper bound on epochs; the stop rule usually ends the run earlier.", default=30)
     lr_scheduler_type: str = _help("Constant: the stopping epoch is unknown in advance.", default="constant")
-    logging_steps: float = _help("Log train/loss every optimizer step (one per epoch in the paper's setting).", default=1)
-    save_strategy: str = _help("Checkpoint every epoch so --resume_from_checkpoint can continue a run.", default="epoch")
+    logging_steps: float = _help(
+        "Log train/loss every optimizer step (one per epoch in the paper's setting).", default=1
+    )
+    save_strategy: str = _help(
+        "Checkpoint every epoch so --resume_from_checkpoint can continue a run.", default="epoch"
+    )
     save_total_limit: int | None = _help("Keep only the newest checkpoint.", default=1)
     report_to: None | str | list[str] = _help("TensorBoard by default.", default="tensorboard")
     remove_unused_columns: bool = _help("Keep every column: the collator needs row indices and weights.", default=False)
@@ -88,6 +117,7 @@ class UnlearnConfig(TrainingArguments):
 
     def validate(self) -> None:
         """One clear line per problem, naming the field; runs before anything is loaded."""
+
         def bad(name, why):
             raise InputError(f"{name}: {why}")
 

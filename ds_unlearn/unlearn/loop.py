@@ -149,4 +149,3 @@ class SequenceTrainer(Trainer):
         if not torch.isfinite(loss.detach()):
             self.nonfinite_loss = True
         return (loss, outputs) if return_outputs else loss
-

@@ -53,8 +53,14 @@ class RunState:
 
 
 class UnlearnTrainer(SequenceTrainer):
-    def __init__(self, *args, forget: SequenceSet, retain: SequenceSet | None = None,
-                 holdout: SequenceSet | None = None, **kwargs):
+    def __init__(
+        self,
+        *args,
+        forget: SequenceSet,
+        retain: SequenceSet | None = None,
+        holdout: SequenceSet | None = None,
+        **kwargs,
+    ):
         super().__init__(*args, train_sequences=forget.sequences, **kwargs)
         self.forget, self.retain, self.holdout = forget, retain, holdout
         self.run = RunState()
@@ -79,13 +85,22 @@ class UnlearnTrainer(SequenceTrainer):
 
             resume_from_checkpoint = get_last_checkpoint(self.args.output_dir)
         self.resume_dir = Path(resume_from_checkpoint) if resume_from_checkpoint else None
-        return super().train(resume_from_checkpoint=resume_from_checkpoint, trial=trial,
-                             ignore_keys_for_eval=ignore_keys_for_eval, **kwargs)
+        return super().train(
+            resume_from_checkpoint=resume_from_checkpoint,
+            trial=trial,
+            ignore_keys_for_eval=ignore_keys_for_eval,
+            **kwargs,
+        )
 
     # -- measurements (collective: every rank calls them) ------------------------------------
     def score_set(self, data: SequenceSet, el: bool = True) -> list[dict]:
-        return score_sequences(self.model, data.sequences, el_n=(10,) if el else (),
-                               extract_k=(self.args.extract_k,), batch_size=self.args.score_batch_size)
+        return score_sequences(
+            self.model,
+            data.sequences,
+            el_n=(10,) if el else (),
+            extract_k=(self.args.extract_k,),
+            batch_size=self.args.score_batch_size,
+        )
 
     def holdout_loss(self) -> float | None:
         if self.holdout is None:
@@ -112,10 +127,14 @@ class UnlearnTrainer(SequenceTrainer):
         self.write_scores("scores_before.jsonl", scores)
         thresholds = Thresholds(args.memorized_threshold, args.over_unlearned_threshold, args.mean_threshold)
         if self.holdout is not None and (args.calibrate_thresholds or args.mean_threshold is None):
-            calibrated = calibrate_thresholds([r["ma"] for r in self.score_set(self.holdout, el=False)],
-                                              args.calibration_quantile)
-            thresholds = calibrated if args.calibrate_thresholds else Thresholds(
-                thresholds.memorized_ma, thresholds.over_unlearned_ma, calibrated.mean_ma)
+            calibrated = calibrate_thresholds(
+                [r["ma"] for r in self.score_set(self.holdout, el=False)], args.calibration_quantile
+            )
+            thresholds = (
+                calibrated
+                if args.calibrate_thresholds
+                else Thresholds(thresholds.memorized_ma, thresholds.over_unlearned_ma, calibrated.mean_ma)
+            )
         self.run.thresholds = asdict(thresholds)
         self.run.holdout_loss_before = self.holdout_loss()
         if self.retain is not None:
@@ -152,8 +171,10 @@ class UnlearnTrainer(SequenceTrainer):
         guard = self.args.max_holdout_loss_increase
         if guard is not None and holdout_loss > self.run.holdout_loss_before * (1 + guard):
             TV.restore(self.model, self.last_good)
-            self._finish(f"utility guard: holdout loss {holdout_loss:.4f} rose more than {guard:.2%} "
-                         f"over {self.run.holdout_loss_before:.4f}; kept the weights of the last good epoch")
+            self._finish(
+                f"utility guard: holdout loss {holdout_loss:.4f} rose more than {guard:.2%} "
+                f"over {self.run.holdout_loss_before:.4f}; kept the weights of the last good epoch"
+            )
         elif stop_satisfied(self.run.ma, self.args.stop_rule, self.thresholds):
             self._finish(f"{self.args.stop_rule} stop rule holds after epoch {self.run.epochs}")
         else:
@@ -181,7 +202,8 @@ class UnlearnTrainer(SequenceTrainer):
         self.run.el10 = [float(r["el_10"]) for r in scores] if "el_10" in scores[0] else None
         key = self.run.el10 if self.args.select_on == "el10" else self.run.ma
         self.run.selected = (
-            sga_selection(key, self.args.sga_gamma) if self.args.selects and self.run.phase == "ascent"
+            sga_selection(key, self.args.sga_gamma)
+            if self.args.selects and self.run.phase == "ascent"
             else list(range(len(self.forget)))
         )
 
@@ -209,8 +231,7 @@ class UnlearnTrainer(SequenceTrainer):
         """Per-sequence scores by id (never the text)."""
         if D.is_main():
             Path(self.args.output_dir).mkdir(parents=True, exist_ok=True)
-            write_jsonl(Path(self.args.output_dir) / name,
-                        ({"id": i, **s} for i, s in zip(self.forget.ids, scores)))
+            write_jsonl(Path(self.args.output_dir) / name, ({"id": i, **s} for i, s in zip(self.forget.ids, scores)))
 
     def _log_epoch(self, scores: list[dict], holdout_loss: float | None, trained: int) -> None:
         t = self.thresholds
@@ -235,8 +256,9 @@ class UnlearnTrainer(SequenceTrainer):
         log_histograms(self, histograms)
 
     def save_run_state(self, checkpoint_dir: Path) -> None:
-        torch.save({"base": self.base, "last_good": self.last_good},
-                   checkpoint_dir / f"unlearn_shards_rank{D.rank()}.pt")
+        torch.save(
+            {"base": self.base, "last_good": self.last_good}, checkpoint_dir / f"unlearn_shards_rank{D.rank()}.pt"
+        )
         if D.is_main():
             (checkpoint_dir / STATE_FILE).write_text(json.dumps(asdict(self.run)))
 
