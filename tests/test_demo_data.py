@@ -5,9 +5,9 @@ import sys
 
 import pytest
 
+from ds_unlearn.core.errors import InputError
 from ds_unlearn.demo import data as demo_data
 from ds_unlearn.demo.data import RECORD_FIELDS, kjv_famous, kjv_holdout, personal_records
-from ds_unlearn.core.errors import InputError
 
 REFERENCE = re.compile(r"^(?:[123] )?[A-Z][a-z]+(?: of [A-Z][a-z]+)? \d+:\d+$")
 

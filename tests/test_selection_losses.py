@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from ds_unlearn.unlearn.losses import negated_task_vector, per_sequence_nll, weighted_objective
 from ds_unlearn.core.summary import Thresholds, calibrate_thresholds
+from ds_unlearn.unlearn.losses import negated_task_vector, per_sequence_nll, weighted_objective
 from ds_unlearn.unlearn.selection import (
     Slot,
     plan_epoch,

@@ -85,7 +85,8 @@ def test_import_and_config_construction_have_no_side_effects(tmp_path):
         "import os, json; before = dict(os.environ)\n"
         "import ds_unlearn\n"
         "from ds_unlearn.unlearn.config import UnlearnConfig\n"
-        f"UnlearnConfig(model='m', forget='f', output_dir={str(tmp_path)!r}, deepspeed={str(REPO / 'configs/ds/zero2.json')!r})\n"
+        f"UnlearnConfig(model='m', forget='f', output_dir={str(tmp_path)!r}, "
+        f"deepspeed={str(REPO / 'configs/ds/zero2.json')!r})\n"
         "changed = sorted(k for k in set(before) | set(os.environ) if before.get(k) != os.environ.get(k))\n"
         "print(json.dumps(changed))\n"
     )

@@ -17,16 +17,14 @@ Outputs in output_dir: dynamics.json, PNG plots, TensorBoard logs (tensorboard/)
 
 from __future__ import annotations
 
-import shutil
 import time
 from dataclasses import asdict
 from pathlib import Path
 
 from ..core import distributed as D
-from ..core.errors import InputError
 from ..core.files import check_output, clear_outputs, write_json
-from ..lab.config import LabConfig, build_parser, parse_config
 from ..core.models import load_config, load_tokenizer, resolve_model_dir
+from ..lab.config import LabConfig, build_parser, parse_config
 
 RESULTS = "dynamics.json"
 # What a run writes; --overwrite removes only these, never anything else in output_dir.

@@ -15,7 +15,6 @@ from ..core.ds_config import load_ds_config
 from ..core.errors import InputError
 from ..core.files import OVERWRITE_FLAG, check_output, write_json, write_jsonl
 from ..core.models import DTYPES, load_config, load_for_inference, load_tokenizer, resolve_model_dir
-from ..core.summary import summarize_scores, summary_lines
 from ..core.scorer import (
     DEFAULT_BATCH_SIZE,
     DEFAULT_EL_N,
@@ -24,6 +23,7 @@ from ..core.scorer import (
     score_sequences,
     validate_request,
 )
+from ..core.summary import summarize_scores, summary_lines
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -6,7 +6,7 @@ every forward gathers parameters collectively) stay in lockstep even when their 
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import torch

@@ -8,17 +8,17 @@ ranks run the same number of forward calls so ZeRO-3 parameter gathers never han
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 from . import distributed as D
 from .errors import InputError
-from .passes import greedy_continuations, teacher_forced_rows
 from .memorization import (
     continuation_starts,
     extraction_likelihood_fast,
     extraction_likelihood_reference,
     sequence_metrics,
 )
+from .passes import greedy_continuations, teacher_forced_rows
 
 DEFAULT_BATCH_SIZE = 16
 DEFAULT_EL_N = 10  # both papers' n of EL_n

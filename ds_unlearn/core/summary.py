@@ -6,8 +6,8 @@ Used by ``score`` (its ``.summary.json``), the unlearning report, the demo and t
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import numpy as np
 

@@ -6,8 +6,8 @@ sequences to chosen degrees, so memorization metrics have known answers.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import torch
 

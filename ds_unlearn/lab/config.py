@@ -10,10 +10,10 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .dynamics import LETTERS
 from ..core.config_parsing import build_parser as build_config_parser
 from ..core.config_parsing import parse_config as parse_dataclass_config
 from ..core.errors import InputError
+from .dynamics import LETTERS
 
 EXPERIMENTS = ("exposure", "local_prefix", "global_context", "sequential", "unlearning")
 # Experiments that probe or unlearn the model that the exposure run trained.

@@ -10,7 +10,7 @@ row has one entry per predicted token (``len(sequence) - 1``).
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 

@@ -9,31 +9,23 @@ string at the start and after every epoch (``lab_probes.measure``, collective on
 from __future__ import annotations
 
 import gc
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 from transformers import TrainerCallback
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
 from ..core import distributed as D
-from .dynamics import (
-    chance_level,
-    character_distribution,
-    default_ks,
-    entropy_bits,
-    map_symbols,
-    sample_strings,
-    shared_contexts,
-    string_entropy_bits,
-)
-from ..core.errors import InputError
-from .config import LabConfig
-from .probes import global_context, local_prefix, measure
-from .strings import LabStrings
 from ..core.models import load_causal_lm
 from ..unlearn.loop import SequenceTrainer
+from .config import LabConfig
+from .dynamics import (
+    default_ks,
+    entropy_bits,
+    shared_contexts,
+)
+from .probes import global_context, local_prefix, measure
+from .strings import LabStrings
 
 
 class EpochRecorder(TrainerCallback):
@@ -203,9 +195,9 @@ def run_unlearning(config: LabConfig, strings: LabStrings, out: Path, tokenizer,
     """Unlearn the memorised strings with UnlearnTrainer (GA or SGA) and record every epoch as
     exposure did. It stops like Jang et al.: once the mean accuracy is below the unseen strings'."""
     from ..core.data import load_sequence_set
-    from .results import unlearning_summary
-    from ..unlearn.trainer import UnlearnTrainer
     from ..unlearn.config import UnlearnConfig
+    from ..unlearn.trainer import UnlearnTrainer
+    from .results import unlearning_summary
 
     control_level = exposure[-1]["control_accuracy"]
     args = UnlearnConfig(

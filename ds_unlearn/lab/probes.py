@@ -8,13 +8,13 @@ passes and ZeRO-3's parameter gathers never hang. Every rank must call with the 
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 
 from ..core import distributed as D
-from .dynamics import different_distribution, local_windows, replaced_contexts, sample_strings, smallest_k
 from ..core.passes import teacher_forced_rows
+from .dynamics import different_distribution, local_windows, replaced_contexts, sample_strings, smallest_k
 from .strings import LabStrings
 
 MEASURE_BATCH = 64  # sequences per forward pass when measuring (strings are short)

@@ -9,7 +9,7 @@ the model after e epochs (record 0: before training).
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 

@@ -3,8 +3,8 @@ unseen control strings (drawn before any weights load)."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import numpy as np
 

@@ -83,7 +83,8 @@ class UnlearnConfig(TrainingArguments):
         default=CALIBRATION_QUANTILE,
     )
     max_holdout_loss_increase: float | None = _help(
-        "Utility guard: stop and keep the last good weights once holdout loss exceeds its starting value by this fraction.",
+        "Utility guard: stop and keep the last good weights once holdout loss exceeds its starting value "
+        "by this fraction.",
         default=None,
     )
 

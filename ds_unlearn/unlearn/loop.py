@@ -10,7 +10,7 @@ ascended or descended. Subclasses decide the rows (``epoch_rows``) and the direc
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 from torch.utils.data import DataLoader, Dataset
@@ -62,7 +62,7 @@ class EpochPlanSampler:
     """Yields this rank's micro-batches of the current epoch; the plan is built when the epoch
     starts, so a selection made at the end of the previous epoch takes effect at once."""
 
-    def __init__(self, trainer: "SequenceTrainer"):
+    def __init__(self, trainer: SequenceTrainer):
         self.trainer = trainer
 
     def __len__(self) -> int:
@@ -84,7 +84,7 @@ class FrozenEmptySteps(TrainerCallback):
     would still apply its momentum: such a step runs at learning rate 0 (the scheduler sets the
     rate again at the next step)."""
 
-    def __init__(self, trainer: "SequenceTrainer"):
+    def __init__(self, trainer: SequenceTrainer):
         self.trainer = trainer
         self.epoch_start = 0
 

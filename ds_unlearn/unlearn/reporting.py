@@ -8,7 +8,7 @@ histograms, which only TensorBoard shows.
 
 from __future__ import annotations
 
-from typing import Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 from transformers.integrations import TensorBoardCallback

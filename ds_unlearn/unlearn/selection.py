@@ -3,8 +3,8 @@ and when a forget set counts as unlearned."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import numpy as np
 

@@ -21,15 +21,15 @@ import torch
 from transformers import TrainerCallback
 
 from ..core import distributed as D
-from . import weights as TV
 from ..core.data import SequenceSet
 from ..core.files import write_jsonl
 from ..core.memorization import verdict_counts
 from ..core.scorer import score_sequences
 from ..core.summary import Thresholds, calibrate_thresholds
-from .selection import sga_selection, stop_satisfied
+from . import weights as TV
 from .loop import SequenceTrainer
 from .reporting import log_histograms
+from .selection import sga_selection, stop_satisfied
 
 STATE_FILE = "unlearn_state.json"
 
