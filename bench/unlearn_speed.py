@@ -1,8 +1,14 @@
-"""Seconds per epoch of GA, SGA (all / a quarter selected) and TAU, and peak memory per rank
-under ZeRO-0 and ZeRO-3, on 2 DeepSpeed ranks, side by side in one run.
+"""Unlearning speed on 2 DeepSpeed CPU ranks, side by side in one run, in two parts:
 
-    python bench/unlearn_speed.py                  # ~100M-parameter Llama; under 12 min on 2 CPU cores
-    python bench/unlearn_speed.py --hidden 64 --layers 2 --vocab 512 --epochs 1   # smoke run
+1. ``epoch_cost METHOD zeroN ratio=R`` per method and stage (bench/epoch_cost.py: the real
+   trainer, real judging; R = epoch time / (optimizer step + one forward over the forget set)).
+2. Seconds per epoch of GA, SGA (all / a quarter selected) and TAU, and peak memory per rank
+   under ZeRO-0 and ZeRO-3 (below).
+
+    python bench/unlearn_speed.py                  # both parts, at their default sizes
+    python bench/unlearn_speed.py --only variants  # part 2 only (~100M-parameter Llama, ~12 min)
+    python bench/unlearn_speed.py --only epoch_cost
+    python bench/unlearn_speed.py --hidden 64 --layers 2 --vocab 512 --epochs 1 --only variants   # smoke run
 
 The parent launches the real launcher once per ZeRO stage,
 ``deepspeed --num_accelerators 2 bench/unlearn_speed.py --worker --stage S --result FILE``,
@@ -136,7 +142,7 @@ def worker(args) -> None:
     schedule, measured = epoch_schedule(args.epochs)
     # The DeepSpeed config goes in FIRST: under ZeRO-3 the model below is then built under
     # deepspeed.zero.Init (partitioned), and UnlearnConfig sets up accelerate for gloo.
-    config = UnlearnConfig(
+    settings = dict(
         model="bench",
         forget="bench",
         output_dir=args.output_dir,
@@ -151,6 +157,8 @@ def worker(args) -> None:
         **SETTINGS["GA"],
     )
     D.init_distributed()
+    D.configure_process_for_trainer(settings)  # accelerate on CPU ranks, as the unlearn command does
+    config = UnlearnConfig(**settings)
     baseline = rss_now_kib()
 
     torch.manual_seed(args.seed)
@@ -469,6 +477,7 @@ def main() -> None:
     parser.add_argument("--stages", type=int, nargs="+", default=[0, 3], choices=[0, 3])
     parser.add_argument("--ranks", type=int, default=2)
     parser.add_argument("--keep", default=None, help="keep configs, rank logs and results in this folder")
+    parser.add_argument("--only", choices=["epoch_cost", "variants"], default=None, help="run one part only")
     # Worker-only (set by the parent / the launcher).
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--stage", type=int, help=argparse.SUPPRESS)
@@ -487,6 +496,15 @@ def main() -> None:
             D.finalize()  # ZeRO-3 ranks abort at exit without it (REFERENCE §4)
         return
 
+    if args.only in (None, "epoch_cost"):
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        import epoch_cost
+
+        cost_parser = argparse.ArgumentParser()
+        epoch_cost.add_args(cost_parser)
+        epoch_cost.run_all(cost_parser.parse_args([f"--ranks={args.ranks}"]))
+        if args.only == "epoch_cost":
+            return
     load = os.getloadavg()
     start = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="unlearn_speed_") as tmp:

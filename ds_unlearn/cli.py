@@ -1,17 +1,28 @@
-"""The ``ds-unlearn`` command: one subcommand per job, each a module in ``ds_unlearn/commands/``
-with ``main(argv) -> exit code``.
+"""The ``ds-unlearn`` command and the process entry of every job: one subcommand per job, each a
+module in ``ds_unlearn/commands/`` with ``main(argv) -> exit code``.
 
     ds-unlearn score    per-sequence memorization of a model on a data file
     ds-unlearn unlearn  remove a forget set with GA, SGA, TA or TAU (one process; see launch/)
     ds-unlearn memorize the memorisation lab (random strings, phases, local prefix, ...)
     ds-unlearn demo     plant, score, unlearn and report on the real SmolLM2-135M
+
+Every command also takes ``--dist_timeout_s S`` (default 300): under a launcher, the longest any
+collective may wait before the job ends with an error.
+
+What a failure looks like (the same for every command, on one process or many ranks):
+bad input -> one line naming the field / row / file, exit code 2, nothing written; any other
+error -> the failing rank prints its traceback (each line prefixed with its rank) and exits
+non-zero at once, without entering another collective, so the launcher stops the other ranks.
+The barrier and ``destroy_process_group`` that end a run belong to the success path only.
 """
 
 from __future__ import annotations
 
 import importlib
+import os
 import sys
 
+from .core import distributed as D
 from .core.errors import InputError
 
 SUBCOMMANDS = {
@@ -20,13 +31,38 @@ SUBCOMMANDS = {
     "memorize": "the memorisation lab: make a model memorise random strings and record how",
     "demo": "the whole story on SmolLM2-135M: plant, score, unlearn (GA, SGA, TAU), report",
 }
+TIMEOUT_FLAG = "--dist_timeout_s"
 
 
 def usage() -> str:
     lines = ["usage: ds-unlearn {" + ",".join(SUBCOMMANDS) + "} [options]", ""]
     lines += [f"  {name:<9} {text}" for name, text in SUBCOMMANDS.items()]
-    lines += ["", "ds-unlearn COMMAND --help shows a command's options."]
+    lines += [
+        "",
+        "ds-unlearn COMMAND --help shows a command's options.",
+        f"Every command takes {TIMEOUT_FLAG} S (default {D.DEFAULT_TIMEOUT_S}): the longest a collective may wait.",
+    ]
     return "\n".join(lines)
+
+
+def pop_timeout(argv: list[str]) -> tuple[list[str], float]:
+    """``argv`` without ``--dist_timeout_s S`` (or ``=S``), and S (seconds, > 0)."""
+    rest, timeout, i = [], float(D.DEFAULT_TIMEOUT_S), 0
+    while i < len(argv):
+        arg = argv[i]
+        if arg == TIMEOUT_FLAG or arg.startswith(TIMEOUT_FLAG + "="):
+            value = arg.split("=", 1)[1] if "=" in arg else (argv[i + 1] if i + 1 < len(argv) else "")
+            i += 1 if "=" in arg else 2
+            try:
+                timeout = float(value)
+            except ValueError:
+                raise InputError(f"{TIMEOUT_FLAG}: expected seconds, got {value!r}") from None
+            if not timeout > 0:
+                raise InputError(f"{TIMEOUT_FLAG}: must be positive, got {value}")
+            continue
+        rest.append(arg)
+        i += 1
+    return rest, timeout
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -39,14 +75,24 @@ def main(argv: list[str] | None = None) -> int:
         print(f"ds-unlearn: error: unknown command {name!r}\n{usage()}", file=sys.stderr)
         return 2
     try:
-        return importlib.import_module(f"ds_unlearn.commands.{name}").main(rest)
+        rest, timeout = pop_timeout(rest)
+        D.init_distributed(timeout)
+        D.start_launcher_watchdog()
+        code = importlib.import_module(f"ds_unlearn.commands.{name}").main(rest)
     except InputError as err:
-        from .core import distributed as D
-
-        if D.rank() == 0:
-            print(f"ds-unlearn {name}: error: {err}", file=sys.stderr)
-        D.finalize()
+        D.report_error(f"ds-unlearn {name}: error: {err}")
+        D.abandon()
         return 2
+    except BaseException as err:
+        if not D.launched_by_launcher() or isinstance(err, SystemExit) and not err.code:
+            raise
+        # One rank failed: say so loudly and leave now. Any further collective (a barrier, the
+        # final gather) would wait for ranks that are themselves waiting for us.
+        D.report_traceback()
+        sys.stdout.flush()
+        os._exit(1)
+    D.finalize()
+    return code
 
 
 if __name__ == "__main__":

@@ -143,9 +143,11 @@ def test_nonfinite_loss_stops_with_the_last_good_weights(unlearn_case, tmp_path,
 
     monkeypatch.setattr(training, "weighted_objective", diverging)
     out = tmp_path / "nan"
-    assert main(["unlearn", *unlearn_args(unlearn_case, out, "--method", "ga", "--learning_rate", "1e-3")]) == 0
+    # A diverged run is no unlearned one: exit 1 by default, with the last good weights saved.
+    assert main(["unlearn", *unlearn_args(unlearn_case, out, "--method", "ga", "--learning_rate", "1e-3")]) == 1
     report = json.loads((out / "report.json").read_text())
     assert report["stop_reason"].startswith("non-finite loss in epoch 2"), report["stop_reason"]
+    assert report["diverged"] is True
     weights = load_causal_lm(out / "model").state_dict()
     assert all(torch.isfinite(w).all() for w in weights.values())
     after, epoch1 = read_jsonl(out / "scores_after.jsonl"), read_jsonl(out / "scores_epoch1.jsonl")
@@ -181,3 +183,54 @@ def test_report_to_none_writes_no_event_files(unlearn_case, tmp_path):
     assert not list(out.rglob("events.out.tfevents.*"))
     history = json.loads((out / "report.json").read_text())["history"]
     assert history[0]["forget/memorized"] == 4  # the metrics are still computed and reported
+
+
+def test_absurd_learning_rate_is_caught_as_divergence_not_success(unlearn_case, tmp_path):
+    # lr 1e38 makes the weights non-finite after one step; MA on NaN logits is 0, which a naive
+    # per-sequence rule would call "unlearned".
+    out = tmp_path / "absurd"
+    argv = unlearn_args(unlearn_case, out, "--method", "ga", "--learning_rate", "1e38", "--allow_divergence", "true")
+    assert main(["unlearn", *argv]) == 0  # asked to keep going: exit 0, but the report says what happened
+    report = json.loads((out / "report.json").read_text())
+    assert report["diverged"] is True and "stop rule holds" not in report["stop_reason"], report["stop_reason"]
+    weights = load_causal_lm(out / "model").state_dict()
+    assert all(torch.isfinite(w).all() for w in weights.values())
+    before, after = read_jsonl(out / "scores_before.jsonl"), read_jsonl(out / "scores_after.jsonl")
+    assert [r["ma"] for r in after] == pytest.approx([r["ma"] for r in before])  # the input weights, restored
+
+
+def test_default_saves_no_checkpoint_unless_the_epoch_limit_ends_the_run(unlearn_case, tmp_path):
+    done = tmp_path / "done"
+    assert main(["unlearn", *unlearn_args(unlearn_case, done, "--method", "ga", "--save_strategy", "no")]) == 0
+    assert "stop rule holds" in json.loads((done / "report.json").read_text())["stop_reason"]
+    assert not list(done.glob("checkpoint-*"))
+    capped = tmp_path / "capped"
+    argv = unlearn_args(unlearn_case, capped, "--method", "ga", "--num_train_epochs", "1", "--save_strategy", "no")
+    assert main(["unlearn", *argv]) == 0
+    assert [p.name for p in capped.glob("checkpoint-*")] == ["checkpoint-1"]
+    assert (capped / "checkpoint-1" / "unlearn_state.json").exists()
+    resumed = unlearn_args(unlearn_case, capped, "--method", "ga", "--resume_from_checkpoint", capped / "checkpoint-1")
+    assert main(["unlearn", *resumed]) == 0
+    report = json.loads((capped / "report.json").read_text())
+    assert report["after"]["memorized"] == 0
+    one_go = json.loads((done / "report.json").read_text())
+    assert report["epochs"] == one_go["epochs"]
+    assert [r["ma"] for r in read_jsonl(capped / "scores_after.jsonl")] == pytest.approx(
+        [r["ma"] for r in read_jsonl(done / "scores_after.jsonl")], abs=1e-6
+    )
+
+
+def test_epochs_are_judged_on_ma_and_el_runs_only_when_asked(unlearn_case, tmp_path):
+    out = tmp_path / "cheap"
+    assert main(["unlearn", *unlearn_args(unlearn_case, out, "--method", "ga")]) == 0
+    epochs = sorted(out.glob("scores_epoch*.jsonl"))
+    assert epochs and all("el_10" not in read_jsonl(p)[0] for p in epochs)  # one teacher-forced pass
+    for name in ("scores_before.jsonl", "scores_after.jsonl"):
+        assert "el_10" in read_jsonl(out / name)[0]
+    every = tmp_path / "every"
+    assert main(["unlearn", *unlearn_args(unlearn_case, every, "--method", "ga", "--el_every", "1")]) == 0
+    assert all("el_10" in read_jsonl(p)[0] for p in every.glob("scores_epoch*.jsonl"))
+    history = json.loads((every / "report.json").read_text())["history"]
+    assert all("forget/el10_mean" in h for h in history)
+    # Each epoch says what it cost: wall time, its optimizer steps, its judging.
+    assert all(h["time/epoch_s"] >= h["time/step_s"] > 0 and h["time/judge_s"] > 0 for h in history[1:])

@@ -36,14 +36,10 @@ def main(argv: list[str]) -> int:
         print(__doc__)
         build_parser().print_help()
         return 0
-    D.init_distributed()
-    try:
-        config = parse_config(argv)
-        if config.deepspeed:  # DeepSpeed on CPU: accelerate's gloo state, before any Trainer
-            D.prepare_accelerate_for_deepspeed()
-        return run(config)
-    finally:
-        D.finalize()
+    config = parse_config(argv)
+    if config.deepspeed:  # DeepSpeed on CPU: accelerate's gloo state, before any Trainer
+        D.prepare_accelerate_for_deepspeed()
+    return run(config)
 
 
 def run(config: LabConfig) -> int:

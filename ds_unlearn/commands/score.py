@@ -64,50 +64,47 @@ def summary_path(out: str | Path) -> Path:
 
 
 def run(args: argparse.Namespace) -> int:
-    D.init_distributed()
-    try:
-        # Everything that can be wrong with the input is found here, before any weights load.
-        model_dir = resolve_model_dir(args.model)
-        for path in (args.out, summary_path(args.out)):
-            check_output(path, option="--out", overwrite=args.overwrite, inputs=(args.data, model_dir))
-        ds_config = load_ds_config(args.deepspeed) if args.deepspeed else None
-        if args.max_length is not None and args.max_length < min_length(args.el_n, args.extract_k):
-            raise InputError(
-                f"--max_length {args.max_length} is shorter than el_n/extract_k need "
-                f"({min_length(args.el_n, args.extract_k)} tokens)"
-            )
-        vocab_size = load_config(model_dir).vocab_size
-        rows = read_rows(args.data)
-        tokenizer = load_tokenizer(model_dir) if needs_tokenizer(rows) else None
-        data = to_sequence_set(
-            rows,
-            tokenizer=tokenizer,
-            text_field=args.text_field,
-            id_field=args.id_field,
-            max_length=args.max_length,
-            vocab_size=vocab_size,
+    # The process entry (cli.main) owns the process group and the failure path.
+    # Everything that can be wrong with the input is found here, before any weights load.
+    model_dir = resolve_model_dir(args.model)
+    for path in (args.out, summary_path(args.out)):
+        check_output(path, option="--out", overwrite=args.overwrite, inputs=(args.data, model_dir))
+    ds_config = load_ds_config(args.deepspeed) if args.deepspeed else None
+    if args.max_length is not None and args.max_length < min_length(args.el_n, args.extract_k):
+        raise InputError(
+            f"--max_length {args.max_length} is shorter than el_n/extract_k need "
+            f"({min_length(args.el_n, args.extract_k)} tokens)"
         )
-        validate_request(data.sequences, args.el_n, args.extract_k, vocab_size, lambda i: f"--data row {i}")
+    vocab_size = load_config(model_dir).vocab_size
+    rows = read_rows(args.data)
+    tokenizer = load_tokenizer(model_dir) if needs_tokenizer(rows) else None
+    data = to_sequence_set(
+        rows,
+        tokenizer=tokenizer,
+        text_field=args.text_field,
+        id_field=args.id_field,
+        max_length=args.max_length,
+        vocab_size=vocab_size,
+    )
+    validate_request(data.sequences, args.el_n, args.extract_k, vocab_size, lambda i: f"--data row {i}")
 
-        model = load_for_inference(model_dir, DTYPES[args.dtype], ds_config)
-        scores = score_sequences(
-            model,
-            data.sequences,
-            el_n=args.el_n,
-            extract_k=args.extract_k,
-            batch_size=args.batch_size,
-            method=args.method,
-            progress=True,
-        )
-        if D.is_main():
-            write_scores(args.out, data.ids, scores)
-            summary = summarize_scores(scores)
-            write_json(summary_path(args.out), summary)
-            print("\n".join(summary_lines(summary)))
-            print(f"wrote {args.out} and {summary_path(args.out)}")
-        return 0
-    finally:
-        D.finalize()
+    model = load_for_inference(model_dir, DTYPES[args.dtype], ds_config)
+    scores = score_sequences(
+        model,
+        data.sequences,
+        el_n=args.el_n,
+        extract_k=args.extract_k,
+        batch_size=args.batch_size,
+        method=args.method,
+        progress=True,
+    )
+    if D.is_main():
+        write_scores(args.out, data.ids, scores)
+        summary = summarize_scores(scores)
+        write_json(summary_path(args.out), summary)
+        print("\n".join(summary_lines(summary)))
+        print(f"wrote {args.out} and {summary_path(args.out)}")
+    return 0
 
 
 def write_scores(path, ids, scores) -> None:

@@ -20,12 +20,8 @@ def main(argv: list[str]) -> int:
 
         HfArgumentParser(UnlearnConfig).print_help()
         return 0
-    D.init_distributed()
     config = parse_config(argv, before_build=D.configure_process_for_trainer)
-    try:
-        result = run_unlearning(config)
-        if D.is_main():
-            print(report_lines(result.report))
-        return 0
-    finally:
-        D.finalize()
+    result = run_unlearning(config)
+    if D.is_main():
+        print(report_lines(result.report))
+    return 1 if result.report.get("diverged") and not config.allow_divergence else 0

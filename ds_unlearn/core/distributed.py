@@ -7,6 +7,11 @@ serves ``python script.py`` and ``deepspeed --num_gpus N script.py``.
 from __future__ import annotations
 
 import os
+import sys
+import threading
+import time
+import traceback
+from datetime import timedelta
 from typing import Any
 
 import torch
@@ -38,15 +43,84 @@ def backend() -> str:
     return "nccl" if torch.cuda.is_available() else "gloo"
 
 
-def init_distributed() -> None:
-    """Join the process group the launcher set up (no-op for a plain single process)."""
+DEFAULT_TIMEOUT_S = 300  # a collective that waits longer than this ends the job
+
+
+def init_distributed(timeout_s: float = DEFAULT_TIMEOUT_S) -> None:
+    """Join the process group the launcher set up (no-op for a plain single process).
+
+    Every collective gets a finite ``timeout_s`` (seconds): a rank killed by the OS cannot leave
+    the others waiting forever; they raise, print and exit non-zero."""
     if not launched_by_launcher() or (dist.is_available() and dist.is_initialized()):
         return
     import deepspeed
 
-    deepspeed.init_distributed(dist_backend=backend())
+    deepspeed.init_distributed(dist_backend=backend(), timeout=timedelta(seconds=timeout_s))
     if torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+
+
+def report_error(line: str) -> None:
+    """One line to stderr; under a launcher, ranks other than 0 prefix theirs with the rank so a
+    failure on one rank names where it happened."""
+    prefix = f"[rank {rank_from_env()}] " if launched_by_launcher() and rank_from_env() != 0 else ""
+    print(prefix + line, file=sys.stderr, flush=True)
+
+
+def report_traceback() -> None:
+    """The current exception's traceback, every line prefixed with this rank."""
+    tag = f"[rank {rank_from_env()}] "
+    text = "".join(traceback.format_exc())
+    print("".join(tag + line + "\n" for line in text.rstrip().splitlines()), file=sys.stderr, flush=True)
+
+
+def rank_from_env() -> int:
+    """This process's global rank as the launcher set it (valid before the group exists)."""
+    return int(os.environ.get("RANK", "0"))
+
+
+def abandon() -> None:
+    """Leave the process group on a failure path: no barrier, no collective of any kind."""
+    if dist.is_available() and dist.is_initialized():
+        try:
+            dist.destroy_process_group()
+        except Exception:  # already broken: nothing left to release
+            pass
+
+
+def start_launcher_watchdog(interval_s: float = 1.0) -> None:
+    """Under a launcher, end this rank within seconds of its launcher being gone.
+
+    ``deepspeed`` starts ``deepspeed.launcher.launch`` (our parent), which starts the ranks; a
+    SIGTERM/SIGINT to the ``deepspeed`` process alone (``timeout``, ``kill PID``, a scheduler)
+    ends it at once and would leave the ranks running and writing. A daemon thread watches the
+    parent and its parent: when either is gone (we, or our parent, got re-parented), the rank
+    prints one line and exits non-zero without writing anything further. Linux only; set
+    DS_UNLEARN_NO_WATCHDOG=1 to turn it off."""
+    if not launched_by_launcher() or os.environ.get("DS_UNLEARN_NO_WATCHDOG") == "1":
+        return
+    parent = os.getppid()
+    grandparent = _parent_of(parent)
+    if grandparent is None:  # no /proc: nothing to watch
+        return
+
+    def watch() -> None:
+        while True:
+            time.sleep(interval_s)
+            if os.getppid() != parent or _parent_of(parent) != grandparent:
+                report_error("the launcher is gone (its process ended); stopping this rank")
+                os._exit(1)
+
+    threading.Thread(target=watch, name="ds_unlearn-launcher-watchdog", daemon=True).start()
+
+
+def _parent_of(pid: int) -> int | None:
+    try:
+        stat = open(f"/proc/{pid}/stat").read()
+    except OSError:
+        return None
+    # Fields after the parenthesised command name: state, ppid, ...
+    return int(stat.rsplit(")", 1)[1].split()[1])
 
 
 def configure_process_for_trainer(settings: dict) -> None:
@@ -127,7 +201,8 @@ def barrier() -> None:
 
 
 def finalize() -> None:
-    """Leave the process group cleanly: ZeRO-3 ranks abort at exit without this (REFERENCE §4)."""
+    """Leave the process group cleanly on the success path only: ZeRO-3 ranks abort at exit
+    without this (REFERENCE §4). A failure path calls ``abandon`` instead (no barrier)."""
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()

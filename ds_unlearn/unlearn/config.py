@@ -93,7 +93,17 @@ class UnlearnConfig(TrainingArguments):
     score_batch_size: int = _help(
         "Sequences / continuations per forward pass when scoring.", default=DEFAULT_BATCH_SIZE
     )
+    el_every: int = _help(
+        "Also compute EL_10 (greedy generation) every N epochs; 0: only before the first and after the last "
+        "epoch. Per-epoch verdicts use MA from one teacher-forced pass, as the ICML code does.",
+        default=0,
+    )
     overwrite: bool = _help("Replace the results of an earlier run in output_dir.", default=False)
+    allow_divergence: bool = _help(
+        "Exit 0 even when a non-finite loss, score or weight ended the run (the last good weights are "
+        "saved either way and the report says so); by default such a run exits 1.",
+        default=False,
+    )
 
     # TrainingArguments defaults that suit unlearning (still overridable).
     learning_rate: float = _help("Adam learning rate (the paper: 5e-5).", default=5e-5)
@@ -104,9 +114,11 @@ class UnlearnConfig(TrainingArguments):
         "Log train/loss every optimizer step (one per epoch in the paper's setting).", default=1
     )
     save_strategy: str = _help(
-        "Checkpoint every epoch so --resume_from_checkpoint can continue a run.", default="epoch"
+        "'no': save the final model only, plus one resumable checkpoint when the run ends at its epoch limit "
+        "before the stop rule held; 'epoch': also a checkpoint every epoch (see save_total_limit).",
+        default="no",
     )
-    save_total_limit: int | None = _help("Keep only the newest checkpoint.", default=1)
+    save_total_limit: int | None = _help("With save_strategy=epoch: keep only this many newest checkpoints.", default=1)
     report_to: None | str | list[str] = _help("TensorBoard by default.", default="tensorboard")
     remove_unused_columns: bool = _help("Keep every column: the collator needs row indices and weights.", default=False)
 
@@ -159,6 +171,8 @@ class UnlearnConfig(TrainingArguments):
                 bad("tv_coefficient", "must be positive")
         elif self.tv_coefficient is not None or self.tv_switch_ma is not None:
             bad("tv_coefficient", f"only applies to ta/tau, not {self.method}")
+        if self.el_every < 0:
+            bad("el_every", f"must be 0 (before and after only) or a positive number of epochs, got {self.el_every}")
         if self.extract_k < 1:
             bad("extract_k", "must be at least 1")
         if self.score_batch_size < 1:

@@ -29,19 +29,29 @@ def build_report(config, trainer, after: list[dict], holdout_after, retain_after
             "stop_rule": config.stop_rule,
             "max_epochs": config.num_train_epochs,
             "world_size": D.world_size(),
+            "el_every": config.el_every,
             "deepspeed": config.deepspeed,
         },
         "thresholds": run.thresholds,
         "epochs": run.epochs,
         "switched_to_task_vector_at_epoch": run.switched_at_epoch,
         "stop_reason": run.stop_reason or "trainer finished its epochs",
+        "diverged": run.diverged,
         "before": summarize_scores(run.scores_before, t),
         "after": summarize_scores(after, t),
         "holdout_loss": {"before": run.holdout_loss_before, "after": holdout_after},
         "retain_ma": {"before": run.retain_ma_before, "after": retain_after},
         "history": run.history,
         "wall_seconds": round(seconds, 2),
+        "peak_device_memory_gib": _peak_device_memory_gib(),
     }
+
+
+def _peak_device_memory_gib() -> float | None:
+    """This rank's peak accelerator memory (GiB), None on CPU."""
+    import torch
+
+    return round(torch.cuda.max_memory_allocated() / 2**30, 3) if torch.cuda.is_available() else None
 
 
 def report_lines(report: dict) -> str:

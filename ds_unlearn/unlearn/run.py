@@ -100,6 +100,10 @@ def run_unlearning(config: UnlearnConfig) -> UnlearnResult:
         holdout=sets["holdout"],
     )
     trainer.train(resume_from_checkpoint=config.resume_from_checkpoint)
+    if trainer.run.phase != "done":
+        # The epoch limit came before the stop rule: keep a checkpoint to resume from with a
+        # higher limit (before finalize_weights, which applies TA/TAU's edit for the output).
+        trainer.save_resumable_checkpoint()
     trainer.finalize_weights()
 
     out = Path(config.output_dir)

@@ -26,10 +26,10 @@ from ..core.files import write_jsonl
 from ..core.memorization import verdict_counts
 from ..core.scorer import score_sequences
 from ..core.summary import Thresholds, calibrate_thresholds
-from . import weights as TV
 from .loop import SequenceTrainer
 from .reporting import log_histograms
 from .selection import sga_selection, stop_satisfied
+from .weights import OwnedWeights
 
 STATE_FILE = "unlearn_state.json"
 
@@ -50,6 +50,7 @@ class RunState:
     retain_ma_before: float | None = None
     history: list[dict] = field(default_factory=list)
     scores_before: list[dict] = field(default_factory=list)  # the forget set as the run found it
+    diverged: bool = False  # a non-finite loss, score or weight ended the run (last good weights kept)
 
 
 class UnlearnTrainer(SequenceTrainer):
@@ -64,10 +65,12 @@ class UnlearnTrainer(SequenceTrainer):
         super().__init__(*args, train_sequences=forget.sequences, **kwargs)
         self.forget, self.retain, self.holdout = forget, retain, holdout
         self.run = RunState()
-        self.base: list[torch.Tensor] | None = None  # theta_base, this rank's own shards
+        self.base: list[torch.Tensor] | None = None  # theta_base, this rank's own fp32 elements
         self.last_good: list[torch.Tensor] | None = None
+        self.weights: OwnedWeights | None = None  # built once the engine and its optimizer exist
         self.resume_dir: Path | None = None
         self.started = time.time()
+        self.clock = EpochClock()
         self.add_callback(UnlearnMonitor(self))
 
     # -- SequenceTrainer hooks ----------------------------------------------------------------
@@ -94,6 +97,8 @@ class UnlearnTrainer(SequenceTrainer):
 
     # -- measurements (collective: every rank calls them) ------------------------------------
     def score_set(self, data: SequenceSet, el: bool = True) -> list[dict]:
+        """Per-sequence scores; ``el=False`` is one teacher-forced pass (MA, loss, runs), ``el=True``
+        adds EL_10, which costs greedy generation."""
         return score_sequences(
             self.model,
             data.sequences,
@@ -102,10 +107,20 @@ class UnlearnTrainer(SequenceTrainer):
             batch_size=self.args.score_batch_size,
         )
 
-    def holdout_loss(self) -> float | None:
+    def holdout_loss(self, scores: list[dict] | None = None) -> float | None:
+        """Mean per-sequence NLL of the holdout (nats/token); NaN when any is non-finite."""
         if self.holdout is None:
             return None
-        return float(np.mean([r["loss"] for r in self.score_set(self.holdout, el=False)]))
+        scores = self.score_set(self.holdout, el=False) if scores is None else scores
+        return float(np.mean([r["loss"] for r in scores]))
+
+    def el_due(self) -> bool:
+        """Whether this epoch's judging also computes EL_10 (generation): every epoch when SGA
+        selects on it, every ``el_every`` epochs when asked, otherwise only before and after."""
+        if self.args.select_on == "el10":
+            return True
+        every = self.args.el_every
+        return bool(every) and self.run.epochs % every == 0
 
     @property
     def thresholds(self) -> Thresholds:
@@ -122,65 +137,74 @@ class UnlearnTrainer(SequenceTrainer):
 
     def _start_fresh(self) -> None:
         args = self.args
+        self.weights = OwnedWeights(self.model)
         scores = self.score_set(self.forget)
         self.run.scores_before = scores
         self.write_scores("scores_before.jsonl", scores)
+        holdout_scores = self.score_set(self.holdout, el=False) if self.holdout is not None else None
         thresholds = Thresholds(args.memorized_threshold, args.over_unlearned_threshold, args.mean_threshold)
-        if self.holdout is not None and (args.calibrate_thresholds or args.mean_threshold is None):
-            calibrated = calibrate_thresholds(
-                [r["ma"] for r in self.score_set(self.holdout, el=False)], args.calibration_quantile
-            )
+        if holdout_scores is not None and (args.calibrate_thresholds or args.mean_threshold is None):
+            calibrated = calibrate_thresholds([r["ma"] for r in holdout_scores], args.calibration_quantile)
             thresholds = (
                 calibrated
                 if args.calibrate_thresholds
                 else Thresholds(thresholds.memorized_ma, thresholds.over_unlearned_ma, calibrated.mean_ma)
             )
         self.run.thresholds = asdict(thresholds)
-        self.run.holdout_loss_before = self.holdout_loss()
+        self.run.holdout_loss_before = self.holdout_loss(holdout_scores)
         if self.retain is not None:
             self.run.retain_ma_before = float(np.mean([r["ma"] for r in self.score_set(self.retain, el=False)]))
-        self.last_good = TV.snapshot(self.model)
+        self.last_good = self.weights.snapshot()
         self._absorb_scores(scores)
-        self._log_epoch(scores, holdout_loss=self.run.holdout_loss_before, trained=0)
+        self._log_epoch(holdout_loss=self.run.holdout_loss_before, trained=0)
         if stop_satisfied(self.run.ma, args.stop_rule, thresholds):
             self._finish("nothing to unlearn: the stop rule already holds")
         else:
             self._maybe_switch_to_finetune()
 
     def end_epoch(self, control) -> None:
+        """Judge the epoch's weights per sequence and decide: stop, restore, switch or go on.
+
+        Costs one teacher-forced pass over the forget set (none with ``score_refresh=step``) and
+        one over the holdout; EL_10 only when ``el_due``. Collective: every rank runs it."""
         if self.run.phase == "done":
             return
         self.run.epochs += 1
         trained = len(self.run.selected)
         if any(D.all_gather_objects(self.nonfinite_loss)):
-            TV.restore(self.model, self.last_good)
-            self._finish(f"non-finite loss in epoch {self.run.epochs}: kept the weights of the last good epoch")
+            self._restore_last_good(f"non-finite loss in epoch {self.run.epochs}")
             control.should_training_stop = True
             return
 
         editing = self.run.phase == "finetune"
+        self.clock.start_judging()
         if editing:  # judge the edited weights, then train on from the unedited ones
-            trained_weights = TV.snapshot(self.model)
-            TV.apply_negated_task_vector(self.model, self.base, self.args.tv_coefficient)
+            trained_weights = self.weights.snapshot()
+            self.weights.apply_negated_task_vector(self.base, self.args.tv_coefficient)
         scores = self._epoch_scores(fresh=editing)
         holdout_loss = self.holdout_loss()
+        self.clock.end_judging()
         self._absorb_scores(scores)
         self.write_scores(f"scores_epoch{self.run.epochs}.jsonl", scores)
-        self._log_epoch(scores, holdout_loss, trained)
+        self._log_epoch(holdout_loss, trained)
 
+        problem = self._nonfinite(scores, holdout_loss)
         guard = self.args.max_holdout_loss_increase
-        if guard is not None and holdout_loss > self.run.holdout_loss_before * (1 + guard):
-            TV.restore(self.model, self.last_good)
-            self._finish(
+        limit = None if guard is None else self.run.holdout_loss_before * (1 + guard)
+        if problem:
+            self._restore_last_good(f"{problem} in epoch {self.run.epochs}")
+        elif limit is not None and not holdout_loss <= limit:  # fails safe on NaN
+            self._restore_last_good(
                 f"utility guard: holdout loss {holdout_loss:.4f} rose more than {guard:.2%} "
-                f"over {self.run.holdout_loss_before:.4f}; kept the weights of the last good epoch"
+                f"over {self.run.holdout_loss_before:.4f}",
+                diverged=False,
             )
         elif stop_satisfied(self.run.ma, self.args.stop_rule, self.thresholds):
             self._finish(f"{self.args.stop_rule} stop rule holds after epoch {self.run.epochs}")
         else:
-            self.last_good = TV.snapshot(self.model, into=self.last_good)
+            self.last_good = self.weights.snapshot(into=self.last_good)
             if editing:
-                TV.restore(self.model, trained_weights)
+                self.weights.write(trained_weights)
             self._maybe_switch_to_finetune()
             if self.run.epochs >= self.args.num_train_epochs:
                 # Not "done": a resumed run with a higher limit carries on from here.
@@ -188,9 +212,36 @@ class UnlearnTrainer(SequenceTrainer):
         if self.run.phase == "done":
             control.should_training_stop = True
 
+    def log_epoch_time(self) -> None:
+        """After end_epoch: the epoch's wall time (training, judging, snapshots, edits), its mean
+        optimizer step time and its judging time, in the history and to every reporter."""
+        if not self.run.history or self.run.history[-1]["epoch"] != self.run.epochs or self.run.epochs == 0:
+            return
+        times = self.clock.epoch_times()
+        if "time/epoch_s" in self.run.history[-1]:
+            return
+        self.run.history[-1].update(times)
+        self.log(times)
+
+    def _nonfinite(self, scores: list[dict], holdout_loss: float | None) -> str | None:
+        """What is non-finite after this epoch, if anything (all ranks agree: scores are
+        gathered, and the weight check is reduced over ranks)."""
+        if "loss" in scores[0] and not np.all(np.isfinite([r["loss"] for r in scores])):
+            return "non-finite forget-set loss"
+        if holdout_loss is not None and not np.isfinite(holdout_loss):
+            return "non-finite holdout loss"
+        if not all(D.all_gather_objects(self.weights.all_finite())):
+            return "non-finite weights"
+        return None
+
+    def _restore_last_good(self, reason: str, diverged: bool = True) -> None:
+        self.weights.write(self.last_good)
+        self.run.diverged = self.run.diverged or diverged
+        self._finish(f"{reason}: kept the weights of the last good epoch")
+
     def _epoch_scores(self, fresh: bool) -> list[dict]:
         if fresh or self.args.score_refresh == "epoch":
-            return self.score_set(self.forget)
+            return self.score_set(self.forget, el=self.el_due())
         # score_refresh=step: each trained row's MA as its last training forward pass saw it.
         seen: dict[int, float] = {}
         for part in D.all_gather_objects(self.forward_ma):
@@ -199,6 +250,7 @@ class UnlearnTrainer(SequenceTrainer):
 
     def _absorb_scores(self, scores: list[dict]) -> None:
         self.run.ma = [float(r["ma"]) for r in scores]
+        # EL_10 is judged when it was computed this time; the report keeps its latest values.
         self.run.el10 = [float(r["el_10"]) for r in scores] if "el_10" in scores[0] else None
         key = self.run.el10 if self.args.select_on == "el10" else self.run.ma
         self.run.selected = (
@@ -211,7 +263,7 @@ class UnlearnTrainer(SequenceTrainer):
         """TA/TAU: once the ascent brought the mean MA below tv_switch_ma, snapshot theta_base."""
         if self.args.method in ("ta", "tau") and self.run.phase == "ascent":
             if float(np.mean(self.run.ma)) < self.args.tv_switch_ma:
-                self.base = TV.snapshot(self.model)
+                self.base = self.weights.snapshot()
                 self.run.phase = "finetune"
                 self.run.switched_at_epoch = self.run.epochs
                 self.run.selected = list(range(len(self.forget)))
@@ -220,7 +272,7 @@ class UnlearnTrainer(SequenceTrainer):
         """After train(): a TA/TAU run that ran out of epochs outputs its edited weights (a run
         that finished already holds its final weights)."""
         if self.run.phase == "finetune":
-            TV.apply_negated_task_vector(self.model, self.base, self.args.tv_coefficient)
+            self.weights.apply_negated_task_vector(self.base, self.args.tv_coefficient)
 
     def _finish(self, reason: str) -> None:
         self.run.phase = "done"
@@ -233,7 +285,7 @@ class UnlearnTrainer(SequenceTrainer):
             Path(self.args.output_dir).mkdir(parents=True, exist_ok=True)
             write_jsonl(Path(self.args.output_dir) / name, ({"id": i, **s} for i, s in zip(self.forget.ids, scores)))
 
-    def _log_epoch(self, scores: list[dict], holdout_loss: float | None, trained: int) -> None:
+    def _log_epoch(self, holdout_loss: float | None, trained: int) -> None:
         t = self.thresholds
         counts = verdict_counts(self.run.ma, t.memorized_ma, t.over_unlearned_ma)
         metrics = {
@@ -255,6 +307,15 @@ class UnlearnTrainer(SequenceTrainer):
             histograms["forget/el10"] = self.run.el10
         log_histograms(self, histograms)
 
+    def save_resumable_checkpoint(self) -> None:
+        """A full checkpoint (model, optimizer, our run state) at the current step, whatever
+        save_strategy says; collective under DeepSpeed. Returns nothing; the directory is
+        ``output_dir/checkpoint-STEP``."""
+        checkpoint = Path(self.args.output_dir) / f"checkpoint-{self.state.global_step}"
+        if not (checkpoint / STATE_FILE).exists():  # save_strategy=epoch may have written it already
+            self._save_checkpoint(self.model, trial=None)
+            self.save_run_state(checkpoint)
+
     def save_run_state(self, checkpoint_dir: Path) -> None:
         torch.save(
             {"base": self.base, "last_good": self.last_good}, checkpoint_dir / f"unlearn_shards_rank{D.rank()}.pt"
@@ -266,6 +327,47 @@ class UnlearnTrainer(SequenceTrainer):
         self.run = RunState(**json.loads((checkpoint_dir / STATE_FILE).read_text()))
         shards = torch.load(checkpoint_dir / f"unlearn_shards_rank{D.rank()}.pt")
         self.base, self.last_good = shards["base"], shards["last_good"]
+        self.weights = OwnedWeights(self.model)
+
+
+class EpochClock:
+    """Wall seconds of each epoch, of its optimizer steps and of its judging, so users see what
+    an epoch costs next to a training step (``time/*`` in the history and every reporter)."""
+
+    def __init__(self):
+        self.epoch_start = self.step_start = self.judge_start = 0.0
+        self.steps: list[float] = []
+        self.judge = 0.0
+
+    @staticmethod
+    def _now() -> float:
+        # On a GPU the host runs ahead of the device: wait for it at these few boundaries (once
+        # per optimizer step, already paid by the Trainer's loss logging) so the times are real.
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        return time.perf_counter()
+
+    def start_epoch(self) -> None:
+        self.steps, self.judge, self.epoch_start = [], 0.0, self._now()
+
+    def start_step(self) -> None:
+        self.step_start = self._now()
+
+    def end_step(self) -> None:
+        self.steps.append(self._now() - self.step_start)
+
+    def start_judging(self) -> None:
+        self.judge_start = self._now()
+
+    def end_judging(self) -> None:
+        self.judge = self._now() - self.judge_start
+
+    def epoch_times(self) -> dict[str, float]:
+        return {
+            "time/epoch_s": self._now() - self.epoch_start,
+            "time/step_s": float(np.mean(self.steps)) if self.steps else 0.0,
+            "time/judge_s": self.judge,
+        }
 
 
 class UnlearnMonitor(TrainerCallback):
@@ -277,8 +379,18 @@ class UnlearnMonitor(TrainerCallback):
     def on_train_begin(self, args, state, control, **kwargs):
         self.trainer.begin_run(control)
 
+    def on_epoch_begin(self, args, state, control, **kwargs):
+        self.trainer.clock.start_epoch()
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        self.trainer.clock.start_step()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.trainer.clock.end_step()
+
     def on_epoch_end(self, args, state, control, **kwargs):
         self.trainer.end_epoch(control)
+        self.trainer.log_epoch_time()
 
     def on_save(self, args, state, control, **kwargs):
         self.trainer.save_run_state(Path(args.output_dir) / f"checkpoint-{state.global_step}")
