@@ -20,7 +20,7 @@ def test_sga_selects_above_gamma_plus_the_most_memorized():
 
 
 def test_plan_deals_rows_evenly_with_equal_micro_batch_counts_and_exact_weights():
-    plan = plan_epoch(list(range(5)), world_size=2, micro_batches_per_rank=2, grad_accum=2)
+    plan = plan_epoch(list(range(5)), world_size=2, micro_batches_per_rank=2, grad_accum=2, rows_per_micro_batch=2)
     assert [len(rank) for rank in plan] == [2, 2]
     real = sorted(s.index for rank in plan for mb in rank for s in mb if s.weight > 0)
     assert real == [0, 1, 2, 3, 4]
@@ -31,13 +31,13 @@ def test_plan_deals_rows_evenly_with_equal_micro_batch_counts_and_exact_weights(
 
 
 def test_plan_fills_empty_micro_batches_with_zero_weight_rows():
-    plan = plan_epoch([7], world_size=2, micro_batches_per_rank=1, grad_accum=1)
+    plan = plan_epoch([7], world_size=2, micro_batches_per_rank=1, grad_accum=1, rows_per_micro_batch=1)
     assert plan == [[[Slot(7, 2.0)]], [[Slot(7, 0.0)]]]
 
 
 def test_plan_normalizes_each_optimizer_step_separately():
-    plan = plan_epoch(list(range(6)), world_size=1, micro_batches_per_rank=2, grad_accum=1)
-    assert [[s.index for s in mb] for mb in plan[0]] == [[0, 2, 4], [1, 3, 5]]
+    plan = plan_epoch(list(range(6)), world_size=1, micro_batches_per_rank=2, grad_accum=1, rows_per_micro_batch=3)
+    assert [[s.index for s in mb] for mb in plan[0]] == [[0, 1, 2], [3, 4, 5]]
     assert all(s.weight == pytest.approx(1 / 3) for mb in plan[0] for s in mb)
 
 
@@ -74,13 +74,23 @@ def test_weighted_objective_and_task_vector():
     assert negated_task_vector(current, base, 3.0).tolist() == pytest.approx([-0.5, 5.0])
 
 
-def test_plan_gives_every_optimizer_step_rows_when_it_can():
+def test_plan_fills_the_first_steps_and_balances_ranks():
     from ds_unlearn.unlearn.selection import steps_with_rows
 
-    # 2 ranks x 4 micro-batches, one micro-batch per step: 4 steps, 3 rows -> one empty step
-    # (zero-weight fillers only), and every row in a different step.
-    plan = plan_epoch([3, 7, 9], world_size=2, micro_batches_per_rank=4, grad_accum=1)
-    assert steps_with_rows(plan, 1) == [True, True, True, False]
-    plan = plan_epoch(list(range(4)), world_size=2, micro_batches_per_rank=4, grad_accum=1)
-    assert steps_with_rows(plan, 1) == [True] * 4
-    assert sorted(s.index for rank in plan for mb in rank for s in mb if s.weight > 0) == [0, 1, 2, 3]
+    # 2 ranks x 4 micro-batches of 1 row, one micro-batch per step: a step holds 2 rows.
+    plan = plan_epoch([3, 7, 9], world_size=2, micro_batches_per_rank=4, grad_accum=1, rows_per_micro_batch=1)
+    assert steps_with_rows(plan, 1) == [True, True, False, False]
+    assert [[s.index for s in mb] for mb in plan[0][:2]] == [[3], [9]]
+    assert [[s.index for s in mb] for mb in plan[1][:2]] == [[7], [3]]  # [3] there is a filler
+    assert [s.weight for s in plan[1][1]] == [0.0] and plan[0][1][0].weight == pytest.approx(2.0)  # 2/1 row
+    assert plan[0][0][0].weight == pytest.approx(1.0)  # world 2 / 2 rows
+    # The same selection in one step of 4 rows per rank: one step, whatever the split.
+    plan = plan_epoch([3, 7, 9], world_size=2, micro_batches_per_rank=1, grad_accum=1, rows_per_micro_batch=4)
+    assert steps_with_rows(plan, 1) == [True]
+    assert sorted(s.index for rank in plan for s in rank[0]) == [3, 7, 9]
+    # Every row exactly once; 8 rows fill the first step (2 ranks x 2 micro-batches x 2 rows).
+    plan = plan_epoch(list(range(8)), world_size=2, micro_batches_per_rank=4, grad_accum=2, rows_per_micro_batch=2)
+    assert steps_with_rows(plan, 2) == [True, False]
+    assert sorted(s.index for rank in plan for mb in rank for s in mb if s.weight > 0) == list(range(8))
+    with pytest.raises(ValueError):
+        plan_epoch(list(range(9)), world_size=2, micro_batches_per_rank=4, grad_accum=2, rows_per_micro_batch=1)

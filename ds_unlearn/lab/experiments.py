@@ -79,8 +79,9 @@ class ScheduleTrainer(SequenceTrainer):
         self.schedule = schedule
 
     def epoch_rows(self) -> list[int]:
-        # The sampler asks at the start of each epoch, when state.epoch is the epoch's index.
-        return self.schedule[min(int(round(self.state.epoch or 0)), len(self.schedule) - 1)]
+        # The sampler asks once at the start of each epoch (epochs may end early: count them).
+        self.epochs_begun = getattr(self, "epochs_begun", -1) + 1
+        return self.schedule[min(self.epochs_begun, len(self.schedule) - 1)]
 
 
 def training_arguments(config: LabConfig, output_dir: Path, epochs: int):

@@ -120,6 +120,11 @@ class UnlearnConfig(TrainingArguments):
     )
     save_total_limit: int | None = _help("With save_strategy=epoch: keep only this many newest checkpoints.", default=1)
     report_to: None | str | list[str] = _help("TensorBoard by default.", default="tensorboard")
+    ignore_data_skip: bool = _help(
+        "Resume at the next whole epoch (checkpoints are only taken at epoch ends, and an epoch may "
+        "have fewer steps than the Trainer's nominal count: SGA trains only its selection).",
+        default=True,
+    )
     remove_unused_columns: bool = _help("Keep every column: the collator needs row indices and weights.", default=False)
 
     def __post_init__(self):

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 
 import torch
 from torch.utils.data import DataLoader, Dataset
-from transformers import Trainer, TrainerCallback
+from transformers import Trainer
 
 from ..core import distributed as D
 from ..core.passes import PAD_ID
@@ -60,43 +60,33 @@ def collate_sequences(rows: list[dict]) -> dict:
 
 class EpochPlanSampler:
     """Yields this rank's micro-batches of the current epoch; the plan is built when the epoch
-    starts, so a selection made at the end of the previous epoch takes effect at once."""
+    starts, so a selection made at the end of the previous epoch takes effect at once.
+
+    Only optimizer steps that train a real row are yielded. A step of zero-weight fillers alone
+    would still move Adam (its moments decay, its step count advances), so SGA's result would
+    depend on the batch size and the world size; the plan puts every real row before the first
+    empty step, and the epoch simply ends after the last real one (the same on every rank, so
+    ZeRO-3's collective calls stay in step). An epoch with no row at all yields nothing, which
+    ends training (the Trainer's own rule for an empty epoch)."""
 
     def __init__(self, trainer: SequenceTrainer):
         self.trainer = trainer
 
     def __len__(self) -> int:
-        return self.trainer.micro_batches_per_rank
+        return self.trainer.micro_batches_per_rank  # an upper bound: see __iter__
 
     def __iter__(self):
         rows = self.trainer.epoch_rows()
+        if not rows:
+            self.trainer.epoch_steps_with_rows = []
+            return iter(())
         grad_accum = self.trainer.args.gradient_accumulation_steps
-        if rows:
-            plan = plan_epoch(rows, D.world_size(), len(self), grad_accum)
-        else:  # nothing to train: fillers keep every rank's collective calls in step
-            plan = [[[Slot(0, 0.0)] for _ in range(len(self))] for _ in range(D.world_size())]
-        self.trainer.epoch_steps_with_rows = steps_with_rows(plan, grad_accum)
-        return iter(plan[D.rank()])
-
-
-class FrozenEmptySteps(TrainerCallback):
-    """An optimizer step whose micro-batches hold only fillers must not move any weight, but Adam
-    would still apply its momentum: such a step runs at learning rate 0 (the scheduler sets the
-    rate again at the next step)."""
-
-    def __init__(self, trainer: SequenceTrainer):
-        self.trainer = trainer
-        self.epoch_start = 0
-
-    def on_epoch_begin(self, args, state, control, **kwargs):
-        self.epoch_start = state.global_step
-
-    def on_step_begin(self, args, state, control, **kwargs):
-        has_rows = self.trainer.epoch_steps_with_rows
-        step = state.global_step - self.epoch_start
-        if step < len(has_rows) and not has_rows[step]:
-            for group in self.trainer.optimizer.param_groups:
-                group["lr"] = 0.0
+        plan = plan_epoch(rows, D.world_size(), len(self), grad_accum, self.trainer.args.per_device_train_batch_size)
+        with_rows = steps_with_rows(plan, grad_accum)
+        steps = max(i for i, has in enumerate(with_rows) if has) + 1
+        assert all(with_rows[:steps]), "plan_epoch fills the first steps"
+        self.trainer.epoch_steps_with_rows = with_rows[:steps]
+        return iter(plan[D.rank()][: steps * grad_accum])
 
 
 class SequenceTrainer(Trainer):
@@ -106,7 +96,6 @@ class SequenceTrainer(Trainer):
         kwargs.setdefault("data_collator", collate_sequences)
         super().__init__(*args, train_dataset=SlotDataset(train_sequences), **kwargs)
         self.epoch_steps_with_rows: list[bool] = []
-        self.add_callback(FrozenEmptySteps(self))
         use_grouped_tensorboard(self)
         # Our weights already normalize over micro-batches and ranks: no extra division by GA.
         self.loss_is_scaled_for_ga = True

@@ -43,39 +43,45 @@ def plan_epoch(
     world_size: int,
     micro_batches_per_rank: int,
     grad_accum: int,
+    rows_per_micro_batch: int,
 ) -> list[list[list[Slot]]]:
-    """Deal the selected rows evenly over every rank's micro-batches for one epoch.
+    """Deal the selected rows to one epoch's optimizer steps, ranks and micro-batches.
+
+    An optimizer step holds up to ``world_size * grad_accum * rows_per_micro_batch`` rows; the
+    rows fill the first steps in order (a selection of k rows takes ceil(k / that) steps, as in
+    the paper's setting where one step covers the whole forget set), and within a step they are
+    spread round-robin over ranks, then micro-batches, so compute stays balanced. So a selection
+    gives the same optimizer steps whatever the split of a step over ranks and micro-batches.
 
     Returns ``plan[rank][micro_batch] -> slots``. Every rank gets exactly
     ``micro_batches_per_rank`` micro-batches (ZeRO-3 needs equal call counts), each holding at
-    least one slot; compute follows the number of selected rows. Weights make the accumulated,
-    rank-averaged gradient of each optimizer step equal the gradient of the mean loss over that
-    step's real rows: weight = world_size / (real rows in the step).
+    least one slot (a zero-weight filler where it has no row); steps after the last real row hold
+    fillers only (``EpochPlanSampler`` does not run them). Weights make the accumulated,
+    rank-averaged gradient of each optimizer step the gradient of the mean loss over that step's
+    real rows: weight = world_size / (real rows in the step). Raises ValueError on no rows or on
+    more rows than the epoch can hold.
     """
     if not selected:
         raise ValueError("plan_epoch needs at least one selected row")
-    slots = world_size * micro_batches_per_rank
-    buckets: list[list[int]] = [[] for _ in range(slots)]
-    # Deal to optimizer steps first, then ranks, then micro-batches within a step: every step
-    # gets rows while there are at least as many rows as steps.
-    steps = -(-micro_batches_per_rank // grad_accum)
-    order = [
-        (step * grad_accum + within // world_size) * world_size + within % world_size
-        for within in range(grad_accum * world_size)
-        for step in range(steps)
-        if step * grad_accum + within // world_size < micro_batches_per_rank
-    ]
+    slots_per_step = world_size * grad_accum
+    capacity = slots_per_step * rows_per_micro_batch
+    steps = micro_batches_per_rank // grad_accum
+    if len(selected) > steps * capacity:
+        raise ValueError(f"{len(selected)} rows do not fit in {steps} steps of {capacity}")
+    # buckets[rank][micro_batch]
+    buckets: list[list[list[int]]] = [[[] for _ in range(micro_batches_per_rank)] for _ in range(world_size)]
     for i, index in enumerate(selected):
-        buckets[order[i % slots]].append(index)
+        step, within = divmod(i, capacity)
+        slot = within % slots_per_step
+        buckets[slot % world_size][step * grad_accum + slot // world_size].append(index)
     plan = [[[] for _ in range(micro_batches_per_rank)] for _ in range(world_size)]
-    for step_start in range(0, micro_batches_per_rank, grad_accum):
-        step_micro = range(step_start, min(step_start + grad_accum, micro_batches_per_rank))
-        real = sum(len(buckets[m * world_size + r]) for m in step_micro for r in range(world_size))
+    for step in range(steps):
+        micro = range(step * grad_accum, (step + 1) * grad_accum)
+        real = sum(len(buckets[r][m]) for m in micro for r in range(world_size))
         weight = world_size / real if real else 0.0
-        for m in step_micro:
+        for m in micro:
             for r in range(world_size):
-                rows = buckets[m * world_size + r]
-                plan[r][m] = [Slot(i, weight) for i in rows] or [Slot(selected[0], 0.0)]
+                plan[r][m] = [Slot(i, weight) for i in buckets[r][m]] or [Slot(selected[0], 0.0)]
     return plan
 
 

@@ -207,8 +207,11 @@ class UnlearnTrainer(SequenceTrainer):
                 self.weights.write(trained_weights)
             self._maybe_switch_to_finetune()
             if self.run.epochs >= self.args.num_train_epochs:
-                # Not "done": a resumed run with a higher limit carries on from here.
+                # Not "done": a resumed run with a higher limit carries on from here. Our count
+                # decides, not the Trainer's (which infers epochs from steps, and SGA's epochs
+                # may have fewer steps than its nominal count).
                 self.run.stop_reason = f"epoch limit ({self.args.num_train_epochs:g}) reached before the stop rule held"
+                control.should_training_stop = True
         if self.run.phase == "done":
             control.should_training_stop = True
 
