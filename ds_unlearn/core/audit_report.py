@@ -97,8 +97,8 @@ def markdown(result: AuditResult) -> str:
     ]
     for score in MIA_SCORES:
         row = (
-            f"| {score} | {_auc(s['mia'][score])} | {_f(s['forget']['mia_means'][score])} "
-            f"| {_f(s['holdout']['mia_means'][score])} |"
+            f"| {score} | {_auc(s['mia'][score])} | {_n(s['forget']['mia_means'][score])} "
+            f"| {_n(s['holdout']['mia_means'][score])} |"
         )
         if "baseline" in s:
             row += f" {_auc(s['baseline']['mia'][score])} |"
