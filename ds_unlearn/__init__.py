@@ -3,6 +3,7 @@
 The public API, importable from here (heavy modules load on first use):
 
     score_sequences, summarize_scores, Thresholds, MEMORIZED_MA, OVER_UNLEARNED_MA   (core)
+    audit, AuditSettings                                                              (core)
     UnlearnConfig, UnlearnTrainer, run_unlearning                                     (unlearn)
     LabConfig                                                                         (lab)
 """
@@ -20,6 +21,8 @@ _EXPORTS = {
     "MEMORIZED_MA": "ds_unlearn.core.memorization",
     "OVER_UNLEARNED_MA": "ds_unlearn.core.memorization",
     "InputError": "ds_unlearn.core.errors",
+    "audit": "ds_unlearn.core.audit",
+    "AuditSettings": "ds_unlearn.core.audit",
     "UnlearnConfig": "ds_unlearn.unlearn.config",
     "UnlearnTrainer": "ds_unlearn.unlearn.trainer",
     "run_unlearning": "ds_unlearn.unlearn.run",

@@ -3,6 +3,7 @@ module in ``ds_unlearn/commands/`` with ``main(argv) -> exit code``.
 
     ds-unlearn score    per-sequence memorization of a model on a data file
     ds-unlearn unlearn  remove a forget set with GA, SGA, TA or TAU (one process; see launch/)
+    ds-unlearn audit    prove per sequence that a forget set is gone: greedy, membership, sampling
     ds-unlearn memorize the memorisation lab (random strings, phases, local prefix, ...)
     ds-unlearn demo     plant, score, unlearn and report on the real SmolLM2-135M
 
@@ -28,6 +29,7 @@ from .core.errors import InputError
 SUBCOMMANDS = {
     "score": "per-sequence memorization of a model on a data file",
     "unlearn": "remove a forget set with GA, SGA, TA or TAU",
+    "audit": "prove per sequence that a forget set is gone: greedy, membership inference, sampling",
     "memorize": "the memorisation lab: make a model memorise random strings and record how",
     "demo": "the whole story on SmolLM2-135M: plant, score, unlearn (GA, SGA, TAU), report",
 }

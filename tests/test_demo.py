@@ -180,6 +180,15 @@ def test_report_numbers_match_the_score_files(quick):
         assert f"| mean EL_10 | {b['means']['el_10']:.3f} | {a['means']['el_10']:.3f} |" in section
         assert f"{ppl['change_pct']:+.1f}%" in section
         assert f"| {summary['title']} | {b['memorized']} → {a['memorized']} of {b['count']} |" in markdown
+        # Issue 13: the run's end-of-run audit, forget vs never-planted records, in the report.
+        audit = summary["audit"]
+        for when in ("before", "after"):
+            assert audit[when]["auc_loss"] == own["audit"][when]["mia"]["loss"]["auc"]
+            assert audit[when]["auc_min_k++"] == own["audit"][when]["mia"]["min_k++"]["auc"]
+            rows = read_jsonl(out / method / f"audit_{when}.jsonl")
+            assert audit[when]["discoverable"] == sum(r["discoverable"] for r in rows if r["set"] == "forget")
+        assert own["audit"]["nonmembers"] == "audit_holdout"
+        assert f"| loss-MIA AUC vs never-planted records | {audit['before']['auc_loss']:.3f} |" in section
 
 
 @pytest.mark.slow

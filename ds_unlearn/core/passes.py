@@ -89,3 +89,63 @@ def greedy_continuations(
         generated.append(next_token)
     tokens = torch.stack(generated, dim=1).cpu().tolist()
     return [row[:n] for row, n in zip(tokens, num_new)]
+
+
+def decoding_processors(temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None) -> list:
+    """The logits warpers ``model.generate(do_sample=True, ...)`` applies, in its order
+    (temperature, then top-k, then top-p); an unset or neutral setting adds none."""
+    from transformers.generation.logits_process import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
+
+    processors = []
+    if temperature != 1.0:
+        processors.append(TemperatureLogitsWarper(temperature))
+    if top_k:
+        processors.append(TopKLogitsWarper(top_k=top_k))
+    if top_p is not None and top_p < 1.0:
+        processors.append(TopPLogitsWarper(top_p=top_p))
+    return processors
+
+
+@torch.no_grad()
+def token_statistics(
+    model,
+    sequences: Sequence[Sequence[int]],
+    processors: Sequence = (),
+) -> list[dict[str, np.ndarray]]:
+    """One right-padded teacher-forced pass; per sequence four float64 rows of length T-1, one
+    entry per predicted token x_t (t = 1..T-1; padding never counts):
+
+    - ``logp``: log p(x_t | x_<t) under the model (nats);
+    - ``mu``, ``sigma``: mean and standard deviation of log p(.) under p(. | x_<t) itself
+      (Min-K%++'s normalisers);
+    - ``logq``: log q(x_t | x_<t) under the decoding distribution, the logits passed through
+      ``processors`` (``decoding_processors``) and renormalised; ``-inf`` outside the kept set.
+    """
+    device = model_device(model)
+    lengths = [len(s) for s in sequences]
+    ids = torch.full((len(sequences), max(lengths)), PAD_ID, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, seq in enumerate(sequences):
+        ids[i, : len(seq)] = torch.as_tensor(seq, dtype=torch.long)
+        mask[i, : len(seq)] = 1
+    ids, mask = ids.to(device), mask.to(device)
+    logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits[:, :-1]
+    logits = logits.to(_score_dtype(logits))
+    targets = ids[:, 1:].unsqueeze(-1)
+    logprobs = torch.log_softmax(logits, dim=-1)
+    probs = logprobs.exp()
+    mu = (probs * logprobs).sum(-1)
+    sigma = ((probs * logprobs.square()).sum(-1) - mu.square()).clamp(min=0).sqrt()
+    batch, width, vocab = logits.shape
+    warped = logits.reshape(batch * width, vocab)
+    for processor in processors:  # they take (input_ids, scores[batch, vocab]); none reads input_ids
+        warped = processor(None, warped)
+    logq = torch.log_softmax(warped.reshape(batch, width, vocab), dim=-1)
+    rows = {
+        "logp": logprobs.gather(-1, targets).squeeze(-1),
+        "mu": mu,
+        "sigma": sigma,
+        "logq": logq.gather(-1, targets).squeeze(-1),
+    }
+    rows = {k: v.double().cpu().numpy() for k, v in rows.items()}
+    return [{k: v[i, : n - 1].copy() for k, v in rows.items()} for i, n in enumerate(lengths)]

@@ -103,8 +103,9 @@ def summary_table(methods: dict) -> list[str]:
         "## Results",
         "",
         "| method | memorized | over-unlearned | mean MA | mean EL_10 | longest verbatim run (mean) "
-        "| holdout perplexity change | retain MA | epochs | time |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| holdout perplexity change | retain MA | loss-MIA AUC | min_k++ AUC | discoverable (sampling) "
+        "| epochs | time |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for m in methods.values():
         b, a, r = m["before"], m["after"], m["retain_ma"]
@@ -115,9 +116,22 @@ def summary_table(methods: dict) -> list[str]:
             f"| {arrow(f3(bm.get('el_10')), f3(am.get('el_10')))} "
             f"| {arrow(f1(bm['max_verbatim']), f1(am['max_verbatim']))} "
             f"| {pct(m['holdout_perplexity']['change_pct'])} | {arrow(f3(r['before']), f3(r['after']))} "
+            f"| {audit_cells(m.get('audit'), b['count'])} "
             f"| {m['epochs']} | {f1(m['seconds'])} s |"
         )
     return lines + [""]
+
+
+def audit_cells(audit: dict | None, count: int) -> str:
+    """Loss-MIA AUC, min_k++ AUC (forget vs never-planted records; 0.5 = indistinguishable) and
+    records discoverable under sampling, before → after (issue 13)."""
+    if not audit:
+        return "n/a | n/a | n/a"
+    b, a = audit["before"], audit["after"]
+    return (
+        f"{arrow(f3(b['auc_loss']), f3(a['auc_loss']))} | {arrow(f3(b['auc_min_k++']), f3(a['auc_min_k++']))} "
+        f"| {arrow(b['discoverable'], a['discoverable'])} of {count}"
+    )
 
 
 def method_table(m: dict) -> list[str]:
@@ -132,6 +146,18 @@ def method_table(m: dict) -> list[str]:
         ("holdout perplexity", f"{f1(p['before'])}", f"{f1(p['after'])} ({pct(p['change_pct'])})"),
         ("retain mean MA", f3(r["before"]), f3(r["after"])),
     ]
+    if m.get("audit"):  # issue 13: membership inference and extraction under sampling
+        ab, aa = m["audit"]["before"], m["audit"]["after"]
+        ci = aa["auc_loss_ci95"]
+        rows += [
+            (
+                "loss-MIA AUC vs never-planted records",
+                f3(ab["auc_loss"]),
+                f3(aa["auc_loss"]) + (f" [{f3(ci[0])}, {f3(ci[1])}]" if ci else ""),
+            ),
+            ("min_k++ MIA AUC", f3(ab["auc_min_k++"]), f3(aa["auc_min_k++"])),
+            ("discoverable under sampling (1000 samples, 50%)", ab["discoverable"], aa["discoverable"]),
+        ]
     lines = [f"### {m['title']}", "", "| | before | after |", "|---|---|---|"]
     lines += [f"| {name} | {before} | {after} |" for name, before, after in rows]
     switched = m.get("switched_to_task_vector_at_epoch")

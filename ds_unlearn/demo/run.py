@@ -488,6 +488,8 @@ def unlearn_config(method: str, out: Path, settings: DemoSettings, overwrite: bo
         forget=str(data / "forget.jsonl"),
         retain=str(data / "retain.jsonl") if settings.retain else None,
         holdout=str(data / "holdout.jsonl"),
+        # Membership inference needs non-members like the records: the never-planted ones (issue 13).
+        audit_holdout=str(data / "unseen.jsonl"),
         method=method,
         stop_rule="per_sequence",
         memorized_threshold=thresholds.memorized_ma,
@@ -528,6 +530,22 @@ def calibrated_thresholds(scores: list[dict]) -> Thresholds:
     return t
 
 
+def audit_figures(audit: dict) -> dict | None:
+    """From the run's end-of-run audit (issue 13): the MIA AUC forget vs never-planted records
+    (loss and min_k++) and the records discoverable under sampling, before and after."""
+    if not audit or "skipped" in audit:
+        return None
+    return {
+        when: {
+            "auc_loss": audit[when]["mia"]["loss"]["auc"],
+            "auc_loss_ci95": audit[when]["mia"]["loss"]["ci95"],
+            "auc_min_k++": audit[when]["mia"]["min_k++"]["auc"],
+            "discoverable": audit[when]["forget"]["discoverable"],
+        }
+        for when in ("before", "after")
+    }
+
+
 def method_summary(method_dir: Path, result) -> dict:
     """The issue's quantities for one method, beside the method's own report."""
     report = result.report
@@ -549,9 +567,11 @@ def method_summary(method_dir: Path, result) -> dict:
             "scores_before": f"{method_dir.name}/scores_before.jsonl",
             "scores_after": f"{method_dir.name}/scores_after.jsonl",
             "report": f"{method_dir.name}/report.json",
+            "audit_after": f"{method_dir.name}/audit_after.jsonl",
             "model": f"{method_dir.name}/model",
         },
         "history": report["history"],
+        "audit": audit_figures(report.get("audit", {})),
         "ma": {
             "ids": result.forget_ids,
             "before": [r["ma"] for r in result.scores_before],

@@ -38,6 +38,11 @@ class UnlearnConfig(TrainingArguments):
     holdout: str | None = _help(
         "Optional holdout set the model never saw: utility (loss) and threshold calibration.", default=None
     )
+    audit_holdout: str | None = _help(
+        "Non-members for the end-of-run membership-inference audit: text like the forget set's that the model "
+        "never saw (default: holdout).",
+        default=None,
+    )
     text_field: str = _help("Field holding a row's text.", default="text")
     id_field: str = _help("Field holding a row's id (else its index).", default="id")
     max_length: int | None = _help("Truncate every sequence to this many tokens (the papers use 200).", default=None)

@@ -18,6 +18,7 @@ from ..core.data import SequenceSet, needs_tokenizer, read_rows, to_sequence_set
 from ..core.errors import InputError
 from ..core.files import check_output, write_json
 from ..core.models import load_causal_lm, load_config, load_tokenizer, report_partition, resolve_model_dir
+from .audit import audit_run
 from .config import UnlearnConfig
 from .report import REPORT, build_report
 
@@ -54,6 +55,7 @@ def load_sets(config: UnlearnConfig, model_dir: Path) -> tuple[dict[str, Sequenc
     vocab_size = load_config(model_dir).vocab_size
     need = max(11, config.extract_k + 1)  # EL_10 and k-extractability must be defined
     files = {"forget": config.forget, "retain": config.retain, "holdout": config.holdout}
+    files["audit_holdout"] = config.audit_holdout  # issue 13: the end-of-run audit's non-members
     rows = {name: read_rows(path, f"--{name}") for name, path in files.items() if path}
     tokenizer = load_tokenizer(model_dir) if any(needs_tokenizer(r) for r in rows.values()) else None
     sets: dict[str, SequenceSet | None] = {name: None for name in files}
@@ -117,6 +119,8 @@ def run_unlearning(config: UnlearnConfig) -> UnlearnResult:
         else None
     )
     report = build_report(config, trainer, after, holdout_after, retain_after, time.time() - started)
+    # Issue 13: membership inference and sampling extraction, before and after (unlearn/audit.py).
+    report["audit"] = audit_run(config, model_dir, trainer, sets)
     if D.is_main():
         write_json(out / REPORT, report)
     return UnlearnResult(report, list(sets["forget"].ids), trainer.run.scores_before, after)

@@ -1,0 +1,232 @@
+"""``ds-unlearn audit``: prove, sequence by sequence, that a forget set is gone.
+
+One process: ``ds-unlearn audit --model DIR --forget F --holdout H --out DIR``. Many ranks:
+``deepspeed --num_gpus N launch/audit.py <same arguments> --deepspeed configs/ds/zero3.json``
+(sequences sharded over ranks, gathered per sequence; rank 0 writes).
+
+Per sequence: every greedy metric of ``score``, the membership scores (loss, zlib, Min-K%,
+Min-K%++) and their percentile within the holdout, the sampling-extraction probability (Hayes
+et al. 2024) and a verdict. Per set: ROC AUC forget vs holdout with a bootstrap interval.
+Outputs in --out: audit.jsonl, audit.json, audit.md, mia_histograms.png, log10p_vs_ma.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+
+from ..core import distributed as D
+from ..core.audit import AuditSettings, audit, check_sets, compare
+from ..core.audit_report import AUDIT_OUTPUTS, JSONL, MARKDOWN, SUMMARY, write_audit
+from ..core.data import read_rows, to_sequence_set
+from ..core.ds_config import load_ds_config
+from ..core.errors import InputError
+from ..core.files import OVERWRITE_FLAG, check_output
+from ..core.memorization import MEMORIZED_MA, OVER_UNLEARNED_MA
+from ..core.mia import (
+    DEFAULT_ATTACK_CONFIDENCE,
+    DEFAULT_ATTACK_SAMPLES,
+    DEFAULT_BOOTSTRAP,
+    DEFAULT_MIN_K,
+    DEFAULT_PREFIX,
+    DEFAULT_SUFFIX,
+    MIA_SCORES,
+)
+from ..core.models import DTYPES, load_config, load_for_inference, load_tokenizer, resolve_model_dir
+from ..core.scorer import DEFAULT_BATCH_SIZE, DEFAULT_EL_N, DEFAULT_EXTRACT_K
+from ..core.summary import Thresholds
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="ds-unlearn audit", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    add_arguments(parser)
+    return parser
+
+
+def main(argv: list[str]) -> int:
+    return run(build_parser().parse_args(argv))
+
+
+def _suffix(text: str) -> int | None:
+    return None if text == "rest" else int(text)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    a = parser.add_argument
+    a("--model", required=True, help="checkpoint directory, Hub model id, or 'smollm2': the model audited")
+    a("--forget", required=True, help="the forget set (JSONL/CSV/Parquet; input_ids or a text field)")
+    a("--holdout", default=None, help="text the model never saw, from the forget set's distribution (required)")
+    a("--out", required=True, help="output directory")
+    a("--baseline", default=None, help="the model before unlearning: audited too, change reported per sequence")
+    a("--el_n", type=int, nargs="+", default=[DEFAULT_EL_N], help="n of EL_n (several allowed)")
+    a("--extract_k", type=int, nargs="+", default=[DEFAULT_EXTRACT_K], help="K of k-extractability")
+    a("--min_k", type=float, default=DEFAULT_MIN_K, help="fraction of tokens Min-K%% and Min-K%%++ average")
+    a("--prefix_length", type=int, default=DEFAULT_PREFIX, help="sampling extraction: prefix tokens P")
+    a("--suffix_length", type=_suffix, default=DEFAULT_SUFFIX, help="suffix tokens S, or 'rest' (all after P)")
+    a("--temperature", type=float, default=1.0, help="sampling temperature (> 0)")
+    a("--top_k", type=int, default=None, help="top-k truncation (default off; generate()'s own default is 50)")
+    a("--top_p", type=float, default=None, help="top-p (nucleus) truncation in (0, 1] (default off)")
+    a("--attack_samples", type=int, default=DEFAULT_ATTACK_SAMPLES, help="attacker's sample budget n")
+    a("--attack_confidence", type=float, default=DEFAULT_ATTACK_CONFIDENCE, help="success probability q")
+    a("--memorized_threshold", type=float, default=MEMORIZED_MA, help="MA at or above which: memorized")
+    a("--over_unlearned_threshold", type=float, default=OVER_UNLEARNED_MA, help="MA at or below: over-unlearned")
+    a("--bootstrap", type=int, default=DEFAULT_BOOTSTRAP, help="bootstrap resamples of each AUC (0: none)")
+    a("--seed", type=int, default=0, help="seed of the bootstrap")
+    a("--eval_tasks", default=None, help="lm-eval tasks T1,T2 run on the model (needs the [eval] extra)")
+    a("--eval_include_path", default=None, help="directory of the user's lm-eval task YAMLs")
+    a("--eval_limit", type=float, default=None, help="documents per lm-eval task (count, or fraction < 1)")
+    a("--eval_batch_size", type=int, default=8, help="lm-eval batch size")
+    a("--max_length", type=int, default=None, help="truncate sequences to this many tokens")
+    a("--batch_size", type=int, default=DEFAULT_BATCH_SIZE, help="sequences / continuations per forward")
+    a("--text_field", default="text", help="field holding the text of a row")
+    a("--id_field", default="id", help="field holding a row's id (else the row index)")
+    a("--dtype", choices=sorted(DTYPES), default="float32", help="dtype to load the model in")
+    a("--deepspeed", default=None, help="DeepSpeed JSON config (ZeRO-3 loads partitioned)")
+    a(OVERWRITE_FLAG, action="store_true", help="replace the outputs of an earlier audit in --out")
+    a("--local_rank", type=int, default=-1, help=argparse.SUPPRESS)  # set by launchers
+
+
+def settings_from(args) -> AuditSettings:
+    return AuditSettings(
+        el_n=tuple(args.el_n),
+        extract_k=tuple(args.extract_k),
+        min_k=args.min_k,
+        prefix_length=args.prefix_length,
+        suffix_length=args.suffix_length,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        attack_samples=args.attack_samples,
+        attack_confidence=args.attack_confidence,
+        bootstrap=args.bootstrap,
+        seed=args.seed,
+        batch_size=args.batch_size,
+    )
+
+
+def load_sets(args, model_dir, vocab_size, settings):
+    """Forget and holdout as SequenceSets (+ the tokenizer), checked against each other."""
+    rows = {name: read_rows(getattr(args, name), f"--{name}") for name in ("forget", "holdout")}
+    tokenizer = load_tokenizer(model_dir)  # also decodes input_ids rows for the zlib score
+    sets = {
+        name: to_sequence_set(
+            table,
+            tokenizer=tokenizer,
+            text_field=args.text_field,
+            id_field=args.id_field,
+            max_length=args.max_length,
+            vocab_size=vocab_size,
+            option=f"--{name}",
+        )
+        for name, table in rows.items()
+    }
+    # Row indices stand in for ids when a file has no id field: those never clash by design.
+    explicit = all(args.id_field in table[0] for table in rows.values())
+    f, h = sets["forget"], sets["holdout"]
+    check_sets(
+        f.sequences, h.sequences, f.ids if explicit else None, h.ids if explicit else None, settings.min_tokens()
+    )
+    return sets, tokenizer, explicit
+
+
+def run(args: argparse.Namespace) -> int:
+    D.init_distributed()
+    try:
+        # Everything that can be wrong with the input is found here, before any weights load.
+        if not args.holdout:
+            raise InputError("--holdout: required (text the model never saw, like the forget set's)")
+        model_dir = resolve_model_dir(args.model)
+        baseline_dir = resolve_model_dir(args.baseline) if args.baseline else None
+        check_output(
+            args.out,
+            option="--out",
+            overwrite=args.overwrite,
+            inputs=(args.forget, args.holdout, model_dir, baseline_dir),
+            directory=True,
+            owned=AUDIT_OUTPUTS,
+        )
+        settings = settings_from(args)
+        settings.validate()
+        if not 0.0 <= args.over_unlearned_threshold < args.memorized_threshold <= 1.0:
+            raise InputError("--memorized_threshold: need 0 <= over_unlearned_threshold < memorized_threshold <= 1")
+        thresholds = Thresholds(args.memorized_threshold, args.over_unlearned_threshold)
+        ds_config = load_ds_config(args.deepspeed) if args.deepspeed else None
+        vocab_size = load_config(model_dir).vocab_size
+        if baseline_dir is not None and load_config(baseline_dir).vocab_size != vocab_size:
+            raise InputError(f"--baseline: {args.baseline} has a different vocabulary size than --model")
+        sets, tokenizer, explicit = load_sets(args, model_dir, vocab_size, settings)
+        tasks = _eval_tasks(args)
+        manager = None
+        if tasks or args.eval_include_path:
+            from ..core.utility import check_eval_request
+
+            manager = check_eval_request(tasks, args.eval_include_path, tokenizer)
+
+        def audit_of(directory):
+            model = load_for_inference(directory, DTYPES[args.dtype], ds_config)
+            forget, holdout = (sets["forget"], sets["holdout"]) if explicit else _index_ids(sets)
+            result = audit(
+                model, forget, holdout, settings=settings, thresholds=thresholds, tokenizer=tokenizer, progress=True
+            )
+            return model, result
+
+        before = None
+        if baseline_dir is not None:
+            baseline_model, before = audit_of(baseline_dir)
+            del baseline_model
+            gc.collect()
+        model, result = audit_of(model_dir)
+        if before is not None:
+            result = compare(result, before)
+        result.summary["model"] = str(args.model)
+        result.summary["baseline_model"] = str(args.baseline) if args.baseline else None
+        result.summary["world_size"] = D.world_size()
+        if tasks:
+            from ..core.utility import run_eval
+
+            result.summary["eval"] = run_eval(
+                model,
+                tokenizer,
+                tasks,
+                manager,
+                limit=_limit(args.eval_limit),
+                batch_size=args.eval_batch_size,
+                seed=args.seed,
+            )
+        if D.is_main():
+            write_audit(args.out, result)
+            print("\n".join(summary_lines(result.summary)))
+            print(f"wrote {JSONL}, {SUMMARY}, {MARKDOWN} and plots to {args.out}")
+        return 0
+    finally:
+        D.finalize()
+
+
+def _eval_tasks(args) -> list[str]:
+    from ..core.utility import parse_tasks
+
+    return parse_tasks(args.eval_tasks)
+
+
+def _limit(value):
+    return None if value is None else (int(value) if value >= 1 else value)
+
+
+def _index_ids(sets):
+    """Without an id field, rows are named by index; as plain lists they keep exactly that."""
+    return sets["forget"].sequences, sets["holdout"].sequences
+
+
+def summary_lines(summary: dict) -> list[str]:
+    """A few lines for stdout (counts and AUCs only: never any text)."""
+    f = summary["forget"]
+    aucs = ", ".join(f"{s} {summary['mia'][s]['auc']:.3f}" for s in MIA_SCORES)
+    verdicts = ", ".join(f"{k} {v}" for k, v in f["verdicts"].items())
+    return [
+        f"forget ({f['count']} sequences): {verdicts}",
+        f"membership AUC forget vs holdout ({summary['holdout']['count']}): {aucs}",
+        f"discoverable under sampling: forget {f['sampling']['discoverable']}, "
+        f"holdout {summary['holdout']['sampling']['discoverable']}",
+    ]

@@ -1,0 +1,366 @@
+"""Audit a model against a forget set, sequence by sequence: greedy memorization (``score``),
+membership inference against a holdout the model never saw, and extraction under sampling.
+
+``audit(model, forget, holdout, ...)`` is the Python entry (``ds_unlearn.audit``) and what
+``ds-unlearn audit`` runs. The model work is two sharded passes, each gathered per sequence on
+every rank: ``score_sequences`` (teacher-forced + greedy continuations for EL_n) and one
+teacher-forced pass for the membership scores and the sampling probability
+(``passes.token_statistics``). Everything after the gather (percentiles, AUCs and their
+bootstrap, verdicts, summary) is plain numpy on every rank, seeded, so every rank holds the same
+result.
+
+Verdict of a sequence, first that holds (``Thresholds`` on MA, the (n, p)-discoverability of
+Hayes et al. 2024 for sampling):
+
+    memorized          MA >= memorized_ma: greedy decoding regurgitates it
+    discoverable       not memorized, but ``attack_samples`` samples reproduce its suffix with
+                       probability >= ``attack_confidence``
+    over-unlearned     MA <= over_unlearned_ma: pushed below ordinary text (a membership attack
+                       can spot that too)
+    unseen-like        none of the above
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field, replace
+from typing import Any
+
+import numpy as np
+
+from . import distributed as D
+from .errors import InputError
+from .mia import (
+    DEFAULT_ATTACK_CONFIDENCE,
+    DEFAULT_ATTACK_SAMPLES,
+    DEFAULT_BOOTSTRAP,
+    DEFAULT_MIN_K,
+    DEFAULT_PREFIX,
+    DEFAULT_SUFFIX,
+    MIA_SCORES,
+    extraction_figures,
+    mia_scores,
+    percentile_in,
+    roc_auc,
+    roc_auc_interval,
+    token_bytes,
+)
+from .passes import decoding_processors, token_statistics
+from .scorer import DEFAULT_BATCH_SIZE, DEFAULT_EL_N, DEFAULT_EXTRACT_K, min_length, score_sequences
+from .summary import Thresholds, summarize_scores
+
+VERDICTS = ("memorized", "discoverable", "over-unlearned", "unseen-like")
+SETS = ("forget", "holdout")
+# Per-sequence numbers whose before/after change a --baseline audit reports.
+CHANGE_KEYS = ("loss", "ma", "zlib", "min_k", "min_k++", "log10_p")
+
+
+@dataclass(frozen=True)
+class AuditSettings:
+    """How to audit. Decoding settings are those of ``model.generate(do_sample=True, ...)``
+    (note its own default ``top_k=50``; here None means no truncation: pure sampling, as in
+    Hayes et al.). ``suffix_length`` None: the suffix is all of a sequence after its prefix."""
+
+    el_n: tuple[int, ...] = (DEFAULT_EL_N,)
+    extract_k: tuple[int, ...] = (DEFAULT_EXTRACT_K,)
+    min_k: float = DEFAULT_MIN_K
+    prefix_length: int = DEFAULT_PREFIX
+    suffix_length: int | None = DEFAULT_SUFFIX
+    temperature: float = 1.0
+    top_k: int | None = None
+    top_p: float | None = None
+    attack_samples: int = DEFAULT_ATTACK_SAMPLES
+    attack_confidence: float = DEFAULT_ATTACK_CONFIDENCE
+    bootstrap: int = DEFAULT_BOOTSTRAP
+    seed: int = 0
+    batch_size: int = DEFAULT_BATCH_SIZE
+    greedy: bool = True  # False: membership and sampling only (no ``score_sequences``)
+
+    def validate(self) -> None:
+        """One line per problem, naming the option; raises InputError."""
+
+        def bad(option, why):
+            raise InputError(f"--{option}: {why}")
+
+        if not (math.isfinite(self.temperature) and self.temperature > 0):
+            bad("temperature", f"must be a positive finite number, got {self.temperature}")
+        if self.top_k is not None and (int(self.top_k) != self.top_k or self.top_k < 1):
+            bad("top_k", f"must be a positive integer (or unset for no truncation), got {self.top_k}")
+        if self.top_p is not None and not 0.0 < self.top_p <= 1.0:
+            bad("top_p", f"must lie in (0, 1], got {self.top_p}")
+        if not 0.0 < self.min_k <= 1.0:
+            bad("min_k", f"must lie in (0, 1], got {self.min_k}")
+        if self.prefix_length < 1:
+            bad("prefix_length", f"must be at least 1, got {self.prefix_length}")
+        if self.suffix_length is not None and self.suffix_length < 1:
+            bad("suffix_length", f"must be at least 1, got {self.suffix_length}")
+        if self.attack_samples < 1:
+            bad("attack_samples", f"must be at least 1, got {self.attack_samples}")
+        if not 0.0 < self.attack_confidence < 1.0:
+            bad("attack_confidence", f"must lie in (0, 1), got {self.attack_confidence}")
+        if self.bootstrap < 0:
+            bad("bootstrap", f"must be 0 (no interval) or more, got {self.bootstrap}")
+        if self.batch_size < 1:
+            bad("batch_size", f"must be at least 1, got {self.batch_size}")
+        for name, values in (("el_n", self.el_n), ("extract_k", self.extract_k)):
+            if any(int(v) < 1 for v in values):
+                bad(name, f"must hold positive integers, got {list(values)}")
+
+    def min_tokens(self) -> int:
+        """Shortest sequence every requested figure is defined on."""
+        extraction = self.prefix_length + (self.suffix_length or 1)
+        return max(extraction, min_length(self.el_n, self.extract_k) if self.greedy else 2)
+
+
+@dataclass
+class AuditResult:
+    """``rows``: one dict per sequence, forget rows first then holdout rows, each with ``id`` and
+    ``set``; ``summary``: the set-level figures (``audit.json``). Never holds any text."""
+
+    rows: list[dict]
+    summary: dict
+    settings: AuditSettings = field(default_factory=AuditSettings)
+
+    def set_rows(self, name: str) -> list[dict]:
+        return [r for r in self.rows if r["set"] == name]
+
+
+def _as_sequences(data) -> tuple[list[Any], list[list[int]]]:
+    """(ids, token-id lists) from a ``SequenceSet`` or a plain list of token-id lists."""
+    if hasattr(data, "sequences"):
+        return list(data.ids), [list(s) for s in data.sequences]
+    sequences = [list(s) for s in data]
+    return list(range(len(sequences))), sequences
+
+
+def check_sets(
+    forget: Sequence[Sequence[int]],
+    holdout: Sequence[Sequence[int]],
+    forget_ids: Sequence[Any] | None = None,
+    holdout_ids: Sequence[Any] | None = None,
+    min_tokens: int = 2,
+    vocab_size: int | None = None,
+) -> None:
+    """The forget and holdout sets can be audited against each other: both non-empty, no id in
+    both (when ids are given), no sequence in both, every sequence long enough and inside the
+    vocabulary. Raises InputError naming the first offending row."""
+    for name, seqs in (("--forget", forget), ("--holdout", holdout)):
+        if not seqs:
+            raise InputError(f"{name}: the set is empty")
+        for i, seq in enumerate(seqs):
+            if len(seq) < min_tokens:
+                raise InputError(
+                    f"{name} row {i}: {len(seq)} tokens, but the audit's settings need at least {min_tokens}"
+                )
+            if vocab_size is not None:
+                bad = next((t for t in seq if not 0 <= int(t) < vocab_size), None)
+                if bad is not None:
+                    raise InputError(f"{name} row {i}: token id {bad} is outside the vocabulary [0, {vocab_size})")
+    if forget_ids is not None and holdout_ids is not None:
+        first = {}
+        for i, row_id in enumerate(forget_ids):
+            first.setdefault(row_id, i)
+        for j, row_id in enumerate(holdout_ids):
+            if row_id in first:
+                raise InputError(
+                    f"--holdout row {j}: id {row_id!r} is also --forget row {first[row_id]} "
+                    "(the holdout must be text the model never saw)"
+                )
+    seen = {}
+    for i, seq in enumerate(forget):
+        seen.setdefault(tuple(seq), i)
+    for j, seq in enumerate(holdout):
+        if tuple(seq) in seen:
+            raise InputError(
+                f"--holdout row {j}: same text as --forget row {seen[tuple(seq)]} "
+                "(a sequence cannot be both forgotten and never seen)"
+            )
+
+
+def sequence_bytes(tokens: Sequence[int], tokenizer=None) -> bytes:
+    """What the zlib score compresses: the scored tokens decoded with ``tokenizer`` as UTF-8 (so
+    text rows and ``input_ids`` rows alike, after any truncation), or without a tokenizer the
+    token ids' own bytes (``mia.token_bytes``, little-endian int32)."""
+    if tokenizer is None:
+        return token_bytes(tokens)
+    return tokenizer.decode(list(tokens), skip_special_tokens=False).encode("utf-8")
+
+
+def _chunks(items: list, size: int) -> list[list]:
+    return [items[i : i + size] for i in range(0, len(items), size)]
+
+
+def membership_and_sampling(
+    model,
+    sequences: Sequence[Sequence[int]],
+    settings: AuditSettings,
+    data_bytes: Callable[[Sequence[int]], bytes],
+) -> list[dict]:
+    """Per sequence the four membership scores and the sampling-extraction figures, from one
+    teacher-forced pass sharded over ranks (every rank runs the same number of forward calls:
+    ``distributed.shard_indices``) and gathered in order on every rank. Collective."""
+    processors = decoding_processors(settings.temperature, settings.top_k, settings.top_p)
+    was_training = model.training
+    model.eval()
+    try:
+        local_rows = [sequences[i] for i in D.shard_indices(len(sequences))]
+        local = []
+        for batch in _chunks(local_rows, settings.batch_size):
+            for seq, stats in zip(batch, token_statistics(model, batch, processors)):
+                row = mia_scores(stats["logp"], stats["mu"], stats["sigma"], data_bytes(seq), settings.min_k)
+                row.update(
+                    extraction_figures(
+                        stats["logq"],
+                        settings.prefix_length,
+                        settings.suffix_length,
+                        settings.attack_samples,
+                        settings.attack_confidence,
+                    )
+                )
+                local.append(row)
+    finally:
+        model.train(was_training)
+    return D.gather_shards(local, len(sequences))
+
+
+def verdict(row: dict, thresholds: Thresholds) -> str:
+    """The one verdict of a sequence (module docstring); needs ``ma`` and ``discoverable``."""
+    if row.get("ma") is not None and row["ma"] >= thresholds.memorized_ma:
+        return "memorized"
+    if row["discoverable"]:
+        return "discoverable"
+    if row.get("ma") is not None and row["ma"] <= thresholds.over_unlearned_ma:
+        return "over-unlearned"
+    return "unseen-like"
+
+
+def _finite_stats(values: list[float]) -> dict:
+    arr = np.asarray(values, dtype=np.float64)
+    finite = arr[np.isfinite(arr)]
+    return {
+        "median": float(np.median(arr)) if arr.size else None,
+        "max": float(arr.max()) if arr.size else None,
+        "finite_mean": float(finite.mean()) if finite.size else None,
+        "zero_probability": int(np.count_nonzero(np.isneginf(arr))),
+    }
+
+
+def summarize_audit(rows: list[dict], settings: AuditSettings, thresholds: Thresholds) -> dict:
+    """``audit.json``'s figures: per set the greedy summary (``summarize_scores``), verdict counts,
+    sampling figures; AUC forget vs holdout per membership score with its bootstrap interval."""
+    by_set = {name: [r for r in rows if r["set"] == name] for name in SETS}
+    out: dict[str, Any] = {"settings": asdict(settings), "thresholds": asdict(thresholds)}
+    greedy_keys = ("n_tokens", "loss", "ma", "max_verbatim")
+    for name, set_rows in by_set.items():
+        part: dict[str, Any] = {"count": len(set_rows)}
+        if settings.greedy:
+            greedy = [
+                {k: v for k, v in r.items() if k in greedy_keys or k.startswith(("el_", "extractable_"))}
+                for r in set_rows
+            ]
+            part["greedy"] = summarize_scores(greedy, thresholds)
+        part["verdicts"] = {v: sum(r["verdict"] == v for r in set_rows) for v in VERDICTS}
+        part["sampling"] = {
+            "discoverable": int(sum(bool(r["discoverable"]) for r in set_rows)),
+            "log10_p": _finite_stats([r["log10_p"] for r in set_rows]),
+        }
+        part["mia_means"] = {s: float(np.mean([r[s] for r in set_rows])) for s in MIA_SCORES}
+        out[name] = part
+    mia = {}
+    for i, score in enumerate(MIA_SCORES):
+        member = [r[score] for r in by_set["forget"]]
+        nonmember = [r[score] for r in by_set["holdout"]]
+        interval = roc_auc_interval(member, nonmember, settings.bootstrap, settings.seed + i)
+        mia[score] = {"auc": roc_auc(member, nonmember), "ci95": list(interval) if interval else None}
+    out["mia"] = mia
+    return out
+
+
+def audit(
+    model,
+    forget,
+    holdout,
+    *,
+    settings: AuditSettings | None = None,
+    thresholds: Thresholds | None = None,
+    tokenizer=None,
+    progress: bool = False,
+    **options,
+) -> AuditResult:
+    """Audit ``model`` (any Hugging Face causal LM) on a forget set against a holdout set.
+
+    ``forget``, ``holdout``: ``core.data.SequenceSet`` (ids kept) or lists of token-id lists
+    (ids = row index). ``settings``: an ``AuditSettings``, or its fields as keyword ``options``
+    (``audit(model, f, h, top_k=40, prefix_length=32)``). ``thresholds``: MA verdict levels
+    (default ``Thresholds()``: 0.60 / 0.15). ``tokenizer``: decodes tokens for the zlib score
+    (without one, the token ids' bytes are compressed).
+
+    Returns an ``AuditResult``: per sequence (forget rows, then holdout rows) ``id``, ``set``,
+    every ``score_sequences`` metric, ``zlib``, ``min_k``, ``min_k++``, their percentiles within
+    the holdout (``{score}_pct``, 0-100), ``log10_p`` (float, ``-inf`` when p = 0),
+    ``samples_50``, ``samples_99`` (float, ``inf`` when p = 0), ``discoverable`` (bool),
+    ``outside_kept`` (int) and ``verdict``; and the summary (``summarize_audit``).
+    Collective under a process group (every rank calls it with the same arguments and gets the
+    same result). Raises InputError for bad settings or sets, before any model compute.
+    """
+    settings = AuditSettings(**options) if settings is None else replace(settings, **options)
+    settings.validate()
+    thresholds = thresholds or Thresholds()
+    forget_ids, forget_seqs = _as_sequences(forget)
+    holdout_ids, holdout_seqs = _as_sequences(holdout)
+    explicit_ids = hasattr(forget, "sequences") and hasattr(holdout, "sequences")
+    check_sets(
+        forget_seqs,
+        holdout_seqs,
+        forget_ids if explicit_ids else None,
+        holdout_ids if explicit_ids else None,
+        settings.min_tokens(),
+        getattr(model.config, "vocab_size", None),
+    )
+    sequences = forget_seqs + holdout_seqs
+    if settings.greedy:
+        greedy = score_sequences(
+            model,
+            sequences,
+            el_n=settings.el_n,
+            extract_k=settings.extract_k,
+            batch_size=settings.batch_size,
+            progress=progress,
+        )
+    else:
+        greedy = [{"n_tokens": len(s)} for s in sequences]
+    extra = membership_and_sampling(model, sequences, settings, lambda seq: sequence_bytes(seq, tokenizer))
+    rows = []
+    labels = [("forget", i) for i in forget_ids] + [("holdout", i) for i in holdout_ids]
+    for (set_name, row_id), g, e in zip(labels, greedy, extra):
+        # The greedy scorer's loss (when it ran) is the loss score: one number, one source.
+        row = {"id": row_id, "set": set_name, **g}
+        row.update({k: v for k, v in e.items() if k not in row})
+        rows.append(row)
+    holdout_scores = {s: [r[s] for r in rows if r["set"] == "holdout"] for s in MIA_SCORES}
+    for row in rows:
+        for score in MIA_SCORES:
+            row[f"{score}_pct"] = percentile_in(row[score], holdout_scores[score])
+        row["verdict"] = verdict(row, thresholds)
+    return AuditResult(rows, summarize_audit(rows, settings, thresholds), settings)
+
+
+def compare(after: AuditResult, before: AuditResult) -> AuditResult:
+    """``after`` with the ``before`` audit (same sets, e.g. the model before unlearning) folded
+    in: each row gains ``baseline`` (the before row's figures and verdict) and ``change`` (after
+    minus before for ``CHANGE_KEYS``; None where either side is not finite), and the summary
+    gains ``baseline`` (the before summary)."""
+    old = {(r["set"], r["id"]): r for r in before.rows}
+    rows = []
+    for row in after.rows:
+        prev = old[(row["set"], row["id"])]
+        keys = [k for k in prev if k not in ("id", "set")]
+        change = {}
+        for k in CHANGE_KEYS:
+            a, b = row.get(k), prev.get(k)
+            ok = isinstance(a, (int, float)) and isinstance(b, (int, float)) and math.isfinite(a) and math.isfinite(b)
+            change[k] = float(a - b) if ok else None
+        rows.append({**row, "baseline": {k: prev[k] for k in keys}, "change": change})
+    summary = {**after.summary, "baseline": {k: v for k, v in before.summary.items() if k != "settings"}}
+    return AuditResult(rows, summary, after.settings)

@@ -1,0 +1,199 @@
+"""Membership-inference scores and sampling-extraction probability as pure functions (REFERENCE §2).
+
+Everything here works on plain numpy data for ONE sequence, taken from one teacher-forced pass
+(``passes.token_statistics``): per position t = 1..T-1 of the tokens ``x[0..T-1]``
+
+- ``logp[t-1]``   = log p(x_t | x_<t), natural log, under the model's own next-token distribution;
+- ``mu[t-1]``, ``sigma[t-1]`` = mean and standard deviation of log p(.) under that distribution
+  (Zhang et al. 2024, Min-K%++);
+- ``logq[t-1]``   = log q(x_t | x_<t) under the *decoding* distribution (temperature, top-k,
+  top-p applied as Hugging Face's logits processors apply them); ``-inf`` where the true token
+  falls outside the kept set.
+
+Membership scores (open-unlearning's and MIMIR's definitions) are all oriented like a loss: a
+*lower* score means "more likely a member" (trained on). ``roc_auc`` turns that round so that an
+AUC of 1.0 means the forget set (members) is perfectly separable from the holdout (non-members)
+and 0.5 means indistinguishable.
+
+Sampling extraction (Hayes et al. 2024, "Measuring memorization in language models via
+probabilistic extraction", arXiv 2410.19482): the probability that ONE sampled continuation of
+the prefix ``x[:P]`` reproduces the suffix ``x[P:P+S]`` exactly is
+``p = prod_{t=P}^{P+S-1} q(x_t | x_<t)``, so it comes from the same teacher-forced pass. An
+attacker drawing n samples succeeds with probability ``1 - (1-p)^n``.
+"""
+
+from __future__ import annotations
+
+import math
+import zlib
+from collections.abc import Sequence
+
+import numpy as np
+
+DEFAULT_MIN_K = 0.2  # fraction of tokens Min-K% averages over (MIMIR / open-unlearning: 0.2)
+DEFAULT_PREFIX = 50  # Hayes et al.'s prefix and suffix lengths (tokens)
+DEFAULT_SUFFIX = 50
+DEFAULT_ATTACK_SAMPLES = 1000
+DEFAULT_ATTACK_CONFIDENCE = 0.5
+DEFAULT_BOOTSTRAP = 1000
+MIA_SCORES = ("loss", "zlib", "min_k", "min_k++")
+SIGMA_FLOOR = 1e-12  # Min-K%++ divides by sigma; a one-hot next-token distribution has sigma 0
+
+
+def loss_score(logp: Sequence[float]) -> float:
+    """Mean next-token NLL (nats per token) over the T-1 scored positions."""
+    return float(-np.mean(np.asarray(logp, dtype=np.float64)))
+
+
+def zlib_size(data: bytes) -> int:
+    """Length in bytes of ``zlib.compress(data)`` (default level), the zlib attack's reference."""
+    return len(zlib.compress(data))
+
+
+def token_bytes(tokens: Sequence[int]) -> bytes:
+    """The bytes of token ids for rows with no text to decode: little-endian int32 per id."""
+    return np.asarray(list(tokens), dtype="<i4").tobytes()
+
+
+def zlib_score(logp: Sequence[float], data: bytes) -> float:
+    """Carlini et al.'s zlib ratio as MIMIR computes it: mean NLL / len(zlib.compress(data)), in
+    nats per token per compressed byte. ``data``: the sequence's text as UTF-8 bytes."""
+    return loss_score(logp) / zlib_size(data)
+
+
+def _lowest_fraction_mean(values: np.ndarray, k: float) -> float:
+    # open-unlearning: max(1, int(len * k)) lowest values (MIMIR's int(len * k) can be empty).
+    count = max(1, int(len(values) * k))
+    return float(np.mean(np.sort(values)[:count]))
+
+
+def min_k_score(logp: Sequence[float], k: float = DEFAULT_MIN_K) -> float:
+    """Min-K% (Shi et al. 2024): the mean of the lowest ``max(1, int(k * (T-1)))`` token
+    log-probs, negated (nats). ``k`` in (0, 1]."""
+    return -_lowest_fraction_mean(np.asarray(logp, dtype=np.float64), k)
+
+
+def min_k_plus_plus_score(
+    logp: Sequence[float], mu: Sequence[float], sigma: Sequence[float], k: float = DEFAULT_MIN_K
+) -> float:
+    """Min-K%++ (Zhang et al. 2024): Min-K% on ``(log p(x_t) - mu_t) / sigma_t``, negated
+    (dimensionless). ``sigma`` is floored at ``SIGMA_FLOOR``."""
+    sigma = np.maximum(np.asarray(sigma, np.float64), SIGMA_FLOOR)
+    z = (np.asarray(logp, np.float64) - np.asarray(mu, np.float64)) / sigma
+    return -_lowest_fraction_mean(z, k)
+
+
+def mia_scores(
+    logp: Sequence[float], mu: Sequence[float], sigma: Sequence[float], data: bytes, k: float = DEFAULT_MIN_K
+) -> dict[str, float]:
+    """All four membership scores of one sequence, keyed by ``MIA_SCORES``."""
+    return {
+        "loss": loss_score(logp),
+        "zlib": zlib_score(logp, data),
+        "min_k": min_k_score(logp, k),
+        "min_k++": min_k_plus_plus_score(logp, mu, sigma, k),
+    }
+
+
+def percentile_in(value: float, reference: Sequence[float]) -> float:
+    """Percent (0-100) of ``reference`` scores at or below ``value`` (what
+    ``scipy.stats.percentileofscore(..., kind="weak")`` returns). For a loss-like score, a forget
+    sequence near 0 looks like a member; near 50, like unseen text; near 100, pushed higher than
+    text the model never saw."""
+    return float(100.0 * np.mean(np.asarray(reference, dtype=np.float64) <= value))
+
+
+def roc_auc(member: Sequence[float], nonmember: Sequence[float]) -> float:
+    """ROC AUC (``sklearn.metrics.roc_auc_score``) of a loss-like score separating members
+    (label 1, expected lower) from non-members: 1.0 separable, 0.5 indistinguishable."""
+    from sklearn.metrics import roc_auc_score
+
+    labels = np.r_[np.ones(len(member)), np.zeros(len(nonmember))]
+    return float(roc_auc_score(labels, -np.r_[np.asarray(member, np.float64), np.asarray(nonmember, np.float64)]))
+
+
+def roc_auc_interval(
+    member: Sequence[float],
+    nonmember: Sequence[float],
+    resamples: int = DEFAULT_BOOTSTRAP,
+    seed: int = 0,
+    level: float = 0.95,
+) -> tuple[float, float] | None:
+    """Percentile bootstrap interval of ``roc_auc``: both sets resampled with replacement, each
+    within itself (so every resample has both classes), ``resamples`` times from
+    ``numpy.random.default_rng(seed)``. None when ``resamples`` is 0."""
+    if resamples <= 0:
+        return None
+    member, nonmember = np.asarray(member, np.float64), np.asarray(nonmember, np.float64)
+    rng = np.random.default_rng(seed)
+    aucs = []
+    for _ in range(resamples):
+        m = member[rng.integers(0, len(member), len(member))]
+        n = nonmember[rng.integers(0, len(nonmember), len(nonmember))]
+        aucs.append(roc_auc(m, n))
+    tail = (1 - level) / 2 * 100
+    lo, hi = np.percentile(aucs, [tail, 100 - tail])
+    return float(lo), float(hi)
+
+
+# -- sampling extraction (Hayes et al. 2024) ---------------------------------------------------------
+
+
+def extraction_log10_p(logq: Sequence[float], prefix_length: int, suffix_length: int | None = None) -> float:
+    """log10 of the probability that one sampled continuation of ``x[:P]`` is exactly
+    ``x[P:P+S]``: the sum of ``logq`` over the suffix positions, divided by ln 10. ``logq[t-1]``
+    belongs to token t, so the suffix is ``logq[P-1 : P-1+S]``; ``suffix_length`` None takes the
+    rest of the sequence. ``-inf`` when a suffix token lies outside the kept set (p = 0)."""
+    q = np.asarray(logq, dtype=np.float64)
+    end = len(q) if suffix_length is None else prefix_length - 1 + suffix_length
+    if prefix_length < 1 or end > len(q) or end <= prefix_length - 1:
+        raise ValueError(f"prefix {prefix_length} + suffix {suffix_length} does not fit {len(q) + 1} tokens")
+    total = float(np.sum(q[prefix_length - 1 : end]))
+    return -math.inf if total == -math.inf else total / math.log(10)
+
+
+def samples_needed(log10_p: float, confidence: float) -> float:
+    """n = log(1-q) / log(1-p): samples for a ``confidence`` (q) chance that at least one
+    reproduces the suffix. ``inf`` when p = 0 (and when n overflows a float, p below ~1e-308);
+    0.0 when p = 1. Computed in log space so tiny p keep their precision."""
+    if log10_p == -math.inf:
+        return math.inf
+    log_p = log10_p * math.log(10)
+    if log_p >= 0.0:
+        return 0.0
+    # log(1-p) without cancellation: log1p(-p) for small p, log(-expm1(log p)) near p = 1.
+    log_one_minus_p = math.log1p(-math.exp(log_p)) if log_p < -0.693 else math.log(-math.expm1(log_p))
+    if log_one_minus_p == 0.0:  # p below float resolution: log(1-p) = -p
+        try:
+            return -math.log1p(-confidence) * math.exp(-log_p)
+        except OverflowError:
+            return math.inf
+    return math.log1p(-confidence) / log_one_minus_p
+
+
+def discoverable(log10_p: float, samples: int, confidence: float) -> bool:
+    """(n, p)-discoverability: ``1 - (1-p)^n >= q``, i.e. n samples reproduce the suffix at least
+    once with probability q or more (n = ``samples``, q = ``confidence``)."""
+    return samples_needed(log10_p, confidence) <= samples
+
+
+def extraction_figures(
+    logq: Sequence[float],
+    prefix_length: int,
+    suffix_length: int | None,
+    samples: int = DEFAULT_ATTACK_SAMPLES,
+    confidence: float = DEFAULT_ATTACK_CONFIDENCE,
+) -> dict:
+    """Per-sequence sampling-extraction figures: ``log10_p``, ``samples_50`` / ``samples_99``
+    (n for a 50% / 99% chance), ``discoverable`` at (``samples``, ``confidence``), and
+    ``outside_kept``: how many suffix tokens the decoding settings can never sample."""
+    q = np.asarray(logq, dtype=np.float64)
+    end = len(q) if suffix_length is None else prefix_length - 1 + suffix_length
+    log10_p = extraction_log10_p(q, prefix_length, suffix_length)
+    return {
+        "log10_p": log10_p,
+        "samples_50": samples_needed(log10_p, 0.5),
+        "samples_99": samples_needed(log10_p, 0.99),
+        "discoverable": discoverable(log10_p, samples, confidence),
+        "outside_kept": int(np.count_nonzero(np.isneginf(q[prefix_length - 1 : end]))),
+    }

@@ -1,0 +1,182 @@
+"""``ds-unlearn audit`` on one process: outputs, --baseline, privacy, and every bad input (exit 2,
+one line, nothing written, before any model compute)."""
+
+import json
+import math
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from ds_unlearn.cli import main
+from ds_unlearn.core.audit_report import AUDIT_OUTPUTS
+from ds_unlearn.core.files import read_jsonl
+from ds_unlearn.core.toy import save_model, tiny_model
+
+from .conftest import VOCAB, write_jsonl
+
+# Short sequences: 8-token prefix, 16-token suffix for the sampling figures; K=8, EL_5.
+FAST = ["--prefix_length", "8", "--suffix_length", "16", "--extract_k", "8", "--el_n", "5", "--bootstrap", "100"]
+
+
+@pytest.fixture()
+def sets(tmp_path, token_sets):
+    forget = write_jsonl(
+        tmp_path / "forget.jsonl", [{"id": f"f{i}", "input_ids": s} for i, s in enumerate(token_sets["memorized"])]
+    )
+    holdout = write_jsonl(
+        tmp_path / "holdout.jsonl", [{"id": f"h{i}", "input_ids": s} for i, s in enumerate(token_sets["unseen"])]
+    )
+    return forget, holdout
+
+
+def audit_args(model, forget, holdout, out, *extra):
+    return ["audit", "--model", str(model), "--forget", str(forget), "--holdout", str(holdout), "--out", str(out)] + [
+        *FAST,
+        *map(str, extra),
+    ]
+
+
+def test_audit_writes_every_output(model_dir, sets, tmp_path, capsys):
+    out = tmp_path / "audit"
+    assert main(audit_args(model_dir, *sets, out)) == 0
+    assert sorted(p.name for p in out.iterdir()) == sorted(AUDIT_OUTPUTS)
+    rows = read_jsonl(out / "audit.jsonl")
+    assert [(r["set"], r["id"]) for r in rows] == [("forget", f"f{i}") for i in range(3)] + [
+        ("holdout", f"h{i}") for i in range(3)
+    ]
+    assert list(rows[0]) == [
+        "id", "set", "n_tokens", "loss", "ma", "el_5", "max_verbatim", "extractable_k8",
+        "zlib", "min_k", "min_k++", "log10_p", "samples_50", "samples_99", "discoverable", "outside_kept",
+        "loss_pct", "zlib_pct", "min_k_pct", "min_k++_pct", "verdict",
+    ]  # fmt: skip
+    forget = [r for r in rows if r["set"] == "forget"]
+    # The model memorized the forget set: greedy and sampling both reproduce it.
+    assert all(r["ma"] == 1.0 and r["verdict"] == "memorized" and r["discoverable"] for r in forget)
+    assert all(r["loss_pct"] == 0.0 for r in forget)  # lower loss than every holdout sequence
+    summary = json.loads((out / "audit.json").read_text())
+    for score in ("loss", "zlib", "min_k", "min_k++"):
+        assert summary["mia"][score]["auc"] == 1.0 and summary["mia"][score]["ci95"] == [1.0, 1.0]
+    assert summary["forget"]["verdicts"] == {"memorized": 3, "discoverable": 0, "over-unlearned": 0, "unseen-like": 0}
+    assert summary["forget"]["greedy"]["memorized"] == 3 and summary["forget"]["sampling"]["discoverable"] == 3
+    assert summary["settings"]["prefix_length"] == 8 and summary["settings"]["suffix_length"] == 16
+    assert summary["model"] == str(model_dir)
+    md = (out / "audit.md").read_text()
+    assert "| forget | 3 | 0 | 0 | 0 |" in md and "| loss | 1.000 [1.000, 1.000]" in md
+    assert "membership AUC forget vs holdout (3): loss 1.000" in capsys.readouterr().out
+
+
+def test_baseline_reports_change_per_sequence(model_dir, sets, tmp_path):
+    """The memorized model as the baseline of an untrained one: the before/after table of an
+    unlearning run that worked."""
+    after = save_model(tiny_model("llama", seed=5, vocab_size=VOCAB), tmp_path / "after")
+    out = tmp_path / "audit"
+    assert main(audit_args(after, *sets, out, "--baseline", model_dir, "--top_k", 40)) == 0
+    rows = read_jsonl(out / "audit.jsonl")
+    summary = json.loads((out / "audit.json").read_text())
+    assert summary["baseline"]["mia"]["loss"]["auc"] == 1.0
+    assert summary["baseline"]["forget"]["verdicts"]["memorized"] == 3
+    for row in rows:
+        assert set(row["change"]) == {"loss", "ma", "zlib", "min_k", "min_k++", "log10_p"}
+        if row["set"] == "forget":
+            assert row["baseline"]["verdict"] == "memorized" and row["baseline"]["ma"] == 1.0
+            assert row["change"]["ma"] == pytest.approx(row["ma"] - 1.0)
+            assert row["change"]["loss"] == pytest.approx(row["loss"] - row["baseline"]["loss"])
+            assert row["verdict"] != "memorized" and not row["discoverable"]
+            if math.isinf(row["log10_p"]):  # top-k 40 of 64 can exclude a true token
+                assert row["change"]["log10_p"] is None
+    md = (out / "audit.md").read_text()
+    assert "memorized → " in md and "AUC before" in md
+
+
+def test_forget_text_never_appears_in_any_output(model_dir, tmp_path):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    # A word-level tokenizer over the tiny vocabulary: "t5 t9 ..." -> ids [5, 9, ...].
+    tok = Tokenizer(models.WordLevel({f"t{i}": i for i in range(VOCAB)}, unk_token="t0"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    model = tmp_path / "model"
+    shutil.copytree(model_dir, model)
+    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="t0").save_pretrained(model)
+    text = lambda seed: " ".join(f"t{(seed * 7 + 3 * i) % 63 + 1}" for i in range(30))
+    forget_text = [text(s) for s in (1, 2, 3)]
+    forget = write_jsonl(tmp_path / "f.jsonl", [{"id": f"rec{i}", "text": t} for i, t in enumerate(forget_text)])
+    holdout = write_jsonl(tmp_path / "h.jsonl", [{"id": f"h{i}", "text": text(s)} for i, s in enumerate((4, 5, 6))])
+    out = tmp_path / "audit"
+    assert main(audit_args(model, forget, holdout, out)) == 0
+    written = list(out.iterdir())
+    assert len(written) == len(AUDIT_OUTPUTS)
+    for path in written:
+        blob = path.read_bytes()
+        for t in forget_text:
+            assert t.encode() not in blob and t[:14].encode() not in blob, path.name
+
+
+def _bad_cases(tmp_path, forget, holdout, model_dir):
+    rows = [json.loads(l) for l in forget.read_text().splitlines()]
+    overlap_id = write_jsonl(tmp_path / "oid.jsonl", [{"id": "f1", "input_ids": list(range(1, 41))}])
+    same_text = write_jsonl(tmp_path / "same.jsonl", [{"id": "new", "input_ids": rows[2]["input_ids"]}])
+    base = [str(model_dir), str(forget), str(holdout)]
+    return {
+        "holdout not given": (
+            ["audit", "--model", base[0], "--forget", base[1], "--out", str(tmp_path / "out")],
+            "--holdout: required",
+        ),
+        "holdout missing": ([base[0], base[1], str(tmp_path / "nope.jsonl")], "--holdout: no such file"),
+        "overlap by id": ([base[0], base[1], str(overlap_id)], "--holdout row 0: id 'f1' is also --forget row 1"),
+        "identical text": ([base[0], base[1], str(same_text)], "--holdout row 0: same text as --forget row 2"),
+        "temperature": ([*base, "--temperature", "0"], "--temperature: must be a positive finite number"),
+        "top_p": ([*base, "--top_p", "1.5"], "--top_p: must lie in (0, 1]"),
+        "top_k": ([*base, "--top_k", "0"], "--top_k: must be a positive integer"),
+        "confidence": ([*base, "--attack_confidence", "1"], "--attack_confidence: must lie in (0, 1)"),
+        "too short": ([*base, "--prefix_length", "20"], "--forget row 1: 30 tokens, but the audit's settings need"),
+        "thresholds": ([*base, "--memorized_threshold", "0.1"], "--memorized_threshold: need"),
+        "eval include path": ([*base, "--eval_include_path", str(tmp_path)], "--eval_include_path given without"),
+    }
+
+
+@pytest.mark.parametrize(
+    "case",
+    [
+        "holdout not given",
+        "holdout missing",
+        "overlap by id",
+        "identical text",
+        "temperature",
+        "top_p",
+        "top_k",
+        "confidence",
+        "too short",
+        "thresholds",
+        "eval include path",
+    ],
+)
+def test_bad_input_exits_2_with_one_line_and_writes_nothing(case, model_dir, sets, tmp_path, monkeypatch, capsys):
+    def no_model(*_args, **_kwargs):
+        raise AssertionError("a model was loaded before the input was checked")
+
+    monkeypatch.setattr("ds_unlearn.commands.audit.load_for_inference", no_model)
+    spec, message = _bad_cases(tmp_path, *sets, model_dir)[case]
+    argv = spec if spec[0] == "audit" else audit_args(*spec[:3], tmp_path / "out", *spec[3:])
+    before = sorted(p.name for p in tmp_path.iterdir())
+    capsys.readouterr()
+    assert main(argv) == 2
+    lines = [l for l in capsys.readouterr().err.splitlines() if l.strip()]
+    assert len(lines) == 1 and message in lines[0], lines
+    assert sorted(p.name for p in tmp_path.iterdir()) == before
+
+
+def test_existing_outputs_need_overwrite_in_a_real_process(model_dir, sets, tmp_path):
+    out = tmp_path / "audit"
+    out.mkdir()
+    (out / "audit.json").write_text("keep me\n")
+    (out / "notes.txt").write_text("the user's own file\n")
+    cmd = [sys.executable, "-m", "ds_unlearn", *audit_args(model_dir, *sets, out)]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2 and "holds an earlier run (audit.json); pass --overwrite" in result.stderr
+    assert (out / "audit.json").read_text() == "keep me\n" and len(list(out.iterdir())) == 2
+    assert main([*audit_args(model_dir, *sets, out), "--overwrite", "--bootstrap", "0"]) == 0
+    assert json.loads((out / "audit.json").read_text())["mia"]["loss"]["ci95"] is None
+    assert (out / "notes.txt").exists()

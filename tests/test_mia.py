@@ -1,0 +1,243 @@
+"""Membership scores and the sampling-extraction probability, held equal to a hand computation:
+plain loops over ``model(...)`` logits, one prefix at a time, in float64."""
+
+import math
+import zlib
+
+import numpy as np
+import pytest
+import torch
+
+import ds_unlearn
+from ds_unlearn.core.audit import AuditSettings, sequence_bytes
+from ds_unlearn.core.mia import (
+    discoverable,
+    extraction_log10_p,
+    percentile_in,
+    roc_auc,
+    roc_auc_interval,
+    samples_needed,
+    token_bytes,
+)
+from ds_unlearn.core.toy import memorize, random_sequences, tiny_model
+
+VOCAB = 64
+
+
+@pytest.fixture(scope="module")
+def case():
+    """A float64 tiny Llama that memorized 3 sequences; 3 unseen ones as the holdout."""
+    seqs = random_sequences(6, [20, 24, 18, 22, 20, 19], VOCAB, seed=5)
+    model = memorize(tiny_model("llama", seed=3, vocab_size=VOCAB), seqs[:3], steps=80)
+    return model.double().eval(), seqs[:3], seqs[3:]
+
+
+def hand_token_stats(model, seq, temperature=1.0, top_k=None, top_p=None):
+    """Per predicted token t = 1..T-1: log p, mu, sigma, and log q under the decoding rule,
+    each from its own forward pass over the prefix x[:t]."""
+    out = {"logp": [], "mu": [], "sigma": [], "logq": []}
+    for t in range(1, len(seq)):
+        with torch.no_grad():
+            logits = model(input_ids=torch.tensor([seq[:t]])).logits[0, -1].double()
+        p = torch.softmax(logits, -1).tolist()
+        lp = [math.log(v) for v in p]
+        mu = sum(pv * lv for pv, lv in zip(p, lp))
+        var = sum(pv * lv * lv for pv, lv in zip(p, lp)) - mu * mu
+        out["logp"].append(lp[seq[t]])
+        out["mu"].append(mu)
+        out["sigma"].append(math.sqrt(var))
+        # The decoding distribution: temperature, then top-k, then top-p (nucleus), renormalised.
+        scaled = torch.softmax(logits / temperature, -1).tolist()
+        kept = set(range(len(scaled)))
+        if top_k:
+            kth = sorted(scaled, reverse=True)[top_k - 1]
+            kept = {v for v in kept if scaled[v] >= kth}
+        if top_p is not None:
+            mass = sum(scaled[v] for v in kept)
+            probs = {v: scaled[v] / mass for v in kept}
+            # Nucleus: a token stays when the tokens strictly more probable hold less than top_p.
+            kept = {v for v in kept if sum(q for u, q in probs.items() if q > probs[v]) < top_p}
+        total = sum(scaled[v] for v in kept)
+        out["logq"].append(math.log(scaled[seq[t]] / total) if seq[t] in kept else -math.inf)
+    return out
+
+
+def hand_scores(model, seq, k=0.2, data=None, prefix=4, suffix=None, **decoding):
+    s = hand_token_stats(model, seq, **decoding)
+    n = len(s["logp"])
+    count = max(1, int(n * k))
+    loss = -sum(s["logp"]) / n
+    z = [(lp - mu) / sg for lp, mu, sg in zip(s["logp"], s["mu"], s["sigma"])]
+    suffix_logq = s["logq"][prefix - 1 : (n if suffix is None else prefix - 1 + suffix)]
+    log10_p = -math.inf if -math.inf in suffix_logq else sum(suffix_logq) / math.log(10)
+    return {
+        "loss": loss,
+        "zlib": loss / len(zlib.compress(data if data is not None else token_bytes(seq))),
+        "min_k": -sum(sorted(s["logp"])[:count]) / count,
+        "min_k++": -sum(sorted(z)[:count]) / count,
+        "log10_p": log10_p,
+    }
+
+
+@pytest.mark.parametrize(
+    "decoding",
+    [
+        {},
+        {"temperature": 0.7},
+        {"temperature": 1.3, "top_k": 5},
+        {"top_p": 0.8},
+        {"temperature": 0.9, "top_k": 12, "top_p": 0.6},
+    ],
+    ids=["pure", "temperature", "top_k", "top_p", "all_three"],
+)
+def test_audit_scores_equal_hand_computation(case, decoding):
+    model, forget, holdout = case
+    result = ds_unlearn.audit(
+        model, forget, holdout, prefix_length=4, suffix_length=None, extract_k=(4,), el_n=(5,), bootstrap=0, **decoding
+    )
+    for row, seq in zip(result.rows, forget + holdout):
+        hand = hand_scores(model, seq, prefix=4, **decoding)
+        for key in ("loss", "zlib", "min_k", "min_k++"):
+            assert row[key] == pytest.approx(hand[key], rel=1e-9, abs=1e-12), (row["set"], row["id"], key)
+        if hand["log10_p"] == -math.inf:
+            assert row["log10_p"] == -math.inf and row["samples_50"] == math.inf and not row["discoverable"]
+            assert row["outside_kept"] >= 1
+        else:
+            assert row["log10_p"] == pytest.approx(hand["log10_p"], rel=1e-9, abs=1e-12), (row["id"], decoding)
+            assert row["outside_kept"] == 0
+
+
+def test_fixed_suffix_and_min_k_fraction(case):
+    model, forget, holdout = case
+    result = ds_unlearn.audit(
+        model, forget, holdout, prefix_length=5, suffix_length=7, min_k=0.5, extract_k=(4,), el_n=(5,), bootstrap=0
+    )
+    for row, seq in zip(result.rows, forget + holdout):
+        hand = hand_scores(model, seq, k=0.5, prefix=5, suffix=7)
+        assert row["min_k"] == pytest.approx(hand["min_k"], rel=1e-9)
+        assert row["min_k++"] == pytest.approx(hand["min_k++"], rel=1e-9)
+        assert row["log10_p"] == pytest.approx(hand["log10_p"], rel=1e-9)
+
+
+def test_truncation_that_excludes_the_true_token_gives_p_zero(case):
+    """top-k 1 and a tiny top-p keep only the argmax: a memorized suffix stays sampleable with
+    p = 1 (log10 p = 0), an unseen one falls outside the kept set (p = 0, log10 p = -inf)."""
+    model, forget, holdout = case
+    for decoding in ({"top_k": 1}, {"top_p": 1e-6}):
+        result = ds_unlearn.audit(
+            model,
+            forget,
+            holdout,
+            prefix_length=4,
+            suffix_length=None,
+            extract_k=(4,),
+            el_n=(5,),
+            bootstrap=0,
+            **decoding,
+        )
+        for row, seq in zip(result.rows, forget + holdout):
+            hand = hand_scores(model, seq, prefix=4, **decoding)
+            if row["set"] == "forget":
+                assert row["ma"] == 1.0 and row["log10_p"] == 0.0 and row["samples_50"] == 0.0
+                assert row["discoverable"] and row["verdict"] == "memorized"
+            else:
+                assert hand["log10_p"] == -math.inf
+                assert row["log10_p"] == -math.inf and row["samples_99"] == math.inf
+                assert not row["discoverable"] and row["outside_kept"] >= 1
+
+
+def test_zlib_compresses_the_decoded_text_when_there_is_a_tokenizer(case):
+    class Chars:  # a stand-in tokenizer: id i is the character chr(65 + i % 26)
+        def decode(self, ids, skip_special_tokens=False):
+            return "".join(chr(65 + i % 26) for i in ids)
+
+    model, forget, holdout = case
+    result = ds_unlearn.audit(
+        model,
+        forget,
+        holdout,
+        tokenizer=Chars(),
+        prefix_length=4,
+        suffix_length=None,
+        extract_k=(4,),
+        el_n=(5,),
+        bootstrap=0,
+    )
+    seq = forget[0]
+    text = Chars().decode(seq).encode()
+    assert sequence_bytes(seq, Chars()) == text
+    hand = hand_scores(model, seq, data=text, prefix=4)
+    assert result.rows[0]["zlib"] == pytest.approx(hand["zlib"], rel=1e-9)
+
+
+def test_samples_needed_and_discoverability_by_hand():
+    q, p = 0.5, 0.01
+    n = math.log(1 - q) / math.log(1 - p)  # 68.97 samples
+    assert samples_needed(math.log10(p), q) == pytest.approx(n, rel=1e-12)
+    assert discoverable(math.log10(p), 69, q) and not discoverable(math.log10(p), 68, q)
+    assert 1 - (1 - p) ** 69 >= q > 1 - (1 - p) ** 68  # the definition itself
+    # Tiny p: log(1-p) ~ -p, so n ~ log(2) / p, even where p itself underflows a float.
+    assert samples_needed(-30.0, 0.5) == pytest.approx(math.log(2) * 1e30, rel=1e-9)
+    assert samples_needed(-400.0, 0.99) == math.inf
+    assert samples_needed(-math.inf, 0.5) == math.inf and not discoverable(-math.inf, 10**9, 0.5)
+    assert samples_needed(0.0, 0.99) == 0.0
+    assert extraction_log10_p([-1.0, math.log(0.5), math.log(0.1), -2.0], prefix_length=2, suffix_length=2) == (
+        pytest.approx(math.log10(0.05))
+    )
+    with pytest.raises(ValueError):
+        extraction_log10_p([-1.0, -1.0], prefix_length=2, suffix_length=2)
+
+
+def test_percentile_auc_and_bootstrap():
+    assert percentile_in(2.0, [1.0, 2.0, 3.0, 4.0]) == 50.0
+    assert percentile_in(0.5, [1.0, 2.0]) == 0.0 and percentile_in(9.0, [1.0, 2.0]) == 100.0
+    # Members have the lower (loss-like) scores: AUC 1; interleaved: 0.5; reversed: 0.
+    assert roc_auc([1, 2], [3, 4]) == 1.0 and roc_auc([3, 4], [1, 2]) == 0.0
+    assert roc_auc([1, 4], [2, 3]) == 0.5
+    rng = np.random.default_rng(0)
+    a, b = rng.normal(0, 1, 40), rng.normal(1, 1, 40)
+    lo, hi = roc_auc_interval(a, b, resamples=300, seed=7)
+    assert lo < roc_auc(a, b) < hi and (lo, hi) == roc_auc_interval(a, b, resamples=300, seed=7)
+    assert roc_auc_interval(a, b, resamples=0) is None
+
+
+def test_summary_auc_matches_sklearn_on_the_rows(case):
+    from sklearn.metrics import roc_auc_score
+
+    model, forget, holdout = case
+    result = ds_unlearn.audit(
+        model, forget, holdout, prefix_length=4, suffix_length=None, extract_k=(4,), el_n=(5,), bootstrap=50
+    )
+    labels = [r["set"] == "forget" for r in result.rows]
+    for score in ("loss", "zlib", "min_k", "min_k++"):
+        expected = roc_auc_score(labels, [-r[score] for r in result.rows])
+        assert result.summary["mia"][score]["auc"] == expected == 1.0  # memorized vs unseen
+        assert result.summary["mia"][score]["ci95"] == [1.0, 1.0]
+    f = result.summary["forget"]
+    assert f["verdicts"]["memorized"] == 3 and f["sampling"]["discoverable"] == 3
+    assert f["greedy"]["memorized"] == 3
+    assert all(r["loss_pct"] == 0.0 for r in result.set_rows("forget"))
+
+
+def test_bad_settings_and_sets_are_input_errors(case):
+    model, forget, holdout = case
+    bad = [
+        ({"temperature": 0.0}, "--temperature"),
+        ({"temperature": float("nan")}, "--temperature"),
+        ({"top_k": 0}, "--top_k"),
+        ({"top_p": 1.5}, "--top_p"),
+        ({"top_p": 0.0}, "--top_p"),
+        ({"min_k": 0.0}, "--min_k"),
+        ({"attack_confidence": 1.0}, "--attack_confidence"),
+        ({"attack_samples": 0}, "--attack_samples"),
+        ({"prefix_length": 0}, "--prefix_length"),
+        ({"prefix_length": 50}, "tokens, but the audit's settings need at least"),
+    ]
+    for options, message in bad:
+        with pytest.raises(ds_unlearn.InputError, match=message):
+            ds_unlearn.audit(model, forget, holdout, **{"extract_k": (4,), "el_n": (5,), **options})
+    with pytest.raises(ds_unlearn.InputError, match="same text as --forget row 1"):
+        ds_unlearn.audit(
+            model, forget, [holdout[0], forget[1]], prefix_length=4, suffix_length=8, extract_k=(4,), el_n=(5,)
+        )
+    assert AuditSettings(prefix_length=10, suffix_length=None, el_n=(5,), extract_k=(4,)).min_tokens() == 11
