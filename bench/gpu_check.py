@@ -111,6 +111,7 @@ def main() -> None:
     device = "cuda" if torch.cuda.is_available() and not args.tiny else "cpu"
     dtype = ["--dtype", "bfloat16"] if device == "cuda" else []
     bf16 = ["--bf16", "true"] if device == "cuda" else []
+    lr = "5e-5" if not args.tiny else "3e-3"  # the paper's rate; the tiny model needs a larger one
     started = time.time()
     with tempfile.TemporaryDirectory(prefix="gpu_check_") as tmp:
         folder = Path(args.keep or tmp)
@@ -139,7 +140,7 @@ def main() -> None:
                     *deepspeed_cmd("launch/unlearn.py", device),
                     *["--model", str(model), "--forget", str(forget), "--holdout", str(holdout)],
                     *flags,
-                    *["--output_dir", str(out), "--per_device_train_batch_size", "32", "--learning_rate", "5e-5"],
+                    *["--output_dir", str(out), "--per_device_train_batch_size", "32", "--learning_rate", lr],
                     *["--num_train_epochs", "20", "--report_to", "none", "--score_batch_size", "64"],
                     *["--deepspeed", str(REPO / f"configs/ds/zero{stage}.json"), *bf16],
                 ]

@@ -120,7 +120,7 @@ def _bad_cases(model_dir, tmp_path):
     good = {"id": "x", "input_ids": list(range(1, 41))}
     cases = {
         "missing file": ([tmp_path / "nope.jsonl"], "no such file"),
-        "unreadable": ([(tmp_path / "bad.jsonl", "{not json\n")], "cannot read"),
+        "unreadable": ([(tmp_path / "bad.jsonl", "{not json\n")], "line 1 (row 0): invalid JSON"),
         "empty": ([(tmp_path / "empty.csv", "id,text\n")], "no rows"),
         "missing text": ([[{"id": "a", "text": None}]], "row 0: field 'text' is missing"),
         "missing id": ([[good, {"id": None, "input_ids": list(range(40))}]], "row 1: field 'id' is missing"),

@@ -18,6 +18,7 @@ import gc
 from ..core import distributed as D
 from ..core.audit import AuditSettings, audit, check_sets, compare
 from ..core.audit_report import AUDIT_OUTPUTS, JSONL, MARKDOWN, SUMMARY, write_audit
+from ..core.config_parsing import one_line_errors
 from ..core.data import read_rows, to_sequence_set
 from ..core.ds_config import load_ds_config
 from ..core.errors import InputError
@@ -42,7 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="ds-unlearn audit", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     add_arguments(parser)
-    return parser
+    return one_line_errors(parser)
 
 
 def main(argv: list[str]) -> int:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 
+from ..core.config_parsing import one_line_errors
 from ..demo.run import METHODS
 
 
@@ -27,7 +28,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--methods", nargs="+", choices=METHODS, default=None, help="unlearning methods to run (default: ga sga tau)"
     )
-    return parser
+    return one_line_errors(parser)
 
 
 def main(argv: list[str]) -> int:

@@ -10,7 +10,8 @@ import argparse
 from pathlib import Path
 
 from ..core import distributed as D
-from ..core.data import needs_tokenizer, read_rows, to_sequence_set
+from ..core.config_parsing import one_line_errors
+from ..core.data import check_context, needs_tokenizer, read_rows, to_sequence_set
 from ..core.ds_config import load_ds_config
 from ..core.errors import InputError
 from ..core.files import OVERWRITE_FLAG, check_output, write_json, write_jsonl
@@ -31,7 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="ds-unlearn score", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     add_arguments(parser)
-    return parser
+    return one_line_errors(parser)
 
 
 def main(argv: list[str]) -> int:
@@ -75,7 +76,10 @@ def run(args: argparse.Namespace) -> int:
             f"--max_length {args.max_length} is shorter than el_n/extract_k need "
             f"({min_length(args.el_n, args.extract_k)} tokens)"
         )
-    vocab_size = load_config(model_dir).vocab_size
+    if args.batch_size < 1:
+        raise InputError(f"--batch_size: must be at least 1, got {args.batch_size}")
+    model_config = load_config(model_dir)
+    vocab_size = model_config.vocab_size
     rows = read_rows(args.data)
     tokenizer = load_tokenizer(model_dir) if needs_tokenizer(rows) else None
     data = to_sequence_set(
@@ -87,6 +91,7 @@ def run(args: argparse.Namespace) -> int:
         vocab_size=vocab_size,
     )
     validate_request(data.sequences, args.el_n, args.extract_k, vocab_size, lambda i: f"--data row {i}")
+    check_context(data, getattr(model_config, "max_position_embeddings", None))
 
     model = load_for_inference(model_dir, DTYPES[args.dtype], ds_config)
     scores = score_sequences(

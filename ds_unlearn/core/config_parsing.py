@@ -3,6 +3,7 @@ override YAML, and every problem is one InputError line."""
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from dataclasses import fields
 from pathlib import Path
@@ -35,14 +36,40 @@ def init_keys(cls) -> set[str]:
     return {f.name for f in fields(cls) if f.init}
 
 
+class _ParserError(Exception):
+    """argparse's complaint, raised instead of printing the usage and exiting."""
+
+
 def build_parser(cls, prog: str | None = None):
+    """An ``HfArgumentParser`` for ``cls`` plus ``--config``; its errors raise (no usage dump)."""
     from transformers import HfArgumentParser
 
     parser = HfArgumentParser(cls)
     if prog:
         parser.prog = prog
     parser.add_argument("--config", default=None, help=f"YAML file of {cls.__name__} fields; flags override it")
+
+    def error(message: str):
+        raise _ParserError(message)
+
+    parser.error = error
     return parser
+
+
+def one_line_errors(parser):
+    """Make an argparse parser raise InputError (one line, exit 2 from the CLI) instead of
+    printing its usage and exiting; returns the parser."""
+
+    def error(message: str):
+        raise InputError(message)
+
+    parser.error = error
+    return parser
+
+
+def _flag_of(message: str) -> str | None:
+    match = re.match(r"argument (--[\w.-]+)", message)
+    return match.group(1) if match else None
 
 
 def parse_config(
@@ -55,15 +82,30 @@ def parse_config(
     """``[--config FILE.yaml] [--flag value ...]`` into a validated ``cls``.
 
     ``before_build(values)`` runs on the merged settings right before ``cls(**values)`` and may
-    change them in place. Every problem raises InputError (one line)."""
+    change them in place. Every problem raises InputError (one line) naming the flag, or the
+    YAML file and key when the bad value came from the file."""
     parser = build_parser(cls, prog)
-    pre, _ = parser.parse_known_args(argv) if "--config" in argv else (None, None)
-    if pre is not None and pre.config:
-        parser.set_defaults(**adjust_yaml(load_yaml(pre.config, init_keys(cls))))
+    yaml_path, from_yaml = None, {}
+    if any(a == "--config" or a.startswith("--config=") for a in argv):
+        try:
+            pre, _ = parser.parse_known_args(argv)
+        except _ParserError as err:
+            raise InputError(str(err)) from None
+        if pre.config:
+            yaml_path = pre.config
+            from_yaml = adjust_yaml(load_yaml(pre.config, init_keys(cls)))
+            parser.set_defaults(**from_yaml)
     try:
         namespace, unknown = parser.parse_known_args(argv)
-    except SystemExit as exit_:  # argparse already printed its one line
-        raise InputError("invalid command-line flags (see the message above)") from exit_
+    except _ParserError as err:
+        message = str(err)
+        flag = _flag_of(message)
+        given = flag is not None and any(a == flag or a.startswith(flag + "=") for a in argv)
+        key = flag[2:] if flag else None
+        if yaml_path and key in from_yaml and not given:  # argparse converted the YAML value
+            message = message.split(": ", 1)[-1]
+            raise InputError(f"--config: {yaml_path}: key '{key}': {message}") from None
+        raise InputError(message) from None
     if unknown:
         raise InputError(f"unknown flag {unknown[0]}")
     values = {k: v for k, v in vars(namespace).items() if k != "config"}

@@ -7,6 +7,9 @@ model is loaded. Raw text never leaves this module except as token ids.
 
 from __future__ import annotations
 
+import csv
+import io
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,40 +26,90 @@ class SequenceSet:
 
     ids: list[Any]
     sequences: list[list[int]]
+    has_id_field: bool = False  # ids come from the id field (else they are row indices)
 
     def __len__(self) -> int:
         return len(self.sequences)
 
 
 def read_rows(path: str | Path, option: str = "--data") -> list[dict]:
-    """All rows of a JSONL/CSV/Parquet file, through ``datasets``."""
+    """All rows of a JSONL (or JSON array), CSV or Parquet file, as dicts in file order.
+
+    Read directly (the standard library, and pyarrow for Parquet) rather than through
+    ``datasets``, which would leave lock and cache files behind in the user's cache for every
+    read. Raises InputError naming the file and the line or row: missing or unreadable file,
+    unknown extension, invalid JSON, a row that is not an object, no rows at all."""
     path = Path(path)
     if not path.is_file():
         raise InputError(f"{option}: no such file {path}")
-    fmt = FORMATS.get(path.suffix.lower())
-    if fmt is None:
+    suffix = path.suffix.lower()
+    if suffix not in FORMATS:
         raise InputError(f"{option}: {path} has an unknown extension (use {', '.join(FORMATS)})")
-    import datasets
-
-    datasets.disable_progress_bars()
-    # datasets logs its own copy of a parse error; ours is the one line the user needs.
-    datasets.logging.set_verbosity(datasets.logging.CRITICAL)
     try:
-        table = datasets.load_dataset(fmt, data_files=str(path), split="train", keep_in_memory=True)
-    except Exception as err:  # datasets raises many types for unreadable files
-        cause = _root_cause(err)
-        if "corresponds to no data" in cause:  # a header-only CSV or an empty file
-            raise InputError(f"{option}: {path} holds no rows") from None
-        raise InputError(f"{option}: cannot read {path}: {cause}") from None
-    return table.to_list()
+        if suffix == ".parquet":
+            rows = _read_parquet(path)
+        else:
+            text = path.read_text(encoding="utf-8")
+            rows = _read_csv(text, path, option) if suffix == ".csv" else _read_json(text, path, option)
+    except UnicodeDecodeError as err:
+        raise InputError(f"{option}: {path} is not UTF-8 text ({err.reason} at byte {err.start})") from None
+    except OSError as err:
+        raise InputError(f"{option}: cannot read {path}: {err.strerror or err}") from None
+    if not rows:
+        raise InputError(f"{option}: {path} holds no rows")
+    return rows
 
 
-def _root_cause(err: BaseException) -> str:
-    """The innermost error's first line: datasets wraps the parser's useful message."""
-    while err.__cause__ is not None or err.__context__ is not None:
-        err = err.__cause__ or err.__context__
-    text = str(err).strip()
-    return text.splitlines()[0] if text else type(err).__name__
+def _read_json(text: str, path: Path, option: str) -> list[dict]:
+    if text.lstrip().startswith("["):  # one JSON array of objects
+        try:
+            rows = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise InputError(f"{option}: {path} line {err.lineno}: invalid JSON ({err.msg})") from None
+        lines = [None] * len(rows)
+    else:  # JSON Lines: one object per non-empty line
+        rows, lines = [], []
+        for number, line in enumerate(text.splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as err:
+                raise InputError(
+                    f"{option}: {path} line {number} (row {len(rows)}): invalid JSON ({err.msg})"
+                ) from None
+            lines.append(number)
+    for i, (row, number) in enumerate(zip(rows, lines)):
+        if not isinstance(row, dict):
+            where = f"line {number} (row {i})" if number else f"row {i}"
+            raise InputError(f"{option}: {path} {where}: expected a JSON object, got {type(row).__name__}")
+    return rows
+
+
+def _read_csv(text: str, path: Path, option: str) -> list[dict]:
+    rows = []
+    for i, row in enumerate(csv.DictReader(io.StringIO(text))):
+        if None in row:  # more fields than the header names
+            raise InputError(f"{option}: {path} row {i}: more fields than the header has")
+        ids = row.get(IDS_FIELD)
+        if isinstance(ids, str) and ids.strip():  # token ids stored as a JSON list in a cell
+            try:
+                row[IDS_FIELD] = json.loads(ids)
+            except json.JSONDecodeError:
+                raise InputError(f"{option}: {path} row {i}: {IDS_FIELD} is not a JSON list") from None
+        elif ids is not None and not ids.strip():
+            row[IDS_FIELD] = None
+        rows.append(row)
+    return rows
+
+
+def _read_parquet(path: Path) -> list[dict]:
+    import pyarrow.parquet as pq
+
+    try:
+        return pq.read_table(path).to_pylist()
+    except Exception as err:  # pyarrow raises several types for damaged files
+        raise InputError(f"cannot read {path} as Parquet: {str(err).splitlines()[0]}") from None
 
 
 def _as_token_ids(value, where: str) -> list[int]:
@@ -109,7 +162,7 @@ def to_sequence_set(
                 raise InputError(f"{where}: token id {bad} is outside the vocabulary [0, {vocab_size})")
         ids.append(row_id)
         sequences.append(tokens)
-    return SequenceSet(ids, sequences)
+    return SequenceSet(ids, sequences, has_id_field)
 
 
 def needs_tokenizer(rows: list[dict]) -> bool:
@@ -119,3 +172,33 @@ def needs_tokenizer(rows: list[dict]) -> bool:
 def load_sequence_set(path: str | Path, option: str = "--data", **options) -> SequenceSet:
     """``read_rows`` then ``to_sequence_set`` (same keyword options)."""
     return to_sequence_set(read_rows(path, option), option=option, **options)
+
+
+def check_context(data: SequenceSet, limit: int | None, option: str = "--data") -> None:
+    """Every sequence fits the model's context (``max_position_embeddings`` tokens); raises
+    InputError naming the first row that does not (``--max_length`` cuts rows on request)."""
+    if not limit:
+        return
+    for i, seq in enumerate(data.sequences):
+        if len(seq) > limit:
+            raise InputError(
+                f"{option} row {i}: {len(seq)} tokens, more than the model's context of {limit} "
+                f"(pass --max_length {limit} to cut rows)"
+            )
+
+
+def check_disjoint(first: SequenceSet, second: SequenceSet, names: tuple[str, str]) -> None:
+    """Two sets that must share nothing (forget vs holdout): no common id (when both have id
+    fields) and no identical token sequence; raises InputError naming the row."""
+    a, b = names
+    seen = {tuple(seq): i for i, seq in enumerate(first.sequences)}
+    for j, seq in enumerate(second.sequences):
+        if tuple(seq) in seen:
+            raise InputError(
+                f"--{b} row {j}: the same tokens as --{a} row {seen[tuple(seq)]}; the sets must not overlap"
+            )
+    if first.has_id_field and second.has_id_field:
+        ids = {row_id: i for i, row_id in enumerate(first.ids)}
+        for j, row_id in enumerate(second.ids):
+            if row_id in ids:
+                raise InputError(f"--{b} row {j}: id {row_id!r} is also --{a} row {ids[row_id]}")

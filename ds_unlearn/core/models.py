@@ -37,7 +37,14 @@ def resolve_model_dir(name: str) -> Path | str:
         if not (path / "config.json").is_file():
             raise InputError(f"--model: {name} is not a model directory (no config.json)")
         return path
-    load_config(name)  # a Hub id: fail now, in one line, if it cannot be resolved
+    from huggingface_hub.utils import logging as hub_logging
+
+    verbosity = hub_logging.get_verbosity()
+    hub_logging.set_verbosity_error()  # its retry warnings would add lines to our one-line error
+    try:
+        load_config(name)  # a Hub id: fail now, in one line, if it cannot be resolved
+    finally:
+        hub_logging.set_verbosity(verbosity)
     return name
 
 
@@ -64,9 +71,19 @@ def load_tokenizer(model_dir: str | Path):
 
 
 def load_causal_lm(model_dir: str | Path, dtype: torch.dtype = torch.float32):
+    """The checkpoint's causal LM in ``dtype``; InputError (one line) when its weights cannot be
+    read (a truncated or damaged file), before anything is written."""
     from transformers import AutoModelForCausalLM
 
-    return AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype)
+    try:
+        return AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype)
+    except (OSError, ValueError, RuntimeError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise InputError(f"--model: cannot load the weights of {model_dir}: {first}") from None
+    except Exception as err:  # safetensors raises its own error type for damaged files
+        if type(err).__name__ != "SafetensorError":
+            raise
+        raise InputError(f"--model: cannot load the weights of {model_dir}: {err}") from None
 
 
 def load_for_inference(model_dir: str | Path, dtype: torch.dtype, ds_config: dict | None):

@@ -7,6 +7,7 @@ YAML. Defaults follow the ICML 2024 reference code (REFERENCE §3).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from transformers import TrainingArguments
 
@@ -181,6 +182,25 @@ class UnlearnConfig(TrainingArguments):
                 bad("tv_coefficient", "must be positive")
         elif self.tv_coefficient is not None or self.tv_switch_ma is not None:
             bad("tv_coefficient", f"only applies to ta/tau, not {self.method}")
+        if not self.num_train_epochs > 0:
+            bad("num_train_epochs", f"must be positive, got {self.num_train_epochs:g}")
+        if not self.learning_rate > 0:
+            bad("learning_rate", f"must be positive, got {self.learning_rate:g}")
+        for name in ("holdout", "retain", "audit_holdout"):
+            other = getattr(self, name, None)
+            if other and Path(other).resolve() == Path(self.forget).resolve():
+                bad(name, f"is the forget set's own file ({other}); it must hold other sequences")
+        if isinstance(self.deepspeed, str):
+            from ..core.ds_config import load_ds_config
+
+            load_ds_config(self.deepspeed)  # one line naming the file if it is missing or not JSON
+        resume = self.resume_from_checkpoint
+        if isinstance(resume, str) and resume.lower() not in ("true", "false"):
+            if not (Path(resume) / "unlearn_state.json").is_file():
+                bad(
+                    "resume_from_checkpoint",
+                    f"{resume} is not a checkpoint of an unlearning run (no unlearn_state.json)",
+                )
         if self.el_every < 0:
             bad("el_every", f"must be 0 (before and after only) or a positive number of epochs, got {self.el_every}")
         if self.extract_k < 1:

@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 
 from ..core import distributed as D
-from ..core.data import SequenceSet, needs_tokenizer, read_rows, to_sequence_set
+from ..core.data import SequenceSet, check_context, check_disjoint, needs_tokenizer, read_rows, to_sequence_set
 from ..core.errors import InputError
 from ..core.files import check_output, write_json
 from ..core.models import load_causal_lm, load_config, load_tokenizer, report_partition, resolve_model_dir
@@ -52,7 +52,9 @@ def check_paths(config: UnlearnConfig, model_dir: Path) -> None:
 
 def load_sets(config: UnlearnConfig, model_dir: Path) -> tuple[dict[str, SequenceSet | None], Any]:
     """Forget, retain and holdout sets as token ids, validated before any model loads."""
-    vocab_size = load_config(model_dir).vocab_size
+    model_config = load_config(model_dir)
+    vocab_size = model_config.vocab_size
+    context = getattr(model_config, "max_position_embeddings", None)
     need = max(11, config.extract_k + 1)  # EL_10 and k-extractability must be defined
     files = {"forget": config.forget, "retain": config.retain, "holdout": config.holdout}
     files["audit_holdout"] = config.audit_holdout  # issue 13: the end-of-run audit's non-members
@@ -75,7 +77,11 @@ def load_sets(config: UnlearnConfig, model_dir: Path) -> tuple[dict[str, Sequenc
                 f"--{name} row {short}: {len(data.sequences[short])} tokens, but EL_10 and "
                 f"extract_k={config.extract_k} need at least {need}"
             )
+        check_context(data, context, f"--{name}")
         sets[name] = data
+    for other in ("holdout", "audit_holdout", "retain"):
+        if sets[other] is not None:
+            check_disjoint(sets["forget"], sets[other], ("forget", other))
     return sets, tokenizer
 
 
@@ -110,6 +116,10 @@ def run_unlearning(config: UnlearnConfig) -> UnlearnResult:
 
     out = Path(config.output_dir)
     trainer.save_model(str(out / "model"))
+    if tokenizer is None and D.is_main():  # input_ids data: still ship the checkpoint's tokenizer
+        input_tokenizer = load_tokenizer(model_dir)
+        if input_tokenizer is not None:
+            input_tokenizer.save_pretrained(out / "model")
     after = trainer.score_set(sets["forget"])
     trainer.write_scores("scores_after.jsonl", after)
     holdout_after = trainer.holdout_loss()
