@@ -169,3 +169,27 @@ def test_unlearn_bad_input(name, case, tmp_path, capsys):
     before = digest(watched)
     code = main(["unlearn", *argv, *extra])
     check(capsys, code, message, watched, before, out)
+
+
+def test_reading_data_leaves_no_files_behind(tmp_path, monkeypatch):
+    # Every format, read with the caches pointed at empty folders: nothing may appear in them.
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from ds_unlearn.core.data import read_rows
+
+    caches = tmp_path / "caches"
+    caches.mkdir()
+    for var in ("HF_HOME", "HF_DATASETS_CACHE", "XDG_CACHE_HOME"):
+        monkeypatch.setenv(var, str(caches / var))
+    rows = [{"id": "a", "input_ids": [1, 2, 3]}, {"id": "b", "input_ids": [4, 5, 6]}]
+    data = tmp_path / "data"
+    data.mkdir()
+    write_jsonl(data / "x.jsonl", rows)
+    (data / "x.csv").write_text('id,input_ids\na,"[1, 2, 3]"\nb,"[4, 5, 6]"\n')
+    pq.write_table(pa.Table.from_pylist(rows), data / "x.parquet")
+    before = sorted(p.name for p in data.iterdir())
+    for name in ("x.jsonl", "x.csv", "x.parquet"):
+        assert read_rows(data / name) == rows, name
+    assert not any(caches.rglob("*")), sorted(caches.rglob("*"))
+    assert sorted(p.name for p in data.iterdir()) == before
