@@ -105,3 +105,31 @@ def test_a_killed_launcher_takes_its_ranks_with_it(unlearn_case, tmp_path):
     assert not rank_pids(out), "ranks outlived their launcher"
     time.sleep(2)
     assert not (out / "report.json").exists() and not (out / "model").exists()
+
+
+def test_bad_input_on_two_ranks_exits_2_without_hanging(unlearn_case, tmp_path):
+    # Validation runs on every rank before any collective, and its failure path enters none.
+    long = tmp_path / "long.jsonl"
+    long.write_text(json.dumps({"id": "a", "input_ids": [1 + i % 60 for i in range(300)]}) + "\n")  # context 256
+    from .launcher import deepspeed_run
+
+    start = time.time()
+    result = deepspeed_run(
+        "launch/score.py",
+        "--model",
+        unlearn_case["model"],
+        "--data",
+        long,
+        "--out",
+        tmp_path / "out" / "s.jsonl",
+        "--deepspeed",
+        REPO / "configs" / "ds" / "zero3.json",
+        timeout=300,
+    )
+    assert result.returncode != 0 and time.time() - start < 120
+    assert "300 tokens, more than the model's context of 256" in result.stdout + result.stderr
+    assert not (tmp_path / "out").exists()
+    proc = launch(unlearn_case, tmp_path / "run", "--num_train_epochs", "0")
+    output, _ = proc.communicate(timeout=300)
+    assert proc.returncode != 0 and "num_train_epochs: must be positive" in output
+    assert not (tmp_path / "run").exists()
