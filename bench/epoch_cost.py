@@ -55,7 +55,7 @@ def worker(args) -> None:
     settings = dict(
         model="bench",
         forget="bench",
-        holdout="bench",
+        holdout="bench-holdout",  # placeholders: the sets are passed in memory below
         output_dir=args.output_dir,
         deepspeed=args.ds_config,
         per_device_train_batch_size=args.num_sequences // args.ranks,  # one optimizer step per epoch
