@@ -5,19 +5,21 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
+import numpy as np
+from matplotlib.figure import Figure
 
 GUESSING, MEMORISING = "#f2d7a6", "#b9dcb4"
+
+
+def subplots(*args, figsize, **kwargs):
+    """A figure outside pyplot (no global backend switch, nothing to close): (figure, axes)."""
+    fig = Figure(figsize=figsize)
+    return fig, fig.subplots(*args, **kwargs)
 
 
 def _save(fig, path: Path) -> str:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
-    plt.close(fig)
     return path.name
 
 
@@ -28,7 +30,7 @@ def curves(
     the mean curve's guessing and memorisation phases shaded, the entropy drawn on the loss."""
     epochs = [r["epoch"] for r in history]
     accuracy, loss = np.array([r["accuracy"] for r in history]), np.array([r["loss"] for r in history])
-    fig, (top, bottom) = plt.subplots(2, 1, figsize=(7, 6), sharex=True)
+    fig, (top, bottom) = subplots(2, 1, figsize=(7, 6), sharex=True)
     for ax, values, control, name in (
         (top, accuracy, "control_accuracy", "accuracy"),
         (bottom, loss, "control_loss", "loss (nats)"),
@@ -58,7 +60,7 @@ def curves(
 def position_map(path: Path, title: str, history: list[dict], first_char: int) -> str:
     """Epoch x position map: the share of strings whose character at that position is predicted."""
     grid = np.array([np.mean(r["positions"], axis=0) for r in history])
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig, ax = subplots(figsize=(7, 4.5))
     image = ax.imshow(
         grid,
         aspect="auto",
@@ -76,7 +78,7 @@ def position_map(path: Path, title: str, history: list[dict], first_char: int) -
 
 
 def local_prefix(path: Path, result: dict) -> str:
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig, ax = subplots(figsize=(6, 4))
     ax.plot(result["ks"], result["accuracy"], "o-", label="last k characters only")
     ax.axhline(result["full_accuracy"], color="k", ls="--", label="full context")
     ax.axhline(0.9 * result["full_accuracy"], color="grey", ls=":", label="90% of full")
@@ -94,7 +96,7 @@ def local_prefix(path: Path, result: dict) -> str:
 def global_context(path: Path, result: dict) -> str:
     rows = result["by_k"]
     ks = [r["k"] for r in rows]
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig, ax = subplots(figsize=(6, 4))
     for key, style in (
         ("full", "k--"),
         ("same_distribution", "o-"),
@@ -115,7 +117,7 @@ def sequential(path: Path, result: dict) -> str:
     """Each string's accuracy through the stages, stage boundaries marked."""
     history, stages = result["epochs"], result["stages"]
     epochs = [r["epoch"] for r in history]
-    fig, ax = plt.subplots(figsize=(8, 4))
+    fig, ax = subplots(figsize=(8, 4))
     for i in sorted({s["string"] for s in stages}):
         name = next(s["name"] for s in stages if s["string"] == i)
         ax.plot(epochs, [r["accuracy"][i] for r in history], lw=2 if i == 0 else 1, label=f"string {name}")
