@@ -1,10 +1,12 @@
 """Sequence-level training on top of ``transformers.Trainer``, shared by unlearning and the lab.
 
-``SequenceTrainer`` trains on token-id sequences where each epoch's rows, and their loss
+``SequenceTrainer`` trains on token-id sequences where each epoch's rows, their loss terms and
 weights, come from a plan (``selection.plan_epoch``): every rank runs the same number of
-micro-batches, compute goes only to planned rows, and the loss is a per-sequence weighted NLL,
-ascended or descended. Subclasses decide the rows (``epoch_rows``) and the direction
-(``ascending``); everything else is the upstream Trainer and its DeepSpeed integration.
+micro-batches, compute goes only to planned rows, and the loss is a per-sequence weighted sum of
+each row's term (``losses.TERMS``: descend, ascend, npo, kl), so one micro-batch may ascend some
+rows and descend others. Subclasses decide the rows (``epoch_rows``), their terms
+(``row_terms``) and any extra per-row loss (``extra_row_losses``); everything else is the
+upstream Trainer and its DeepSpeed integration.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from transformers import Trainer, TrainerCallback
 
 from ..core import distributed as D
 from ..core.passes import PAD_ID
-from .losses import IGNORE, per_sequence_nll, weighted_objective
+from .losses import IGNORE, TERM_CODE, per_sequence_nll, row_losses, weighted_objective
 from .reporting import use_grouped_tensorboard
 from .selection import Slot, plan_epoch, steps_with_rows
 
@@ -38,7 +40,7 @@ class SlotDataset(Dataset):
         tokens = self.sequences[slot.index]
         if slot.weight == 0.0:
             tokens = tokens[:FILLER_TOKENS]
-        return {"input_ids": tokens, "row_index": slot.index, "weight": slot.weight}
+        return {"input_ids": tokens, "row_index": slot.index, "weight": slot.weight, "term": TERM_CODE[slot.term]}
 
 
 def collate_sequences(rows: list[dict]) -> dict:
@@ -55,6 +57,7 @@ def collate_sequences(rows: list[dict]) -> dict:
         "labels": ids.masked_fill(mask == 0, IGNORE),
         "row_index": torch.tensor([r["row_index"] for r in rows]),
         "weight": torch.tensor([r["weight"] for r in rows], dtype=torch.float32),
+        "term": torch.tensor([r["term"] for r in rows]),
     }
 
 
@@ -72,7 +75,8 @@ class EpochPlanSampler:
         rows = self.trainer.epoch_rows()
         grad_accum = self.trainer.args.gradient_accumulation_steps
         if rows:
-            plan = plan_epoch(rows, D.world_size(), len(self), grad_accum)
+            terms, scales = self.trainer.row_terms(rows)
+            plan = plan_epoch(rows, D.world_size(), len(self), grad_accum, terms, scales)
         else:  # nothing to train: fillers keep every rank's collective calls in step
             plan = [[[Slot(0, 0.0)] for _ in range(len(self))] for _ in range(D.world_size())]
         self.trainer.epoch_steps_with_rows = steps_with_rows(plan, grad_accum)
@@ -94,9 +98,10 @@ class FrozenEmptySteps(TrainerCallback):
     def on_step_begin(self, args, state, control, **kwargs):
         has_rows = self.trainer.epoch_steps_with_rows
         step = state.global_step - self.epoch_start
-        if step < len(has_rows) and not has_rows[step]:
+        factor = 0.0 if step < len(has_rows) and not has_rows[step] else self.trainer.lr_factor()
+        if factor != 1.0:
             for group in self.trainer.optimizer.param_groups:
-                group["lr"] = 0.0
+                group["lr"] = group["lr"] * factor
 
 
 class SequenceTrainer(Trainer):
@@ -124,9 +129,17 @@ class SequenceTrainer(Trainer):
         """Dataset indices to train on this epoch (all of them by default; empty trains nothing)."""
         return list(range(len(self.train_dataset)))
 
-    @property
-    def ascending(self) -> bool:
-        return False
+    def row_terms(self, rows: list[int]) -> tuple[list[str], list[float]]:
+        """Each row's loss term and weight scale, parallel to ``rows`` (default: descend, 1)."""
+        return ["descend"] * len(rows), [1.0] * len(rows)
+
+    def extra_row_losses(self, rows: torch.Tensor, terms: torch.Tensor, logits, labels, nll) -> dict:
+        """Per-row values of the terms beyond descend/ascend (``{"npo": [B], "kl": [B]}``)."""
+        return {}
+
+    def lr_factor(self) -> float:
+        """Factor on the learning rate of this epoch's steps (the scheduler resets it each step)."""
+        return 1.0
 
     # -- thin overrides -----------------------------------------------------------------------
     def get_train_dataloader(self) -> DataLoader:
@@ -138,14 +151,18 @@ class SequenceTrainer(Trainer):
         )
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        # Per-sequence weighted NLL (ascended or descended) instead of the model's token mean.
+        # Per-sequence weighted terms (each row ascended, descended, NPO or KL) instead of the
+        # model's token mean.
         weights, rows, labels = inputs.pop("weight"), inputs.pop("row_index"), inputs.pop("labels")
+        terms = inputs.pop("term")
         outputs = model(**inputs, use_cache=False)
         nll, ma = per_sequence_nll(outputs.logits, labels)
         for row, weight, value in zip(rows.tolist(), weights.tolist(), ma.tolist()):
-            if weight > 0:
+            if weight != 0:
                 self.forward_ma[row] = value
-        loss = weighted_objective(nll, weights.to(nll.device), self.ascending)
+        extra = self.extra_row_losses(rows, terms, outputs.logits, labels, nll)
+        losses = row_losses(terms.to(nll.device), nll, **extra)
+        loss = weighted_objective(losses, weights.to(nll.device))
         if not torch.isfinite(loss.detach()):
             self.nonfinite_loss = True
         return (loss, outputs) if return_outputs else loss
