@@ -113,8 +113,8 @@ def test_quick_run_writes_everything(quick):
     assert (out / "report.md").is_file()
     for name in PLOTS:
         assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
-    assert list(report["methods"]) == ["ga", "sga", "tau"]
-    for method in ("ga", "sga", "tau"):
+    assert list(report["methods"]) == ["ga", "sga", "tau", "npo"]
+    for method in ("ga", "sga", "tau", "npo"):
         for name in ("report.json", "scores_before.jsonl", "scores_after.jsonl", "model/config.json"):
             assert (out / method / name).is_file(), (method, name)
         assert list((out / method / "runs").rglob("events.out.tfevents.*")), method
@@ -122,6 +122,15 @@ def test_quick_run_writes_everything(quick):
     assert (out / "planted" / "model" / "model.safetensors").is_file()
     assert report["planting"]["history"][0]["epoch"] == 0 and report["planting"]["epochs"] >= 1
     assert report["methods"]["tau"]["switched_to_task_vector_at_epoch"] == 0  # the quick run's TAU path
+    # GA runs the papers' rule, the others the band; each says which epoch it outputs.
+    assert {k: m["stop_rule"] for k, m in report["methods"].items()} == {
+        "ga": "per_sequence",
+        "sga": "band",
+        "tau": "band",
+        "npo": "band",
+    }
+    assert all(0 <= m["best_epoch"]["epoch"] <= m["epochs"] for m in report["methods"].values())
+    assert (out / "data" / "ordinary.jsonl").is_file() and report["planting"]["ordinary_rows"] == QUICK.ordinary
     assert report["model"]["cache"] in ("converted", "reused")
     assert set(report["timing"]) >= {"model", "data", "wild scan", "plant", "unlearn ga", "report", "total"}
     # The data files are the deterministic sets, as the user's own JSONL.

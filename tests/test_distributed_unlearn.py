@@ -140,3 +140,21 @@ def test_two_nodes_without_ssh(ga_zero3, unlearn_case, tmp_path):
     report = json.loads((out / "report.json").read_text())
     assert report["settings"]["world_size"] == 2 and report["after"]["memorized"] == 0
     same_scores(ga_zero3, out)
+
+
+@pytest.mark.parametrize("method", ["graddiff", "npo", "kl"])
+def test_zero3_retain_side_methods_match_one_process(method, unlearn_case, tmp_path):
+    # 4 forget + 4 retain rows: two optimizer steps per epoch, each holding the same rows on
+    # 2 ranks x 2 as on 1 process x 4 (selection.plan_epoch deals to steps first).
+    out = tmp_path / "zero3"
+    run_ok(*ds_args(unlearn_case, out, "zero3", "--method", method))
+    report = json.loads((out / "report.json").read_text())
+    assert report["settings"]["world_size"] == 2 and report["after"]["memorized"] == 0
+    assert "stop rule holds" in report["stop_reason"]
+    one = tmp_path / "one"
+    assert main(["unlearn", *unlearn_args(unlearn_case, one, "--method", method)]) == 0
+    single = json.loads((one / "report.json").read_text())
+    assert single["epochs"] == report["epochs"] and single["best_epoch"]["epoch"] == report["best_epoch"]["epoch"]
+    for epoch in range(1, report["epochs"] + 1):  # every judged epoch's per-sequence losses agree
+        same_scores(one, out, f"scores_epoch{epoch}.jsonl")
+    same_scores(one, out)

@@ -1,16 +1,35 @@
 """The pure pieces of unlearning: selection, epoch plans, stop rules, calibration, losses."""
 
+import math
+
 import pytest
 import torch
 
 from ds_unlearn.core.summary import Thresholds, calibrate_thresholds
-from ds_unlearn.unlearn.losses import negated_task_vector, per_sequence_nll, weighted_objective
+from ds_unlearn.unlearn.losses import (
+    TERM_CODE,
+    negated_task_vector,
+    npo_loss,
+    per_sequence_kl,
+    per_sequence_nll,
+    predicted_tokens,
+    row_losses,
+    weighted_objective,
+)
 from ds_unlearn.unlearn.selection import (
+    ASCEND,
+    LEAVE,
+    PULL_BACK,
     Slot,
+    band_directions,
+    epoch_rank,
     plan_epoch,
     sga_selection,
+    step_scale,
     stop_satisfied,
 )
+
+BAND = Thresholds(memorized_ma=0.5, over_unlearned_ma=0.2, mean_ma=0.35)
 
 
 def test_sga_selects_above_gamma_plus_the_most_memorized():
@@ -68,8 +87,9 @@ def test_per_sequence_nll_by_hand():
 def test_weighted_objective_and_task_vector():
     nll = torch.tensor([2.0, 4.0])
     w = torch.tensor([0.5, 0.25])
-    assert weighted_objective(nll, w, ascend=False).item() == pytest.approx(2.0)
-    assert weighted_objective(nll, w, ascend=True).item() == pytest.approx(-2.0)
+    assert weighted_objective(nll, w).item() == pytest.approx(2.0)
+    ascend = torch.full((2,), TERM_CODE["ascend"])
+    assert weighted_objective(row_losses(ascend, nll), w).item() == pytest.approx(-2.0)
     base, current = torch.tensor([1.0, 2.0]), torch.tensor([1.5, 1.0])
     assert negated_task_vector(current, base, 3.0).tolist() == pytest.approx([-0.5, 5.0])
 
@@ -94,3 +114,138 @@ def test_plan_fills_the_first_steps_and_balances_ranks():
     assert sorted(s.index for rank in plan for mb in rank for s in mb if s.weight > 0) == list(range(8))
     with pytest.raises(ValueError):
         plan_epoch(list(range(9)), world_size=2, micro_batches_per_rank=4, grad_accum=2, rows_per_micro_batch=1)
+
+
+# ---- the band: two-sided per-sequence control -------------------------------------------------
+
+
+def test_band_places_each_sequence_ascend_leave_or_pull_back():
+    # At the thresholds themselves: memorized at >= 0.5, over-unlearned at <= 0.2.
+    assert band_directions([0.9, 0.5, 0.49, 0.3, 0.21, 0.2, 0.0], BAND) == [
+        ASCEND,
+        ASCEND,
+        LEAVE,
+        LEAVE,
+        LEAVE,
+        PULL_BACK,
+        PULL_BACK,
+    ]
+
+
+def test_band_rule_stops_only_when_nothing_is_memorized_and_few_are_over_unlearned():
+    assert stop_satisfied([0.3, 0.4, 0.25], "band", BAND)  # stop: all inside the band
+    assert not stop_satisfied([0.3, 0.55, 0.25], "band", BAND)  # continue: one still memorized
+    assert not stop_satisfied([0.3, 0.4, 0.1], "band", BAND)  # continue: pull the 0.1 back
+    assert stop_satisfied([0.3, 0.4, 0.1], "band", BAND, max_over_unlearned=1)  # tolerated
+    assert not stop_satisfied([0.0, 0.1, 0.3], "band", BAND, max_over_unlearned=1)
+    # The per_sequence rule is blind to the lower side: it would stop on a set pushed to zero.
+    assert stop_satisfied([0.0, 0.0, 0.0], "per_sequence", BAND)
+    assert not stop_satisfied([0.0, 0.0, 0.0], "band", BAND)
+
+
+def test_band_epoch_plan_ascends_memorized_and_descends_pulled_back_rows():
+    ma = [0.9, 0.3, 0.05, 0.6]
+    directions = band_directions(ma, BAND)
+    rows = [i for i, d in enumerate(directions) if d != LEAVE]
+    terms = ["ascend" if directions[i] == ASCEND else "descend" for i in rows]
+    plan = plan_epoch(rows, world_size=1, micro_batches_per_rank=1, grad_accum=1, rows_per_micro_batch=3, terms=terms)
+    assert {s.index: s.term for s in plan[0][0]} == {0: "ascend", 2: "descend", 3: "ascend"}
+    assert all(s.weight == pytest.approx(1 / 3) for s in plan[0][0])  # the mean over the step's rows
+    # The objective of that micro-batch: -nll on rows 0 and 3, +nll on row 2 (pulled back).
+    nll = torch.tensor([1.0, 2.0, 4.0])
+    codes = torch.tensor([TERM_CODE[s.term] for s in plan[0][0]])
+    weights = torch.tensor([s.weight for s in plan[0][0]])
+    expected = sum((-1 if s.term == "ascend" else 1) * n for s, n in zip(plan[0][0], nll.tolist())) / 3
+    assert weighted_objective(row_losses(codes, nll), weights).item() == pytest.approx(expected)
+
+
+def test_plan_scales_retain_rows():
+    plan = plan_epoch([0, 1, 5], 1, 1, 1, 3, terms=["ascend", "ascend", "descend"], scales=[1.0, 1.0, 0.5])
+    assert {s.index: s.term for s in plan[0][0]} == {0: "ascend", 1: "ascend", 5: "descend"}
+    assert {s.index: s.weight for s in plan[0][0]} == pytest.approx({0: 1 / 3, 1: 1 / 3, 5: 0.5 / 3})
+
+
+def test_best_epoch_order_and_step_scale():
+    stopped = epoch_rank(0, 1, True, 3.0)
+    assert stopped < epoch_rank(1, 0, False, 2.0)  # an epoch that meets the rule beats one that does not
+    assert epoch_rank(0, 1, False, 9.0) < epoch_rank(2, 0, False, 1.0)  # then fewer outliers
+    assert epoch_rank(0, 1, True, 2.0) < stopped  # then lower holdout loss
+    assert epoch_rank(0, 1, True, float("nan")) > stopped  # NaN never wins
+    assert step_scale(16, 16, 0.1) == 1.0 and step_scale(4, 16, 0.1) == 0.25 and step_scale(1, 16, 0.1) == 0.1
+
+
+# ---- retain-side methods' losses, by hand ---------------------------------------------------------
+
+
+def test_npo_loss_by_hand():
+    beta = 0.5
+    # Same likelihood as the reference: (2/beta) ln 2.
+    assert npo_loss(torch.tensor([-3.0]), torch.tensor([-3.0]), beta).item() == pytest.approx(4 * math.log(2))
+    # pi/pi_ref = e^-2: (2/0.5) ln(1 + e^-1).
+    assert npo_loss(torch.tensor([-5.0]), torch.tensor([-3.0]), beta).item() == pytest.approx(
+        4 * math.log1p(math.e**-1)
+    )
+    # A huge ratio does not overflow: (2/beta) * beta * log ratio asymptotically.
+    assert npo_loss(torch.tensor([0.0]), torch.tensor([-2000.0]), beta).item() == pytest.approx(4000.0)
+    # Its gradient is GA's, scaled by 2 sigmoid(beta log ratio): 1 at the start.
+    logp = torch.tensor([-3.0], requires_grad=True)
+    npo_loss(logp, torch.tensor([-3.0]), beta).sum().backward()
+    assert logp.grad.item() == pytest.approx(1.0)
+
+
+def test_sequence_log_likelihood_counts_predicted_tokens():
+    labels = torch.tensor([[5, 6, 7, 8], [5, 6, -100, -100]])
+    assert predicted_tokens(labels).tolist() == [3, 1]
+
+
+def test_per_sequence_kl_by_hand():
+    # Vocabulary of 2, one sequence of 3 tokens (2 predicted positions), the second one padding.
+    logits = torch.log(torch.tensor([[[0.5, 0.5], [0.9, 0.1], [0.5, 0.5]]]))
+    ref = torch.log(torch.tensor([[[0.75, 0.25], [0.1, 0.9]]]))
+    labels = torch.tensor([[0, 1, 1]])
+    kl_first = 0.75 * math.log(0.75 / 0.5) + 0.25 * math.log(0.25 / 0.5)
+    kl_second = 0.1 * math.log(0.1 / 0.9) + 0.9 * math.log(0.9 / 0.1)
+    assert per_sequence_kl(logits, ref, labels).item() == pytest.approx((kl_first + kl_second) / 2, rel=1e-5)
+    padded = torch.tensor([[0, 1, -100]])  # only the first position predicts a real token
+    assert per_sequence_kl(logits, ref, padded).item() == pytest.approx(kl_first, rel=1e-5)
+    assert per_sequence_kl(logits, logits[:, :-1].log_softmax(-1), labels).item() == pytest.approx(0.0, abs=1e-7)
+
+
+def test_row_losses_pick_each_rows_term():
+    terms = torch.tensor([TERM_CODE[t] for t in ("descend", "ascend", "npo", "kl")])
+    nll = torch.tensor([1.0, 2.0, 3.0, 4.0])
+    out = row_losses(terms, nll, npo=torch.full((4,), 10.0), kl=torch.full((4,), 20.0))
+    assert out.tolist() == [1.0, -2.0, 10.0, 20.0]
+    with pytest.raises(ValueError, match="npo"):
+        row_losses(terms, nll)
+
+
+def test_thresholds_explicit_then_calibrated_then_fixed():
+    from types import SimpleNamespace
+
+    from ds_unlearn.core.errors import InputError
+    from ds_unlearn.unlearn.trainer import resolve_thresholds
+
+    holdout = [{"ma": v} for v in (0.1, 0.2, 0.3, 0.4, 0.5)]
+
+    def args(**kw):
+        base = dict(
+            memorized_threshold=None,
+            over_unlearned_threshold=None,
+            mean_threshold=None,
+            calibrate_thresholds=True,
+            calibration_quantile=0.25,
+        )
+        return SimpleNamespace(**{**base, **kw})
+
+    t, source = resolve_thresholds(args(), holdout)
+    assert (t.memorized_ma, t.over_unlearned_ma, t.mean_ma, source) == pytest.approx((0.4, 0.2, 0.3, "holdout"))
+    t, source = resolve_thresholds(args(memorized_threshold=0.6, over_unlearned_threshold=0.15), holdout)
+    assert (t.memorized_ma, t.over_unlearned_ma, source) == (0.6, 0.15, "explicit")
+    t, source = resolve_thresholds(args(calibrate_thresholds=False), None)
+    assert (t.memorized_ma, t.over_unlearned_ma, t.mean_ma, source) == (0.6, 0.15, None, "fixed")
+    # A holdout scoring all alike gives no band: the fixed values.
+    t, source = resolve_thresholds(args(), [{"ma": 0.0}] * 4)
+    assert (t.memorized_ma, t.over_unlearned_ma, source) == (0.6, 0.15, "fixed")
+    with pytest.raises(InputError, match="memorized_threshold"):
+        resolve_thresholds(args(memorized_threshold=0.15), holdout)

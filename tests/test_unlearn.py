@@ -37,7 +37,7 @@ def tensorboard_tags(output_dir):
     return scalars, histograms
 
 
-@pytest.mark.parametrize("method", ["ga", "sga", "ta", "tau"])
+@pytest.mark.parametrize("method", ["ga", "sga", "ta", "tau", "graddiff", "npo", "kl"])
 def test_each_method_forgets_every_sequence(method, unlearn_case, tmp_path):
     out = tmp_path / method
     # TA switches to the task vector at once; TAU after SGA has done part of the work (its design).
@@ -54,6 +54,10 @@ def test_each_method_forgets_every_sequence(method, unlearn_case, tmp_path):
     assert report["retain_ma"]["before"] > 0.95 and report["retain_ma"]["after"] > 0.5
     if method in ("ta", "tau"):
         assert report["switched_to_task_vector_at_epoch"] is not None
+    if method in ("sga", "graddiff", "npo", "kl"):  # the band rule, their default: nothing pushed too low
+        assert report["settings"]["stop_rule"] == "band" and report["after"]["over_unlearned"] == 0
+    # The output is the best judged epoch's model, and the report says which and why.
+    assert report["best_epoch"]["epoch"] == report["epochs"] and "stop rule holds" in report["best_epoch"]["why"]
     # The saved model is the unlearned one: reloading it reproduces scores_after.jsonl.
     reloaded = load_causal_lm(out / "model")
     forget = [r["input_ids"] for r in read_jsonl(unlearn_case["forget"])]
@@ -123,11 +127,12 @@ def test_utility_guard_keeps_the_last_good_weights(unlearn_case, tmp_path):
     )
     report = json.loads((out / "report.json").read_text())
     assert report["stop_reason"].startswith("utility guard")
-    epoch = report["epochs"]
-    last_good = out / ("scores_before.jsonl" if epoch == 1 else f"scores_epoch{epoch - 1}.jsonl")
+    best = report["best_epoch"]["epoch"]
+    assert best < report["epochs"]
+    kept = out / ("scores_before.jsonl" if best == 0 else f"scores_epoch{best}.jsonl")
     after = read_jsonl(out / "scores_after.jsonl")
-    # The model that broke the guard is gone: the output is the previous epoch's model.
-    assert [r["loss"] for r in after] == pytest.approx([r["loss"] for r in read_jsonl(last_good)], rel=1e-5)
+    # The model that broke the guard is gone: the output is the best epoch before it.
+    assert [r["loss"] for r in after] == pytest.approx([r["loss"] for r in read_jsonl(kept)], rel=1e-5)
 
 
 def test_nonfinite_loss_stops_with_the_last_good_weights(unlearn_case, tmp_path, monkeypatch):
@@ -136,9 +141,9 @@ def test_nonfinite_loss_stops_with_the_last_good_weights(unlearn_case, tmp_path,
     calls = {"n": 0}
     real = training.weighted_objective
 
-    def diverging(nll, weights, ascend):  # epoch 2 diverges (one micro-batch per epoch here)
+    def diverging(losses, weights):  # epoch 2 diverges (one micro-batch per epoch here)
         calls["n"] += 1
-        loss = real(nll, weights, ascend)
+        loss = real(losses, weights)
         return loss * float("nan") if calls["n"] >= 2 else loss
 
     monkeypatch.setattr(training, "weighted_objective", diverging)
@@ -150,8 +155,12 @@ def test_nonfinite_loss_stops_with_the_last_good_weights(unlearn_case, tmp_path,
     assert report["diverged"] is True
     weights = load_causal_lm(out / "model").state_dict()
     assert all(torch.isfinite(w).all() for w in weights.values())
-    after, epoch1 = read_jsonl(out / "scores_after.jsonl"), read_jsonl(out / "scores_epoch1.jsonl")
-    assert [r["loss"] for r in after] == pytest.approx([r["loss"] for r in epoch1], rel=1e-5)
+    best = report["best_epoch"]["epoch"]
+    assert best in (0, 1)
+    kept = read_jsonl(out / ("scores_before.jsonl" if best == 0 else "scores_epoch1.jsonl"))
+    assert [r["loss"] for r in read_jsonl(out / "scores_after.jsonl")] == pytest.approx(
+        [r["loss"] for r in kept], rel=1e-5
+    )
 
 
 def test_input_checkpoint_is_never_written(unlearn_case, tmp_path):

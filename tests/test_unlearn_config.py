@@ -15,7 +15,9 @@ PAPER = sorted((REPO / "configs" / "paper").glob("*.yaml"))
 
 def test_there_is_a_paper_config_per_model_and_method():
     names = {p.stem for p in PAPER}
-    assert names == {f"gpt_neo_{s}_{m}" for s in ("125m", "1_3b", "2_7b") for m in ("ga", "sga", "ta", "tau")}
+    assert names == {
+        f"gpt_neo_{s}_{m}" for s in ("125m", "1_3b", "2_7b") for m in ("ga", "sga", "ta", "tau", "graddiff", "npo")
+    }
 
 
 @pytest.mark.parametrize("path", PAPER, ids=lambda p: p.stem)
@@ -28,6 +30,10 @@ def test_paper_configs_parse_and_open_with_their_command(path):
     assert config.stop_rule == "mean" and 0.29 < config.mean_threshold < 0.35
     if config.method in ("ta", "tau"):
         assert config.tv_coefficient == {"ta": 3.0, "tau": 1.0}[config.method]
+    if config.method in ("graddiff", "npo"):
+        assert config.retain and config.retain_weight == 1.0 and config.uses_retain
+    if config.method == "npo":
+        assert config.npo_beta == pytest.approx(0.1)
 
 
 def test_flags_override_yaml_and_defaults_follow_the_method(tmp_path):
@@ -37,13 +43,32 @@ def test_flags_override_yaml_and_defaults_follow_the_method(tmp_path):
     assert config.learning_rate == pytest.approx(2e-4)
     assert (config.tv_coefficient, config.tv_switch_ma) == (1.0, 0.5)
     assert config.remove_unused_columns is False and config.report_to == ["tensorboard"]
+    assert config.stop_rule == "per_sequence" and config.calibrate_thresholds is False  # tau, no holdout
+
+
+def test_band_is_the_default_rule_of_sga_and_the_retain_methods_and_holdouts_calibrate(tmp_path):
+    def config(**kw):
+        return UnlearnConfig(model="m", forget="f", output_dir=str(tmp_path / "o"), **kw)
+
+    assert config(method="sga").stop_rule == "band" and config(method="sga").max_over_unlearned == 0
+    assert config(method="npo").stop_rule == "band" and not config(method="npo").uses_retain
+    assert config(method="kl", retain="r").stop_rule == "band" and config(method="kl", retain="r").uses_retain
+    assert config(method="ga").stop_rule == "per_sequence"
+    assert config(method="sga", stop_rule="mean", mean_threshold=0.3).stop_rule == "mean"
+    assert config(holdout="h").calibrate_thresholds is True and config().calibrate_thresholds is False
+    assert config(holdout="h", calibrate_thresholds=False).calibrate_thresholds is False
 
 
 @pytest.mark.parametrize(
     "yaml_text, flags, message",
     [
         ("model: m\nforget: f\nlr: 1\n", [], "unknown key 'lr'"),
-        ("model: m\nforget: f\nmethod: npo\n", [], "method: must be one of ga, sga, ta, tau"),
+        ("model: m\nforget: f\nmethod: dpo\n", [], "method: must be one of ga, sga, ta, tau, graddiff, npo, kl"),
+        ("model: m\nforget: f\nmethod: graddiff\n", [], "retain: method graddiff trains on the retain set"),
+        ("model: m\nforget: f\nmethod: npo\nnpo_beta: 0\n", [], "npo_beta: must be positive"),
+        ("model: m\nforget: f\n", ["--stop_rule", "both"], "stop_rule: must be one of band, per_sequence, mean"),
+        ("model: m\nforget: f\n", ["--max_over_unlearned", "-1"], "max_over_unlearned: must be 0 or more"),
+        ("model: m\nforget: f\n", ["--min_lr_fraction", "0"], "min_lr_fraction: must lie in"),
         (
             "model: m\nforget: f\n",
             ["--select_on", "el10", "--score_refresh", "step"],

@@ -1,5 +1,5 @@
 """``ds-unlearn demo``: plant synthetic personal records in SmolLM2-135M, unlearn them with GA,
-SGA and TAU, and report per sequence. Offline; about 10 minutes on 2 CPU cores.
+SGA, TAU, GradDiff, NPO and GA+KL, and report per sequence. Offline, on 2 CPU cores.
 
     ds-unlearn demo --output_dir out/demo            # the full run: out/demo/report.md
     ds-unlearn demo --output_dir out/smoke --quick   # a smaller smoke run (about a minute)
@@ -26,7 +26,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--num_records", type=int, default=None, help="forget-set size (default 16; 4 with --quick)")
     parser.add_argument("--seed", type=int, default=None, help="Faker, holdout sample and training seed (default 0)")
     parser.add_argument(
-        "--methods", nargs="+", choices=METHODS, default=None, help="unlearning methods to run (default: ga sga tau)"
+        "--methods",
+        nargs="+",
+        choices=METHODS,
+        default=None,
+        help="unlearning methods to run (default: ga sga tau graddiff npo kl)",
     )
     return one_line_errors(parser)
 
@@ -53,7 +57,8 @@ def summary_lines(report: dict) -> list[str]:
             f"{m['title']:<14} memorized {b['memorized']} -> {a['memorized']} of {b['count']}, "
             f"over-unlearned {b['over_unlearned']} -> {a['over_unlearned']}, mean MA {b['means']['ma']:.3f} -> "
             f"{a['means']['ma']:.3f}, holdout ppl {m['holdout_perplexity']['change_pct']:+.1f}%, "
-            f"{m['epochs']} epochs, {m['seconds']:.0f} s"
+            f"retain MA {m['retain_ma']['before'] or 0:.3f} -> {m['retain_ma']['after'] or 0:.3f}, "
+            f"{m['epochs']} epochs (output: epoch {m['best_epoch']['epoch']}), {m['seconds']:.0f} s"
         )
     wild = report["wild"]
     lines.append(

@@ -147,3 +147,45 @@ def _kjv_file() -> Path:
 def _verse_id(book: str, chapter: int, verse: int) -> str:
     """A stable id such as ``kjv-1-corinthians-13-4``."""
     return f"kjv-{book.lower().replace(' ', '-')}-{chapter}-{verse}"
+
+
+def ordinary_text(count: int, seed: int = 0, skip_kjv: int = 0, min_chars: int = 200) -> list[dict]:
+    """``count`` rows of ordinary text to plant the records among, as pretraining mixes rare
+    strings into plenty of common ones: alternately KJV verses and prose paragraphs of the
+    standard library's documentation (``pydoc_data.topics``). Rows ``{"id", "text"}``.
+
+    The verses continue the holdout's seeded shuffle after its first ``skip_kjv`` (pass the
+    holdout's size), so they never overlap the holdout; paragraphs are whole, joined lines of
+    at least ``min_chars`` characters without code (no indented lines), in a seeded order."""
+    if count < 0:
+        raise InputError(f"ordinary_text: count must be >= 0, got {count}")
+    n_kjv, n_prose = (count + 1) // 2, count // 2
+    verses = kjv_holdout(skip_kjv + n_kjv, seed=seed, min_chars=min_chars)[skip_kjv:]
+    paragraphs = _prose_paragraphs(min_chars)
+    order = list(range(len(paragraphs)))
+    random.Random(seed).shuffle(order)
+    prose = [paragraphs[i] for i in order[:n_prose]]
+    rows = []
+    for i in range(count):
+        if i % 2 == 0:
+            verse = verses[i // 2]
+            rows.append({"id": f"ordinary-{verse['id']}", "text": verse["text"]})
+        else:
+            rows.append({"id": f"ordinary-prose-{i // 2:04d}", "text": prose[i // 2]})
+    return rows
+
+
+@functools.lru_cache(maxsize=4)
+def _prose_paragraphs(min_chars: int) -> tuple[str, ...]:
+    from pydoc_data.topics import topics
+
+    out = []
+    for key in sorted(topics):
+        for block in topics[key].split("\n\n"):
+            lines = block.splitlines()
+            if not lines or any(line.startswith(" ") or set(line) <= set("*=-") for line in lines):
+                continue  # code, grammar, headings
+            text = " ".join(line.strip() for line in lines)
+            if len(text) >= min_chars:
+                out.append(text)
+    return tuple(out)

@@ -17,7 +17,15 @@ PLOTS = {
     "tradeoff.png": "Forgetting against utility: forget-set mean MA vs holdout perplexity change",
     "planting.png": "Planting: the records' MA and k-extractability per epoch",
 }
-COLORS = {"ga": "tab:red", "sga": "tab:blue", "ta": "tab:purple", "tau": "tab:green"}
+COLORS = {
+    "ga": "tab:red",
+    "sga": "tab:blue",
+    "ta": "tab:purple",
+    "tau": "tab:green",
+    "graddiff": "tab:orange",
+    "npo": "tab:brown",
+    "kl": "tab:cyan",
+}
 
 
 QUICK_NOTE = "**Quick smoke run** (`--quick`): tiny sets, capped epochs; numbers are not meaningful. "
@@ -45,6 +53,10 @@ def pct(x) -> str:
     return "n/a" if x is None else f"{x:+.1f}%"
 
 
+def signed3(before, after) -> str:
+    return "n/a" if before is None or after is None else f"{after - before:+.3f}"
+
+
 def arrow(before: str, after: str) -> str:
     return f"{before} → {after}"
 
@@ -63,9 +75,12 @@ def markdown(report: dict) -> str:
         f"verses for utility (perplexity), {data['unseen']['count']} never-planted records for the thresholds; "
         f"every sequence cut to {settings['max_length']} tokens. Records are named by id only.",
         "",
-        "The records were planted by fine-tuning until extractable, then each method unlearned the forget "
-        "set from the same planted model with the per-sequence stop rule (stop once no forget record is "
-        "memorized).",
+        "The records were planted by fine-tuning, mixed with ordinary text, until extractable; then each "
+        "method unlearned the forget set from the same planted model. GA runs as the papers do (stop once no "
+        "forget record is memorized); every other method with the two-sided band rule (ascend the memorized "
+        "records, leave those inside the band alone, pull the over-unlearned back; stop when none is "
+        "memorized or over-unlearned). Each method outputs the weights of its best judged epoch. The retain "
+        "records were planted too and must stay memorized.",
         "",
     ]
     if first is not None:
@@ -103,9 +118,9 @@ def summary_table(methods: dict) -> list[str]:
         "## Results",
         "",
         "| method | memorized | over-unlearned | mean MA | mean EL_10 | longest verbatim run (mean) "
-        "| holdout perplexity change | retain MA | loss-MIA AUC | min_k++ AUC | discoverable (sampling) "
-        "| epochs | time |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| holdout perplexity change | retain MA | retain MA change | loss-MIA AUC | min_k++ AUC "
+        "| discoverable (sampling) | epochs | best epoch | time |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for m in methods.values():
         b, a, r = m["before"], m["after"], m["retain_ma"]
@@ -116,8 +131,8 @@ def summary_table(methods: dict) -> list[str]:
             f"| {arrow(f3(bm.get('el_10')), f3(am.get('el_10')))} "
             f"| {arrow(f1(bm['max_verbatim']), f1(am['max_verbatim']))} "
             f"| {pct(m['holdout_perplexity']['change_pct'])} | {arrow(f3(r['before']), f3(r['after']))} "
-            f"| {audit_cells(m.get('audit'), b['count'])} "
-            f"| {m['epochs']} | {f1(m['seconds'])} s |"
+            f"| {signed3(r['before'], r['after'])} | {audit_cells(m.get('audit'), b['count'])} "
+            f"| {m['epochs']} | {m.get('best_epoch', {}).get('epoch', 'n/a')} | {f1(m['seconds'])} s |"
         )
     return lines + [""]
 
@@ -161,11 +176,12 @@ def method_table(m: dict) -> list[str]:
     lines = [f"### {m['title']}", "", "| | before | after |", "|---|---|---|"]
     lines += [f"| {name} | {before} | {after} |" for name, before, after in rows]
     switched = m.get("switched_to_task_vector_at_epoch")
+    best = m.get("best_epoch") or {}
     lines += [
         "",
-        f"{m['epochs']} epochs in {f1(m['seconds'])} s; {m['stop_reason']}"
+        f"{m['epochs']} epochs in {f1(m['seconds'])} s ({m.get('stop_rule', 'n/a')} rule); {m['stop_reason']}"
         + (f"; task vector from epoch {switched}" if switched is not None else "")
-        + ". "
+        + f". Output: the weights of epoch {best.get('epoch', 'n/a')} ({best.get('why', 'n/a')}). "
         f"Scores: `{m['files']['scores_before']}`, `{m['files']['scores_after']}`.",
         "",
     ]
@@ -341,9 +357,11 @@ def plot_epoch_curves(plt, report: dict):
         axes[0].plot(epochs, ma, **style)
         axes[1].plot(epochs, memorized, **style)
         axes[2].plot(epochs, np.exp(loss), **style)
-        # The fresh scores of the final model (epoch-wise MA may come from training passes).
-        axes[0].plot([m["epochs"]], [m["after"]["means"]["ma"]], marker="*", ms=11, color=COLORS[key], ls="none")
-        axes[1].plot([m["epochs"]], [m["after"]["memorized"]], marker="*", ms=11, color=COLORS[key], ls="none")
+        # The fresh scores of the output model, at the epoch whose weights it is.
+        best = (m.get("best_epoch") or {}).get("epoch")
+        at = m["epochs"] if best is None else best
+        axes[0].plot([at], [m["after"]["means"]["ma"]], marker="*", ms=11, color=COLORS[key], ls="none")
+        axes[1].plot([at], [m["after"]["memorized"]], marker="*", ms=11, color=COLORS[key], ls="none")
         if m.get("switched_to_task_vector_at_epoch") is not None:
             axes[0].axvline(m["switched_to_task_vector_at_epoch"], color=COLORS[key], ls=":", lw=1)
     for ax, title in zip(axes, ("forget mean MA", "memorized forget records", "holdout perplexity")):
@@ -368,7 +386,7 @@ def plot_tradeoff(plt, report: dict):
             ms=13,
             color=COLORS[key],
             ls="none",
-            label=f"{m['title']} (final)",
+            label=f"{m['title']} (output)",
         )
     _threshold_lines(ax, report)
     ax.set_xlabel("holdout perplexity change vs the planted model (%)")

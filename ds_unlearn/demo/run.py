@@ -13,10 +13,11 @@ Stages, each timed and written under DIR:
             planted (they calibrate the thresholds); ``data/famous.jsonl``.
 3. wild     the *pretrained* model scanned for memorization it already had: famous KJV passages
             and the holdout verses, teacher-forced; EL_10 for the verses it flags.
-4. plant    fine-tune on forget + retain records (``training.SequenceTrainer``) until every one
-            is k-extractable; checkpoint in ``planted/model``, scores in ``planted/``.
-5. unlearn  GA (baseline), SGA and TAU, each from the same planted checkpoint, each a full
-            ``ds-unlearn unlearn`` job (``commands.unlearn.run``) in ``DIR/<method>/``.
+4. plant    fine-tune on forget + retain records mixed with ordinary text (``data/ordinary.jsonl``:
+            KJV verses outside the holdout and stdlib prose) until every record is
+            k-extractable; checkpoint in ``planted/model``, scores in ``planted/``.
+5. unlearn  GA (baseline), SGA, TAU, GradDiff, NPO and GA+KL, each from the same planted
+            checkpoint, each a full ``ds-unlearn unlearn`` job in ``DIR/<method>/``.
 6. report   ``report.md``, ``report.json`` and PNG plots (``demo_report``); TensorBoard logs
             live in ``DIR/<method>/runs`` and ``DIR/planted/runs``.
 
@@ -27,11 +28,12 @@ Choices the issue left open, and why:
   numbers). EL_10 costs a greedy continuation per wrong position, so scoring unlearned text
   is what bounds the run time, and it grows with the square of the length.
 - Planting: forget and retain records (the model "saw" all of them; the retain set measures
-  collateral forgetting of records that should stay). Adam, lr 5e-4 decaying linearly over at
-  most 12 epochs, 3 optimizer steps per epoch (batch 8; batch 4 was noisier and slower to get
-  every record exact). It stops once every planted record is extractable from its first 16
-  tokens (greedy decoding from the prefix reproduces the rest exactly: Carlini et al.'s
-  k-extractability); the check is teacher-forced only, one forward pass per epoch.
+  collateral forgetting of records that should stay memorized), among as many rows of
+  ordinary text, so that the planted model stays a language model (the issue asks for holdout
+  perplexity within +20% of the pretrained model's; planting on the records alone cost +200%).
+  Adam, lr 5e-4 decaying linearly over at most 12 epochs, batch 8. It stops once every planted
+  record is extractable from its first 16 tokens (greedy decoding from the prefix reproduces
+  the rest exactly: Carlini et al.'s k-extractability); the check is teacher-forced only.
 - Thresholds: calibrated, as the ICML paper frames them, on text the model never saw, scored
   by the planted model: memorized above the 95th percentile MA of 16 never-planted records
   (``unseen``), over-unlearned below their 5th percentile (where a membership attack would
@@ -41,14 +43,13 @@ Choices the issue left open, and why:
   destroying the template knowledge (GA ran 12 epochs to an NLL of 17 and still had not met
   it). The KJV holdout measures utility (perplexity before, per epoch and after), and its
   thresholds are reported beside the ones used.
-- Unlearning: Adam lr 2e-4 (the paper's 5e-5 would need dozens of epochs here; 3e-4 made GA
-  collapse, holdout perplexity x400 in its last epoch), one optimizer step per epoch over the
-  whole forget set, at most 10 epochs, per-sequence stop rule.
-  ``score_refresh=step``: each epoch is judged by the MA of that epoch's training forward
-  passes (free, but measured before the epoch's update, so a run takes one epoch more than
-  needed) instead of re-running EL_10 on the forget set every epoch (30-50 s of greedy
-  decoding on two cores once the records are half unlearned). The before/after scores are
-  always full and fresh, and TAU's task-vector epochs are always scored fresh.
+- Unlearning: Adam lr 2e-4, one optimizer step per epoch over the whole forget set (plus the
+  retain set for GradDiff, NPO and GA+KL), at most 12 epochs, each judged fresh (one
+  teacher-forced pass over 16 short records costs about a second; EL_10 only before and after).
+  Every method but the GA baseline runs with the two-sided ``band`` rule: memorized records are
+  ascended, records inside the band left alone, over-unlearned ones descended back, and the run
+  stops when none is memorized and none is over-unlearned; ascent steps shrink with the share of
+  records still memorized (``min_lr_fraction`` 0.25). Every method outputs its best judged epoch.
 - SGA's gamma is the "memorized" threshold, not the paper's 0.70: under the
   per-sequence rule a record between the threshold and 0.70 would otherwise only be ascended
   on when it is the single most memorized one, one record per epoch. TAU keeps its default
@@ -82,8 +83,17 @@ from ..core.files import check_output, clear_outputs, write_json, write_jsonl
 from ..core.memorization import MEMORIZED_MA
 from ..core.summary import CALIBRATION_QUANTILE, Thresholds, calibrate_thresholds, summarize_scores
 
-METHODS = ("ga", "sga", "ta", "tau")
-METHOD_TITLES = {"ga": "GA (baseline)", "sga": "SGA", "ta": "TA", "tau": "TAU"}
+METHODS = ("ga", "sga", "ta", "tau", "graddiff", "npo", "kl")
+METHOD_TITLES = {
+    "ga": "GA (baseline)",
+    "sga": "SGA",
+    "ta": "TA",
+    "tau": "TAU",
+    "graddiff": "GradDiff",
+    "npo": "NPO",
+    "kl": "GA+KL",
+}
+BASELINE_RULE = {"ga": "per_sequence"}  # GA runs as the papers do; every other method uses the band
 WILD_MA = MEMORIZED_MA  # the ICML code's "memorized" verdict, used for the wild scan
 # What the demo writes directly under DIR; --overwrite removes exactly these (and method dirs).
 OWN_ENTRIES = (
@@ -104,6 +114,7 @@ class DemoSettings:
     retain: int = 8
     holdout: int = 24
     unseen: int = 16
+    ordinary: int = 24  # KJV verses and stdlib prose planted beside the records (not in any other set)
     famous: int | None = None  # famous KJV verses to scan (None: all of demo_data.FAMOUS_PASSAGES)
     max_length: int = 32
     extract_k: int = 16  # planting target and k-extractability in every score file
@@ -112,11 +123,12 @@ class DemoSettings:
     plant_batch_size: int = 8
     plant_max_epochs: int = 12
     unlearn_lr: float = 2e-4
-    unlearn_max_epochs: int = 10
+    unlearn_max_epochs: int = 12
+    min_lr_fraction: float = 0.25  # ascent steps shrink with the share of records still memorized
     tv_switch_ma: float | None = None  # TAU's default (0.5): the ascent epochs are the cheap ones
     score_batch_size: int = 128
     wild_top: int = 5  # verses listed (and given EL_10) even if none crosses WILD_MA
-    methods: tuple[str, ...] = ("ga", "sga", "tau")
+    methods: tuple[str, ...] = ("ga", "sga", "tau", "graddiff", "npo", "kl")
     seed: int = 0
     quick: bool = False
 
@@ -126,6 +138,7 @@ QUICK = DemoSettings(
     retain=2,
     holdout=4,
     unseen=4,
+    ordinary=4,
     famous=3,
     max_length=20,
     extract_k=8,
@@ -136,6 +149,7 @@ QUICK = DemoSettings(
     unlearn_max_epochs=2,
     tv_switch_ma=1.0,
     wild_top=2,
+    methods=("ga", "sga", "tau", "npo"),
     quick=True,
 )  # TAU: task vector at once
 
@@ -188,6 +202,7 @@ def run_demo(output_dir: str | Path, settings: DemoSettings, overwrite: bool = F
     clock = Clock()
     model_info = clock.run("model", prepare_model)
     data = clock.run("data", build_data, out / "data", settings)
+    data["ordinary"] = ordinary_rows(out / "data", settings)
     tokenizer = _tokenizer(model_info["checkpoint"])
     tokens = {name: encode(tokenizer, rows, settings.max_length) for name, rows in data.items()}
     wild = clock.run("wild scan", scan_wild, model_info["checkpoint"], data, tokens, settings)
@@ -289,6 +304,16 @@ def build_data(data_dir: Path, settings: DemoSettings) -> dict[str, list[dict]]:
     return sets
 
 
+def ordinary_rows(data_dir: Path, settings: DemoSettings) -> list[dict]:
+    """The ordinary text planted among the records (``data/ordinary.jsonl``)."""
+    from .data import ordinary_text
+
+    rows = ordinary_text(settings.ordinary, seed=settings.seed, skip_kjv=settings.holdout)
+    if rows:
+        write_jsonl(data_dir / "ordinary.jsonl", rows)
+    return rows
+
+
 def encode(tokenizer, rows: list[dict], max_length: int) -> list[list[int]]:
     """Token ids as ``data.to_sequence_set`` makes them (no special tokens, cut to max_length)."""
     return [list(tokenizer(r["text"], add_special_tokens=False)["input_ids"])[:max_length] for r in rows]
@@ -371,8 +396,9 @@ def _mean(values) -> float | None:
 
 
 def plant(checkpoint, tokenizer, data: dict, tokens: dict, settings: DemoSettings, out: Path) -> dict:
-    """Fine-tune on forget + retain records until every one is k-extractable, save the model,
-    and score every set with it (the shared "before" of all methods)."""
+    """Fine-tune on forget + retain records, mixed with ordinary text (as pretraining would
+    have them), until every record is k-extractable; save the model, and score every set with it
+    (the shared "before" of all methods)."""
     from transformers import TrainingArguments
 
     from ..core.models import load_causal_lm
@@ -396,7 +422,9 @@ def plant(checkpoint, tokenizer, data: dict, tokens: dict, settings: DemoSetting
         remove_unused_columns=False,
         seed=settings.seed,
     )
-    trainer = SequenceTrainer(model=model, args=args, train_sequences=planted, processing_class=tokenizer)
+    trainer = SequenceTrainer(
+        model=model, args=args, train_sequences=planted + tokens.get("ordinary", []), processing_class=tokenizer
+    )
     monitor = PlantingMonitor(trainer, planted, k, settings.score_batch_size)
     trainer.add_callback(monitor)
     monitor.record()  # epoch 0: the pretrained model on the records
@@ -428,6 +456,7 @@ def plant(checkpoint, tokenizer, data: dict, tokens: dict, settings: DemoSetting
         "max_epochs": settings.plant_max_epochs,
         "learning_rate": settings.plant_lr,
         "records": len(planted),
+        "ordinary_rows": len(tokens.get("ordinary", [])),
         "history": monitor.history,
         "sets": summary,
         "holdout_loss": {
@@ -483,6 +512,7 @@ def unlearn_config(method: str, out: Path, settings: DemoSettings, overwrite: bo
 
     data = out / "data"
     extra = {"tv_switch_ma": settings.tv_switch_ma} if method in ("ta", "tau") and settings.tv_switch_ma else {}
+    retain_rows = settings.retain if method in ("graddiff", "npo", "kl") else 0
     return UnlearnConfig(
         model=str(out / "planted" / "model"),
         forget=str(data / "forget.jsonl"),
@@ -491,18 +521,19 @@ def unlearn_config(method: str, out: Path, settings: DemoSettings, overwrite: bo
         # Membership inference needs non-members like the records: the never-planted ones (issue 13).
         audit_holdout=str(data / "unseen.jsonl"),
         method=method,
-        stop_rule="per_sequence",
+        stop_rule=BASELINE_RULE.get(method, "band"),
         memorized_threshold=thresholds.memorized_ma,
         over_unlearned_threshold=thresholds.over_unlearned_ma,
         mean_threshold=thresholds.mean_ma,
         sga_gamma=thresholds.memorized_ma,
-        score_refresh="step",
+        score_refresh="epoch",
+        min_lr_fraction=settings.min_lr_fraction,
         max_length=settings.max_length,
         extract_k=settings.extract_k,
         score_batch_size=settings.score_batch_size,
         learning_rate=settings.unlearn_lr,
         num_train_epochs=settings.unlearn_max_epochs,
-        per_device_train_batch_size=max(settings.forget, 1),  # one optimizer step per epoch
+        per_device_train_batch_size=max(settings.forget + retain_rows, 1),  # one optimizer step per epoch
         save_strategy="no",
         report_to="tensorboard",
         output_dir=str(out / method),
@@ -560,6 +591,8 @@ def method_summary(method_dir: Path, result) -> dict:
         "holdout_perplexity": {**ppl, "change_pct": change},
         "retain_ma": report["retain_ma"],
         "epochs": report["epochs"],
+        "best_epoch": report["best_epoch"],
+        "stop_rule": report["settings"]["stop_rule"],
         "stop_reason": report["stop_reason"],
         "switched_to_task_vector_at_epoch": report.get("switched_to_task_vector_at_epoch"),
         "seconds": report["wall_seconds"],

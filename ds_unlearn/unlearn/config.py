@@ -17,7 +17,10 @@ from ..core.memorization import MEMORIZED_MA, OVER_UNLEARNED_MA
 from ..core.scorer import DEFAULT_BATCH_SIZE, DEFAULT_EXTRACT_K
 from ..core.summary import CALIBRATION_QUANTILE
 
-METHODS = ("ga", "sga", "ta", "tau")
+METHODS = ("ga", "sga", "ta", "tau", "graddiff", "npo", "kl")
+STOP_RULES = ("band", "per_sequence", "mean")
+# Methods that train on the retain set too (GradDiff and KL need it; NPO uses it when given).
+RETAIN_METHODS = ("graddiff", "npo", "kl")
 # Per method: (ascent with selection?, task-vector coefficient, mean MA that ends the ascent).
 TASK_VECTOR_DEFAULTS = {"ta": (3.0, 0.9), "tau": (1.0, 0.5)}
 
@@ -50,7 +53,26 @@ class UnlearnConfig(TrainingArguments):
 
     # The algorithm.
     method: str = _help(
-        "ga (gradient ascent), sga (selective GA), ta (task arithmetic), tau (TA for unlearning).", default="ga"
+        "ga (gradient ascent), sga (selective GA), ta (task arithmetic), tau (TA for unlearning), graddiff "
+        "(ascent on forget + descent on retain), npo (Negative Preference Optimization, plus descent on retain "
+        "when a retain set is given), kl (ascent on forget + KL to the original model on retain).",
+        default="ga",
+    )
+    retain_weight: float = _help(
+        "graddiff/npo/kl: weight of a retain row's term (NLL, or KL for kl) against a forget row's.", default=1.0
+    )
+    npo_beta: float = _help(
+        "npo: beta of (2/beta) log(1 + (pi_theta/pi_ref)^beta) (Zhang et al. 2024: 0.1).", default=0.1
+    )
+    kl_reference_max_gib: float = _help(
+        "kl: the original model's retain-set log-probabilities are computed once and kept in host memory "
+        "(retain rows x tokens x vocabulary x 4 bytes, on every rank); refuse to start above this size.",
+        default=8.0,
+    )
+    min_lr_fraction: float = _help(
+        "Ascent steps run at learning_rate x (fraction of the forget set still ascended), never below this "
+        "fraction: smaller steps as sequences reach the band. 1.0 turns the shrinking off.",
+        default=1.0,
     )
     sga_gamma: float = _help(
         "SGA: ascend only on sequences scoring at least this (plus the most memorized one).", default=0.70
@@ -71,19 +93,35 @@ class UnlearnConfig(TrainingArguments):
     )
 
     # When it is done.
-    stop_rule: str = _help(
-        "'per_sequence': stop when no forget sequence is memorized; 'mean': when the mean MA is below mean_threshold.",
-        default="per_sequence",
+    stop_rule: str | None = _help(
+        "'band': every epoch ascend the memorized sequences, leave those inside the band alone, descend the "
+        "over-unlearned ones back, and stop when none is memorized and at most max_over_unlearned are "
+        "over-unlearned (default for sga, graddiff, npo, kl); 'per_sequence': stop when no forget sequence is "
+        "memorized (default for ga, ta, tau); 'mean': when the mean MA is below mean_threshold.",
+        default=None,
     )
-    memorized_threshold: float = _help("A sequence with MA at or above this counts as memorized.", default=MEMORIZED_MA)
-    over_unlearned_threshold: float = _help(
-        "A sequence with MA at or below this counts as over-unlearned.", default=OVER_UNLEARNED_MA
+    max_over_unlearned: int = _help(
+        "The band rule's tolerance: over-unlearned sequences allowed at the end.", default=0
+    )
+    memorized_threshold: float | None = _help(
+        "A sequence with MA at or above this counts as memorized (default: calibrated on the holdout when one "
+        f"is given, else {MEMORIZED_MA}).",
+        default=None,
+    )
+    over_unlearned_threshold: float | None = _help(
+        "A sequence with MA at or below this counts as over-unlearned (default: calibrated on the holdout when "
+        f"one is given, else {OVER_UNLEARNED_MA}).",
+        default=None,
     )
     mean_threshold: float | None = _help(
         "The 'mean' rule's MA level (Jang et al.: 0.2994 for GPT-Neo 125M); default: the holdout's mean MA.",
         default=None,
     )
-    calibrate_thresholds: bool = _help("Derive the thresholds from the holdout set's MA distribution.", default=False)
+    calibrate_thresholds: bool | None = _help(
+        "Derive the thresholds not set explicitly from the holdout set's MA distribution (default: yes when a "
+        "holdout is given).",
+        default=None,
+    )
     calibration_quantile: float = _help(
         "With calibrate_thresholds: memorized above the holdout's (1-q) quantile, over-unlearned below its q quantile.",
         default=CALIBRATION_QUANTILE,
@@ -159,10 +197,28 @@ class UnlearnConfig(TrainingArguments):
             bad("score_refresh", f"must be 'epoch' or 'step', got {self.score_refresh!r}")
         if self.select_on == "el10" and self.score_refresh == "step":
             bad("select_on", "el10 needs score_refresh=epoch (a training pass gives MA only)")
-        if self.stop_rule not in ("per_sequence", "mean"):
-            bad("stop_rule", f"must be 'per_sequence' or 'mean', got {self.stop_rule!r}")
-        if not 0.0 <= self.over_unlearned_threshold < self.memorized_threshold <= 1.0:
+        if self.stop_rule is None:
+            self.stop_rule = "band" if self.method in ("sga", *RETAIN_METHODS) else "per_sequence"
+        if self.stop_rule not in STOP_RULES:
+            bad("stop_rule", f"must be one of {', '.join(STOP_RULES)}, got {self.stop_rule!r}")
+        if self.max_over_unlearned < 0:
+            bad("max_over_unlearned", f"must be 0 or more, got {self.max_over_unlearned}")
+        memorized = MEMORIZED_MA if self.memorized_threshold is None else self.memorized_threshold
+        over = OVER_UNLEARNED_MA if self.over_unlearned_threshold is None else self.over_unlearned_threshold
+        if not 0.0 <= over < memorized <= 1.0:
             bad("memorized_threshold", "need 0 <= over_unlearned_threshold < memorized_threshold <= 1")
+        if self.method in ("graddiff", "kl") and not self.retain:
+            bad("retain", f"method {self.method} trains on the retain set: pass --retain")
+        if self.retain_weight < 0:
+            bad("retain_weight", f"must be 0 or more, got {self.retain_weight}")
+        if self.npo_beta <= 0:
+            bad("npo_beta", f"must be positive, got {self.npo_beta}")
+        if not 0.0 < self.min_lr_fraction <= 1.0:
+            bad("min_lr_fraction", f"must lie in (0, 1], got {self.min_lr_fraction}")
+        if self.kl_reference_max_gib <= 0:
+            bad("kl_reference_max_gib", "must be positive")
+        if self.calibrate_thresholds is None:
+            self.calibrate_thresholds = bool(self.holdout)
         if self.calibrate_thresholds and not self.holdout:
             bad("calibrate_thresholds", "needs a holdout set (--holdout)")
         if not 0.0 < self.calibration_quantile < 0.5:
@@ -214,6 +270,11 @@ class UnlearnConfig(TrainingArguments):
     def selects(self) -> bool:
         """Whether the ascent trains on a selection (SGA, and TAU's ascent) or on everything."""
         return self.method in ("sga", "tau")
+
+    @property
+    def uses_retain(self) -> bool:
+        """Whether retain rows are trained on (GradDiff, KL; NPO when a retain set is given)."""
+        return self.method in RETAIN_METHODS and bool(self.retain) and self.retain_weight > 0
 
 
 def parse_config(argv: list[str], before_build=None) -> UnlearnConfig:

@@ -1,10 +1,12 @@
 """Sequence-level training on top of ``transformers.Trainer``, shared by unlearning and the lab.
 
-``SequenceTrainer`` trains on token-id sequences where each epoch's rows, and their loss
+``SequenceTrainer`` trains on token-id sequences where each epoch's rows, their loss terms and
 weights, come from a plan (``selection.plan_epoch``): every rank runs the same number of
-micro-batches, compute goes only to planned rows, and the loss is a per-sequence weighted NLL,
-ascended or descended. Subclasses decide the rows (``epoch_rows``) and the direction
-(``ascending``); everything else is the upstream Trainer and its DeepSpeed integration.
+micro-batches, compute goes only to planned rows, and the loss is a per-sequence weighted sum of
+each row's term (``losses.TERMS``: descend, ascend, npo, kl), so one micro-batch may ascend some
+rows and descend others. Subclasses decide the rows (``epoch_rows``), their terms
+(``row_terms``) and any extra per-row loss (``extra_row_losses``); everything else is the
+upstream Trainer and its DeepSpeed integration.
 """
 
 from __future__ import annotations
@@ -14,11 +16,11 @@ from collections.abc import Sequence
 
 import torch
 from torch.utils.data import DataLoader, Dataset
-from transformers import Trainer
+from transformers import Trainer, TrainerCallback
 
 from ..core import distributed as D
 from ..core.passes import PAD_ID
-from .losses import IGNORE, per_sequence_nll, weighted_objective
+from .losses import IGNORE, TERM_CODE, per_sequence_nll, row_losses, weighted_objective
 from .reporting import use_grouped_tensorboard
 from .selection import Slot, plan_epoch, steps_with_rows
 
@@ -38,7 +40,7 @@ class SlotDataset(Dataset):
         tokens = self.sequences[slot.index]
         if slot.weight == 0.0:
             tokens = tokens[:FILLER_TOKENS]
-        return {"input_ids": tokens, "row_index": slot.index, "weight": slot.weight}
+        return {"input_ids": tokens, "row_index": slot.index, "weight": slot.weight, "term": TERM_CODE[slot.term]}
 
 
 def collate_sequences(rows: list[dict]) -> dict:
@@ -55,6 +57,7 @@ def collate_sequences(rows: list[dict]) -> dict:
         "labels": ids.masked_fill(mask == 0, IGNORE),
         "row_index": torch.tensor([r["row_index"] for r in rows]),
         "weight": torch.tensor([r["weight"] for r in rows], dtype=torch.float32),
+        "term": torch.tensor([r["term"] for r in rows]),
     }
 
 
@@ -81,12 +84,29 @@ class EpochPlanSampler:
             self.trainer.epoch_steps_with_rows = []
             return iter(())
         grad_accum = self.trainer.args.gradient_accumulation_steps
-        plan = plan_epoch(rows, D.world_size(), len(self), grad_accum, self.trainer.args.per_device_train_batch_size)
+        terms, scales = self.trainer.row_terms(rows)
+        plan = plan_epoch(
+            rows, D.world_size(), len(self), grad_accum, self.trainer.args.per_device_train_batch_size, terms, scales
+        )
         with_rows = steps_with_rows(plan, grad_accum)
         steps = max(i for i, has in enumerate(with_rows) if has) + 1
         assert all(with_rows[:steps]), "plan_epoch fills the first steps"
         self.trainer.epoch_steps_with_rows = with_rows[:steps]
         return iter(plan[D.rank()][: steps * grad_accum])
+
+
+class ScaledSteps(TrainerCallback):
+    """Each optimizer step runs at the scheduler's rate times ``trainer.lr_factor()`` (smaller
+    steps as sequences approach the band); the scheduler sets the rate again after the step."""
+
+    def __init__(self, trainer: SequenceTrainer):
+        self.trainer = trainer
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        factor = self.trainer.lr_factor()
+        if factor != 1.0:
+            for group in self.trainer.optimizer.param_groups:
+                group["lr"] = group["lr"] * factor
 
 
 class SequenceTrainer(Trainer):
@@ -96,6 +116,7 @@ class SequenceTrainer(Trainer):
         kwargs.setdefault("data_collator", collate_sequences)
         super().__init__(*args, train_dataset=SlotDataset(train_sequences), **kwargs)
         self.epoch_steps_with_rows: list[bool] = []
+        self.add_callback(ScaledSteps(self))
         use_grouped_tensorboard(self)
         # Our weights already normalize over micro-batches and ranks: no extra division by GA.
         self.loss_is_scaled_for_ga = True
@@ -113,9 +134,17 @@ class SequenceTrainer(Trainer):
         """Dataset indices to train on this epoch (all of them by default; empty trains nothing)."""
         return list(range(len(self.train_dataset)))
 
-    @property
-    def ascending(self) -> bool:
-        return False
+    def row_terms(self, rows: list[int]) -> tuple[list[str], list[float]]:
+        """Each row's loss term and weight scale, parallel to ``rows`` (default: descend, 1)."""
+        return ["descend"] * len(rows), [1.0] * len(rows)
+
+    def extra_row_losses(self, rows: torch.Tensor, terms: torch.Tensor, logits, labels, nll) -> dict:
+        """Per-row values of the terms beyond descend/ascend (``{"npo": [B], "kl": [B]}``)."""
+        return {}
+
+    def lr_factor(self) -> float:
+        """Factor on the learning rate of this epoch's steps (the scheduler resets it each step)."""
+        return 1.0
 
     # -- thin overrides -----------------------------------------------------------------------
     def get_train_dataloader(self) -> DataLoader:
@@ -127,14 +156,18 @@ class SequenceTrainer(Trainer):
         )
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        # Per-sequence weighted NLL (ascended or descended) instead of the model's token mean.
+        # Per-sequence weighted terms (each row ascended, descended, NPO or KL) instead of the
+        # model's token mean.
         weights, rows, labels = inputs.pop("weight"), inputs.pop("row_index"), inputs.pop("labels")
+        terms = inputs.pop("term")
         outputs = model(**inputs, use_cache=False)
         nll, ma = per_sequence_nll(outputs.logits, labels)
         for row, weight, value in zip(rows.tolist(), weights.tolist(), ma.tolist()):
-            if weight > 0:
+            if weight != 0:
                 self.forward_ma[row] = value
-        loss = weighted_objective(nll, weights.to(nll.device), self.ascending)
+        extra = self.extra_row_losses(rows, terms, outputs.logits, labels, nll)
+        losses = row_losses(terms.to(nll.device), nll, **extra)
+        loss = weighted_objective(losses, weights.to(nll.device))
         if not torch.isfinite(loss.detach()):
             self.nonfinite_loss = True
         return (loss, outputs) if return_outputs else loss

@@ -1,4 +1,17 @@
-"""Loss math of sequence-level training, as pure functions of logits and labels."""
+"""Loss math of sequence-level training, as pure functions of logits, labels and per-row terms.
+
+Every training row carries a *term* (what its loss is) and a non-negative *weight* (its share of
+the optimizer step, see ``selection.plan_epoch``); the step's objective is
+``sum(weight_i * row_loss_i)``:
+
+- ``descend``: the row's mean NLL (fine-tuning; retain rows of GradDiff/NPO; the pull-back of an
+  over-unlearned forget row towards the holdout level).
+- ``ascend``: minus the row's mean NLL (gradient ascent: GA, SGA, GradDiff's forget side).
+- ``npo``: Negative Preference Optimization (Zhang et al. 2024, arXiv 2404.05868) on the forget
+  row, against reference log-likelihoods computed once before training.
+- ``kl``: KL(reference || model) on a retain row, averaged over its positions, against the
+  reference's log-probabilities computed once before training.
+"""
 
 from __future__ import annotations
 
@@ -6,13 +19,17 @@ import torch
 import torch.nn.functional as F
 
 IGNORE = -100
+TERMS = ("descend", "ascend", "npo", "kl")
+TERM_CODE = {name: code for code, name in enumerate(TERMS)}
 
 
 def per_sequence_nll(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Mean next-token NLL of each row, and each row's teacher-forced accuracy (MA).
 
-    ``labels`` are the input ids with IGNORE at padding; position j predicts ``labels[j+1]``.
-    Every sequence counts once, whatever its length (unlearning is judged per sequence).
+    ``logits`` [B, T, V] (any float dtype; half precision is upcast), ``labels`` [B, T] long: the
+    input ids with IGNORE at padding; position j predicts ``labels[j+1]``. Returns two [B]
+    tensors (NLL in the logits' upcast dtype, MA as float). Every sequence counts once, whatever
+    its length (unlearning is judged per sequence).
     """
     logits = logits[:, :-1].float() if logits.dtype in (torch.float16, torch.bfloat16) else logits[:, :-1]
     targets = labels[:, 1:]
@@ -26,11 +43,59 @@ def per_sequence_nll(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.
     return nll, hits.float().detach() / counts
 
 
-def weighted_objective(nll: torch.Tensor, weights: torch.Tensor, ascend: bool) -> torch.Tensor:
-    """``sum(weights * nll)``, negated for gradient ascent. The weights (see
-    ``selection.plan_epoch``) already hold the normalization over ranks and micro-batches."""
-    loss = (weights.to(nll.dtype) * nll).sum()
-    return -loss if ascend else loss
+def predicted_tokens(labels: torch.Tensor) -> torch.Tensor:
+    """[B] number of predicted (non-padding) positions of each row: what turns a mean NLL into a
+    sequence log-likelihood, ``log pi(y) = -nll * count``."""
+    return (labels[:, 1:] != IGNORE).sum(-1)
+
+
+def npo_loss(seq_logp: torch.Tensor, ref_seq_logp: torch.Tensor, beta: float) -> torch.Tensor:
+    """NPO (Zhang et al. 2024, eq. 3) per sequence: ``(2/beta) log(1 + (pi_theta(y)/pi_ref(y))^beta)``.
+
+    ``seq_logp``, ``ref_seq_logp``: [B] sequence log-likelihoods (sums over predicted tokens,
+    nats). Written as ``(2/beta) softplus(beta * (logp - ref))`` so a large ratio cannot
+    overflow. Equals ``(2/beta) ln 2`` where the model still agrees with the reference; its
+    gradient is GA's, scaled by ``2 sigmoid(beta * log ratio)``, which fades as the sequence's
+    likelihood falls below the reference's (NPO's answer to GA's collapse)."""
+    return (2.0 / beta) * F.softplus(beta * (seq_logp - ref_seq_logp.to(seq_logp.dtype)))
+
+
+def per_sequence_kl(logits: torch.Tensor, ref_logprobs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """KL(reference || model) of each row, summed over the vocabulary and averaged over the row's
+    predicted positions (the retain term of open-unlearning's GradDiff-KL, per sequence).
+
+    ``logits`` [B, T, V]; ``ref_logprobs`` [B, T-1, V] (the reference's log-softmax at the
+    positions that predict ``labels[:, 1:]``; padding positions may hold anything);
+    ``labels`` [B, T]. Returns [B]."""
+    logp = F.log_softmax(logits[:, :-1].float(), dim=-1)
+    ref = ref_logprobs.to(logp.device, torch.float32)
+    token_kl = (ref.exp() * (ref - logp)).sum(-1)  # [B, T-1]
+    valid = labels[:, 1:] != IGNORE
+    return (token_kl * valid).sum(-1) / valid.sum(-1).clamp(min=1)
+
+
+def row_losses(
+    terms: torch.Tensor,
+    nll: torch.Tensor,
+    npo: torch.Tensor | None = None,
+    kl: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Each row's loss by its term code (``TERM_CODE``): ``nll`` for descend, ``-nll`` for ascend,
+    ``npo`` / ``kl`` (both [B], needed only when some row has that term). All [B]."""
+    out = torch.where(terms == TERM_CODE["ascend"], -nll, nll)
+    for name, values in (("npo", npo), ("kl", kl)):
+        rows = terms == TERM_CODE[name]
+        if bool(rows.any()):
+            if values is None:
+                raise ValueError(f"a row has term {name!r} but no {name} values were given")
+            out = torch.where(rows, values.to(out.dtype), out)
+    return out
+
+
+def weighted_objective(losses: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """``sum(weights * losses)`` over rows. The weights (see ``selection.plan_epoch``) already
+    hold the normalization over ranks and micro-batches; a filler row has weight 0."""
+    return (weights.to(losses.dtype) * losses).sum()
 
 
 def negated_task_vector(current: torch.Tensor, base: torch.Tensor, coefficient: float) -> torch.Tensor:

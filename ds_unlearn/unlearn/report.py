@@ -27,13 +27,21 @@ def build_report(config, trainer, after: list[dict], holdout_after, retain_after
             "tv_coefficient": config.tv_coefficient,
             "tv_switch_ma": config.tv_switch_ma,
             "stop_rule": config.stop_rule,
+            "max_over_unlearned": config.max_over_unlearned,
+            "retain_weight": config.retain_weight if config.method in ("graddiff", "npo", "kl") else None,
+            "npo_beta": config.npo_beta if config.method == "npo" else None,
+            "min_lr_fraction": config.min_lr_fraction,
+            "per_device_train_batch_size": config.per_device_train_batch_size,
             "max_epochs": config.num_train_epochs,
             "world_size": D.world_size(),
             "el_every": config.el_every,
             "deepspeed": config.deepspeed,
         },
         "thresholds": run.thresholds,
+        "thresholds_source": run.thresholds_source,
         "epochs": run.epochs,
+        # The output model is this epoch's, not necessarily the last one's (selection.epoch_rank).
+        "best_epoch": {"epoch": run.best_epoch, "why": run.best_why},
         "switched_to_task_vector_at_epoch": run.switched_at_epoch,
         "stop_reason": run.stop_reason or "trainer finished its epochs",
         "diverged": run.diverged,
@@ -59,7 +67,8 @@ def report_lines(report: dict) -> str:
     b, a = report["before"], report["after"]
     return "\n".join(
         [
-            f"{report['method']}: {report['epochs']} epochs; {report['stop_reason']}",
+            f"{report['method']}: {report['epochs']} epochs; {report['stop_reason']}; output = epoch "
+            f"{report['best_epoch']['epoch']} ({report['best_epoch']['why']})",
             f"memorized {b['memorized']} -> {a['memorized']}, over-unlearned {b['over_unlearned']} -> "
             f"{a['over_unlearned']}, mean ma {b['means']['ma']:.3f} -> {a['means']['ma']:.3f}, "
             f"mean el_10 {b['means']['el_10']:.3f} -> {a['means']['el_10']:.3f}",

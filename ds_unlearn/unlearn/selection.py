@@ -20,20 +20,40 @@ def sga_selection(scores: Sequence[float], gamma: float) -> list[int]:
     return sorted(chosen)
 
 
+ASCEND, LEAVE, PULL_BACK = 1, 0, -1
+
+
+def band_directions(ma_values: Sequence[float], thresholds: Thresholds) -> list[int]:
+    """Place every forget sequence against the holdout's distribution (two-sided control).
+
+    ``ASCEND`` (1): MA at or above ``memorized_ma``, still memorized, unlearn it; ``LEAVE`` (0):
+    inside the band, where text the model never saw sits, train nothing on it; ``PULL_BACK``
+    (-1): MA at or below ``over_unlearned_ma``, pushed where a membership attack spots it, so it
+    is descended (its NLL minimized) until it is back above the lower threshold. Descending a
+    sequence that already lies below ordinary text is the simplest pull-back that needs no
+    target: it stops by itself once the next judgement finds it in the band."""
+    ma = np.asarray(ma_values, dtype=np.float64)
+    return np.where(
+        ma >= thresholds.memorized_ma, ASCEND, np.where(ma <= thresholds.over_unlearned_ma, PULL_BACK, LEAVE)
+    ).tolist()
+
+
 @dataclass(frozen=True)
 class Slot:
-    """One row of one micro-batch: a dataset index and its loss weight (0 for a filler row that
-    only keeps the number of forward/backward calls equal across ranks)."""
+    """One row of one micro-batch: a dataset index, its loss weight (0 for a filler row that
+    only keeps the number of forward/backward calls equal across ranks) and its loss term
+    (``losses.TERMS``: descend, ascend, npo or kl)."""
 
     index: int
     weight: float
+    term: str = "descend"
 
 
 def steps_with_rows(plan: list[list[list[Slot]]], grad_accum: int) -> list[bool]:
     """Per optimizer step of an epoch plan: does any rank train a real row in it?"""
     micro_batches = len(plan[0])
     return [
-        any(slot.weight > 0 for rank in plan for mb in rank[start : start + grad_accum] for slot in mb)
+        any(slot.weight != 0 for rank in plan for mb in rank[start : start + grad_accum] for slot in mb)
         for start in range(0, micro_batches, grad_accum)
     ]
 
@@ -44,6 +64,8 @@ def plan_epoch(
     micro_batches_per_rank: int,
     grad_accum: int,
     rows_per_micro_batch: int,
+    terms: Sequence[str] | None = None,
+    scales: Sequence[float] | None = None,
 ) -> list[list[list[Slot]]]:
     """Deal the selected rows to one epoch's optimizer steps, ranks and micro-batches.
 
@@ -58,11 +80,18 @@ def plan_epoch(
     least one slot (a zero-weight filler where it has no row); steps after the last real row hold
     fillers only (``EpochPlanSampler`` does not run them). Weights make the accumulated,
     rank-averaged gradient of each optimizer step the gradient of the mean loss over that step's
-    real rows: weight = world_size / (real rows in the step). Raises ValueError on no rows or on
-    more rows than the epoch can hold.
+    real rows: weight = world_size / (real rows in the step), times the row's ``scales`` entry
+    (default 1; GradDiff's retain weight, for example). ``terms`` (parallel to ``selected``,
+    default all "descend") says which loss each row takes. Raises ValueError on no rows, on
+    more rows than the epoch can hold, or on terms/scales not parallel to ``selected``.
     """
     if not selected:
         raise ValueError("plan_epoch needs at least one selected row")
+    terms = list(terms) if terms is not None else ["descend"] * len(selected)
+    scales = list(scales) if scales is not None else [1.0] * len(selected)
+    if not len(terms) == len(scales) == len(selected):
+        raise ValueError("plan_epoch: terms and scales must be parallel to selected")
+    row_of = {index: (term, scale) for index, term, scale in zip(selected, terms, scales)}
     slots_per_step = world_size * grad_accum
     capacity = slots_per_step * rows_per_micro_batch
     steps = micro_batches_per_rank // grad_accum
@@ -81,16 +110,40 @@ def plan_epoch(
         weight = world_size / real if real else 0.0
         for m in micro:
             for r in range(world_size):
-                plan[r][m] = [Slot(i, weight) for i in buckets[r][m]] or [Slot(selected[0], 0.0)]
+                rows = buckets[r][m]
+                plan[r][m] = [Slot(i, weight * row_of[i][1], row_of[i][0]) for i in rows] or [Slot(selected[0], 0.0)]
     return plan
 
 
-def stop_satisfied(ma_values: Sequence[float], rule: str, thresholds: Thresholds) -> bool:
-    """``per_sequence``: no sequence is memorized any more. ``mean``: the forget set's mean MA
-    fell below the threshold (the papers' baseline rule, which can leave sequences extractable)."""
+def stop_satisfied(ma_values: Sequence[float], rule: str, thresholds: Thresholds, max_over_unlearned: int = 0) -> bool:
+    """``band``: no sequence is memorized and at most ``max_over_unlearned`` are over-unlearned
+    (the ICML paper counts both as failures). ``per_sequence``: no sequence is memorized any more.
+    ``mean``: the forget set's mean MA fell below the threshold (the papers' baseline rule, which
+    can leave sequences extractable)."""
     ma = np.asarray(ma_values, dtype=np.float64)
+    if rule == "band":
+        over = int(np.sum(ma <= thresholds.over_unlearned_ma))
+        return bool(np.all(ma < thresholds.memorized_ma)) and over <= max_over_unlearned
     if rule == "per_sequence":
         return bool(np.all(ma < thresholds.memorized_ma))
     if rule == "mean":
         return bool(ma.mean() < thresholds.mean_ma)
     raise ValueError(f"unknown stop rule {rule!r}")
+
+
+def epoch_rank(memorized: int, over_unlearned: int, stop_holds: bool, holdout_loss: float | None) -> tuple:
+    """Sort key of a judged epoch, smaller is better: one where the stop rule holds first, then
+    the fewest outliers (memorized + over-unlearned), then the lowest holdout loss (NaN or
+    unknown last). The run outputs the weights of its best epoch, not of its last."""
+    loss = float("inf") if holdout_loss is None or not np.isfinite(holdout_loss) else float(holdout_loss)
+    return (not stop_holds, memorized + over_unlearned, loss)
+
+
+def step_scale(ascending_rows: int, forget_size: int, floor: float) -> float:
+    """Learning-rate factor of an ascent step that trains ``ascending_rows`` of ``forget_size``
+    sequences: the selected fraction, never below ``floor``. Adam's step size does not shrink
+    with the gradient, so without this the last memorized sequence of a set takes full steps
+    and overshoots the band, dragging its neighbours (same templates) below it."""
+    if forget_size <= 0:
+        return 1.0
+    return float(min(1.0, max(floor, ascending_rows / forget_size)))

@@ -1,12 +1,20 @@
-"""``UnlearnTrainer``: GA, SGA, TA and TAU on DeepSpeed ranks, judged per sequence every epoch.
+"""``UnlearnTrainer``: GA, SGA, TA, TAU, GradDiff, NPO and KL on DeepSpeed ranks, judged per
+sequence every epoch.
 
-The training loop is the upstream Trainer's (see training.SequenceTrainer). This class adds the
+The training loop is the upstream Trainer's (see loop.SequenceTrainer). This class adds the
 run's state machine, driven by ``UnlearnMonitor`` at epoch boundaries:
 
-    ascent   -- GA on every forget sequence, or SGA on the selected ones
+    ascent   -- unlearn the forget set: GA/GradDiff/KL ascend, NPO minimizes its loss, on every
+                forget sequence or on a selection (SGA; under the ``band`` rule the memorized
+                ones, while the over-unlearned ones are descended back); retain rows, where the
+                method has them, are descended (GradDiff, NPO) or pulled to the original model (KL)
     finetune -- TA/TAU only: descend on the forget set from theta_base; every epoch judge the
                 edited weights theta_base - lambda * (theta - theta_base), kept shard by shard
     done     -- the stop rule holds, a guard fired, or epochs ran out
+
+Every judged epoch (epoch 0 is the input model) is a candidate output: the run keeps this rank's
+fp32 shards of the best one (``selection.epoch_rank``: stop rule holds, then fewest outliers,
+then lowest holdout loss) and outputs those, not the last epoch's.
 """
 
 from __future__ import annotations
@@ -22,13 +30,16 @@ from transformers import TrainerCallback
 
 from ..core import distributed as D
 from ..core.data import SequenceSet
+from ..core.errors import InputError
 from ..core.files import write_jsonl
-from ..core.memorization import verdict_counts
+from ..core.memorization import MEMORIZED_MA, OVER_UNLEARNED_MA, verdict_counts
+from ..core.passes import PAD_ID, model_device
 from ..core.scorer import score_sequences
 from ..core.summary import Thresholds, calibrate_thresholds
 from .loop import SequenceTrainer
+from .losses import TERM_CODE, npo_loss, per_sequence_kl, predicted_tokens
 from .reporting import log_histograms
-from .selection import sga_selection, stop_satisfied
+from .selection import ASCEND, PULL_BACK, band_directions, epoch_rank, sga_selection, step_scale, stop_satisfied
 from .weights import OwnedWeights
 
 STATE_FILE = "unlearn_state.json"
@@ -41,16 +52,21 @@ class RunState:
     phase: str = "ascent"
     ma: list[float] = field(default_factory=list)  # latest per-sequence scores of the forget set
     el10: list[float] | None = None
-    selected: list[int] = field(default_factory=list)  # rows the next epoch trains on
+    selected: list[int] = field(default_factory=list)  # forget rows the next epoch trains on
+    pulled_back: list[int] = field(default_factory=list)  # band rule: over-unlearned rows descended back
     epochs: int = 0
     stop_reason: str | None = None
     switched_at_epoch: int | None = None
     thresholds: dict = field(default_factory=dict)
+    thresholds_source: str = ""
     holdout_loss_before: float | None = None
     retain_ma_before: float | None = None
     history: list[dict] = field(default_factory=list)
     scores_before: list[dict] = field(default_factory=list)  # the forget set as the run found it
-    diverged: bool = False  # a non-finite loss, score or weight ended the run (last good weights kept)
+    diverged: bool = False  # a non-finite loss, score or weight ended the run (best good weights kept)
+    best_epoch: int | None = None  # the judged epoch whose weights the run outputs
+    best_rank: list | None = None  # its selection.epoch_rank key
+    best_why: str = ""
 
 
 class UnlearnTrainer(SequenceTrainer):
@@ -62,11 +78,20 @@ class UnlearnTrainer(SequenceTrainer):
         holdout: SequenceSet | None = None,
         **kwargs,
     ):
-        super().__init__(*args, train_sequences=forget.sequences, **kwargs)
+        config = kwargs.get("args")
+        # Retain rows (GradDiff, NPO, KL) follow the forget rows in one dataset: index >= len(forget).
+        trains_retain = retain is not None and config is not None and config.uses_retain
+        sequences = forget.sequences + (retain.sequences if trains_retain else [])
+        super().__init__(*args, train_sequences=sequences, **kwargs)
         self.forget, self.retain, self.holdout = forget, retain, holdout
+        self.n_forget = len(forget)
+        self.retain_rows = list(range(self.n_forget, len(sequences)))
         self.run = RunState()
         self.base: list[torch.Tensor] | None = None  # theta_base, this rank's own fp32 elements
-        self.last_good: list[torch.Tensor] | None = None
+        self.best: list[torch.Tensor] | None = None  # the best judged epoch's own fp32 elements
+        self.previous: list[torch.Tensor] | None = None  # score_refresh=step: the weights its scores describe
+        self.reference_logp: torch.Tensor | None = None  # npo: [n_forget] log pi_ref(y), float64
+        self.reference_logprobs: list[torch.Tensor] | None = None  # kl: per retain row [T-1, V] fp32
         self.weights: OwnedWeights | None = None  # built once the engine and its optimizer exist
         self.resume_dir: Path | None = None
         self.started = time.time()
@@ -75,11 +100,55 @@ class UnlearnTrainer(SequenceTrainer):
 
     # -- SequenceTrainer hooks ----------------------------------------------------------------
     def epoch_rows(self) -> list[int]:
-        return [] if self.run.phase == "done" else self.run.selected
+        if self.run.phase == "done":
+            return []
+        if self.run.phase == "finetune":
+            return self.run.selected
+        return self.run.selected + self.run.pulled_back + self.retain_rows
 
-    @property
-    def ascending(self) -> bool:
-        return self.run.phase == "ascent"
+    def row_terms(self, rows: list[int]) -> tuple[list[str], list[float]]:
+        """Ascent: selected forget rows take the method's forget term (NPO's loss, else minus
+        NLL), pulled-back ones descend, retain rows descend (KL: match the original model) at
+        ``retain_weight``. Fine-tuning (TA/TAU) descends on every forget row."""
+        if self.run.phase != "ascent":
+            return ["descend"] * len(rows), [1.0] * len(rows)
+        forget_term = "npo" if self.args.method == "npo" else "ascend"
+        retain_term = "kl" if self.args.method == "kl" else "descend"
+        pulled = set(self.run.pulled_back)
+        terms, scales = [], []
+        for row in rows:
+            if row >= self.n_forget:
+                terms.append(retain_term)
+                scales.append(self.args.retain_weight)
+            else:
+                terms.append("descend" if row in pulled else forget_term)
+                scales.append(1.0)
+        return terms, scales
+
+    def extra_row_losses(self, rows, terms, logits, labels, nll) -> dict:
+        extra = {}
+        if bool((terms == TERM_CODE["npo"]).any()):
+            seq_logp = -nll * predicted_tokens(labels).to(nll.dtype)
+            reference = self.reference_logp[rows.clamp(max=self.n_forget - 1).cpu()].to(nll.device)
+            extra["npo"] = npo_loss(seq_logp, reference, self.args.npo_beta)
+        if bool((terms == TERM_CODE["kl"]).any()):
+            extra["kl"] = per_sequence_kl(logits, self._reference_batch(rows, terms, logits), labels)
+        return extra
+
+    def _reference_batch(self, rows, terms, logits) -> torch.Tensor:
+        """[B, T-1, V] reference log-probabilities for the batch's KL rows (zeros elsewhere)."""
+        batch = torch.zeros(logits.shape[0], logits.shape[1] - 1, logits.shape[2], dtype=torch.float32)
+        for i, (row, term) in enumerate(zip(rows.tolist(), terms.tolist())):
+            if term == TERM_CODE["kl"]:
+                ref = self.reference_logprobs[row - self.n_forget]
+                batch[i, : ref.shape[0]] = ref
+        return batch.to(logits.device)
+
+    def lr_factor(self) -> float:
+        """Ascent steps shrink with the share of the forget set still ascended (``min_lr_fraction``)."""
+        if self.run.phase != "ascent" or self.args.min_lr_fraction >= 1.0:
+            return 1.0
+        return step_scale(len(self.run.selected), self.n_forget, self.args.min_lr_fraction)
 
     def train(self, resume_from_checkpoint=None, trial=None, ignore_keys_for_eval=None, **kwargs):
         # Our run state lives beside the Trainer's checkpoint; remember where to read it.
@@ -142,25 +211,46 @@ class UnlearnTrainer(SequenceTrainer):
         self.run.scores_before = scores
         self.write_scores("scores_before.jsonl", scores)
         holdout_scores = self.score_set(self.holdout, el=False) if self.holdout is not None else None
-        thresholds = Thresholds(args.memorized_threshold, args.over_unlearned_threshold, args.mean_threshold)
-        if holdout_scores is not None and (args.calibrate_thresholds or args.mean_threshold is None):
-            calibrated = calibrate_thresholds([r["ma"] for r in holdout_scores], args.calibration_quantile)
-            thresholds = (
-                calibrated
-                if args.calibrate_thresholds
-                else Thresholds(thresholds.memorized_ma, thresholds.over_unlearned_ma, calibrated.mean_ma)
-            )
+        thresholds, self.run.thresholds_source = resolve_thresholds(args, holdout_scores)
         self.run.thresholds = asdict(thresholds)
         self.run.holdout_loss_before = self.holdout_loss(holdout_scores)
         if self.retain is not None:
             self.run.retain_ma_before = float(np.mean([r["ma"] for r in self.score_set(self.retain, el=False)]))
-        self.last_good = self.weights.snapshot()
+        self._compute_references(scores)
+        self.best = self.weights.snapshot()
+        if args.score_refresh == "step":
+            self.previous = self.weights.snapshot()
         self._absorb_scores(scores)
         self._log_epoch(holdout_loss=self.run.holdout_loss_before, trained=0)
-        if stop_satisfied(self.run.ma, args.stop_rule, thresholds):
+        holds = self._stop_holds()
+        self._consider_best(0, holds, self.run.holdout_loss_before, candidate=None)
+        if holds:
             self._finish("nothing to unlearn: the stop rule already holds")
         else:
             self._maybe_switch_to_finetune()
+
+    def _stop_holds(self) -> bool:
+        return stop_satisfied(self.run.ma, self.args.stop_rule, self.thresholds, self.args.max_over_unlearned)
+
+    def _compute_references(self, forget_scores: list[dict]) -> None:
+        """What NPO and KL compare against, computed once from the input model so that no second
+        model stays in memory: NPO's sequence log-likelihoods of the forget set (from the scoring
+        pass that already ran), KL's log-probabilities over the retain set (one teacher-forced
+        pass, kept in host memory on every rank; collective: every rank runs the same batches)."""
+        if self.args.method == "npo":
+            self.reference_logp = torch.tensor(
+                [-r["loss"] * (r["n_tokens"] - 1) for r in forget_scores], dtype=torch.float64
+            )
+        if self.args.method == "kl" and self.retain_rows:
+            vocab = self.model.config.vocab_size
+            sequences = self.retain.sequences
+            gib = sum(len(s) - 1 for s in sequences) * vocab * 4 / 2**30
+            if gib > self.args.kl_reference_max_gib:
+                raise InputError(
+                    f"kl_reference_max_gib: the original model's retain log-probabilities need {gib:.1f} GiB "
+                    f"per rank (limit {self.args.kl_reference_max_gib}); use a smaller retain set or raise the limit"
+                )
+            self.reference_logprobs = reference_logprobs(self.model, sequences, self.args.score_batch_size)
 
     def end_epoch(self, control) -> None:
         """Judge the epoch's weights per sequence and decide: stop, restore, switch or go on.
@@ -172,7 +262,7 @@ class UnlearnTrainer(SequenceTrainer):
         self.run.epochs += 1
         trained = len(self.run.selected)
         if any(D.all_gather_objects(self.nonfinite_loss)):
-            self._restore_last_good(f"non-finite loss in epoch {self.run.epochs}")
+            self._restore_best(f"non-finite loss in epoch {self.run.epochs}")
             control.should_training_stop = True
             return
 
@@ -192,17 +282,16 @@ class UnlearnTrainer(SequenceTrainer):
         guard = self.args.max_holdout_loss_increase
         limit = None if guard is None else self.run.holdout_loss_before * (1 + guard)
         if problem:
-            self._restore_last_good(f"{problem} in epoch {self.run.epochs}")
+            self._restore_best(f"{problem} in epoch {self.run.epochs}")
         elif limit is not None and not holdout_loss <= limit:  # fails safe on NaN
-            self._restore_last_good(
+            self._restore_best(
                 f"utility guard: holdout loss {holdout_loss:.4f} rose more than {guard:.2%} "
                 f"over {self.run.holdout_loss_before:.4f}",
                 diverged=False,
             )
-        elif stop_satisfied(self.run.ma, self.args.stop_rule, self.thresholds):
+        elif self._judge_epoch(holdout_loss, editing):
             self._finish(f"{self.args.stop_rule} stop rule holds after epoch {self.run.epochs}")
         else:
-            self.last_good = self.weights.snapshot(into=self.last_good)
             if editing:
                 self.weights.write(trained_weights)
             self._maybe_switch_to_finetune()
@@ -237,10 +326,45 @@ class UnlearnTrainer(SequenceTrainer):
             return "non-finite weights"
         return None
 
-    def _restore_last_good(self, reason: str, diverged: bool = True) -> None:
-        self.weights.write(self.last_good)
+    def _restore_best(self, reason: str, diverged: bool = True) -> None:
+        self.weights.write(self.best)
         self.run.diverged = self.run.diverged or diverged
-        self._finish(f"{reason}: kept the weights of the last good epoch")
+        self._finish(f"{reason}: kept the weights of the best good epoch ({self.run.best_epoch})")
+
+    def _judge_epoch(self, holdout_loss: float | None, editing: bool) -> bool:
+        """Offer this epoch's weights as the best so far; True when the stop rule holds.
+
+        With ``score_refresh=step`` the forget scores come from the epoch's training forward
+        passes, i.e. from the weights *before* its update: they are paired with those weights
+        (the previous snapshot) and that epoch's holdout loss, so the output always is the model
+        that was judged. Collective under ZeRO (snapshots)."""
+        holds = self._stop_holds()
+        if self.args.score_refresh == "step" and not editing:
+            previous_loss = self.run.history[-2].get("holdout/loss") if len(self.run.history) > 1 else None
+            self._consider_best(self.run.epochs - 1, holds, previous_loss, candidate=self.previous)
+            self.previous = self.weights.snapshot(into=self.previous)
+        else:
+            self._consider_best(self.run.epochs, holds, holdout_loss, candidate=None)
+        return holds
+
+    def _consider_best(self, epoch: int, holds: bool, holdout_loss: float | None, candidate) -> None:
+        """Keep ``candidate`` (a snapshot; None: the current weights) if it beats the best so far."""
+        t = self.thresholds
+        counts = verdict_counts(self.run.ma, t.memorized_ma, t.over_unlearned_ma)
+        rank = list(epoch_rank(counts["memorized"], counts["over_unlearned"], holds, holdout_loss))
+        if self.run.best_rank is not None and tuple(rank) >= tuple(self.run.best_rank):
+            return
+        if candidate is None:
+            self.best = self.weights.snapshot(into=self.best)
+        elif candidate is not self.best:
+            for buffer, value in zip(self.best, candidate, strict=True):
+                buffer.copy_(value)
+        loss = "n/a" if holdout_loss is None else f"{holdout_loss:.4f}"
+        self.run.best_epoch, self.run.best_rank = epoch, rank
+        self.run.best_why = (
+            f"{'stop rule holds' if holds else 'stop rule not met'}; {counts['memorized']} memorized + "
+            f"{counts['over_unlearned']} over-unlearned; holdout loss {loss}"
+        )
 
     def _epoch_scores(self, fresh: bool) -> list[dict]:
         if fresh or self.args.score_refresh == "epoch":
@@ -256,11 +380,18 @@ class UnlearnTrainer(SequenceTrainer):
         # EL_10 is judged when it was computed this time; the report keeps its latest values.
         self.run.el10 = [float(r["el_10"]) for r in scores] if "el_10" in scores[0] else None
         key = self.run.el10 if self.args.select_on == "el10" else self.run.ma
-        self.run.selected = (
-            sga_selection(key, self.args.sga_gamma)
-            if self.args.selects and self.run.phase == "ascent"
-            else list(range(len(self.forget)))
-        )
+        self.run.pulled_back = []
+        if self.run.phase != "ascent":
+            self.run.selected = list(range(self.n_forget))
+        elif self.args.stop_rule == "band":
+            # Two-sided control on MA: ascend the memorized, leave the band, pull the over-unlearned back.
+            directions = band_directions(self.run.ma, self.thresholds)
+            self.run.selected = [i for i, d in enumerate(directions) if d == ASCEND]
+            self.run.pulled_back = [i for i, d in enumerate(directions) if d == PULL_BACK]
+        elif self.args.selects:
+            self.run.selected = sga_selection(key, self.args.sga_gamma)
+        else:
+            self.run.selected = list(range(self.n_forget))
 
     def _maybe_switch_to_finetune(self) -> None:
         """TA/TAU: once the ascent brought the mean MA below tv_switch_ma, snapshot theta_base."""
@@ -269,13 +400,13 @@ class UnlearnTrainer(SequenceTrainer):
                 self.base = self.weights.snapshot()
                 self.run.phase = "finetune"
                 self.run.switched_at_epoch = self.run.epochs
-                self.run.selected = list(range(len(self.forget)))
+                self.run.selected = list(range(self.n_forget))
+                self.run.pulled_back = []
 
     def finalize_weights(self) -> None:
-        """After train(): a TA/TAU run that ran out of epochs outputs its edited weights (a run
-        that finished already holds its final weights)."""
-        if self.run.phase == "finetune":
-            self.weights.apply_negated_task_vector(self.base, self.args.tv_coefficient)
+        """After train(): the output is the best judged epoch's weights (for TA/TAU in their
+        fine-tuning phase, the edited weights that epoch was judged on)."""
+        self.weights.write(self.best)
 
     def _finish(self, reason: str) -> None:
         self.run.phase = "done"
@@ -297,6 +428,8 @@ class UnlearnTrainer(SequenceTrainer):
             "forget/over_unlearned": counts["over_unlearned"],
             "sga/selected": trained,
         }
+        if self.args.stop_rule == "band" and self.run.phase == "ascent":
+            metrics["band/pulled_back"] = len(self.run.pulled_back)
         if self.run.el10 is not None:
             metrics["forget/el10_mean"] = float(np.mean(self.run.el10))
         if holdout_loss is not None:
@@ -321,7 +454,8 @@ class UnlearnTrainer(SequenceTrainer):
 
     def save_run_state(self, checkpoint_dir: Path) -> None:
         torch.save(
-            {"base": self.base, "last_good": self.last_good}, checkpoint_dir / f"unlearn_shards_rank{D.rank()}.pt"
+            {"base": self.base, "best": self.best, "previous": self.previous, "kl_reference": self.reference_logprobs},
+            checkpoint_dir / f"unlearn_shards_rank{D.rank()}.pt",
         )
         if D.is_main():
             (checkpoint_dir / STATE_FILE).write_text(json.dumps(asdict(self.run)))
@@ -329,8 +463,62 @@ class UnlearnTrainer(SequenceTrainer):
     def _load_run_state(self, checkpoint_dir: Path) -> None:
         self.run = RunState(**json.loads((checkpoint_dir / STATE_FILE).read_text()))
         shards = torch.load(checkpoint_dir / f"unlearn_shards_rank{D.rank()}.pt")
-        self.base, self.last_good = shards["base"], shards["last_good"]
+        self.base, self.best, self.previous = shards["base"], shards["best"], shards["previous"]
         self.weights = OwnedWeights(self.model)
+        if self.args.method == "npo":
+            self._compute_references(self.run.scores_before)  # the input model's, kept in the run state
+        self.reference_logprobs = shards.get("kl_reference")
+
+
+def resolve_thresholds(args, holdout_scores: list[dict] | None) -> tuple[Thresholds, str]:
+    """The verdict thresholds of a run and where they came from: an explicit setting wins; else
+    the holdout's calibration (``calibrate_thresholds``, on by default when a holdout is given);
+    else the ICML code's fixed 0.60 / 0.15. A calibrated band that collapses (a tiny holdout
+    scoring all alike) falls back to the fixed values. The mean rule's level: explicit, else the
+    holdout's mean MA."""
+    calibrated = None
+    if holdout_scores is not None:
+        calibrated = calibrate_thresholds([r["ma"] for r in holdout_scores], args.calibration_quantile)
+    use = bool(args.calibrate_thresholds) and calibrated is not None
+    if use and calibrated.over_unlearned_ma >= calibrated.memorized_ma:
+        use = False
+    memorized, over = args.memorized_threshold, args.over_unlearned_threshold
+    source = "explicit" if memorized is not None and over is not None else ("holdout" if use else "fixed")
+    if memorized is None:
+        memorized = calibrated.memorized_ma if use else MEMORIZED_MA
+    if over is None:
+        over = calibrated.over_unlearned_ma if use else OVER_UNLEARNED_MA
+    if over >= memorized:
+        raise InputError(
+            f"memorized_threshold: {memorized:.4f} is not above over_unlearned_threshold {over:.4f} "
+            "(one was set explicitly, the other calibrated on the holdout)"
+        )
+    mean = args.mean_threshold if args.mean_threshold is not None else (calibrated.mean_ma if calibrated else None)
+    return Thresholds(memorized, over, mean), source
+
+
+@torch.no_grad()
+def reference_logprobs(model, sequences, batch_size: int) -> list[torch.Tensor]:
+    """The model's log-softmax at every predicted position of each sequence, on the host in fp32:
+    one [len-1, V] tensor per sequence. Every rank runs the same batches (ZeRO-3 gathers weights
+    collectively in each forward) in eval mode, so dropout does not enter the reference."""
+    was_training = model.training
+    model.eval()
+    device = model_device(model)
+    out = []
+    for start in range(0, len(sequences), batch_size):
+        chunk = sequences[start : start + batch_size]
+        width = max(len(s) for s in chunk)
+        ids = torch.full((len(chunk), width), PAD_ID, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for i, seq in enumerate(chunk):
+            ids[i, : len(seq)] = torch.as_tensor(seq)
+            mask[i, : len(seq)] = 1
+        logits = model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False).logits
+        logprobs = torch.log_softmax(logits[:, :-1].float(), dim=-1).cpu()
+        out.extend(logprobs[i, : len(seq) - 1].clone() for i, seq in enumerate(chunk))
+    model.train(was_training)
+    return out
 
 
 class EpochClock:
