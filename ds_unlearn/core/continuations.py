@@ -96,10 +96,12 @@ class ContinuationBatch:
     teacher-forced argmax: ``predictions[i, j]`` is the greedy token after ``x[:j+1]``), ``cache``
     that pass's KV cache (``supports(cache)``; keys [S, heads, W, head_dim]), ``expected_run`` [S]
     float: how many drafts per row to expect accepted at first (0 on unseen text). ``rows`` caps
-    the rows per forward; ``position_limit`` the columns (GPT-Neo's mask buffer, None for no cap).
+    the rows per forward; ``position_limit`` the columns (GPT-Neo's mask buffer; None: no cap).
 
-    Drive it with ``step()`` while ``has_work()``; ``results[k]`` is then request k's continuation
-    (a list of ``length`` ints) and ``nonfinite`` the sequences whose logits were NaN/inf.
+    Rows join in order of prompt length, each as soon as the buffer's columns reach its prompt
+    length, so rows decoded together sit at nearly the same position and attend to almost no
+    padding. Drive it with ``step()`` while ``has_work()``; ``results[k]`` is then request k's
+    continuation (``length`` ints) and ``nonfinite`` the sequences whose logits were NaN/inf.
     """
 
     def __init__(
@@ -114,162 +116,150 @@ class ContinuationBatch:
         position_limit: int | None,
     ):
         self.model = model
-        self.rows = max(1, int(rows))
         self.limit = position_limit or math.inf
         self.tf_keys = [layer.keys for layer in cache.layers]
         self.tf_values = [layer.values for layer in cache.layers]
         self.device = self.tf_keys[0].device
-        # The draft table: the latest token predicted at each absolute position of each sequence.
         self.predictions = np.asarray(predictions, dtype=np.int64)
+        # The draft table: the latest token any continuation produced at each absolute position of
+        # each sequence, the true text where none has been yet.
         self.table = np.array(tokens, dtype=np.int64, copy=True)
-        self.table[:, 1:] = self.predictions
         self.expected_run = np.asarray(expected_run, dtype=np.float64)
         self.requests = list(requests)
         self.results: list[list[int] | None] = [None] * len(self.requests)
         self.nonfinite: set[int] = set()
         self.forward_calls = 0
-        # Longest first: rows admitted together finish together, so a refill finds half the rows done.
         pending = []
         for k, req in enumerate(self.requests):
             if req.length == 1:  # the teacher-forced argmax is the whole continuation
                 self.results[k] = [int(self.predictions[req.seq, req.start])]
             else:
                 pending.append(k)
-        pending.sort(key=lambda k: (-self.requests[k].length, self.requests[k].seq, self.requests[k].start))
-        self.queue = pending[::-1]  # pop() from the end
-        self._empty_batch()
-
-    # -- batch state ------------------------------------------------------------------------------
-    def _empty_batch(self) -> None:
-        self.req = np.zeros(0, dtype=np.int64)  # request index per row
-        self.seq = np.zeros(0, dtype=np.int64)
-        self.need = np.zeros(0, dtype=np.int64)  # continuation length
-        self.count = np.zeros(0, dtype=np.int64)  # tokens generated so far (the last one not yet cached)
-        self.last = np.zeros(0, dtype=np.int64)  # last generated token
-        self.pos = np.zeros(0, dtype=np.int64)  # its absolute position
-        self.first_col = np.zeros(0, dtype=np.int64)  # first cached column of the row
-        self.eps = np.zeros(0, dtype=np.float64)  # drafts the row is expected to get accepted
-        self.live = np.zeros(0, dtype=bool)
-        self.generated = np.zeros((0, 1), dtype=np.int64)
-        self.end = 0
-        self.layers: list[_BufferLayer] = []
+        # Shortest prompt last, so pop() takes it first.
+        pending.sort(key=lambda k: (-self.requests[k].start, -self.requests[k].seq))
+        self.queue = pending
+        capacity = max(1, min(int(rows), len(pending)))
+        self.columns = int(min(self.limit, tokens.shape[1] + MAX_DRAFT + 1))
+        longest = max((self.requests[k].length for k in pending), default=1)
+        self.buf_k = [k.new_zeros((capacity, k.shape[1], self.columns, k.shape[3])) for k in self.tf_keys]
+        self.buf_v = [v.new_zeros((capacity, v.shape[1], self.columns, v.shape[3])) for v in self.tf_values]
+        self.n = 0  # rows in use: [0, n)
+        self.end = 0  # columns in use: [0, end); every row's last cached token is in column end-1
+        ints = lambda: np.zeros(capacity, dtype=np.int64)
+        self.req, self.seq, self.need, self.count = ints(), ints(), ints(), ints()
+        self.last, self.pos, self.first_col = ints(), ints(), ints()
+        self.eps = np.zeros(capacity, dtype=np.float64)  # drafts the row is expected to get accepted
+        self.live = np.zeros(capacity, dtype=bool)
+        self.generated = np.zeros((capacity, longest), dtype=np.int64)
 
     def has_work(self) -> bool:
-        return bool(self.live.any()) or bool(self.queue)
+        return bool(self.live[: self.n].any()) or bool(self.queue)
 
-    def _rebuild(self, admit: list[int]) -> None:
-        """New buffer: this batch's live rows, then the ``admit`` requests, right-aligned at the
-        longest row; drops finished rows and all-padding columns."""
-        keep = np.flatnonzero(self.live)
-        lengths = self.end - self.first_col[keep]  # cached tokens per kept row
-        new_req = np.array(admit, dtype=np.int64)
-        new_seq = np.array([self.requests[k].seq for k in admit], dtype=np.int64)
-        new_start = np.array([self.requests[k].start for k in admit], dtype=np.int64)
-        new_len = np.array([self.requests[k].length for k in admit], dtype=np.int64)
-        all_lengths = np.concatenate([lengths, new_start + 1])
-        end = int(all_lengths.max())
-        # Room for the longest remaining continuation's blocks; trimmed again when full.
-        remaining = np.concatenate([self.need[keep] - self.count[keep], new_len - 1])
-        capacity = int(min(self.limit, end + remaining.max() + MAX_DRAFT + 1))
-        n = len(keep) + len(admit)
-        cols = torch.arange(end, device=self.device)
-        keep_t = torch.as_tensor(keep, device=self.device)
-        old_idx = torch.as_tensor(self.first_col[keep] - (end - lengths), device=self.device)[:, None] + cols
-        new_idx = torch.as_tensor(-(end - (new_start + 1)), device=self.device)[:, None] + cols
-        new_seq_t = torch.as_tensor(new_seq, device=self.device)
-        layers = []
-        for i, (tk, tv) in enumerate(zip(self.tf_keys, self.tf_values)):
-            heads, dim = tk.shape[1], tk.shape[3]
-            buf_k = tk.new_zeros((n, heads, capacity, dim))
-            buf_v = tv.new_zeros((n, heads, capacity, dim))
-            if len(keep):
-                src = self.layers[i]
-                idx = old_idx.clamp(min=0)[:, None, :, None].expand(-1, heads, -1, dim)
-                buf_k[: len(keep), :, :end] = src.buf_k[keep_t].gather(2, idx)
-                buf_v[: len(keep), :, :end] = src.buf_v[keep_t].gather(2, idx)
-            if len(admit):
-                idx = new_idx.clamp(min=0)[:, None, :, None].expand(-1, heads, -1, dim)
-                buf_k[len(keep) :, :, :end] = tk[new_seq_t].gather(2, idx)
-                buf_v[len(keep) :, :, :end] = tv[new_seq_t].gather(2, idx)
-            layers.append(_BufferLayer(buf_k, buf_v, end))
-        self.layers = layers
-        first = np.array([self.requests[k].start for k in admit], dtype=np.int64)
-        width = int(max(self.generated.shape[1], new_len.max(initial=1)))
-        generated = np.zeros((n, width), dtype=np.int64)
-        generated[: len(keep), : self.generated.shape[1]] = self.generated[keep]
-        preds = self.predictions[new_seq, first]  # the teacher-forced argmax at the start
-        generated[len(keep) :, 0] = preds
-        self.req = np.concatenate([self.req[keep], new_req])
-        self.seq = np.concatenate([self.seq[keep], new_seq])
-        self.need = np.concatenate([self.need[keep], new_len])
-        self.count = np.concatenate([self.count[keep], np.ones(len(admit), dtype=np.int64)])
-        self.last = np.concatenate([self.last[keep], preds])
-        self.pos = np.concatenate([self.pos[keep], first + 1])
-        self.first_col = end - all_lengths
-        self.eps = np.concatenate([self.eps[keep], self.expected_run[new_seq]])
-        self.live = np.ones(n, dtype=bool)
-        self.generated = generated
-        self.end = end
+    # -- rows joining and leaving -------------------------------------------------------------------
+    def _compact(self) -> None:
+        """Move the live rows to the front and drop the columns that are padding in all of them."""
+        keep = np.flatnonzero(self.live[: self.n])
+        trim = int(self.first_col[keep].min()) if len(keep) else self.end
+        if len(keep) == self.n and trim == 0:
+            return
+        idx = torch.as_tensor(keep, device=self.device)
+        width = self.end - trim
+        for buf in (*self.buf_k, *self.buf_v):
+            buf[: len(keep), :, :width] = buf[idx, :, trim : self.end]
+        for arr in (self.req, self.seq, self.need, self.count, self.last, self.pos, self.first_col, self.eps):
+            arr[: len(keep)] = arr[keep]
+        self.generated[: len(keep)] = self.generated[keep]
+        self.live[: len(keep)] = True
+        self.live[len(keep) :] = False
+        self.first_col[: len(keep)] -= trim
+        self.n, self.end = len(keep), width
 
-    def _maybe_rebuild(self) -> None:
-        n_live = int(self.live.sum())
-        if self.queue and n_live <= self.rows // 2:
-            admit = [self.queue.pop() for _ in range(min(self.rows - n_live, len(self.queue)))]
-            self._rebuild(admit)
-        elif n_live and n_live <= len(self.live) // 2:
-            self._rebuild([])  # fewer rows, less compute per forward
-        elif n_live and self.end + 2 > min(self.limit, self.layers[0].buf_k.shape[2]):
-            self._rebuild([])  # out of columns: drop the left padding
+    def _admit(self) -> None:
+        n_live = int(self.live[: self.n].sum())
+        if n_live == 0:
+            self.n = 0
+            if self.queue:  # start over at the shortest waiting prompt
+                self.end = self.requests[self.queue[-1]].start + 1
+        dead = self.n - n_live
+        capacity = len(self.live)
+        ready = bool(self.queue) and self.requests[self.queue[-1]].start + 1 <= self.end
+        if dead and (dead >= self.n // 2 or (ready and self.n == capacity and dead >= self.n // 8)):
+            self._compact()
+        if self.end + 2 > self.columns:
+            self._compact()  # out of columns: drop the left padding
+        admit = []
+        while self.queue and self.n + len(admit) < capacity and self.requests[self.queue[-1]].start + 1 <= self.end:
+            admit.append(self.queue.pop())
+        if not admit:
+            return
+        lo, hi = self.n, self.n + len(admit)
+        seq = np.array([self.requests[k].seq for k in admit], dtype=np.int64)
+        start = np.array([self.requests[k].start for k in admit], dtype=np.int64)
+        # Right-aligned: the prompt's f+1 cached tokens end in column end-1.
+        src = (
+            torch.arange(self.end, device=self.device)[None, :] - torch.as_tensor(self.end - start - 1)[:, None]
+        ).clamp(min=0)
+        seq_t = torch.as_tensor(seq, device=self.device)
+        for tf, buf in zip((*self.tf_keys, *self.tf_values), (*self.buf_k, *self.buf_v)):
+            idx = src.to(self.device)[:, None, :, None].expand(-1, tf.shape[1], -1, tf.shape[3])
+            buf[lo:hi, :, : self.end] = tf[seq_t].gather(2, idx)
+        self.req[lo:hi] = admit
+        self.seq[lo:hi] = seq
+        self.need[lo:hi] = [self.requests[k].length for k in admit]
+        self.count[lo:hi] = 1
+        self.last[lo:hi] = self.predictions[seq, start]  # the teacher-forced argmax at the start
+        self.generated[lo:hi, 0] = self.last[lo:hi]
+        self.pos[lo:hi] = start + 1
+        self.first_col[lo:hi] = self.end - start - 1
+        self.eps[lo:hi] = self.expected_run[seq]
+        self.live[lo:hi] = True
+        self.n = hi
 
     # -- one round --------------------------------------------------------------------------------
-    def _choose_width(self, live: np.ndarray) -> int:
+    def _choose_width(self) -> int:
         """Drafts per row this round: the width that maximizes expected accepted tokens per unit of
         work, counting a forward's fixed cost as about half a token per row."""
-        room = self.need[live] - self.count[live] - 1  # drafts a row can still use
-        cap = np.minimum(room, np.floor(self.eps[live]))
-        col_room = int(min(self.limit - self.end - 1, self.layers[0].buf_k.shape[2] - self.end - 1))
+        live = self.live[: self.n]
+        room = (self.need - self.count - 1)[: self.n][live]  # drafts a row can still use
+        cap = np.minimum(room, np.floor(self.eps[: self.n][live]))
+        col_room = int(min(self.limit, self.columns) - self.end - 1)
         best, best_rate = 0, -1.0
-        overhead = 0.5 * len(self.live) + 16
+        overhead = 0.5 * self.n + 16
         for width in DRAFT_WIDTHS:
-            if width > max(col_room, 0) or (width and width > room.max()):
+            if width > col_room or (width and width > room.max()):
                 break
-            gain = live.sum() + np.minimum(cap, width).sum()
-            rate = gain / (overhead + len(self.live) * (width + 1))
+            gain = len(room) + np.minimum(cap, width).sum()
+            rate = gain / (overhead + self.n * (width + 1))
             if rate > best_rate:
                 best, best_rate = width, rate
         return best
 
     def step(self) -> None:
-        """Admit/compact if due, then one draft-and-verify forward over every row."""
-        self._maybe_rebuild()
-        live = self.live
-        n = len(live)
-        width = self._choose_width(live)
+        """Admit/compact rows if due, then one draft-and-verify forward over every row."""
+        self._admit()
+        n, live = self.n, self.live[: self.n]
+        width = self._choose_width()
         block = np.full((n, width + 1), PAD_ID, dtype=np.int64)
-        block[:, 0] = self.last
-        k_row = np.where(live, np.minimum(width, self.need - self.count - 1), 0)
+        block[:, 0] = self.last[:n]
+        k_row = np.where(live, np.minimum(width, self.need[:n] - self.count[:n] - 1), 0)
+        pos = self.pos[:n]
         if width:
             offs = np.arange(1, width + 1)
-            cols = np.minimum(self.pos[:, None] + offs, self.table.shape[1] - 1)
-            drafts = self.table[self.seq[:, None], cols]
-            use = offs[None, :] <= k_row[:, None]
-            block[:, 1:] = np.where(use, drafts, PAD_ID)
-        max_pos = self.limit - 1 if self.limit != math.inf else None
-        positions = self.pos[:, None] + np.arange(width + 1)
-        if max_pos is not None:  # finished rows and unused draft slots: any valid position will do
-            positions = np.minimum(positions, max_pos)
+            cols = np.minimum(pos[:, None] + offs, self.table.shape[1] - 1)
+            drafts = self.table[self.seq[:n, None], cols]
+            block[:, 1:] = np.where(offs[None, :] <= k_row[:, None], drafts, PAD_ID)
+        positions = pos[:, None] + np.arange(width + 1)
+        if self.limit != math.inf:  # finished rows and unused draft slots: any valid position will do
+            positions = np.minimum(positions, self.limit - 1)
         total = self.end + width + 1
-        mask = (
-            torch.arange(total, device=self.device)[None, :]
-            >= torch.as_tensor(self.first_col, device=self.device)[:, None]
-        )
-        for layer in self.layers:
-            layer.end = self.end
+        first_col = torch.as_tensor(self.first_col[:n], device=self.device)
+        mask = (torch.arange(total, device=self.device)[None, :] >= first_col[:, None]).long()
+        layers = [_BufferLayer(k[:n], v[:n], self.end) for k, v in zip(self.buf_k, self.buf_v)]
         out = self.model(
             input_ids=torch.as_tensor(block, device=self.device),
-            attention_mask=mask.long(),
+            attention_mask=mask,
             position_ids=torch.as_tensor(positions, device=self.device),
-            past_key_values=Cache(layers=self.layers),
+            past_key_values=Cache(layers=layers),
             use_cache=True,
         )
         self.forward_calls += 1
@@ -283,25 +273,22 @@ class ContinuationBatch:
         else:
             accepted = np.zeros(n, dtype=np.int64)
         accepted = np.where(live, accepted, 0)
-        self._record(live, accepted, argmax, finite, k_row)
+        self._record(np.flatnonzero(live), accepted, argmax, finite, k_row)
         # Keep every row's last cached token in one column: rows that kept fewer tokens move right.
         top = int(accepted.max(initial=0))
         shift = top - accepted
         if shift.any():
             end = self.end + width + 1
-            lo = int(self.first_col.min())
+            lo = int(self.first_col[:n].min())
             cols = torch.arange(lo, end, device=self.device)
             src = (cols[None, :] - torch.as_tensor(shift, device=self.device)[:, None]).clamp(min=0)
-            for layer in self.layers:
-                heads, dim = layer.buf_k.shape[1], layer.buf_k.shape[3]
-                idx = src[:, None, :, None].expand(-1, heads, -1, dim)
-                layer.buf_k[:, :, lo:end] = layer.buf_k[:, :, :end].gather(2, idx)
-                layer.buf_v[:, :, lo:end] = layer.buf_v[:, :, :end].gather(2, idx)
-            self.first_col = self.first_col + shift
+            for buf in (*self.buf_k, *self.buf_v):
+                idx = src[:, None, :, None].expand(-1, buf.shape[1], -1, buf.shape[3])
+                buf[:n, :, lo:end] = buf[:n, :, :end].gather(2, idx)
+            self.first_col[:n] += shift
         self.end += top + 1
 
-    def _record(self, live, accepted, argmax, finite, k_row) -> None:
-        rows = np.flatnonzero(live)
+    def _record(self, rows, accepted, argmax, finite, k_row) -> None:
         a = accepted[rows]
         # Tokens kept by row r: argmax[r, 0..a_r] (the accepted drafts equal the argmax there).
         r_idx = np.repeat(rows, a + 1)
@@ -316,7 +303,10 @@ class ContinuationBatch:
         self.pos[rows] += a + 1
         self.last[rows] = argmax[rows, a]
         drafted = k_row[rows] > 0
-        self.eps[rows] = np.where(drafted, np.where(a == k_row[rows], 2.0 * a, a), self.eps[rows])
+        # Expect twice as many after a fully accepted block; after a miss, what was accepted, or half
+        # the old expectation (a row that keeps missing soon stops drafting).
+        grown = np.where(a == k_row[rows], 2.0 * a, np.maximum(a, 0.5 * self.eps[rows]))
+        self.eps[rows] = np.where(drafted, grown, self.eps[rows])
         done = rows[self.count[rows] >= self.need[rows]]
         for r in done:
             self.results[int(self.req[r])] = self.generated[r, : self.need[r]].tolist()

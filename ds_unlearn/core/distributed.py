@@ -157,16 +157,13 @@ def full_model_fits(params, free_bytes: int | None = None, share: float = 0.25) 
     if not params:
         return True
     full = sum(int(p.ds_numel) * p.element_size() for p in params)
-    if free_bytes is None:
-        device = params[0].device
-        if device.type == "cuda":
-            free_bytes = int(torch.cuda.mem_get_info(device)[0])
-        else:
-            free_bytes = _host_available_bytes()
-    return full <= share * free_bytes
+    return full <= share * (free_memory_bytes(params[0].device) if free_bytes is None else free_bytes)
 
 
-def _host_available_bytes() -> int:
+def free_memory_bytes(device: torch.device) -> int:
+    """Free memory of ``device``: the GPU's free memory, or the host's MemAvailable for CPU."""
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0])
     try:
         with open("/proc/meminfo") as fh:
             for line in fh:

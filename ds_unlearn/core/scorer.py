@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from . import distributed as D
-from .continuations import ContinuationBatch, Request, run_in_lockstep, supports
+from .continuations import MAX_DRAFT, ContinuationBatch, Request, run_in_lockstep, supports
 from .errors import InputError, NonFiniteLogitsError
 from .memorization import (
     continuation_starts,
@@ -233,32 +233,31 @@ class BatchSizes:
 
 AUTO = "auto"
 MAX_AUTO_SEQUENCES = 64
-MAX_AUTO_ROWS = {"cpu": 256, "cuda": 2048}  # past these, bigger batches stop paying on that device
+MAX_AUTO_ROWS = {"cpu": 4096, "cuda": 8192}  # past these, bigger batches stop paying on that device
 
 
 def resolve_batch_size(
     model, batch_size: int | str | None, max_tokens: int, free_bytes: int | None = None
 ) -> BatchSizes:
-    """``batch_size`` as the scorer uses it. An int sets both sizes. ``"auto"`` (the default on a
-    GPU; ``None`` means it there and DEFAULT_BATCH_SIZE on CPU) sizes them from a quarter of the free
-    memory (``free_bytes``, default: the device's free memory, or the host's MemAvailable on CPU):
-    a teacher-forced row costs its logits (fp32, 3 copies) and KV cache, a continuation row its KV
-    cache plus a block of drafts' logits. Raises InputError for anything else."""
-    device = model_device(model)
-    if batch_size is None:
-        batch_size = AUTO if device.type == "cuda" else DEFAULT_BATCH_SIZE
-    if batch_size == AUTO:
+    """``batch_size`` as the scorer uses it. An int sets both sizes (and caps memory). ``"auto"``
+    (also what None means) sizes them from a quarter of the free memory (``free_bytes``; default:
+    the GPU's free memory, or the host's MemAvailable on CPU): a continuation row costs its KV cache
+    (``max_tokens`` + one block of drafts) plus a block of logits, and a teacher-forced batch holds no
+    more sequences than its continuations can all decode together (unseen text needs about one row
+    per token). Raises InputError for anything else."""
+    if batch_size is None or batch_size == AUTO:
+        device = model_device(model)
         config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
-        free = _free_bytes(device) if free_bytes is None else free_bytes
+        free = D.free_memory_bytes(device) if free_bytes is None else free_bytes
         budget = free // 4
-        width = max(1, max_tokens)
-        per_tf_row = width * (3 * 4 * int(config.vocab_size) + _kv_bytes_per_token(model, config))
-        per_row = (width + 65) * _kv_bytes_per_token(model, config) + 2 * 65 * 4 * int(config.vocab_size)
-        top = MAX_AUTO_ROWS.get(device.type, MAX_AUTO_ROWS["cpu"])
-        return BatchSizes(
-            sequences=int(min(MAX_AUTO_SEQUENCES, max(1, budget // per_tf_row))),
-            rows=int(min(top, max(1, budget // per_row))),
-        )
+        width = max(2, max_tokens)
+        kv = _kv_bytes_per_token(model, config)
+        vocab = int(config.vocab_size)
+        per_row = (width + MAX_DRAFT + 1) * kv + 2 * (MAX_DRAFT + 1) * 4 * vocab
+        rows = int(min(MAX_AUTO_ROWS.get(device.type, MAX_AUTO_ROWS["cpu"]), max(1, budget // per_row)))
+        per_sequence = width * (3 * 4 * vocab + kv)  # logits in fp32 (three live copies) and KV cache
+        sequences = min(MAX_AUTO_SEQUENCES, budget // per_sequence, rows // (width - 1))
+        return BatchSizes(sequences=int(max(1, sequences)), rows=rows)
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise InputError(f"batch_size must be a positive integer or 'auto', got {batch_size!r}")
     return BatchSizes(batch_size, batch_size)
@@ -271,19 +270,6 @@ def _kv_bytes_per_token(model, config) -> int:
     head_dim = int(getattr(config, "head_dim", None) or config.hidden_size // heads)
     itemsize = next(model.parameters()).element_size()
     return 2 * layers * kv_heads * head_dim * itemsize
-
-
-def _free_bytes(device: torch.device) -> int:
-    if device.type == "cuda":
-        return int(torch.cuda.mem_get_info(device)[0])
-    try:
-        with open("/proc/meminfo") as fh:
-            for line in fh:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 4 << 30  # no /proc: assume a modest 4 GiB
 
 
 def score_sequences(
@@ -304,9 +290,10 @@ def score_sequences(
     torch.distributed process group the sequences are sharded over ranks and every rank gets the
     full list back; every rank must call this with the same arguments.
 
-    ``batch_size``: an int, ``"auto"`` or None (see ``resolve_batch_size``). ``gather_params``
-    (ZeRO-3 only): gather the full model once for the whole call instead of every layer on every
-    forward; None gathers when it fits in a quarter of the free memory (the ranks agree).
+    ``batch_size``: an int, or ``"auto"``/None to size batches from free memory
+    (``resolve_batch_size``). ``gather_params`` (ZeRO-3 only): gather the full model once for the
+    whole call instead of every layer on every forward; None gathers when it fits in a quarter of
+    the free memory (the ranks agree).
 
     Raises InputError for requests the metrics are undefined on (before any compute), and
     NonFiniteLogitsError, naming the rows, when the model's logits are NaN or inf.
@@ -321,7 +308,10 @@ def score_sequences(
         getattr(model.config, "vocab_size", None),
         max_positions=context_limit(model),
     )
-    sizes = resolve_batch_size(model, batch_size, max(len(s) for s in sequences))
+    # Ranks must agree (equal numbers of teacher-forced batches keep ZeRO-3 forwards in step).
+    own = resolve_batch_size(model, batch_size, max(len(s) for s in sequences))
+    votes = D.all_gather_objects((own.sequences, own.rows))
+    sizes = BatchSizes(min(v[0] for v in votes), min(v[1] for v in votes))
     bar = _progress_bar if progress and D.is_main() else _no_progress
 
     was_training = model.training
