@@ -85,7 +85,7 @@ SCORE_CASES = {  # name: (extra args builder, expected text in the error line)
         lambda c, o: ["--data", c["long"]],
         "row 0: 300 tokens, more than the model's context of 256",
     ),
-    "batch size 0": (lambda c, o: ["--batch_size", 0], "--batch_size: must be at least 1"),
+    "batch size 0": (lambda c, o: ["--batch_size", 0], "argument --batch_size: expected a positive integer"),
     "el_n 0": (lambda c, o: ["--el_n", 0], "el_n must hold positive integers"),
     "max_length too short": (lambda c, o: ["--max_length", 5], "--max_length 5 is shorter"),
     "out equals data": (lambda c, o: ["--out", c["forget"], "--overwrite"], "lies inside the input"),
@@ -96,7 +96,7 @@ SCORE_CASES = {  # name: (extra args builder, expected text in the error line)
     "missing deepspeed file": (lambda c, o: ["--deepspeed", c["root"] / "nope.json"], "--deepspeed: no such file"),
     "malformed deepspeed JSON": (lambda c, o: ["--deepspeed", c["bad_ds"]], "bad_ds.json is not valid JSON"),
     "bad dist timeout": (lambda c, o: ["--dist_timeout_s", "-1"], "--dist_timeout_s: must be positive"),
-    "bad flag value": (lambda c, o: ["--batch_size", "many"], "argument --batch_size: invalid int value"),
+    "bad flag value": (lambda c, o: ["--batch_size", "many"], "argument --batch_size: expected a positive integer"),
 }
 
 

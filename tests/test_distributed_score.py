@@ -69,3 +69,36 @@ def test_zero3_two_ranks_match_one_process(model_dir, ids_file, tmp_path):
             else:
                 assert rb[key] == ra[key], (ra["id"], key)
     assert (tmp_path / "two.summary.json").exists()
+
+
+def _score_args(model, data, out, *extra):
+    return ["--model", model, "--data", data, "--out", out, "--extract_k", 8, "--el_n", 10, *extra]
+
+
+def test_zero3_gather_once_and_per_forward_match_one_process_at_full_context(tmp_path):
+    """A GPT-Neo with 64 learned positions, rows of exactly 64 tokens among shorter ones: on 2 ranks
+    under ZeRO-3, gathering the model once and gathering every layer per forward (lockstep) both
+    give the one-process scores, and no continuation steps past a row's last position."""
+    from ds_unlearn.core.toy import memorize, random_sequences, save_model, tiny_model
+
+    from .conftest import write_jsonl
+
+    known = random_sequences(2, 64, 64, seed=41)
+    model = memorize(tiny_model("gpt_neo", seed=4, vocab_size=64, max_positions=64), known, steps=80)
+    model_dir = save_model(model, tmp_path / "neo64")
+    seqs = [*known, known[0][:20] + [1 + known[0][20] % 63] + known[0][21:], *random_sequences(4, [64, 63, 40, 64], 64)]
+    data = write_jsonl(tmp_path / "data.jsonl", [{"id": f"r{i}", "input_ids": s} for i, s in enumerate(seqs)])
+    one = tmp_path / "one.jsonl"
+    assert main(["score", *map(str, _score_args(model_dir, data, one))]) == 0
+    expected = read_jsonl(one)
+    for mode in ("once", "per_forward"):
+        out = tmp_path / f"{mode}.jsonl"
+        args = _score_args(model_dir, data, out, "--batch_size", 3, "--zero3_gather", mode)
+        result = deepspeed_run("launch/score.py", *args, "--deepspeed", REPO / "configs/ds/zero3.json", timeout=300)
+        assert result.returncode == 0, tail(result)
+        for ra, rb in zip(expected, read_jsonl(out)):
+            for key in ra:
+                if isinstance(ra[key], float):
+                    assert rb[key] == pytest.approx(ra[key], abs=1e-5), (mode, ra["id"], key)
+                else:
+                    assert rb[key] == ra[key], (mode, ra["id"], key)

@@ -91,3 +91,84 @@ def test_model_dtype_device_and_mode_are_kept(token_sets):
 def test_bad_requests_fail_before_compute(memorized_model, sequences, kwargs, message):
     with pytest.raises(InputError, match=message):
         score_sequences(memorized_model, sequences, **kwargs)
+
+
+# -- sequences as long as the model's context (issue 10, item 3) -----------------------------------
+CONTEXT = 64
+
+
+@pytest.fixture(scope="module")
+def full_context_case():
+    """A float64 GPT-Neo with 64 learned positions that memorized one 64-token sequence, and rows of
+    64, 63 and 48 tokens (memorized, partly memorized, unseen) scored together."""
+    from ds_unlearn.core.toy import memorize, random_sequences, tiny_model
+
+    torch.manual_seed(0)
+    model = tiny_model("gpt_neo", seed=3, vocab_size=64, max_positions=CONTEXT)
+    known = random_sequences(1, CONTEXT, 64, seed=31)[0]
+    memorize(model, [known], steps=60)
+    unseen = random_sequences(3, [CONTEXT, CONTEXT - 1, 48], 64, seed=32)
+    partial = known[:30] + [1 + known[30] % 63] + known[31:]
+    return model.double().eval(), [known, partial, *unseen]
+
+
+def test_sequences_as_long_as_the_context_score_like_the_reference(full_context_case):
+    model, seqs = full_context_case
+    ref = score_sequences(model, seqs, el_n=(5, 10), extract_k=(8,), batch_size=4, method="reference")
+    fast = score_sequences(model, seqs, el_n=(5, 10), extract_k=(8,), batch_size=4)
+    assert fast == ref
+    assert ref[0]["el_10"] == 1.0 and 0.0 < ref[1]["el_10"] < 1.0
+
+
+def test_the_plain_decoding_fallback_stays_inside_the_context(full_context_case, monkeypatch):
+    # Models whose KV cache the draft-and-verify decoder cannot copy (sliding windows, recurrent
+    # layers) decode chunks plainly; a chunk must never mix a long prompt with a long request.
+    import ds_unlearn.core.scorer as scorer
+
+    model, seqs = full_context_case
+    monkeypatch.setattr(scorer, "supports", lambda cache: False)
+    fast = score_sequences(model, seqs, el_n=(5, 10), extract_k=(8,), batch_size=16)
+    ref = score_sequences(model, seqs, el_n=(5, 10), extract_k=(8,), batch_size=16, method="reference")
+    assert fast == ref
+
+
+def test_a_sequence_longer_than_the_context_is_an_input_error(full_context_case):
+    model, seqs = full_context_case
+    with pytest.raises(InputError, match="row 1: 65 tokens, longer than the model's context of 64 positions"):
+        score_sequences(model, [seqs[0], seqs[0] + [5]], el_n=(10,), extract_k=(8,))
+
+
+# -- work, memory and failure modes -------------------------------------------------------------
+def test_memorized_text_needs_no_generation(memorized_model, token_sets, monkeypatch):
+    import ds_unlearn.core.continuations as continuations
+
+    steps = []
+    monkeypatch.setattr(continuations.ContinuationBatch, "step", lambda self: steps.append(1))
+    rows = score_sequences(memorized_model, token_sets["memorized"], el_n=(10,), extract_k=(8,))
+    assert steps == [] and all(r["el_10"] == 1.0 for r in rows)
+
+
+def test_non_finite_logits_name_the_rows(token_sets):
+    from ds_unlearn.core.errors import NonFiniteLogitsError
+    from ds_unlearn.core.toy import tiny_model
+
+    model = tiny_model("llama", vocab_size=64).eval()
+    with torch.no_grad():
+        model.lm_head.weight[7, 0] = float("nan")
+    with pytest.raises(NonFiniteLogitsError, match=r"rows \[0, 1\].*non-finite weights"):
+        score_sequences(model, token_sets["unseen"][:2], el_n=(5,), extract_k=(4,))
+
+
+def test_batch_size_auto_is_sized_from_free_memory():
+    from ds_unlearn.core.scorer import BatchSizes, resolve_batch_size
+    from ds_unlearn.core.toy import tiny_model
+
+    model = tiny_model("gpt_neo", vocab_size=512, max_positions=512)
+    # KV: 2 layers x (k, v) x 32 x 4 bytes = 512 B per token; a row: 265 tokens of KV + 2 x 65 x 512
+    # fp32 logits = 401,920 B. A 1 GiB budget (a quarter of 4 GiB) holds 2,671 rows.
+    sizes = resolve_batch_size(model, "auto", 200, free_bytes=4 << 30)
+    assert sizes == BatchSizes(sequences=13, rows=2671)
+    assert resolve_batch_size(model, None, 200, free_bytes=64 << 30).rows == 4096  # the CPU cap
+    assert resolve_batch_size(model, 7, 200) == BatchSizes(7, 7)
+    with pytest.raises(InputError, match="batch_size must be a positive integer or 'auto'"):
+        resolve_batch_size(model, 0, 200)

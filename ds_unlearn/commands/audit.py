@@ -133,76 +133,73 @@ def load_sets(args, model_dir, vocab_size, settings):
 
 
 def run(args: argparse.Namespace) -> int:
-    D.init_distributed()
-    try:
-        # Everything that can be wrong with the input is found here, before any weights load.
-        if not args.holdout:
-            raise InputError("--holdout: required (text the model never saw, like the forget set's)")
-        model_dir = resolve_model_dir(args.model)
-        baseline_dir = resolve_model_dir(args.baseline) if args.baseline else None
-        check_output(
-            args.out,
-            option="--out",
-            overwrite=args.overwrite,
-            inputs=(args.forget, args.holdout, model_dir, baseline_dir),
-            directory=True,
-            owned=AUDIT_OUTPUTS,
+    # The process entry (cli.main) owns the process group and the failure path.
+    # Everything that can be wrong with the input is found here, before any weights load.
+    if not args.holdout:
+        raise InputError("--holdout: required (text the model never saw, like the forget set's)")
+    model_dir = resolve_model_dir(args.model)
+    baseline_dir = resolve_model_dir(args.baseline) if args.baseline else None
+    check_output(
+        args.out,
+        option="--out",
+        overwrite=args.overwrite,
+        inputs=(args.forget, args.holdout, model_dir, baseline_dir),
+        directory=True,
+        owned=AUDIT_OUTPUTS,
+    )
+    settings = settings_from(args)
+    settings.validate()
+    if not 0.0 <= args.over_unlearned_threshold < args.memorized_threshold <= 1.0:
+        raise InputError("--memorized_threshold: need 0 <= over_unlearned_threshold < memorized_threshold <= 1")
+    thresholds = Thresholds(args.memorized_threshold, args.over_unlearned_threshold)
+    ds_config = load_ds_config(args.deepspeed) if args.deepspeed else None
+    vocab_size = load_config(model_dir).vocab_size
+    if baseline_dir is not None and load_config(baseline_dir).vocab_size != vocab_size:
+        raise InputError(f"--baseline: {args.baseline} has a different vocabulary size than --model")
+    sets, tokenizer, explicit = load_sets(args, model_dir, vocab_size, settings)
+    tasks = _eval_tasks(args)
+    manager = None
+    if tasks or args.eval_include_path:
+        from ..core.utility import check_eval_request
+
+        manager = check_eval_request(tasks, args.eval_include_path, tokenizer)
+
+    def audit_of(directory):
+        model = load_for_inference(directory, DTYPES[args.dtype], ds_config)
+        forget, holdout = (sets["forget"], sets["holdout"]) if explicit else _index_ids(sets)
+        result = audit(
+            model, forget, holdout, settings=settings, thresholds=thresholds, tokenizer=tokenizer, progress=True
         )
-        settings = settings_from(args)
-        settings.validate()
-        if not 0.0 <= args.over_unlearned_threshold < args.memorized_threshold <= 1.0:
-            raise InputError("--memorized_threshold: need 0 <= over_unlearned_threshold < memorized_threshold <= 1")
-        thresholds = Thresholds(args.memorized_threshold, args.over_unlearned_threshold)
-        ds_config = load_ds_config(args.deepspeed) if args.deepspeed else None
-        vocab_size = load_config(model_dir).vocab_size
-        if baseline_dir is not None and load_config(baseline_dir).vocab_size != vocab_size:
-            raise InputError(f"--baseline: {args.baseline} has a different vocabulary size than --model")
-        sets, tokenizer, explicit = load_sets(args, model_dir, vocab_size, settings)
-        tasks = _eval_tasks(args)
-        manager = None
-        if tasks or args.eval_include_path:
-            from ..core.utility import check_eval_request
+        return model, result
 
-            manager = check_eval_request(tasks, args.eval_include_path, tokenizer)
+    before = None
+    if baseline_dir is not None:
+        baseline_model, before = audit_of(baseline_dir)
+        del baseline_model
+        gc.collect()
+    model, result = audit_of(model_dir)
+    if before is not None:
+        result = compare(result, before)
+    result.summary["model"] = str(args.model)
+    result.summary["baseline_model"] = str(args.baseline) if args.baseline else None
+    result.summary["world_size"] = D.world_size()
+    if tasks:
+        from ..core.utility import run_eval
 
-        def audit_of(directory):
-            model = load_for_inference(directory, DTYPES[args.dtype], ds_config)
-            forget, holdout = (sets["forget"], sets["holdout"]) if explicit else _index_ids(sets)
-            result = audit(
-                model, forget, holdout, settings=settings, thresholds=thresholds, tokenizer=tokenizer, progress=True
-            )
-            return model, result
-
-        before = None
-        if baseline_dir is not None:
-            baseline_model, before = audit_of(baseline_dir)
-            del baseline_model
-            gc.collect()
-        model, result = audit_of(model_dir)
-        if before is not None:
-            result = compare(result, before)
-        result.summary["model"] = str(args.model)
-        result.summary["baseline_model"] = str(args.baseline) if args.baseline else None
-        result.summary["world_size"] = D.world_size()
-        if tasks:
-            from ..core.utility import run_eval
-
-            result.summary["eval"] = run_eval(
-                model,
-                tokenizer,
-                tasks,
-                manager,
-                limit=_limit(args.eval_limit),
-                batch_size=args.eval_batch_size,
-                seed=args.seed,
-            )
-        if D.is_main():
-            write_audit(args.out, result)
-            print("\n".join(summary_lines(result.summary)))
-            print(f"wrote {JSONL}, {SUMMARY}, {MARKDOWN} and plots to {args.out}")
-        return 0
-    finally:
-        D.finalize()
+        result.summary["eval"] = run_eval(
+            model,
+            tokenizer,
+            tasks,
+            manager,
+            limit=_limit(args.eval_limit),
+            batch_size=args.eval_batch_size,
+            seed=args.seed,
+        )
+    if D.is_main():
+        write_audit(args.out, result)
+        print("\n".join(summary_lines(result.summary)))
+        print(f"wrote {JSONL}, {SUMMARY}, {MARKDOWN} and plots to {args.out}")
+    return 0
 
 
 def _eval_tasks(args) -> list[str]:

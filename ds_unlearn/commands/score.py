@@ -17,9 +17,10 @@ from ..core.errors import InputError
 from ..core.files import OVERWRITE_FLAG, check_output, write_json, write_jsonl
 from ..core.models import DTYPES, load_config, load_for_inference, load_tokenizer, resolve_model_dir
 from ..core.scorer import (
-    DEFAULT_BATCH_SIZE,
+    AUTO,
     DEFAULT_EL_N,
     DEFAULT_EXTRACT_K,
+    context_limit,
     min_length,
     score_sequences,
     validate_request,
@@ -47,15 +48,37 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--extract_k", type=int, nargs="+", default=[DEFAULT_EXTRACT_K], help="K of k-extractability")
     parser.add_argument("--max_length", type=int, default=None, help="truncate sequences to this many tokens")
     parser.add_argument(
-        "--batch_size", type=int, default=DEFAULT_BATCH_SIZE, help="sequences / continuations per forward"
+        "--batch_size",
+        type=_batch_size,
+        default=AUTO,
+        help="sequences / continuations per forward, or 'auto' (from free memory; the default)",
     )
     parser.add_argument("--text_field", default="text", help="field holding the text of a row")
     parser.add_argument("--id_field", default="id", help="field holding a row's id (else the row index)")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="dtype to load the model in")
     parser.add_argument("--method", choices=["fast", "reference"], default="fast", help="EL_n algorithm")
     parser.add_argument("--deepspeed", default=None, help="DeepSpeed JSON config (ZeRO-3 loads partitioned)")
+    parser.add_argument(
+        "--zero3_gather",
+        choices=["auto", "once", "per_forward"],
+        default="auto",
+        help="ZeRO-3: gather the full model once for scoring, or every layer on each forward; "
+        "auto gathers once when the model fits in a quarter of free memory",
+    )
     parser.add_argument(OVERWRITE_FLAG, action="store_true", help="replace existing output files")
     parser.add_argument("--local_rank", type=int, default=-1, help=argparse.SUPPRESS)  # set by launchers
+
+
+def _batch_size(value: str) -> int | str:
+    if value == AUTO:
+        return AUTO
+    try:
+        size = int(value)
+    except ValueError:
+        size = 0
+    if size < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer or 'auto', got {value!r}")
+    return size
 
 
 def summary_path(out: str | Path) -> Path:
@@ -76,8 +99,6 @@ def run(args: argparse.Namespace) -> int:
             f"--max_length {args.max_length} is shorter than el_n/extract_k need "
             f"({min_length(args.el_n, args.extract_k)} tokens)"
         )
-    if args.batch_size < 1:
-        raise InputError(f"--batch_size: must be at least 1, got {args.batch_size}")
     model_config = load_config(model_dir)
     vocab_size = model_config.vocab_size
     rows = read_rows(args.data)
@@ -90,8 +111,8 @@ def run(args: argparse.Namespace) -> int:
         max_length=args.max_length,
         vocab_size=vocab_size,
     )
+    check_context(data, context_limit(model_config))
     validate_request(data.sequences, args.el_n, args.extract_k, vocab_size, lambda i: f"--data row {i}")
-    check_context(data, getattr(model_config, "max_position_embeddings", None))
 
     model = load_for_inference(model_dir, DTYPES[args.dtype], ds_config)
     scores = score_sequences(
@@ -102,6 +123,7 @@ def run(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         method=args.method,
         progress=True,
+        gather_params={"auto": None, "once": True, "per_forward": False}[args.zero3_gather],
     )
     if D.is_main():
         write_scores(args.out, data.ids, scores)

@@ -11,6 +11,8 @@ import sys
 import threading
 import time
 import traceback
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import timedelta
 from typing import Any
 
@@ -172,6 +174,16 @@ def all_gather_objects(obj: Any) -> list[Any]:
     return out
 
 
+def any_rank(flag: bool) -> bool:
+    """True if ``flag`` is True on any rank (a collective: every rank must call it)."""
+    if not is_distributed():
+        return flag
+    device = torch.device("cuda", torch.cuda.current_device()) if backend() == "nccl" else torch.device("cpu")
+    value = torch.tensor([int(flag)], device=device)
+    dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return bool(value.item())
+
+
 def shard_indices(count: int) -> list[int]:
     """This rank's rows of ``count``: contiguous, equal-sized shards (the last ones padded with
     repeats of the final row), so every rank runs the same number of batches and forward calls
@@ -206,3 +218,80 @@ def finalize() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
+
+
+# -- ZeRO-3: gather the whole model once for a run of forwards -------------------------------------
+def zero3_parameters(model) -> list:
+    """The parameters ZeRO-3 partitioned (they carry ``ds_id``); empty for any other model."""
+    return [p for p in model.parameters() if hasattr(p, "ds_id")]
+
+
+def full_model_fits(params, free_bytes: int | None = None, share: float = 0.25) -> bool:
+    """True when the full (gathered) parameters take at most ``share`` of the free memory of their
+    device (CUDA: free device memory; CPU: the host's MemAvailable)."""
+    if not params:
+        return True
+    full = sum(int(p.ds_numel) * p.element_size() for p in params)
+    return full <= share * (free_memory_bytes(params[0].device) if free_bytes is None else free_bytes)
+
+
+def free_memory_bytes(device: torch.device) -> int:
+    """Free memory of ``device``: the GPU's free memory, or the host's MemAvailable for CPU."""
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0])
+    try:
+        with open("/proc/meminfo") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 4 << 30  # no /proc: assume a modest 4 GiB
+
+
+@contextmanager
+def gathered_for_inference(model, gather: bool | None = None) -> Iterator[bool]:
+    """Under ZeRO-3, gather every parameter once for the block (``deepspeed.zero.GatheredParameters``)
+    and switch off DeepSpeed's per-module fetch/release hooks meanwhile, so forwards inside are
+    local and need no lockstep; yields True then. ``gather`` None decides by ``full_model_fits`` (all
+    ranks must agree, so they vote); False, or a model that is not ZeRO-3, yields False and changes
+    nothing (every forward then gathers its layers collectively). A collective: every rank enters."""
+    params = zero3_parameters(model)
+    if not params:
+        yield False
+        return
+    if gather is None:
+        gather = all(all_gather_objects(full_model_fits(params)))
+    if not gather:
+        yield False
+        return
+    import deepspeed
+
+    with deepspeed.zero.GatheredParameters(params), _without_deepspeed_hooks(model):
+        yield True
+
+
+def _hook_origin(hook) -> str:
+    hook = getattr(hook, "func", hook)  # functools.partial
+    return getattr(hook, "__module__", "") or ""
+
+
+@contextmanager
+def _without_deepspeed_hooks(model) -> Iterator[None]:
+    # The ZeRO-3 forward hooks would release (re-partition) the gathered parameters after each
+    # module and all-gather them again on the next forward; removing them for the block is what
+    # deepspeed.runtime.zero.unwrap_model_for_generation does, which needs the engine we lack here.
+    saved = []
+    for module in model.modules():
+        for hooks in (module._forward_pre_hooks, module._forward_hooks):
+            ours = {k: h for k, h in hooks.items() if _hook_origin(h).startswith("deepspeed")}
+            if ours:
+                saved.append((hooks, dict(hooks)))
+                for k in ours:
+                    del hooks[k]
+    try:
+        yield
+    finally:
+        for hooks, original in saved:
+            hooks.clear()
+            hooks.update(original)

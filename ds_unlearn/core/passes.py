@@ -7,6 +7,7 @@ every forward gathers parameters collectively) stay in lockstep even when their 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -24,10 +25,27 @@ def _score_dtype(logits: torch.Tensor) -> torch.dtype:
     return torch.float64 if logits.dtype == torch.float64 else torch.float32
 
 
+@dataclass
+class TeacherForced:
+    """One teacher-forced pass over a batch of S sequences (right-padded to width W).
+
+    ``rows[i]``: (match, nll) of sequence i, both of length T_i - 1 (bool, float64).
+    ``predictions``: int64 [S, W-1], the argmax after each prefix (``predictions[i, j]`` is the
+    greedy token after ``x[:j+1]``; past T_i - 1 it is padding's). ``tokens``: int64 [S, W].
+    ``cache``: the pass's KV cache when asked for (positions 0..T_i-1 of row i in columns
+    0..T_i-1), else None. ``nonfinite``: indices of sequences whose logits held NaN or inf.
+    """
+
+    rows: list[tuple[np.ndarray, np.ndarray]]
+    predictions: np.ndarray
+    tokens: np.ndarray
+    cache: object | None
+    nonfinite: list[int]
+
+
 @torch.no_grad()
-def teacher_forced_rows(model, sequences: Sequence[Sequence[int]]) -> list[tuple[np.ndarray, np.ndarray]]:
-    """One right-padded forward pass over ``sequences``; per sequence the match row and the
-    next-token NLL row, both of length T-1 (padding never counts)."""
+def teacher_forced_pass(model, sequences: Sequence[Sequence[int]], keep_cache: bool = False) -> TeacherForced:
+    """One right-padded forward pass over ``sequences`` (see ``TeacherForced``)."""
     device = model_device(model)
     lengths = [len(s) for s in sequences]
     width = max(lengths)
@@ -36,14 +54,27 @@ def teacher_forced_rows(model, sequences: Sequence[Sequence[int]]) -> list[tuple
     for i, seq in enumerate(sequences):
         ids[i, : len(seq)] = torch.as_tensor(seq, dtype=torch.long)
         mask[i, : len(seq)] = 1
+    tokens = ids.numpy()
     ids, mask = ids.to(device), mask.to(device)
-    logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits[:, :-1]
+    out = model(input_ids=ids, attention_mask=mask, use_cache=keep_cache)
+    logits = out.logits[:, :-1]
     logprobs = torch.log_softmax(logits.to(_score_dtype(logits)), dim=-1)
     targets = ids[:, 1:]
     nll = -logprobs.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
-    match = logits.argmax(-1) == targets
-    match, nll = match.cpu().numpy(), nll.double().cpu().numpy()
-    return [(match[i, : n - 1].copy(), nll[i, : n - 1].copy()) for i, n in enumerate(lengths)]
+    best, predictions = logits.max(-1)
+    # Non-finite logits make every metric meaningless; checked once per pass, with the results.
+    bad = (~torch.isfinite(best) & (mask[:, 1:] > 0)).any(-1)
+    match = predictions == targets
+    match, nll, predictions, bad = match.cpu().numpy(), nll.double().cpu().numpy(), predictions.cpu().numpy(), bad.cpu()
+    rows = [(match[i, : n - 1].copy(), nll[i, : n - 1].copy()) for i, n in enumerate(lengths)]
+    cache = out.past_key_values if keep_cache else None
+    return TeacherForced(rows, predictions, tokens, cache, [int(i) for i in np.flatnonzero(bad.numpy())])
+
+
+def teacher_forced_rows(model, sequences: Sequence[Sequence[int]]) -> list[tuple[np.ndarray, np.ndarray]]:
+    """One right-padded forward pass over ``sequences``; per sequence the match row and the
+    next-token NLL row, both of length T-1 (padding never counts)."""
+    return teacher_forced_pass(model, sequences).rows
 
 
 @torch.no_grad()

@@ -9,16 +9,21 @@ ranks run the same number of forward calls so ZeRO-3 parameter gathers never han
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
 
 from . import distributed as D
-from .errors import InputError
+from .continuations import MAX_DRAFT, ContinuationBatch, Request, run_in_lockstep, supports
+from .errors import InputError, NonFiniteLogitsError
 from .memorization import (
     continuation_starts,
     extraction_likelihood_fast,
     extraction_likelihood_reference,
     sequence_metrics,
 )
-from .passes import greedy_continuations, teacher_forced_rows
+from .passes import greedy_continuations, model_device, teacher_forced_pass
 
 DEFAULT_BATCH_SIZE = 16
 DEFAULT_EL_N = 10  # both papers' n of EL_n
@@ -31,14 +36,25 @@ def min_length(el_n: Sequence[int], extract_k: Sequence[int]) -> int:
     return max([2, *(n + 1 for n in el_n), *(k + 1 for k in extract_k)])
 
 
+def context_limit(model_or_config) -> int | None:
+    """The model's context in tokens (``max_position_embeddings``; GPT-2's ``n_positions`` maps to
+    it), or None when the config does not say."""
+    config = getattr(model_or_config, "config", model_or_config)
+    limit = getattr(config, "max_position_embeddings", None)
+    return int(limit) if isinstance(limit, int) and limit > 0 else None
+
+
 def validate_request(
     sequences: Sequence[Sequence[int]],
     el_n: Sequence[int],
     extract_k: Sequence[int],
     vocab_size: int | None,
     describe_row: Callable[[int], str] = lambda i: f"row {i}",
+    max_positions: int | None = None,
 ) -> None:
-    """Reject what the metrics are undefined on, naming the first offending row."""
+    """Reject what the metrics are undefined on, naming the first offending row: too short for
+    el_n/extract_k, longer than the model's context (``max_positions``), or a token outside the
+    vocabulary."""
     if not sequences:
         raise InputError("the set of sequences is empty")
     for name, values in (("el_n", el_n), ("extract_k", extract_k)):
@@ -52,6 +68,11 @@ def validate_request(
                 f"{describe_row(i)}: {len(seq)} tokens, but el_n={list(el_n)} and "
                 f"extract_k={list(extract_k)} need at least {need}"
             )
+        if max_positions is not None and len(seq) > max_positions:
+            raise InputError(
+                f"{describe_row(i)}: {len(seq)} tokens, longer than the model's context of {max_positions} "
+                "positions (cut rows with --max_length)"
+            )
         if vocab_size is not None:
             for tok in seq:
                 if not 0 <= int(tok) < vocab_size:
@@ -62,14 +83,33 @@ def _chunks(items: list, size: int) -> list[list]:
     return [items[i : i + size] for i in range(0, len(items), size)]
 
 
-def _run_generation_chunks(model, chunks, progress) -> list[list[list[int]]]:
+def _column_chunks(requests: list, size: int, limit: int | None) -> list[list]:
+    """Requests (..., prompt, num_new) in chunks of at most ``size`` whose left-padded decode never
+    needs more than ``limit`` columns (longest prompt + most steps): a chunk that mixed a long prompt
+    with a long request would push rows past the model's last position."""
+    chunks: list[list] = []
+    for req in requests:
+        chunk = chunks[-1] if chunks else None
+        if chunk is not None and len(chunk) < size:
+            width = max(len(req[-2]), *(len(r[-2]) for r in chunk))
+            steps = max(req[-1], *(r[-1] for r in chunk))
+            if limit is None or width + steps <= limit:
+                chunk.append(req)
+                continue
+        chunks.append([req])
+    return chunks
+
+
+def _run_generation_chunks(model, chunks, progress, any_rank) -> list[list[list[int]]]:
     """Generate every chunk of (prompt, num_new) requests, in lockstep across ranks.
 
     Each chunk takes max(num_new) forward calls; ranks agree on the per-chunk call counts, and a
-    rank with fewer chunks runs one-token dummies so every rank calls the model equally often.
+    rank with fewer chunks runs one-token dummies so every rank calls the model equally often
+    (``any_rank`` is the identity when ranks need no lockstep).
     """
     own_steps = [max(n for _, n in chunk) for chunk in chunks]
-    all_steps = D.all_gather_objects(own_steps)
+    lockstep = any_rank is D.any_rank
+    all_steps = D.all_gather_objects(own_steps) if lockstep else [own_steps]
     num_chunks = max(len(s) for s in all_steps)
     steps = [max(s[i] if i < len(s) else 0 for s in all_steps) for i in range(num_chunks)]
     results = []
@@ -82,33 +122,59 @@ def _run_generation_chunks(model, chunks, progress) -> list[list[list[int]]]:
     return results
 
 
-def _teacher_forced(model, sequences, batch_size, progress):
-    rows = []
-    for batch in progress(_chunks(list(sequences), batch_size), "forward"):
-        rows.extend(teacher_forced_rows(model, batch))
-    return rows
+def _dummy_forward(model) -> None:
+    model(input_ids=torch.zeros((1, 1), dtype=torch.long, device=model_device(model)), use_cache=False)
 
 
-def _el_fast(model, sequences, rows, el_n, batch_size, progress) -> list[dict]:
-    requests = []  # (sequence index, error position, prompt, num_new)
-    for i, (seq, (match, _)) in enumerate(zip(sequences, rows)):
+def _expected_run(match) -> float:
+    """Mean length of a run of correct teacher-forced predictions: how many drafts of the
+    memorized text a continuation of this sequence may get accepted per round."""
+    match = np.asarray(match, dtype=bool)
+    runs = int(np.count_nonzero(match[1:] & ~match[:-1])) + int(bool(match[:1].any()))
+    return float(match.sum()) / max(runs, 1)
+
+
+def _el_fast_batch(model, sequences, tf, el_n, rows, any_rank) -> list[dict]:
+    """EL_n of one teacher-forced batch: continuations only from the wrong positions, decoded
+    draft-and-verify from the pass's own KV cache (continuations.py)."""
+    requests, owners = [], []
+    for i, (seq, (match, _)) in enumerate(zip(sequences, tf.rows)):
+        if i in tf.nonfinite:
+            continue  # its metrics are void; the caller raises once every rank is done
         for f in continuation_starts(match, len(seq) - min(el_n)):
-            requests.append((i, f, list(seq[: f + 1]), len(seq) - f - 1))
-    # Longest first, so rows sharing a chunk need similar numbers of steps.
-    requests.sort(key=lambda r: -r[3])
-    chunks = _chunks(requests, batch_size)
-    generated = _run_generation_chunks(model, [[(r[2], r[3]) for r in c] for c in chunks], progress)
+            requests.append(Request(seq=i, start=f, length=len(seq) - f - 1))
+            owners.append((i, f))
     continuations: list[dict[int, list[int]]] = [{} for _ in sequences]
-    for chunk, outs in zip(chunks, generated):
-        for (i, f, _, _), cont in zip(chunk, outs):
-            continuations[i][f] = cont
+    nonfinite = set(tf.nonfinite)
+    if supports(tf.cache):
+        expected = np.array([_expected_run(m) for m, _ in tf.rows])
+        batch = ContinuationBatch(
+            model, tf.tokens, tf.predictions, tf.cache, requests, expected, rows, context_limit(model)
+        )
+        run_in_lockstep([batch], lambda: _dummy_forward(model), any_rank)
+        outs = batch.results
+        nonfinite |= batch.nonfinite
+    else:  # sliding-window or recurrent caches: plain batched decoding, chunked to stay in context
+        reqs = sorted(
+            ((i, f, list(sequences[i][: f + 1]), n) for (i, f), n in zip(owners, (r.length for r in requests))),
+            key=lambda r: -r[3],
+        )
+        chunks = _column_chunks(reqs, rows, context_limit(model))
+        generated = _run_generation_chunks(model, [[(r[2], r[3]) for r in c] for c in chunks], _no_progress, any_rank)
+        by_owner = {(r[0], r[1]): cont for c, outs in zip(chunks, generated) for r, cont in zip(c, outs)}
+        outs = [by_owner[o] for o in owners]
+    for (i, f), cont in zip(owners, outs):
+        continuations[i][f] = cont
+    tf.nonfinite = sorted(nonfinite)
     return [
-        {f"el_{n}": extraction_likelihood_fast(list(seq), match, continuations[i], n) for n in el_n}
-        for i, (seq, (match, _)) in enumerate(zip(sequences, rows))
+        {}
+        if i in nonfinite
+        else {f"el_{n}": extraction_likelihood_fast(list(seq), match, continuations[i], n) for n in el_n}
+        for i, (seq, (match, _)) in enumerate(zip(sequences, tf.rows))
     ]
 
 
-def _el_reference(model, sequences, el_n, batch_size, progress) -> list[dict]:
+def _el_reference(model, sequences, el_n, batch_size, progress, any_rank) -> list[dict]:
     """The papers' procedure: one greedy generation per prefix length (batched over sequences)."""
     n_min = min(el_n)
     requests_by_prefix: dict[int, list] = {}
@@ -116,7 +182,7 @@ def _el_reference(model, sequences, el_n, batch_size, progress) -> list[dict]:
         for p in range(1, len(seq) - n_min + 1):
             requests_by_prefix.setdefault(p, []).append((i, list(seq[:p]), len(seq) - p))
     chunks = [c for p in sorted(requests_by_prefix) for c in _chunks(requests_by_prefix[p], batch_size)]
-    generated = _run_generation_chunks(model, [[(r[1], r[2]) for r in c] for c in chunks], progress)
+    generated = _run_generation_chunks(model, [[(r[1], r[2]) for r in c] for c in chunks], progress, any_rank)
     continuations: list[dict[int, list[int]]] = [{} for _ in sequences]
     for chunk, outs in zip(chunks, generated):
         for (i, prompt, _), cont in zip(chunk, outs):
@@ -127,14 +193,21 @@ def _el_reference(model, sequences, el_n, batch_size, progress) -> list[dict]:
     ]
 
 
-def _score_local(model, sequences, el_n, extract_k, batch_size, method, progress) -> list[dict]:
-    rows = _teacher_forced(model, sequences, batch_size, progress)
+def _score_local(model, sequences, el_n, extract_k, sizes, method, progress, any_rank) -> tuple[list[dict], list[int]]:
+    """Metrics of this rank's sequences, and the indices (into ``sequences``) with non-finite logits."""
+    fast = bool(el_n) and method == "fast"
+    rows, els, nonfinite = [], [], []
+    for b, batch in enumerate(progress(_chunks(list(sequences), sizes.sequences), "score")):
+        tf = teacher_forced_pass(model, batch, keep_cache=fast)
+        if fast:
+            els.extend(_el_fast_batch(model, batch, tf, el_n, sizes.rows, any_rank))
+        tf.cache = None  # the KV cache can be large; only this batch's continuations needed it
+        rows.extend(tf.rows)
+        nonfinite.extend(b * sizes.sequences + i for i in tf.nonfinite)
     if not el_n:  # teacher-forced metrics only
         els = [{} for _ in sequences]
-    elif method == "fast":
-        els = _el_fast(model, sequences, rows, el_n, batch_size, progress)
-    else:
-        els = _el_reference(model, sequences, el_n, batch_size, progress)
+    elif not fast:
+        els = _el_reference(model, sequences, el_n, sizes.rows, progress, any_rank)
     results = []
     for seq, (match, nll), el in zip(sequences, rows, els):
         metrics = sequence_metrics(seq, match, nll, extract_k=extract_k)
@@ -143,11 +216,60 @@ def _score_local(model, sequences, el_n, extract_k, batch_size, method, progress
         ordered.update(el)
         ordered.update({k: v for k, v in metrics.items() if k not in ordered})
         results.append(ordered)
-    return results
+    return results, nonfinite
 
 
 def _no_progress(iterable, _desc):
     return iterable
+
+
+@dataclass(frozen=True)
+class BatchSizes:
+    """Sequences per teacher-forced forward, and continuation rows decoded together."""
+
+    sequences: int
+    rows: int
+
+
+AUTO = "auto"
+MAX_AUTO_SEQUENCES = 64
+MAX_AUTO_ROWS = {"cpu": 4096, "cuda": 8192}  # past these, bigger batches stop paying on that device
+
+
+def resolve_batch_size(
+    model, batch_size: int | str | None, max_tokens: int, free_bytes: int | None = None
+) -> BatchSizes:
+    """``batch_size`` as the scorer uses it. An int sets both sizes (and caps memory). ``"auto"``
+    (also what None means) sizes them from a quarter of the free memory (``free_bytes``; default:
+    the GPU's free memory, or the host's MemAvailable on CPU): a continuation row costs its KV cache
+    (``max_tokens`` + one block of drafts) plus a block of logits, and a teacher-forced batch holds no
+    more sequences than its continuations can all decode together (unseen text needs about one row
+    per token). Raises InputError for anything else."""
+    if batch_size is None or batch_size == AUTO:
+        device = model_device(model)
+        config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+        free = D.free_memory_bytes(device) if free_bytes is None else free_bytes
+        budget = free // 4
+        width = max(2, max_tokens)
+        kv = _kv_bytes_per_token(model, config)
+        vocab = int(config.vocab_size)
+        per_row = (width + MAX_DRAFT + 1) * kv + 2 * (MAX_DRAFT + 1) * 4 * vocab
+        rows = int(min(MAX_AUTO_ROWS.get(device.type, MAX_AUTO_ROWS["cpu"]), max(1, budget // per_row)))
+        per_sequence = width * (3 * 4 * vocab + kv)  # logits in fp32 (three live copies) and KV cache
+        sequences = min(MAX_AUTO_SEQUENCES, budget // per_sequence, rows // (width - 1))
+        return BatchSizes(sequences=int(max(1, sequences)), rows=rows)
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise InputError(f"batch_size must be a positive integer or 'auto', got {batch_size!r}")
+    return BatchSizes(batch_size, batch_size)
+
+
+def _kv_bytes_per_token(model, config) -> int:
+    layers = int(getattr(config, "num_hidden_layers", None) or getattr(config, "num_layers", 1))
+    heads = int(getattr(config, "num_attention_heads", None) or getattr(config, "num_heads", 1))
+    kv_heads = int(getattr(config, "num_key_value_heads", None) or heads)
+    head_dim = int(getattr(config, "head_dim", None) or config.hidden_size // heads)
+    itemsize = next(model.parameters()).element_size()
+    return 2 * layers * kv_heads * head_dim * itemsize
 
 
 def score_sequences(
@@ -156,9 +278,10 @@ def score_sequences(
     *,
     el_n: Sequence[int] = (DEFAULT_EL_N,),
     extract_k: Sequence[int] = (DEFAULT_EXTRACT_K,),
-    batch_size: int | None = None,
+    batch_size: int | str | None = None,
     method: str = "fast",
     progress: bool = False,
+    gather_params: bool | None = None,
 ) -> list[dict]:
     """Per-sequence memorization metrics of ``model`` on token-id ``sequences``.
 
@@ -166,23 +289,51 @@ def score_sequences(
     ``max_verbatim``, ``extractable_k{K}``. The model keeps its dtype and device. Inside a
     torch.distributed process group the sequences are sharded over ranks and every rank gets the
     full list back; every rank must call this with the same arguments.
+
+    ``batch_size``: an int, or ``"auto"``/None to size batches from free memory
+    (``resolve_batch_size``). ``gather_params`` (ZeRO-3 only): gather the full model once for the
+    whole call instead of every layer on every forward; None gathers when it fits in a quarter of
+    the free memory (the ranks agree).
+
+    Raises InputError for requests the metrics are undefined on (before any compute), and
+    NonFiniteLogitsError, naming the rows, when the model's logits are NaN or inf.
     """
     if method not in METHODS:
         raise InputError(f"method must be one of {METHODS}, got {method!r}")
     el_n, extract_k = tuple(int(n) for n in el_n), tuple(int(k) for k in extract_k)
-    validate_request(sequences, el_n, extract_k, getattr(model.config, "vocab_size", None))
-    batch_size = batch_size or DEFAULT_BATCH_SIZE
-    if batch_size < 1:
-        raise InputError(f"batch_size must be positive, got {batch_size}")
+    validate_request(
+        sequences,
+        el_n,
+        extract_k,
+        getattr(model.config, "vocab_size", None),
+        max_positions=context_limit(model),
+    )
+    # Ranks must agree (equal numbers of teacher-forced batches keep ZeRO-3 forwards in step).
+    own = resolve_batch_size(model, batch_size, max(len(s) for s in sequences))
+    votes = D.all_gather_objects((own.sequences, own.rows))
+    sizes = BatchSizes(min(v[0] for v in votes), min(v[1] for v in votes))
     bar = _progress_bar if progress and D.is_main() else _no_progress
 
     was_training = model.training
     model.eval()
     try:
         indices = D.shard_indices(len(sequences))
-        local = _score_local(model, [sequences[i] for i in indices], el_n, extract_k, batch_size, method, bar)
+        with D.gathered_for_inference(model, gather_params) as gathered:
+            # Gathered once, every forward is local: ranks need not keep in step.
+            any_rank = (lambda flag: flag) if gathered else D.any_rank
+            local, bad = _score_local(
+                model, [sequences[i] for i in indices], el_n, extract_k, sizes, method, bar, any_rank
+            )
     finally:
         model.train(was_training)
+    bad_rows = sorted({row for shard in D.all_gather_objects([indices[i] for i in bad]) for row in shard})
+    if bad_rows:
+        raise NonFiniteLogitsError(
+            f"rows {bad_rows[:10]}{' ...' if len(bad_rows) > 10 else ''}: the model's logits are NaN or inf, so "
+            "their metrics are meaningless. Likely causes: non-finite weights (a diverged or corrupted "
+            "checkpoint), or, in float64 with padded batches, an upstream model's padding bug (score in "
+            "float32, or with --batch_size 1)"
+        )
     return D.gather_shards(local, len(sequences))
 
 
