@@ -119,3 +119,18 @@ def unlearn_args(case, output_dir, *extra):
         "0.15",
         *map(str, extra),
     ]
+
+
+SHM = Path("/dev/shm")
+
+
+@pytest.fixture(autouse=True)
+def _no_leaked_deepspeed_buffers():
+    """DeepSpeed's CPU all-reduce leaves a shared-memory buffer per rank in /dev/shm (tens of MB
+    each) when a rank does not exit through its cleanup, as the fault tests make them do; remove
+    the ones a test created so a long suite does not fill the machine's memory."""
+    before = set(SHM.glob("deepspeed_allreduce_buffer_*")) if SHM.is_dir() else set()
+    yield
+    if SHM.is_dir():
+        for leaked in set(SHM.glob("deepspeed_allreduce_buffer_*")) - before:
+            leaked.unlink(missing_ok=True)
