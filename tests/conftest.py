@@ -131,6 +131,11 @@ def _no_leaked_deepspeed_buffers():
     the ones a test created so a long suite does not fill the machine's memory."""
     before = set(SHM.glob("deepspeed_allreduce_buffer_*")) if SHM.is_dir() else set()
     yield
+    # An in-process test must not leave this process looking like a launched rank (that would
+    # start the launcher watchdog and the rank failure path in later tests).
+    from ds_unlearn.core import distributed as D
+
+    assert not D.launched_by_launcher(), "a test left launcher variables in the environment"
     if SHM.is_dir():
         for leaked in set(SHM.glob("deepspeed_allreduce_buffer_*")) - before:
             leaked.unlink(missing_ok=True)

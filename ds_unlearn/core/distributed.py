@@ -36,9 +36,13 @@ def is_main() -> bool:
     return rank() == 0
 
 
+OWN_WORLD = "DS_UNLEARN_OWN_WORLD"  # set when this package made a plain process a world of one
+
+
 def launched_by_launcher() -> bool:
-    """True inside a process started by ``deepspeed``/``torchrun`` (they set these variables)."""
-    return "LOCAL_RANK" in os.environ and "WORLD_SIZE" in os.environ
+    """True inside a process started by ``deepspeed``/``torchrun`` (they set these variables),
+    not when ``prepare_accelerate_for_deepspeed`` set them for a plain single process."""
+    return "LOCAL_RANK" in os.environ and "WORLD_SIZE" in os.environ and os.environ.get(OWN_WORLD) != "1"
 
 
 def backend() -> str:
@@ -129,6 +133,10 @@ def configure_process_for_trainer(settings: dict) -> None:
     """Process setup a ``TrainingArguments``-based config needs, run by the command entry just
     before the config is built: under DeepSpeed on CPU, accelerate's gloo state, and
     ``accelerator_config`` pointing the Trainer at it. Changes ``settings`` in place."""
+    if isinstance(settings.get("deepspeed"), str):
+        from .ds_config import load_ds_config
+
+        load_ds_config(settings["deepspeed"])  # bad input changes nothing in the process
     if settings.get("deepspeed") and prepare_accelerate_for_deepspeed():
         settings["accelerator_config"] = {"use_configured_state": True}
 
@@ -148,7 +156,7 @@ def prepare_accelerate_for_deepspeed() -> bool:
     if torch.cuda.is_available():
         return False
     if not launched_by_launcher():
-        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1")
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", **{OWN_WORLD: "1"})
         os.environ.setdefault("MASTER_PORT", str(_free_port()))
     os.environ["ACCELERATE_USE_DEEPSPEED"] = "true"
     from accelerate import PartialState
