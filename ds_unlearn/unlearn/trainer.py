@@ -30,7 +30,7 @@ from transformers import TrainerCallback
 
 from ..core import distributed as D
 from ..core.data import SequenceSet
-from ..core.errors import InputError
+from ..core.errors import InputError, NonFiniteLogitsError
 from ..core.files import write_jsonl
 from ..core.memorization import MEMORIZED_MA, OVER_UNLEARNED_MA, verdict_counts
 from ..core.passes import PAD_ID, model_device
@@ -271,8 +271,16 @@ class UnlearnTrainer(SequenceTrainer):
         if editing:  # judge the edited weights, then train on from the unedited ones
             trained_weights = self.weights.snapshot()
             self.weights.apply_negated_task_vector(self.base, self.args.tv_coefficient)
-        scores = self._epoch_scores(fresh=editing)
-        holdout_loss = self.holdout_loss()
+        try:
+            scores = self._epoch_scores(fresh=editing)
+            holdout_loss = self.holdout_loss()
+        except NonFiniteLogitsError:
+            # Raised on every rank alike (the bad rows are gathered before the raise). From the
+            # weights this run made, it is divergence, not bad input: keep the best good epoch.
+            self.clock.end_judging()
+            self._restore_best(f"non-finite logits in epoch {self.run.epochs}")
+            control.should_training_stop = True
+            return
         self.clock.end_judging()
         self._absorb_scores(scores)
         self.write_scores(f"scores_epoch{self.run.epochs}.jsonl", scores)
