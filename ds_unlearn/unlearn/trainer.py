@@ -27,6 +27,7 @@ from ..core.memorization import verdict_counts
 from ..core.scorer import score_sequences
 from ..core.summary import Thresholds, calibrate_thresholds
 from .loop import SequenceTrainer
+from .lora import AdapterEdit
 from .reporting import log_histograms
 from .selection import sga_selection, stop_satisfied
 from .weights import OwnedWeights
@@ -68,6 +69,10 @@ class UnlearnTrainer(SequenceTrainer):
         self.base: list[torch.Tensor] | None = None  # theta_base, this rank's own fp32 elements
         self.last_good: list[torch.Tensor] | None = None
         self.weights: OwnedWeights | None = None  # built once the engine and its optimizer exist
+        # TA/TAU on LoRA adapters: the edit is made by the adapters' scales (unlearn/lora.py).
+        self.adapter_edit = (
+            AdapterEdit(self.model, self.args.tv_coefficient) if AdapterEdit.applies(self.model) else None
+        )
         self.resume_dir: Path | None = None
         self.started = time.time()
         self.clock = EpochClock()
@@ -179,8 +184,7 @@ class UnlearnTrainer(SequenceTrainer):
         editing = self.run.phase == "finetune"
         self.clock.start_judging()
         if editing:  # judge the edited weights, then train on from the unedited ones
-            trained_weights = self.weights.snapshot()
-            self.weights.apply_negated_task_vector(self.base, self.args.tv_coefficient)
+            trained_weights = self._edit()
         scores = self._epoch_scores(fresh=editing)
         holdout_loss = self.holdout_loss()
         self.clock.end_judging()
@@ -204,7 +208,7 @@ class UnlearnTrainer(SequenceTrainer):
         else:
             self.last_good = self.weights.snapshot(into=self.last_good)
             if editing:
-                self.weights.write(trained_weights)
+                self._unedit(trained_weights)
             self._maybe_switch_to_finetune()
             if self.run.epochs >= self.args.num_train_epochs:
                 # Not "done": a resumed run with a higher limit carries on from here. Our count
@@ -262,11 +266,30 @@ class UnlearnTrainer(SequenceTrainer):
             else list(range(len(self.forget)))
         )
 
+    def _edit(self) -> list[torch.Tensor] | None:
+        """Make the model theta_base - lambda (theta - theta_base); returns what ``_unedit`` needs.
+        Full weights: edited in place (the trained ones kept aside). Adapters: by their scales, so
+        last_good keeps the trained adapter and a restore stays edited (AdapterEdit.on)."""
+        if self.adapter_edit is not None:
+            self.adapter_edit.on()
+            return None
+        trained = self.weights.snapshot()
+        self.weights.apply_negated_task_vector(self.base, self.args.tv_coefficient)
+        return trained
+
+    def _unedit(self, trained: list[torch.Tensor] | None) -> None:
+        if self.adapter_edit is not None:
+            self.adapter_edit.off()
+        else:
+            self.weights.write(trained)
+
     def _maybe_switch_to_finetune(self) -> None:
         """TA/TAU: once the ascent brought the mean MA below tv_switch_ma, snapshot theta_base."""
         if self.args.method in ("ta", "tau") and self.run.phase == "ascent":
             if float(np.mean(self.run.ma)) < self.args.tv_switch_ma:
                 self.base = self.weights.snapshot()
+                if self.adapter_edit is not None:
+                    self.adapter_edit.set_base(self.weights, self.base)
                 self.run.phase = "finetune"
                 self.run.switched_at_epoch = self.run.epochs
                 self.run.selected = list(range(len(self.forget)))
@@ -275,7 +298,7 @@ class UnlearnTrainer(SequenceTrainer):
         """After train(): a TA/TAU run that ran out of epochs outputs its edited weights (a run
         that finished already holds its final weights)."""
         if self.run.phase == "finetune":
-            self.weights.apply_negated_task_vector(self.base, self.args.tv_coefficient)
+            self._edit()
 
     def _finish(self, reason: str) -> None:
         self.run.phase = "done"
@@ -331,6 +354,10 @@ class UnlearnTrainer(SequenceTrainer):
         shards = torch.load(checkpoint_dir / f"unlearn_shards_rank{D.rank()}.pt")
         self.base, self.last_good = shards["base"], shards["last_good"]
         self.weights = OwnedWeights(self.model)
+        if self.adapter_edit is not None and self.base is not None:
+            self.adapter_edit.set_base(self.weights, self.base)  # frozen, so not in the Trainer's checkpoint
+            if self.run.phase == "done":
+                self.adapter_edit.on()
 
 
 class EpochClock:
