@@ -114,6 +114,8 @@ class AdapterEdit:
 
     @staticmethod
     def applies(model) -> bool:
+        if not hasattr(model, "peft_config"):  # no peft import for a full fine-tuning run
+            return False
         return any(TV_BASE in m.lora_A for m in _lora_layers(model))
 
     def on(self) -> None:
