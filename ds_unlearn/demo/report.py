@@ -18,6 +18,7 @@ PLOTS = {
     "planting.png": "Planting: the records' MA and k-extractability per epoch",
 }
 COLORS = {"ga": "tab:red", "sga": "tab:blue", "ta": "tab:purple", "tau": "tab:green"}
+COLORS.update({f"{m}_lora": "tab:orange" for m in COLORS})  # --lora's row (demo/run.py, LORA_*)
 
 
 QUICK_NOTE = "**Quick smoke run** (`--quick`): tiny sets, capped epochs; numbers are not meaningful. "
