@@ -1,6 +1,7 @@
 """LoRA adapters: the task-vector edit on adapter deltas against dense math, merging, settings."""
 
 import hashlib
+import json
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -124,3 +125,19 @@ def test_lora_settings_that_do_not_fit_are_one_line_and_write_nothing(extra, mes
     err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
     assert code == 2 and len(err) == 1 and message in err[0], err
     assert not out.exists() and digest(unlearn_case["model"]) == before
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+@pytest.mark.parametrize("stage, precision", [(2, "bf16"), (3, "bf16"), (3, "fp32")])
+def test_adapter_edit_under_zero(stage, precision, tmp_path):
+    from .launcher import deepspeed_run, tail
+
+    out = tmp_path / "result.json"
+    result = deepspeed_run("tests/scripts/lora_edit_check.py", stage, precision, out, timeout=420)
+    assert result.returncode == 0, tail(result)
+    r = json.loads(out.read_text())
+    assert r["kind"] == ("zero3" if stage == 3 else "fragments") and r["only_adapters"], r
+    assert r["moved"] > 1e-3 and r["tv_base_vs_rounded_masters"] == 0.0, r
+    # bf16 forward passes round every activation; fp32 agrees to float precision.
+    assert r["edited_vs_dense_logits"] < (5e-2 if precision == "bf16" else 1e-4), r

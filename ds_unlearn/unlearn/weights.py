@@ -122,7 +122,9 @@ class OwnedWeights:
             local = param.ds_tensor.data.to(device)
             parts = [torch.empty_like(local) for _ in range(dist.get_world_size())]
             dist.all_gather(parts, local)
-            param.data.copy_(torch.cat(parts)[: param.ds_numel].view(param.ds_shape))
+            # Not yet fetched (no forward so far): the next forward reads the new ds_tensor.
+            if param.data.numel() == param.ds_numel:
+                param.data.copy_(torch.cat(parts)[: param.ds_numel].view(param.ds_shape))
 
     def _update_fragments(self, new_value) -> None:
         for i, param in enumerate(self.params):
