@@ -141,3 +141,16 @@ def test_adapter_edit_under_zero(stage, precision, tmp_path):
     assert r["moved"] > 1e-3 and r["tv_base_vs_rounded_masters"] == 0.0, r
     # bf16 forward passes round every activation; fp32 agrees to float precision.
     assert r["edited_vs_dense_logits"] < (5e-2 if precision == "bf16" else 1e-4), r
+
+
+def test_demo_lora_reruns_the_best_method_with_adapters(tmp_path):
+    from ds_unlearn.core.summary import Thresholds
+    from ds_unlearn.demo.run import lora_method, settings_for, unlearn_config
+
+    settings = settings_for(True, lora_r=8, methods=("ga", "sga"))
+    assert lora_method(settings) == "sga" and lora_method(settings_for(True, lora_r=8)) == "tau"
+    config = unlearn_config("sga", tmp_path, settings, False, Thresholds(), lora=True)
+    assert config.lora_r == 8 and config.output_dir == str(tmp_path / "sga_lora")
+    assert config.learning_rate == pytest.approx(settings.unlearn_lr * settings.lora_lr_factor)
+    plain = unlearn_config("sga", tmp_path, settings, False, Thresholds())
+    assert plain.lora_r == 0 and plain.learning_rate == settings.unlearn_lr
