@@ -1,13 +1,16 @@
-"""Unlearning speed on 2 DeepSpeed CPU ranks, side by side in one run, in two parts:
+"""Unlearning speed on 2 DeepSpeed CPU ranks, side by side in one run, in three parts:
 
 1. ``epoch_cost METHOD zeroN ratio=R`` per method and stage (bench/epoch_cost.py: the real
    trainer, real judging; R = epoch time / (optimizer step + one forward over the forget set)).
 2. Seconds per epoch of GA, SGA (all / a quarter selected) and TAU, and peak memory per rank
    under ZeRO-0 and ZeRO-3 (below).
+3. ``lora_vs_full METHOD memory_ratio=M time_ratio=T``: LoRA adapters against full fine-tuning
+   for the same method under ZeRO-3 (bench/lora_speed.py).
 
-    python bench/unlearn_speed.py                  # both parts, at their default sizes
+    python bench/unlearn_speed.py                  # all three parts, at their default sizes
     python bench/unlearn_speed.py --only variants  # part 2 only (~100M-parameter Llama, ~12 min)
     python bench/unlearn_speed.py --only epoch_cost
+    python bench/unlearn_speed.py --only lora       # part 3 only: lora_vs_full (bench/lora_speed.py)
     python bench/unlearn_speed.py --hidden 64 --layers 2 --vocab 512 --epochs 1 --only variants   # smoke run
 
 The parent launches the real launcher once per ZeRO stage,
@@ -477,7 +480,7 @@ def main() -> None:
     parser.add_argument("--stages", type=int, nargs="+", default=[0, 3], choices=[0, 3])
     parser.add_argument("--ranks", type=int, default=2)
     parser.add_argument("--keep", default=None, help="keep configs, rank logs and results in this folder")
-    parser.add_argument("--only", choices=["epoch_cost", "variants"], default=None, help="run one part only")
+    parser.add_argument("--only", choices=["epoch_cost", "variants", "lora"], default=None, help="run one part only")
     # Worker-only (set by the parent / the launcher).
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--stage", type=int, help=argparse.SUPPRESS)
@@ -504,6 +507,15 @@ def main() -> None:
         epoch_cost.add_args(cost_parser)
         epoch_cost.run_all(cost_parser.parse_args([f"--ranks={args.ranks}"]))
         if args.only == "epoch_cost":
+            return
+    if args.only in (None, "lora"):  # issue 15: LoRA vs full, same method, ZeRO-3 (bench/lora_speed.py)
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        import lora_speed
+
+        lora_parser = argparse.ArgumentParser()
+        lora_speed.add_args(lora_parser)
+        lora_speed.run_all(lora_parser.parse_args([]))
+        if args.only == "lora":
             return
     load = os.getloadavg()
     start = time.perf_counter()

@@ -16,6 +16,7 @@ import argparse
 import gc
 
 from ..core import distributed as D
+from ..core.adapters import check_adapter_dir
 from ..core.audit import AuditSettings, audit, check_sets, compare
 from ..core.audit_report import AUDIT_OUTPUTS, JSONL, MARKDOWN, SUMMARY, write_audit
 from ..core.config_parsing import one_line_errors
@@ -57,6 +58,7 @@ def _suffix(text: str) -> int | None:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     a = parser.add_argument
     a("--model", required=True, help="checkpoint directory, Hub model id, or 'smollm2': the model audited")
+    a("--adapter", default=None, help="a peft LoRA adapter directory to put on --model (not on --baseline)")
     a("--forget", required=True, help="the forget set (JSONL/CSV/Parquet; input_ids or a text field)")
     a("--holdout", default=None, help="text the model never saw, from the forget set's distribution (required)")
     a("--out", required=True, help="output directory")
@@ -143,10 +145,12 @@ def run(args: argparse.Namespace) -> int:
         args.out,
         option="--out",
         overwrite=args.overwrite,
-        inputs=(args.forget, args.holdout, model_dir, baseline_dir),
+        inputs=(args.forget, args.holdout, model_dir, baseline_dir, args.adapter),
         directory=True,
         owned=AUDIT_OUTPUTS,
     )
+    if args.adapter is not None:
+        check_adapter_dir(args.adapter)
     settings = settings_from(args)
     settings.validate()
     if not 0.0 <= args.over_unlearned_threshold < args.memorized_threshold <= 1.0:
@@ -164,8 +168,8 @@ def run(args: argparse.Namespace) -> int:
 
         manager = check_eval_request(tasks, args.eval_include_path, tokenizer)
 
-    def audit_of(directory):
-        model = load_for_inference(directory, DTYPES[args.dtype], ds_config)
+    def audit_of(directory, adapter=None):
+        model = load_for_inference(directory, DTYPES[args.dtype], ds_config, adapter=adapter)
         forget, holdout = (sets["forget"], sets["holdout"]) if explicit else _index_ids(sets)
         result = audit(
             model, forget, holdout, settings=settings, thresholds=thresholds, tokenizer=tokenizer, progress=True
@@ -177,7 +181,7 @@ def run(args: argparse.Namespace) -> int:
         baseline_model, before = audit_of(baseline_dir)
         del baseline_model
         gc.collect()
-    model, result = audit_of(model_dir)
+    model, result = audit_of(model_dir, args.adapter)
     if before is not None:
         result = compare(result, before)
     result.summary["model"] = str(args.model)

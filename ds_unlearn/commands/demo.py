@@ -32,6 +32,15 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="unlearning methods to run (default: ga sga tau graddiff npo kl)",
     )
+    parser.add_argument(
+        "--lora",
+        type=int,
+        nargs="?",
+        const=8,
+        default=None,
+        metavar="R",
+        help="also run the best method (TAU, else SGA) with LoRA adapters of rank R (default 8) and report it",
+    )
     return one_line_errors(parser)
 
 
@@ -40,7 +49,11 @@ def main(argv: list[str]) -> int:
     from ..demo.run import run_demo, settings_for
 
     settings = settings_for(
-        args.quick, forget=args.num_records, seed=args.seed, methods=tuple(args.methods) if args.methods else None
+        args.quick,
+        forget=args.num_records,
+        seed=args.seed,
+        methods=tuple(args.methods) if args.methods else None,
+        lora_r=args.lora,
     )
     report = run_demo(args.output_dir, settings, overwrite=args.overwrite)
     print("\n".join(summary_lines(report)))

@@ -10,6 +10,7 @@ import argparse
 from pathlib import Path
 
 from ..core import distributed as D
+from ..core.adapters import check_adapter_dir
 from ..core.config_parsing import one_line_errors
 from ..core.data import check_context, needs_tokenizer, read_rows, to_sequence_set
 from ..core.ds_config import load_ds_config
@@ -42,6 +43,7 @@ def main(argv: list[str]) -> int:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True, help="Hugging Face checkpoint directory, Hub model id, or 'smollm2'")
+    parser.add_argument("--adapter", default=None, help="a peft LoRA adapter directory to put on --model")
     parser.add_argument("--data", required=True, help="JSONL, CSV or Parquet file of sequences")
     parser.add_argument("--out", required=True, help="output JSONL, one line per input row")
     parser.add_argument("--el_n", type=int, nargs="+", default=[DEFAULT_EL_N], help="n of EL_n (several allowed)")
@@ -92,8 +94,10 @@ def run(args: argparse.Namespace) -> int:
     # Everything that can be wrong with the input is found here, before any weights load.
     model_dir = resolve_model_dir(args.model)
     for path in (args.out, summary_path(args.out)):
-        check_output(path, option="--out", overwrite=args.overwrite, inputs=(args.data, model_dir))
+        check_output(path, option="--out", overwrite=args.overwrite, inputs=(args.data, model_dir, args.adapter))
     ds_config = load_ds_config(args.deepspeed) if args.deepspeed else None
+    if args.adapter is not None:
+        check_adapter_dir(args.adapter)
     if args.max_length is not None and args.max_length < min_length(args.el_n, args.extract_k):
         raise InputError(
             f"--max_length {args.max_length} is shorter than el_n/extract_k need "
@@ -114,7 +118,7 @@ def run(args: argparse.Namespace) -> int:
     check_context(data, context_limit(model_config))
     validate_request(data.sequences, args.el_n, args.extract_k, vocab_size, lambda i: f"--data row {i}")
 
-    model = load_for_inference(model_dir, DTYPES[args.dtype], ds_config)
+    model = load_for_inference(model_dir, DTYPES[args.dtype], ds_config, adapter=args.adapter)
     scores = score_sequences(
         model,
         data.sequences,

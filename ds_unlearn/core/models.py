@@ -86,14 +86,19 @@ def load_causal_lm(model_dir: str | Path, dtype: torch.dtype = torch.float32):
         raise InputError(f"--model: cannot load the weights of {model_dir}: {err}") from None
 
 
-def load_for_inference(model_dir: str | Path, dtype: torch.dtype, ds_config: dict | None):
+def load_for_inference(model_dir: str | Path, dtype: torch.dtype, ds_config: dict | None, adapter=None):
     """The model ready for forward passes: plain on one process, or wrapped by a DeepSpeed
-    engine (partitioned under ZeRO-3). Returns the module to call; keep it alive."""
+    engine (partitioned under ZeRO-3). ``adapter``: a peft LoRA adapter directory put on the
+    model (merged into it on one process; kept as adapters under DeepSpeed, whose base weights
+    are partitioned). Returns the module to call; keep it alive."""
     from . import distributed as D
+    from .adapters import load_adapter
     from .ds_config import resolve_for_inference, zero_stage
 
     if ds_config is None:
         model = load_causal_lm(model_dir, dtype)
+        if adapter is not None:
+            model = load_adapter(model, adapter).merge_and_unload()
         if torch.cuda.is_available():
             model = model.to(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}")
         return model.eval()
@@ -106,9 +111,11 @@ def load_for_inference(model_dir: str | Path, dtype: torch.dtype, ds_config: dic
     # While this object lives, from_pretrained builds the model under zero.Init (partitioned).
     hf_ds = HfDeepSpeedConfig(cfg) if zero_stage(cfg) == 3 else None
     model = load_causal_lm(model_dir, dtype)
+    report_partition(model)
+    if adapter is not None:
+        model = load_adapter(model, adapter)
     engine, *_ = deepspeed.initialize(model=model, config=cfg)
     module = engine.module.eval()
-    report_partition(module)
     module._ds_unlearn_keepalive = (engine, hf_ds)
     return module
 

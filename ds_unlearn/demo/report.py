@@ -26,6 +26,7 @@ COLORS = {
     "npo": "tab:brown",
     "kl": "tab:cyan",
 }
+COLORS.update({f"{m}_lora": "tab:olive" for m in list(COLORS)})  # --lora's row (demo/run.py, LORA_*)
 
 
 QUICK_NOTE = "**Quick smoke run** (`--quick`): tiny sets, capped epochs; numbers are not meaningful. "

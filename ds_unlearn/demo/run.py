@@ -94,6 +94,9 @@ METHOD_TITLES = {
     "kl": "GA+KL",
 }
 BASELINE_RULE = {"ga": "per_sequence"}  # GA runs as the papers do; every other method uses the band
+# --lora: the best method the demo ran, again with LoRA adapters (issue 15), in DIR/<method>_lora.
+LORA_PREFERENCE = ("tau", "sga", "npo", "graddiff", "kl", "ta", "ga")
+LORA_DIRS = tuple(f"{m}_lora" for m in METHODS)
 WILD_MA = MEMORIZED_MA  # the ICML code's "memorized" verdict, used for the wild scan
 # What the demo writes directly under DIR; --overwrite removes exactly these (and method dirs).
 OWN_ENTRIES = (
@@ -131,6 +134,8 @@ class DemoSettings:
     methods: tuple[str, ...] = ("ga", "sga", "tau", "graddiff", "npo", "kl")
     seed: int = 0
     quick: bool = False
+    lora_r: int = 0  # --lora: also run lora_method() with adapters of this rank (0: not)
+    lora_lr_factor: float = 10.0  # adapters start at zero and move slowly: 10x the full-model lr
 
 
 QUICK = DemoSettings(
@@ -160,6 +165,8 @@ def settings_for(quick: bool, **overrides) -> DemoSettings:
     settings = replace(base, **{k: v for k, v in overrides.items() if v is not None})
     if settings.forget < 1:
         raise InputError(f"--num_records must be at least 1, got {settings.forget}")
+    if settings.lora_r < 0:
+        raise InputError(f"--lora: the adapter rank must be positive, got {settings.lora_r}")
     unknown = [m for m in settings.methods if m not in METHODS]
     if unknown or not settings.methods:
         raise InputError(f"--methods: choose from {', '.join(METHODS)}")
@@ -216,6 +223,11 @@ def run_demo(output_dir: str | Path, settings: DemoSettings, overwrite: bool = F
         methods[method] = clock.run(
             f"unlearn {method}", unlearn, method, out, settings, overwrite, thresholds["unseen"]
         )
+    if settings.lora_r:
+        method = lora_method(settings)
+        methods[f"{method}_lora"] = clock.run(
+            f"unlearn {method} lora", unlearn, method, out, settings, overwrite, thresholds["unseen"], lora=True
+        )
     report = {
         "demo": {"quick": settings.quick, "settings": asdict(settings), "output_dir": str(out)},
         "model": model_info,
@@ -241,7 +253,7 @@ def run_demo(output_dir: str | Path, settings: DemoSettings, overwrite: bool = F
 def prepare_output_dir(out: Path, settings: DemoSettings, overwrite: bool) -> None:
     """Refuse to mix with an earlier demo run unless asked; with --overwrite, remove only what
     the demo itself writes (DIR may hold other files of the user's)."""
-    owned = (*OWN_ENTRIES, *METHODS)
+    owned = (*OWN_ENTRIES, *METHODS, *LORA_DIRS)
     check_output(out, option="--output_dir", overwrite=overwrite, directory=True, owned=owned)
     clear_outputs(out, owned)
 
@@ -506,13 +518,21 @@ class PlantingMonitor(TrainerCallback):
 # -- 5. unlearning ----------------------------------------------------------------------------------
 
 
-def unlearn_config(method: str, out: Path, settings: DemoSettings, overwrite: bool, thresholds):
-    """One ``ds-unlearn unlearn`` job's settings, from the planted checkpoint."""
+def lora_method(settings: DemoSettings) -> str:
+    """The method --lora reruns with adapters: the first of LORA_PREFERENCE the demo runs."""
+    return next(m for m in LORA_PREFERENCE if m in settings.methods)
+
+
+def unlearn_config(method: str, out: Path, settings: DemoSettings, overwrite: bool, thresholds, lora: bool = False):
+    """One ``ds-unlearn unlearn`` job's settings, from the planted checkpoint (``lora``: with
+    adapters of rank settings.lora_r, in DIR/<method>_lora)."""
     from ..unlearn.config import UnlearnConfig
 
     data = out / "data"
     extra = {"tv_switch_ma": settings.tv_switch_ma} if method in ("ta", "tau") and settings.tv_switch_ma else {}
     retain_rows = settings.retain if method in ("graddiff", "npo", "kl") else 0
+    if lora:
+        extra.update(lora_r=settings.lora_r, learning_rate=settings.unlearn_lr * settings.lora_lr_factor)
     return UnlearnConfig(
         model=str(out / "planted" / "model"),
         forget=str(data / "forget.jsonl"),
@@ -531,25 +551,27 @@ def unlearn_config(method: str, out: Path, settings: DemoSettings, overwrite: bo
         max_length=settings.max_length,
         extract_k=settings.extract_k,
         score_batch_size=settings.score_batch_size,
-        learning_rate=settings.unlearn_lr,
         num_train_epochs=settings.unlearn_max_epochs,
         per_device_train_batch_size=max(settings.forget + retain_rows, 1),  # one optimizer step per epoch
         save_strategy="no",
         report_to="tensorboard",
-        output_dir=str(out / method),
+        output_dir=str(out / (f"{method}_lora" if lora else method)),
         overwrite=overwrite,
         seed=settings.seed,
-        **extra,
+        **{"learning_rate": settings.unlearn_lr, **extra},
     )
 
 
-def unlearn(method: str, out: Path, settings: DemoSettings, overwrite: bool, thresholds: Thresholds) -> dict:
+def unlearn(
+    method: str, out: Path, settings: DemoSettings, overwrite: bool, thresholds: Thresholds, lora: bool = False
+) -> dict:
     """Run one method to completion; its summary from the run's own in-memory result."""
     from ..unlearn.run import run_unlearning
 
-    result = run_unlearning(unlearn_config(method, out, settings, overwrite, thresholds))
+    config = unlearn_config(method, out, settings, overwrite, thresholds, lora)
+    result = run_unlearning(config)
     gc.collect()
-    return method_summary(out / method, result)
+    return method_summary(Path(config.output_dir), result)
 
 
 def calibrated_thresholds(scores: list[dict]) -> Thresholds:
@@ -583,8 +605,9 @@ def method_summary(method_dir: Path, result) -> dict:
     loss = report["holdout_loss"]
     ppl = {k: float(np.exp(v)) if v is not None else None for k, v in loss.items()}
     change = (ppl["after"] / ppl["before"] - 1) * 100 if ppl["before"] and ppl["after"] else None
+    lora = report["settings"].get("lora")
     return {
-        "title": METHOD_TITLES[report["method"]],
+        "title": METHOD_TITLES[report["method"]] + (f" + LoRA r{lora['r']}" if lora else ""),
         "thresholds": report["thresholds"],
         "before": report["before"],
         "after": report["after"],
@@ -601,7 +624,7 @@ def method_summary(method_dir: Path, result) -> dict:
             "scores_after": f"{method_dir.name}/scores_after.jsonl",
             "report": f"{method_dir.name}/report.json",
             "audit_after": f"{method_dir.name}/audit_after.jsonl",
-            "model": f"{method_dir.name}/model",
+            "model": f"{method_dir.name}/{'adapter' if lora else 'model'}",
         },
         "history": report["history"],
         "audit": audit_figures(report.get("audit", {})),

@@ -86,7 +86,9 @@ def audit_run(config, model_dir, trainer, sets: dict) -> dict:
     except InputError as err:
         return {"skipped": str(err)}
     ds_config = load_ds_config(config.deepspeed) if config.deepspeed else None
-    before_model = load_for_inference(model_dir, torch.float32, ds_config if zero_stage(ds_config) == 3 else None)
+    before_model = load_for_inference(
+        model_dir, torch.float32, ds_config if zero_stage(ds_config) == 3 else None, adapter=config.adapter
+    )
     before = run(before_model)
     del before_model
     gc.collect()

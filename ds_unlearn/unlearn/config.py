@@ -92,6 +92,30 @@ class UnlearnConfig(TrainingArguments):
         default=None,
     )
 
+    # LoRA adapters (peft; Hu et al. 2021): train low-rank adapters on a frozen base instead of every weight.
+    lora_r: int = _help(
+        "LoRA rank: train peft LoRA adapters of this rank on the frozen base (0: off, full fine-tuning). Works with "
+        "every method; TA/TAU's task vector is then the adapters' delta (README, 'LoRA adapters').",
+        default=0,
+    )
+    lora_alpha: float | None = _help("LoRA alpha: the adapter delta is (alpha / r) B A (default 2 r).", default=None)
+    lora_dropout: float = _help("Dropout on the adapters' input while training (judging never drops).", default=0.0)
+    lora_target_modules: str | None = _help(
+        "Modules that get adapters: comma-separated names (q_proj,v_proj) or 'all-linear' (default: peft's "
+        "choice for the architecture, else all-linear).",
+        default=None,
+    )
+    adapter: str | None = _help(
+        "A peft LoRA adapter directory on --model to unlearn from: its adapters are trained (base frozen), "
+        "with the adapter's own settings (no --lora_r).",
+        default=None,
+    )
+    merge_adapter: bool = _help(
+        "With LoRA: also write output_dir/model, a plain Hugging Face checkpoint with the adapter merged "
+        "(needs a local safetensors checkpoint as --model).",
+        default=False,
+    )
+
     # When it is done.
     stop_rule: str | None = _help(
         "'band': every epoch ascend the memorized sequences, leave those inside the band alone, descend the "
@@ -257,6 +281,7 @@ class UnlearnConfig(TrainingArguments):
                     "resume_from_checkpoint",
                     f"{resume} is not a checkpoint of an unlearning run (no unlearn_state.json)",
                 )
+        self._validate_lora(bad)
         if self.el_every < 0:
             bad("el_every", f"must be 0 (before and after only) or a positive number of epochs, got {self.el_every}")
         if self.extract_k < 1:
@@ -265,6 +290,46 @@ class UnlearnConfig(TrainingArguments):
             bad("score_batch_size", "must be at least 1")
         if self.max_length is not None and self.max_length < max(11, self.extract_k + 1):
             bad("max_length", f"must leave room for EL_10 and extract_k={self.extract_k}")
+
+    def _validate_lora(self, bad) -> None:
+        if self.lora_r < 0:
+            bad("lora_r", f"must be a positive rank, or 0 for full fine-tuning, got {self.lora_r}")
+        if self.adapter:
+            if self.lora_r:
+                bad("lora_r", "--adapter trains that adapter with its own rank and targets; drop --lora_r")
+            if not (Path(self.adapter) / "adapter_config.json").is_file():
+                bad("adapter", f"{self.adapter} is not a peft adapter directory (no adapter_config.json)")
+        if not self.uses_lora:
+            given = [
+                name
+                for name, off in (("lora_alpha", None), ("lora_target_modules", None), ("merge_adapter", False))
+                if getattr(self, name) != off
+            ]
+            if self.lora_dropout:
+                given.append("lora_dropout")
+            if given:
+                bad(given[0], "only applies with LoRA (--lora_r R > 0, or --adapter)")
+            return
+        if self.lora_r:
+            self.lora_alpha = 2.0 * self.lora_r if self.lora_alpha is None else self.lora_alpha
+            if not self.lora_alpha > 0:
+                bad("lora_alpha", f"must be positive, got {self.lora_alpha:g}")
+            if not 0.0 <= self.lora_dropout < 1.0:
+                bad("lora_dropout", f"must lie in [0, 1), got {self.lora_dropout:g}")
+            if self.lora_target_modules is not None and not self.target_modules:
+                bad("lora_target_modules", "names no module (comma-separated names, or 'all-linear')")
+
+    @property
+    def uses_lora(self) -> bool:
+        """Whether the run trains LoRA adapters (new ones, or an --adapter's) on a frozen base."""
+        return self.lora_r > 0 or bool(self.adapter)
+
+    @property
+    def target_modules(self) -> str | list[str] | None:
+        """lora_target_modules as peft takes it: None (peft's default), 'all-linear', or names."""
+        if self.lora_target_modules is None or self.lora_target_modules.strip() == "all-linear":
+            return None if self.lora_target_modules is None else "all-linear"
+        return [name.strip() for name in self.lora_target_modules.split(",") if name.strip()]
 
     @property
     def selects(self) -> bool:

@@ -36,6 +36,7 @@ def build_report(config, trainer, after: list[dict], holdout_after, retain_after
             "world_size": D.world_size(),
             "el_every": config.el_every,
             "deepspeed": config.deepspeed,
+            "lora": _lora_settings(config),
         },
         "thresholds": run.thresholds,
         "thresholds_source": run.thresholds_source,
@@ -52,6 +53,19 @@ def build_report(config, trainer, after: list[dict], holdout_after, retain_after
         "history": run.history,
         "wall_seconds": round(seconds, 2),
         "peak_device_memory_gib": _peak_device_memory_gib(),
+    }
+
+
+def _lora_settings(config) -> dict | None:
+    if not config.uses_lora:
+        return None
+    return {
+        "r": config.lora_r or None,
+        "alpha": config.lora_alpha,
+        "dropout": config.lora_dropout,
+        "target_modules": config.lora_target_modules,
+        "adapter": config.adapter,
+        "merged": config.merge_adapter,
     }
 
 

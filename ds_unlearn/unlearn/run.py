@@ -14,16 +14,26 @@ from typing import Any
 import numpy as np
 
 from ..core import distributed as D
+from ..core.adapters import check_merge_targets, checkpoint_shards, merge_into_checkpoint
 from ..core.data import SequenceSet, check_context, check_disjoint, needs_tokenizer, read_rows, to_sequence_set
 from ..core.errors import InputError
 from ..core.files import check_output, write_json
 from ..core.models import load_causal_lm, load_config, load_tokenizer, report_partition, resolve_model_dir
 from .audit import audit_run
 from .config import UnlearnConfig
+from .lora import (
+    ADAPTER_DIR,
+    TV_BASE_DIR,
+    TV_TRAINED_DIR,
+    adapted_weight_names,
+    check_lora,
+    prepare_model,
+    save_adapters,
+)
 from .report import REPORT, build_report
 
 # What a run writes directly under output_dir (checkpoint-* and TensorBoard runs/ besides).
-RUN_OUTPUTS = (REPORT, "model", "scores_before.jsonl", "scores_after.jsonl")
+RUN_OUTPUTS = (REPORT, "model", "scores_before.jsonl", "scores_after.jsonl", ADAPTER_DIR, TV_BASE_DIR, TV_TRAINED_DIR)
 
 
 @dataclass
@@ -44,7 +54,7 @@ def check_paths(config: UnlearnConfig, model_dir: Path) -> None:
         config.output_dir,
         option="output_dir",
         overwrite=config.overwrite or bool(config.resume_from_checkpoint),
-        inputs=(model_dir, config.forget, config.retain, config.holdout),
+        inputs=(model_dir, config.forget, config.retain, config.holdout, config.adapter),
         directory=True,
         owned=(REPORT,),
     )
@@ -92,13 +102,21 @@ def run_unlearning(config: UnlearnConfig) -> UnlearnResult:
     started = time.time()
     model_dir = resolve_model_dir(config.model)
     check_paths(config, model_dir)
+    if config.merge_adapter:
+        checkpoint_shards(model_dir)  # a local safetensors checkpoint, or one line now
     sets, tokenizer = load_sets(config, model_dir)
+    if config.uses_lora:
+        check_lora(load_config(model_dir), config)
 
     from .trainer import UnlearnTrainer
 
     # Built after UnlearnConfig: under ZeRO-3 its DeepSpeed config makes this load partitioned.
     model = load_causal_lm(model_dir)
     report_partition(model)
+    if config.uses_lora:  # adapters on the frozen base; checked against the model before any output
+        model = prepare_model(model, config)
+        if config.merge_adapter:
+            check_merge_targets(model_dir, adapted_weight_names(model))
     trainer = UnlearnTrainer(
         model=model,
         args=config,
@@ -115,8 +133,13 @@ def run_unlearning(config: UnlearnConfig) -> UnlearnResult:
     trainer.finalize_weights()
 
     out = Path(config.output_dir)
-    trainer.save_model(str(out / "model"))
-    if tokenizer is None and D.is_main():  # input_ids data: still ship the checkpoint's tokenizer
+    if config.uses_lora:
+        save_adapters(trainer.model, out, trainer.adapter_edit)
+        if config.merge_adapter and D.is_main():
+            merge_into_checkpoint(model_dir, out / ADAPTER_DIR, out / "model")
+    else:
+        trainer.save_model(str(out / "model"))
+    if tokenizer is None and D.is_main() and (out / "model").is_dir():  # input_ids data: ship the tokenizer
         input_tokenizer = load_tokenizer(model_dir)
         if input_tokenizer is not None:
             input_tokenizer.save_pretrained(out / "model")

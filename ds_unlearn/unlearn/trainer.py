@@ -37,6 +37,7 @@ from ..core.passes import PAD_ID, model_device
 from ..core.scorer import score_sequences
 from ..core.summary import Thresholds, calibrate_thresholds
 from .loop import SequenceTrainer
+from .lora import AdapterEdit
 from .losses import TERM_CODE, npo_loss, per_sequence_kl, predicted_tokens
 from .reporting import log_histograms
 from .selection import ASCEND, PULL_BACK, band_directions, epoch_rank, sga_selection, step_scale, stop_satisfied
@@ -67,6 +68,7 @@ class RunState:
     best_epoch: int | None = None  # the judged epoch whose weights the run outputs
     best_rank: list | None = None  # its selection.epoch_rank key
     best_why: str = ""
+    best_edited: bool = False  # TA/TAU on adapters: the best epoch was judged with the edit on (its scales)
 
 
 class UnlearnTrainer(SequenceTrainer):
@@ -93,6 +95,10 @@ class UnlearnTrainer(SequenceTrainer):
         self.reference_logp: torch.Tensor | None = None  # npo: [n_forget] log pi_ref(y), float64
         self.reference_logprobs: list[torch.Tensor] | None = None  # kl: per retain row [T-1, V] fp32
         self.weights: OwnedWeights | None = None  # built once the engine and its optimizer exist
+        # TA/TAU on LoRA adapters: the edit is made by the adapters' scales (unlearn/lora.py).
+        self.adapter_edit = (
+            AdapterEdit(self.model, self.args.tv_coefficient) if AdapterEdit.applies(self.model) else None
+        )
         self.resume_dir: Path | None = None
         self.started = time.time()
         self.clock = EpochClock()
@@ -269,8 +275,7 @@ class UnlearnTrainer(SequenceTrainer):
         editing = self.run.phase == "finetune"
         self.clock.start_judging()
         if editing:  # judge the edited weights, then train on from the unedited ones
-            trained_weights = self.weights.snapshot()
-            self.weights.apply_negated_task_vector(self.base, self.args.tv_coefficient)
+            trained_weights = self._edit()
         try:
             scores = self._epoch_scores(fresh=editing)
             holdout_loss = self.holdout_loss()
@@ -301,7 +306,7 @@ class UnlearnTrainer(SequenceTrainer):
             self._finish(f"{self.args.stop_rule} stop rule holds after epoch {self.run.epochs}")
         else:
             if editing:
-                self.weights.write(trained_weights)
+                self._unedit(trained_weights)
             self._maybe_switch_to_finetune()
             if self.run.epochs >= self.args.num_train_epochs:
                 # Not "done": a resumed run with a higher limit carries on from here. Our count
@@ -334,8 +339,18 @@ class UnlearnTrainer(SequenceTrainer):
             return "non-finite weights"
         return None
 
-    def _restore_best(self, reason: str, diverged: bool = True) -> None:
+    def _write_best(self) -> None:
+        """Make the model the best judged epoch's. Full weights: the snapshot is that model (edited
+        if it was). Adapters: the snapshot is the trained adapter; the edit is made by the scales."""
         self.weights.write(self.best)
+        if self.adapter_edit is not None:
+            if self.run.best_edited:
+                self.adapter_edit.on()
+            else:
+                self.adapter_edit.off()
+
+    def _restore_best(self, reason: str, diverged: bool = True) -> None:
+        self._write_best()
         self.run.diverged = self.run.diverged or diverged
         self._finish(f"{reason}: kept the weights of the best good epoch ({self.run.best_epoch})")
 
@@ -369,6 +384,7 @@ class UnlearnTrainer(SequenceTrainer):
                 buffer.copy_(value)
         loss = "n/a" if holdout_loss is None else f"{holdout_loss:.4f}"
         self.run.best_epoch, self.run.best_rank = epoch, rank
+        self.run.best_edited = candidate is None and self.adapter_edit is not None and self.adapter_edit.active
         self.run.best_why = (
             f"{'stop rule holds' if holds else 'stop rule not met'}; {counts['memorized']} memorized + "
             f"{counts['over_unlearned']} over-unlearned; holdout loss {loss}"
@@ -401,11 +417,30 @@ class UnlearnTrainer(SequenceTrainer):
         else:
             self.run.selected = list(range(self.n_forget))
 
+    def _edit(self) -> list[torch.Tensor] | None:
+        """Make the model theta_base - lambda (theta - theta_base); returns what ``_unedit`` needs.
+        Full weights: edited in place (the trained ones kept aside). Adapters: by their scales, so
+        the best snapshot keeps the trained adapter and ``_write_best`` sets the scales."""
+        if self.adapter_edit is not None:
+            self.adapter_edit.on()
+            return None
+        trained = self.weights.snapshot()
+        self.weights.apply_negated_task_vector(self.base, self.args.tv_coefficient)
+        return trained
+
+    def _unedit(self, trained: list[torch.Tensor] | None) -> None:
+        if self.adapter_edit is not None:
+            self.adapter_edit.off()
+        else:
+            self.weights.write(trained)
+
     def _maybe_switch_to_finetune(self) -> None:
         """TA/TAU: once the ascent brought the mean MA below tv_switch_ma, snapshot theta_base."""
         if self.args.method in ("ta", "tau") and self.run.phase == "ascent":
             if float(np.mean(self.run.ma)) < self.args.tv_switch_ma:
                 self.base = self.weights.snapshot()
+                if self.adapter_edit is not None:
+                    self.adapter_edit.set_base(self.weights, self.base)
                 self.run.phase = "finetune"
                 self.run.switched_at_epoch = self.run.epochs
                 self.run.selected = list(range(self.n_forget))
@@ -414,7 +449,7 @@ class UnlearnTrainer(SequenceTrainer):
     def finalize_weights(self) -> None:
         """After train(): the output is the best judged epoch's weights (for TA/TAU in their
         fine-tuning phase, the edited weights that epoch was judged on)."""
-        self.weights.write(self.best)
+        self._write_best()
 
     def _finish(self, reason: str) -> None:
         self.run.phase = "done"
@@ -476,6 +511,10 @@ class UnlearnTrainer(SequenceTrainer):
         if self.args.method == "npo":
             self._compute_references(self.run.scores_before)  # the input model's, kept in the run state
         self.reference_logprobs = shards.get("kl_reference")
+        if self.adapter_edit is not None and self.base is not None:
+            self.adapter_edit.set_base(self.weights, self.base)  # frozen, so not in the Trainer's checkpoint
+            if self.run.phase == "done" and self.run.best_edited:
+                self.adapter_edit.on()
 
 
 def resolve_thresholds(args, holdout_scores: list[dict] | None) -> tuple[Thresholds, str]:

@@ -1,6 +1,6 @@
 """This rank's own share of the trainable weights, read and written where they really live.
 
-TA/TAU's theta_base, the edited weights theta_base - lambda (theta - theta_base), the last-good
+TA/TAU's theta_base, the edited weights theta_base - lambda (theta - theta_base), the best-epoch
 snapshot and its restore all go through ``OwnedWeights``. Under DeepSpeed the weights that count
 are the optimizer's fp32 master partitions (the next ``engine.step()`` copies them over the
 working copy, REFERENCE §4), so every read comes from the masters and every write goes to the
@@ -112,13 +112,17 @@ class OwnedWeights:
             param.ds_tensor.data.copy_(value.view_as(param.ds_tensor).to(param.ds_tensor.dtype))
             if getattr(param, "ds_persist", False):
                 persistent.append(param)
+        self._rebuild_persistent(persistent)
+
+    @staticmethod
+    def _rebuild_persistent(persistent: list) -> None:
         # Persistent parameters stay whole on every rank: rebuild them from the new partitions.
         device = _collective_device()
         for param in persistent:
             local = param.ds_tensor.data.to(device)
             parts = [torch.empty_like(local) for _ in range(dist.get_world_size())]
             dist.all_gather(parts, local)
-            # Released at this moment (e.g. after a whole-model gather re-partitioned it): the next
+            # Released at this moment (no forward so far, or a whole-model gather re-partitioned it): the next
             # forward fetches it from the partitions just written, so there is nothing to refresh.
             if param.data.numel() == param.ds_numel:
                 param.data.copy_(torch.cat(parts)[: param.ds_numel].view(param.ds_shape))
@@ -137,6 +141,35 @@ class OwnedWeights:
             if dist.is_initialized() and dist.get_world_size() > 1:
                 dist.all_reduce(full)
             param.data.copy_(full.view(param.shape).to(param.dtype))
+
+    @torch.no_grad()
+    def write_into(self, targets: list, values: Snapshot) -> None:
+        """Copy a snapshot of these weights into ``targets``: frozen parameters of the same shapes,
+        partitioned the same way (TA/TAU's frozen theta_base adapter). Frozen parameters have no
+        optimizer masters, so only their working copy is written, in its own dtype. Collective
+        under ZeRO."""
+        if len(targets) != len(self.params):
+            raise ValueError(f"{len(targets)} targets for {len(self.params)} weights")
+        if self.kind == "zero3":
+            persistent = []
+            for target, value in zip(targets, values):
+                target.ds_tensor.data.copy_(value.view_as(target.ds_tensor).to(target.ds_tensor.dtype))
+                if getattr(target, "ds_persist", False):
+                    persistent.append(target)
+            self._rebuild_persistent(persistent)
+        elif self.kind == "fragments":
+            for param, target, value in zip(self.params, targets, values):
+                full = torch.zeros(param.numel(), dtype=torch.float32, device=_collective_device())
+                mapping = param._hp_mapping
+                if mapping is not None:
+                    address = mapping.lp_fragment_address
+                    full[address.start : address.start + address.numel] = value.to(full.device)
+                if dist.is_initialized() and dist.get_world_size() > 1:
+                    dist.all_reduce(full)
+                target.data.copy_(full.view(target.shape).to(target.dtype))
+        else:
+            for target, value in zip(targets, values):
+                target.data.copy_(value.view(target.shape).to(target.dtype))
 
     @torch.no_grad()
     def apply_negated_task_vector(self, base: Snapshot, coefficient: float) -> None:

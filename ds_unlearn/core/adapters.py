@@ -1,0 +1,175 @@
+"""LoRA adapters (peft; Hu et al. 2021, "LoRA: Low-Rank Adaptation of Large Language Models"):
+wrapping a model, loading an adapter directory onto a base model, and merging an adapter into a
+copy of a safetensors checkpoint without building the model.
+
+An adapter on a linear layer W (out x in) adds Delta W = s B A with A (r x in), B (out x r) and
+s = alpha / r (alpha / sqrt(r) with rsLoRA). peft's directory format: ``adapter_config.json``
+(a ``LoraConfig``) and ``adapter_model.safetensors`` with keys
+``base_model.model.<module path>.lora_A.weight`` / ``.lora_B.weight``.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import shutil
+from pathlib import Path
+
+import torch
+
+from .errors import InputError
+
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+PREFIX = "base_model.model."
+
+
+def lora_delta(a: torch.Tensor, b: torch.Tensor, scaling: float, fan_in_fan_out: bool = False) -> torch.Tensor:
+    """Delta W = scaling * B @ A in fp32 (Hu et al. 2021, eq. 3).
+
+    ``a``: (r, in), ``b``: (out, r), any float dtype; returns (out, in) float32, transposed to
+    (in, out) when the layer stores its weight that way (``fan_in_fan_out``, GPT-2's Conv1D).
+    Raises ValueError when the ranks do not agree."""
+    if a.dim() != 2 or b.dim() != 2 or a.shape[0] != b.shape[1]:
+        raise ValueError(f"LoRA factors of shapes A {tuple(a.shape)} and B {tuple(b.shape)} do not multiply")
+    delta = scaling * (b.float() @ a.float())
+    return delta.T if fan_in_fan_out else delta
+
+
+def lora_config(model_config, r: int, alpha: float, dropout: float, target_modules):
+    """peft's ``LoraConfig`` for a model of ``model_config``: ``target_modules`` None means peft's default for the
+    architecture, falling back to every linear layer (but the output head) where peft has none."""
+    from peft import LoraConfig
+    from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as DEFAULTS
+
+    if target_modules is None and getattr(model_config, "model_type", None) not in DEFAULTS:
+        target_modules = "all-linear"
+    return LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=target_modules, task_type="CAUSAL_LM")
+
+
+def add_lora(model, config):
+    """``get_peft_model(model, config)``: the base frozen, adapters trainable. Raises InputError
+    (one line) when the settings do not fit the model (a target module it lacks)."""
+    from peft import get_peft_model
+
+    try:
+        return get_peft_model(model, config)
+    except ValueError as err:
+        raise InputError(f"lora_target_modules: {_first_line(err)}") from None
+
+
+def check_fits(model_config, config) -> None:
+    """Before any weight loads: put the LoRA ``config`` on a weightless copy of the model
+    (meta device) so a target module it lacks is one line now, not after loading 70B weights.
+    InputError as ``add_lora``'s."""
+    from transformers import AutoModelForCausalLM
+
+    try:
+        model_class = AutoModelForCausalLM._model_mapping[type(model_config)]
+    except KeyError:  # custom code: get_peft_model checks it after loading instead
+        return
+    with torch.device("meta"):
+        add_lora(model_class(model_config), copy.deepcopy(config))
+
+
+def load_adapter(model, adapter_dir: str | Path, trainable: bool = False):
+    """``PeftModel.from_pretrained(model, adapter_dir)``; InputError (one line) when the adapter
+    does not fit the model or is not a LoRA adapter."""
+    from peft import PeftModel
+
+    check_adapter_dir(adapter_dir)
+    try:
+        return PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=trainable)
+    except (ValueError, RuntimeError, KeyError, OSError) as err:
+        raise InputError(f"--adapter: cannot load {adapter_dir} on this model: {_first_line(err)}") from None
+
+
+def check_adapter_dir(adapter_dir: str | Path) -> dict:
+    """The adapter's config as a dict; InputError unless it is a peft LoRA adapter directory."""
+    path = Path(adapter_dir)
+    if not (path / ADAPTER_CONFIG).is_file():
+        raise InputError(f"--adapter: {adapter_dir} is not a peft adapter directory (no {ADAPTER_CONFIG})")
+    config = json.loads((path / ADAPTER_CONFIG).read_text())
+    if config.get("peft_type") != "LORA":
+        raise InputError(f"--adapter: {adapter_dir} is a {config.get('peft_type')} adapter; only LoRA is supported")
+    return config
+
+
+def _first_line(err: Exception) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
+
+
+# -- merging into a checkpoint on disk --------------------------------------------------------------
+def checkpoint_shards(model_dir: str | Path) -> list[str]:
+    """The safetensors files of a local checkpoint (one file, or the shards its index lists);
+    InputError when it has none (a Hub id, or .bin weights): merging reads them one by one."""
+    path = Path(model_dir)
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        return sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    if (path / "model.safetensors").is_file():
+        return ["model.safetensors"]
+    raise InputError(f"merge_adapter: {model_dir} is not a local safetensors checkpoint; merge it with peft instead")
+
+
+def check_merge_targets(model_dir: str | Path, weight_names: list[str]) -> None:
+    """Before training: every weight the adapters change is in the checkpoint's safetensors (so
+    ``merge_into_checkpoint`` cannot fail after the run). InputError naming the first missing."""
+    from safetensors import safe_open
+
+    keys: set[str] = set()
+    for shard in checkpoint_shards(model_dir):
+        with safe_open(str(Path(model_dir) / shard), framework="pt") as f:
+            keys.update(f.keys())
+    missing = [name for name in weight_names if name not in keys]
+    if missing:
+        raise InputError(f"merge_adapter: {model_dir} has no weight {missing[0]} (its adapter could not be merged)")
+
+
+def adapter_deltas(adapter_dir: str | Path) -> dict[str, torch.Tensor]:
+    """Delta W per base weight name (``<module path>.weight``), fp32, from a LoRA adapter
+    directory. Raises InputError for adapter features a plain sum cannot represent (DoRA,
+    per-layer rank or alpha patterns, extra trained modules)."""
+    from safetensors.torch import load_file
+
+    config = check_adapter_dir(adapter_dir)
+    if config.get("use_dora") or config.get("rank_pattern") or config.get("alpha_pattern"):
+        raise InputError("merge_adapter: DoRA and per-layer rank/alpha patterns are not supported")
+    r, alpha = config["r"], config["lora_alpha"]
+    scaling = alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r
+    state = load_file(str(Path(adapter_dir) / ADAPTER_WEIGHTS))
+    deltas = {}
+    for key, a in state.items():
+        if key.endswith(".lora_B.weight"):
+            continue
+        if not (key.startswith(PREFIX) and key.endswith(".lora_A.weight")):
+            raise InputError(f"merge_adapter: adapter tensor {key} is not a LoRA factor of a linear layer")
+        module = key[len(PREFIX) : -len(".lora_A.weight")]
+        b = state[f"{PREFIX}{module}.lora_B.weight"]
+        deltas[f"{module}.weight"] = lora_delta(a, b, scaling, bool(config.get("fan_in_fan_out")))
+    return deltas
+
+
+def merge_into_checkpoint(model_dir: str | Path, adapter_dir: str | Path, out_dir: str | Path) -> None:
+    """Write ``out_dir``: a copy of the checkpoint ``model_dir`` with every adapted weight
+    replaced by W + Delta W (computed in fp32, stored in the weight's own dtype). One shard in
+    memory at a time; the model is never built, so it works the same on any number of ranks
+    (call it on one). Raises InputError when the adapter names a weight the checkpoint lacks."""
+    from safetensors.torch import load_file, save_file
+
+    model_dir, out_dir = Path(model_dir), Path(out_dir)
+    deltas = adapter_deltas(adapter_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for item in model_dir.iterdir():  # config, generation config, tokenizer, shard index
+        if item.is_file() and item.suffix != ".safetensors":
+            shutil.copy2(item, out_dir / item.name)
+    for shard in checkpoint_shards(model_dir):
+        tensors = load_file(str(model_dir / shard))
+        for name in set(deltas) & set(tensors):
+            weight = tensors[name]
+            tensors[name] = (weight.float() + deltas.pop(name)).to(weight.dtype)
+        save_file(tensors, str(out_dir / shard), metadata={"format": "pt"})
+    if deltas:
+        raise InputError(f"merge_adapter: the checkpoint has no weight {sorted(deltas)[0]} the adapter changes")
