@@ -92,6 +92,7 @@ def main(argv: list[str] | None = None) -> int:
         # final gather) would wait for ranks that are themselves waiting for us.
         D.report_traceback()
         sys.stdout.flush()
+        D.release_shared_memory()
         os._exit(1)
     D.finalize()
     return code

@@ -19,10 +19,11 @@ from .launcher import DEEPSPEED, REPO, free_port, launcher_env
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 
 
-def launch(case, out, *extra):
+def launch(case, out, *extra, port=None):
     args = [*unlearn_args(case, out, "--per_device_train_batch_size", 2, *extra)]
     args += ["--deepspeed", REPO / "configs" / "ds" / "zero3.json"]
-    cmd = [DEEPSPEED, "--num_accelerators", "2", "--master_port", str(free_port()), str(REPO / "launch/unlearn.py")]
+    port = port or free_port()
+    cmd = [DEEPSPEED, "--num_accelerators", "2", "--master_port", str(port), str(REPO / "launch/unlearn.py")]
     return subprocess.Popen(
         [*cmd, *map(str, args)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=launcher_env()
     )
@@ -69,13 +70,19 @@ def test_an_io_error_on_rank_0_ends_the_job_loudly(unlearn_case, tmp_path):
     out = tmp_path / "io"
     out.mkdir()
     (out / "scores_epoch2.jsonl").mkdir()  # rank 0 cannot write its epoch-2 scores there
-    proc = launch(unlearn_case, out, "--method", "ga", "--learning_rate", "1e-3")
+    port = free_port()
+    proc = launch(unlearn_case, out, "--method", "ga", "--learning_rate", "1e-3", port=port)
+    wait_for(out / "scores_before.jsonl", proc)
+    buffers = list(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_{os.getuid()}_*_{port}_0"))
+    assert buffers, "DeepSpeed's CPU all-reduce buffer of rank 0 was not where shared_memory_buffer() says"
     wait_for(out / "scores_epoch1.jsonl", proc)
     start = time.time()
     output, _ = proc.communicate(timeout=120)
     assert proc.returncode != 0 and time.time() - start < 60
     assert "[rank 0]" in output and "scores_epoch2.jsonl" in output, output[-4000:]
     assert not (out / "report.json").exists() and not (out / "model").exists()
+    # The failing rank removed its CPU all-reduce buffer on the way out (the launcher kills rank 1).
+    assert not list(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_{os.getuid()}_*_{port}_0"))
 
 
 def test_a_killed_rank_ends_the_job(unlearn_case, tmp_path):

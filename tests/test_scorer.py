@@ -1,12 +1,18 @@
 """The scorer on tiny memorized models: fast equals the per-prefix reference, padding never
 counts, and the values mean what they should."""
 
+import gc
+import weakref
+
 import pytest
 import torch
 
 from ds_unlearn import score_sequences
 from ds_unlearn.core.errors import InputError
 from ds_unlearn.core.passes import greedy_continuations
+from ds_unlearn.core.toy import random_sequences, tiny_model
+
+from .conftest import VOCAB
 
 EL_N = (2, 3, 5, 10)
 K = (4, 8)
@@ -70,8 +76,6 @@ def test_greedy_continuations_match_step_by_step_decoding(memorized_model, token
 
 
 def test_model_dtype_device_and_mode_are_kept(token_sets):
-    from ds_unlearn.core.toy import tiny_model
-
     model = tiny_model("llama", vocab_size=64).to(torch.bfloat16).train()
     rows = score_sequences(model, token_sets["unseen"], el_n=(5,), extract_k=(4,))
     assert next(model.parameters()).dtype == torch.bfloat16 and model.training
@@ -101,7 +105,7 @@ CONTEXT = 64
 def full_context_case():
     """A float64 GPT-Neo with 64 learned positions that memorized one 64-token sequence, and rows of
     64, 63 and 48 tokens (memorized, partly memorized, unseen) scored together."""
-    from ds_unlearn.core.toy import memorize, random_sequences, tiny_model
+    from ds_unlearn.core.toy import memorize
 
     torch.manual_seed(0)
     model = tiny_model("gpt_neo", seed=3, vocab_size=64, max_positions=CONTEXT)
@@ -150,7 +154,6 @@ def test_memorized_text_needs_no_generation(memorized_model, token_sets, monkeyp
 
 def test_non_finite_logits_name_the_rows(token_sets):
     from ds_unlearn.core.errors import NonFiniteLogitsError
-    from ds_unlearn.core.toy import tiny_model
 
     model = tiny_model("llama", vocab_size=64).eval()
     with torch.no_grad():
@@ -161,7 +164,6 @@ def test_non_finite_logits_name_the_rows(token_sets):
 
 def test_batch_size_auto_is_sized_from_free_memory():
     from ds_unlearn.core.scorer import BatchSizes, resolve_batch_size
-    from ds_unlearn.core.toy import tiny_model
 
     model = tiny_model("gpt_neo", vocab_size=512, max_positions=512)
     # KV: 2 layers x (k, v) x 32 x 4 bytes = 512 B per token; a row: 265 tokens of KV + 2 x 65 x 512
@@ -172,3 +174,20 @@ def test_batch_size_auto_is_sized_from_free_memory():
     assert resolve_batch_size(model, 7, 200) == BatchSizes(7, 7)
     with pytest.raises(InputError, match="batch_size must be a positive integer or 'auto'"):
         resolve_batch_size(model, 0, 200)
+
+
+def test_scoring_builds_no_autograd_graph_and_keeps_no_weight_alive():
+    # Continuations write into a preallocated KV cache in place; with grad enabled those writes
+    # made autograd graphs whose reference cycles kept every weight alive after the model was
+    # gone (the demo's process grew by a model per unlearning run until the OOM killer came).
+    model = tiny_model("llama", seed=3, vocab_size=VOCAB)
+    assert torch.is_grad_enabled() and all(p.requires_grad for p in model.parameters())
+    # Unseen text of one length: many wrong positions, so many draft-and-verify continuations.
+    scores = score_sequences(model, random_sequences(6, 40, VOCAB, seed=12), el_n=(4,), extract_k=(8,))
+    assert len(scores) == 6 and all(0.0 <= r["el_4"] <= 1.0 for r in scores)
+    gc.collect()
+    assert not [t for t in gc.get_objects() if isinstance(t, torch.Tensor) and t.grad_fn is not None]
+    weights = [weakref.ref(p) for p in model.parameters()]
+    del model
+    gc.collect()
+    assert all(ref() is None for ref in weights)

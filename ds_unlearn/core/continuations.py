@@ -234,6 +234,7 @@ class ContinuationBatch:
                 best, best_rate = width, rate
         return best
 
+    @torch.no_grad()  # a graph here would also leak: the in-place cache writes make a reference cycle through autograd
     def step(self) -> None:
         """Admit/compact rows if due, then one draft-and-verify forward over every row."""
         self._admit()
@@ -313,6 +314,7 @@ class ContinuationBatch:
         self.live[done] = False
 
 
+@torch.no_grad()
 def run_in_lockstep(batches: Sequence[ContinuationBatch], dummy_forward: Callable[[], None], any_rank) -> None:
     """Drive ``batches`` one after another; under a process group every rank makes the same number
     of forward calls (ZeRO-3 gathers parameters collectively per forward): each round the ranks

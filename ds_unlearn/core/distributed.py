@@ -14,6 +14,7 @@ import traceback
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import timedelta
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -94,6 +95,23 @@ def abandon() -> None:
             pass
 
 
+def shared_memory_buffer() -> Path:
+    """The shared-memory file DeepSpeed's CPU all-reduce (ops/csrc/cpu/comm/shm.cpp) creates for
+    this rank: /dev/shm/deepspeed_allreduce_buffer_{uid}_{MASTER_ADDR}_{MASTER_PORT}_{rank}."""
+    addr, port = os.environ.get("MASTER_ADDR", ""), os.environ.get("MASTER_PORT", "")
+    return Path("/dev/shm") / f"deepspeed_allreduce_buffer_{os.getuid()}_{addr}_{port}_{rank_from_env()}"
+
+
+def release_shared_memory() -> None:
+    """On a failure path, before ``os._exit``: unlink this rank's CPU all-reduce buffer (~70 MB),
+    which only DeepSpeed's orderly shutdown would remove; otherwise it stays in /dev/shm until
+    reboot. Other ranks keep their mappings; nothing is waited on. Best effort."""
+    try:
+        shared_memory_buffer().unlink(missing_ok=True)
+    except OSError:
+        pass
+
+
 def start_launcher_watchdog(interval_s: float = 1.0) -> None:
     """Under a launcher, end this rank within seconds of its launcher being gone.
 
@@ -115,6 +133,7 @@ def start_launcher_watchdog(interval_s: float = 1.0) -> None:
             time.sleep(interval_s)
             if os.getppid() != parent or _parent_of(parent) != grandparent:
                 report_error("the launcher is gone (its process ended); stopping this rank")
+                release_shared_memory()
                 os._exit(1)
 
     threading.Thread(target=watch, name="ds_unlearn-launcher-watchdog", daemon=True).start()

@@ -193,6 +193,7 @@ def _el_reference(model, sequences, el_n, batch_size, progress, any_rank) -> lis
     ]
 
 
+@torch.no_grad()
 def _score_local(model, sequences, el_n, extract_k, sizes, method, progress, any_rank) -> tuple[list[dict], list[int]]:
     """Metrics of this rank's sequences, and the indices (into ``sequences``) with non-finite logits."""
     fast = bool(el_n) and method == "fast"
