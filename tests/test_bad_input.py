@@ -129,6 +129,7 @@ UNLEARN_CASES = {
     "bad flag value after a space": (["--sga_gamma", "high"], "argument --sga_gamma"),
     "gamma out of range": (["--method", "sga", "--sga_gamma", "2"], "sga_gamma: must lie in [0, 1]"),
     "unknown method": (["--method", "forgetful"], "method: must be one of"),
+    "unknown audit": (["--audit", "sometimes"], "audit: must be one of both, after, none"),
     "malformed deepspeed JSON": (lambda c: ["--deepspeed", c["bad_ds"]], "bad_ds.json is not valid JSON"),
     "missing forget file": (lambda c: ["--forget", c["root"] / "nope.jsonl"], "--forget: no such file"),
     "truncated weights": (lambda c: ["--model", c["truncated"]], "cannot load the weights"),

@@ -58,6 +58,25 @@ def test_demo_sets_are_disjoint_slices_of_one_stream():
     assert {r["id"] for r in sets["holdout"]}.isdisjoint(r["id"] for r in sets["famous"])
 
 
+def test_planting_sees_the_records_every_epoch_and_each_ordinary_row_once(tmp_path):
+    """PlantingTrainer: records in every epoch, a fresh ordinary slice per epoch, and an epoch
+    as long as its own rows (so the learning-rate schedule spans the real number of steps)."""
+    from transformers import TrainingArguments
+
+    from ds_unlearn.core.toy import tiny_model
+    from ds_unlearn.demo.run import PlantingTrainer
+
+    sequences = [[i + 1] * 4 for i in range(3 + 2 * 5)]  # 3 records, then a pool of 5 slices of 2
+    args = TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=2, report_to="none")
+    trainer = PlantingTrainer(model=tiny_model(), args=args, train_sequences=sequences, records=3, per_epoch=2)
+    assert trainer.micro_batches_per_rank == 3  # ceil((3 + 2) / 2), not ceil(13 / 2)
+    epochs = [trainer.epoch_rows() for _ in range(5)]
+    assert all(rows[:3] == [0, 1, 2] for rows in epochs)
+    fresh = [rows[3:] for rows in epochs]
+    assert fresh == [[3, 4], [5, 6], [7, 8], [9, 10], [11, 12]]
+    assert trainer.epoch_rows() == [0, 1, 2]  # the pool is spent: the records alone
+
+
 def test_settings_validation():
     assert settings_for(True).quick and settings_for(False, forget=8).forget == 8
     with pytest.raises(InputError, match="num_records"):
@@ -130,7 +149,9 @@ def test_quick_run_writes_everything(quick):
         "npo": "band",
     }
     assert all(0 <= m["best_epoch"]["epoch"] <= m["epochs"] for m in report["methods"].values())
-    assert (out / "data" / "ordinary.jsonl").is_file() and report["planting"]["ordinary_rows"] == QUICK.ordinary
+    # A fresh slice of ordinary text per planting epoch: the pool holds one for every possible epoch.
+    assert len(read_jsonl(out / "data" / "ordinary.jsonl")) == report["planting"]["ordinary_rows"]
+    assert report["planting"]["ordinary_rows"] == QUICK.ordinary_per_epoch * QUICK.plant_max_epochs
     assert report["model"]["cache"] in ("converted", "reused")
     assert set(report["timing"]) >= {"model", "data", "wild scan", "plant", "unlearn ga", "report", "total"}
     # The data files are the deterministic sets, as the user's own JSONL.
@@ -189,13 +210,21 @@ def test_report_numbers_match_the_score_files(quick):
         assert f"| mean EL_10 | {b['means']['el_10']:.3f} | {a['means']['el_10']:.3f} |" in section
         assert f"{ppl['change_pct']:+.1f}%" in section
         assert f"| {summary['title']} | {b['memorized']} → {a['memorized']} of {b['count']} |" in markdown
-        # Issue 13: the run's end-of-run audit, forget vs never-planted records, in the report.
+        # Issue 13: the run's end-of-run audit, forget vs never-planted records, in the report. The
+        # "before" is the planted checkpoint's, audited once (every run has `--audit after`).
         audit = summary["audit"]
-        for when in ("before", "after"):
-            assert audit[when]["auc_loss"] == own["audit"][when]["mia"]["loss"]["auc"]
-            assert audit[when]["auc_min_k++"] == own["audit"][when]["mia"]["min_k++"]["auc"]
-            rows = read_jsonl(out / method / f"audit_{when}.jsonl")
+        planted = report["planting"]["audit"]
+        sources = {
+            "before": (planted["summary"], out / planted["file"]),
+            "after": (own["audit"]["after"], out / method / "audit_after.jsonl"),
+        }
+        for when, (entry, file) in sources.items():
+            assert audit[when]["auc_loss"] == entry["mia"]["loss"]["auc"]
+            assert audit[when]["auc_min_k++"] == entry["mia"]["min_k++"]["auc"]
+            rows = read_jsonl(file)
+            assert [r["id"] for r in rows if r["set"] == "forget"] == forget_ids
             assert audit[when]["discoverable"] == sum(r["discoverable"] for r in rows if r["set"] == "forget")
+        assert "before" not in own["audit"] and not (out / method / "audit_before.jsonl").exists()
         assert own["audit"]["nonmembers"] == "audit_holdout"
         assert f"| loss-MIA AUC vs never-planted records | {audit['before']['auc_loss']:.3f} |" in section
 

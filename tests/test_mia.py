@@ -201,6 +201,18 @@ def test_percentile_auc_and_bootstrap():
     assert roc_auc_interval(a, b, resamples=0) is None
 
 
+def test_bootstrap_interval_is_the_percentiles_of_sklearn_aucs_of_the_same_resamples():
+    """The vectorized Mann-Whitney AUCs equal roc_auc (sklearn) on each resample, ties included."""
+    rng = np.random.default_rng(3)
+    a, b = rng.integers(0, 6, 12).astype(float), rng.integers(2, 8, 9).astype(float)  # many ties
+    resamples = 200
+    draw = np.random.default_rng(11)
+    members = a[draw.integers(0, len(a), (resamples, len(a)))]
+    nonmembers = b[draw.integers(0, len(b), (resamples, len(b)))]
+    expected = np.percentile([roc_auc(m, n) for m, n in zip(members, nonmembers)], [2.5, 97.5])
+    assert roc_auc_interval(a, b, resamples=resamples, seed=11) == pytest.approx(tuple(expected), abs=1e-12)
+
+
 def test_summary_auc_matches_sklearn_on_the_rows(case):
     from sklearn.metrics import roc_auc_score
 

@@ -40,3 +40,25 @@ def test_unlearn_report_holds_the_before_and_after_audit(unlearn_case, tmp_path)
         assert abs(row["loss"] - score["loss"]) < 1e-4
     scalars, _ = tensorboard_tags(out)
     assert {"audit/auc_loss_before", "audit/auc_min_k++_after", "audit/discoverable_after"} <= scalars
+
+
+def test_audit_after_leaves_out_the_input_checkpoint(unlearn_case, tmp_path):
+    """--audit after: the unlearned model only (the input checkpoint's audit is known already);
+    --audit none: no audit at all."""
+    nonmembers = write_jsonl(
+        tmp_path / "nonmembers.jsonl",
+        [{"id": f"n{i}", "input_ids": s} for i, s in enumerate(random_sequences(6, 24, VOCAB, seed=23))],
+    )
+    out = tmp_path / "after"
+    assert main(["unlearn", *unlearn_args(unlearn_case, out, "--audit_holdout", nonmembers, "--audit", "after")]) == 0
+    audit = json.loads((out / "report.json").read_text())["audit"]
+    assert "before" not in audit and audit["files"] == ["audit_after.jsonl"]
+    assert audit["after"]["forget"]["discoverable"] == 0 and audit["after"]["mia"]["loss"]["auc"] is not None
+    assert not (out / "audit_before.jsonl").exists() and len(read_jsonl(out / "audit_after.jsonl")) == 10
+    scalars, _ = tensorboard_tags(out)
+    assert "audit/auc_loss_after" in scalars and not any(t.endswith("_before") for t in scalars if "audit/" in t)
+
+    out = tmp_path / "none"
+    assert main(["unlearn", *unlearn_args(unlearn_case, out, "--audit_holdout", nonmembers, "--audit", "none")]) == 0
+    assert json.loads((out / "report.json").read_text())["audit"] == {"skipped": "--audit none"}
+    assert not list(out.glob("audit_*.jsonl"))

@@ -121,16 +121,22 @@ def roc_auc_interval(
 ) -> tuple[float, float] | None:
     """Percentile bootstrap interval of ``roc_auc``: both sets resampled with replacement, each
     within itself (so every resample has both classes), ``resamples`` times from
-    ``numpy.random.default_rng(seed)``. None when ``resamples`` is 0."""
+    ``numpy.random.default_rng(seed)``. None when ``resamples`` is 0.
+
+    Every resample's AUC is the Mann-Whitney U statistic of the non-members against the members
+    over ``len(member) * len(nonmember)`` (``scipy.stats.mannwhitneyu``, all resamples in one
+    vectorized call): the same number ``roc_auc`` gives, ties counting one half, at a fraction
+    of the cost of 1000 ``roc_auc_score`` calls (which took 5 ms each, 22 s per audit)."""
+    from scipy.stats import mannwhitneyu
+
     if resamples <= 0:
         return None
     member, nonmember = np.asarray(member, np.float64), np.asarray(nonmember, np.float64)
     rng = np.random.default_rng(seed)
-    aucs = []
-    for _ in range(resamples):
-        m = member[rng.integers(0, len(member), len(member))]
-        n = nonmember[rng.integers(0, len(nonmember), len(nonmember))]
-        aucs.append(roc_auc(m, n))
+    m = member[rng.integers(0, len(member), (resamples, len(member)))]
+    n = nonmember[rng.integers(0, len(nonmember), (resamples, len(nonmember)))]
+    u = mannwhitneyu(n, m, axis=1, method="asymptotic", use_continuity=False).statistic
+    aucs = u / (len(member) * len(nonmember))
     tail = (1 - level) / 2 * 100
     lo, hi = np.percentile(aucs, [tail, 100 - tail])
     return float(lo), float(hi)

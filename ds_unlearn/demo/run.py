@@ -14,7 +14,7 @@ Stages, each timed and written under DIR:
 3. wild     the *pretrained* model scanned for memorization it already had: famous KJV passages
             and the holdout verses, teacher-forced; EL_10 for the verses it flags.
 4. plant    fine-tune on forget + retain records mixed with ordinary text (``data/ordinary.jsonl``:
-            KJV verses outside the holdout and stdlib prose) until every record is
+            KJV verses outside the holdout and stdlib prose, a fresh slice each epoch) until every record is
             k-extractable; checkpoint in ``planted/model``, scores in ``planted/``.
 5. unlearn  GA (baseline), SGA, TAU, GradDiff, NPO and GA+KL, each from the same planted
             checkpoint, each a full ``ds-unlearn unlearn`` job in ``DIR/<method>/``.
@@ -28,12 +28,16 @@ Choices the issue left open, and why:
   numbers). EL_10 costs a greedy continuation per wrong position, so scoring unlearned text
   is what bounds the run time, and it grows with the square of the length.
 - Planting: forget and retain records (the model "saw" all of them; the retain set measures
-  collateral forgetting of records that should stay memorized), among as many rows of
-  ordinary text, so that the planted model stays a language model (the issue asks for holdout
-  perplexity within +20% of the pretrained model's; planting on the records alone cost +200%).
-  Adam, lr 5e-4 decaying linearly over at most 12 epochs, batch 8. It stops once every planted
-  record is extractable from its first 16 tokens (greedy decoding from the prefix reproduces
-  the rest exactly: Carlini et al.'s k-extractability); the check is teacher-forced only.
+  collateral forgetting of records that should stay memorized), as pretraining meets a rare
+  string: the records come back every epoch while the ordinary text flows past, 24 rows never
+  seen before in each epoch (``PlantingTrainer``), so that the planted model stays a language
+  model (the issue asks for holdout perplexity within +20% of the pretrained model's). Measured:
+  the same 24 ordinary rows in every epoch (they get memorized too) took the KJV holdout's
+  perplexity from 66.2 to 494 (lr 5e-4) or 181 (lr 1e-4); fresh rows each epoch, lr 3e-4, take
+  it to about 31 (the model also learns the KJV's style, so it drops). Adam, lr 3e-4 decaying
+  linearly over at most 12 epochs, batch 8. It stops once every planted record is extractable
+  from its first 16 tokens (greedy decoding from the prefix reproduces the rest exactly:
+  Carlini et al.'s k-extractability); the check is teacher-forced only.
 - Thresholds: calibrated, as the ICML paper frames them, on text the model never saw, scored
   by the planted model: memorized above the 95th percentile MA of 16 never-planted records
   (``unseen``), over-unlearned below their 5th percentile (where a membership attack would
@@ -43,13 +47,16 @@ Choices the issue left open, and why:
   destroying the template knowledge (GA ran 12 epochs to an NLL of 17 and still had not met
   it). The KJV holdout measures utility (perplexity before, per epoch and after), and its
   thresholds are reported beside the ones used.
-- Unlearning: Adam lr 2e-4, one optimizer step per epoch over the whole forget set (plus the
+- Unlearning: Adam lr 3e-4 (2e-4 left GradDiff and GA+KL one record short of the band after 12
+  epochs), one optimizer step per epoch over the whole forget set (plus the
   retain set for GradDiff, NPO and GA+KL), at most 12 epochs, each judged fresh (one
   teacher-forced pass over 16 short records costs about a second; EL_10 only before and after).
   Every method but the GA baseline runs with the two-sided ``band`` rule: memorized records are
   ascended, records inside the band left alone, over-unlearned ones descended back, and the run
   stops when none is memorized and none is over-unlearned; ascent steps shrink with the share of
   records still memorized (``min_lr_fraction`` 0.25). Every method outputs its best judged epoch.
+- Audit: the planted checkpoint, every method's starting point, is audited once
+  (``planted/audit.jsonl``) and each run audits only its own result (``--audit after``).
 - SGA's gamma is the "memorized" threshold, not the paper's 0.70: under the
   per-sequence rule a record between the threshold and 0.70 would otherwise only be ascended
   on when it is the single most memorized one, one record per epoch. TAU keeps its default
@@ -70,6 +77,7 @@ Choices the issue left open, and why:
 from __future__ import annotations
 
 import gc
+import math
 import sys
 import time
 from dataclasses import asdict, dataclass, field, replace
@@ -78,10 +86,12 @@ from pathlib import Path
 import numpy as np
 from transformers import TrainerCallback
 
+from ..core import distributed as D
 from ..core.errors import InputError
 from ..core.files import check_output, clear_outputs, write_json, write_jsonl
 from ..core.memorization import MEMORIZED_MA
 from ..core.summary import CALIBRATION_QUANTILE, Thresholds, calibrate_thresholds, summarize_scores
+from ..unlearn.loop import SequenceTrainer
 
 METHODS = ("ga", "sga", "ta", "tau", "graddiff", "npo", "kl")
 METHOD_TITLES = {
@@ -117,15 +127,15 @@ class DemoSettings:
     retain: int = 8
     holdout: int = 24
     unseen: int = 16
-    ordinary: int = 24  # KJV verses and stdlib prose planted beside the records (not in any other set)
+    ordinary_per_epoch: int = 24  # fresh KJV verses / stdlib prose rows per planting epoch (in no other set)
     famous: int | None = None  # famous KJV verses to scan (None: all of demo_data.FAMOUS_PASSAGES)
     max_length: int = 32
     extract_k: int = 16  # planting target and k-extractability in every score file
     famous_extract_k: int = 4  # the famous verses are short (8..36 tokens); a smaller k is stricter
-    plant_lr: float = 5e-4
+    plant_lr: float = 3e-4
     plant_batch_size: int = 8
     plant_max_epochs: int = 12
-    unlearn_lr: float = 2e-4
+    unlearn_lr: float = 3e-4
     unlearn_max_epochs: int = 12
     min_lr_fraction: float = 0.25  # ascent steps shrink with the share of records still memorized
     tv_switch_ma: float | None = None  # TAU's default (0.5): the ascent epochs are the cheap ones
@@ -143,7 +153,7 @@ QUICK = DemoSettings(
     retain=2,
     holdout=4,
     unseen=4,
-    ordinary=4,
+    ordinary_per_epoch=4,
     famous=3,
     max_length=20,
     extract_k=8,
@@ -218,15 +228,25 @@ def run_demo(output_dir: str | Path, settings: DemoSettings, overwrite: bool = F
     )
     thresholds = {name: calibrated_thresholds(planted_scores[name]) for name in ("unseen", "holdout")}
     planting["thresholds"] = {name: asdict(t) for name, t in thresholds.items()}
+    # Every method starts from the planted checkpoint: its audit (the "before" of every method) runs once.
+    planting["audit"] = clock.run("audit planted", audit_planted, out, settings, thresholds["unseen"])
     methods = {}
     for method in settings.methods:
         methods[method] = clock.run(
-            f"unlearn {method}", unlearn, method, out, settings, overwrite, thresholds["unseen"]
+            f"unlearn {method}", unlearn, method, out, settings, overwrite, thresholds["unseen"], planting["audit"]
         )
     if settings.lora_r:
         method = lora_method(settings)
         methods[f"{method}_lora"] = clock.run(
-            f"unlearn {method} lora", unlearn, method, out, settings, overwrite, thresholds["unseen"], lora=True
+            f"unlearn {method} lora",
+            unlearn,
+            method,
+            out,
+            settings,
+            overwrite,
+            thresholds["unseen"],
+            planting["audit"],
+            lora=True,
         )
     report = {
         "demo": {"quick": settings.quick, "settings": asdict(settings), "output_dir": str(out)},
@@ -317,10 +337,12 @@ def build_data(data_dir: Path, settings: DemoSettings) -> dict[str, list[dict]]:
 
 
 def ordinary_rows(data_dir: Path, settings: DemoSettings) -> list[dict]:
-    """The ordinary text planted among the records (``data/ordinary.jsonl``)."""
+    """The ordinary text planted among the records (``data/ordinary.jsonl``): a fresh slice of
+    ``ordinary_per_epoch`` rows for every planting epoch."""
     from .data import ordinary_text
 
-    rows = ordinary_text(settings.ordinary, seed=settings.seed, skip_kjv=settings.holdout)
+    count = settings.ordinary_per_epoch * settings.plant_max_epochs
+    rows = ordinary_text(count, seed=settings.seed, skip_kjv=settings.holdout)
     if rows:
         write_jsonl(data_dir / "ordinary.jsonl", rows)
     return rows
@@ -415,7 +437,6 @@ def plant(checkpoint, tokenizer, data: dict, tokens: dict, settings: DemoSetting
 
     from ..core.models import load_causal_lm
     from ..core.scorer import score_sequences
-    from ..unlearn.loop import SequenceTrainer
 
     k = settings.extract_k
     planted = tokens["forget"] + tokens["retain"]
@@ -434,8 +455,13 @@ def plant(checkpoint, tokenizer, data: dict, tokens: dict, settings: DemoSetting
         remove_unused_columns=False,
         seed=settings.seed,
     )
-    trainer = SequenceTrainer(
-        model=model, args=args, train_sequences=planted + tokens.get("ordinary", []), processing_class=tokenizer
+    trainer = PlantingTrainer(
+        model=model,
+        args=args,
+        train_sequences=planted + tokens.get("ordinary", []),
+        processing_class=tokenizer,
+        records=len(planted),
+        per_epoch=settings.ordinary_per_epoch,
     )
     monitor = PlantingMonitor(trainer, planted, k, settings.score_batch_size)
     trainer.add_callback(monitor)
@@ -469,6 +495,7 @@ def plant(checkpoint, tokenizer, data: dict, tokens: dict, settings: DemoSetting
         "learning_rate": settings.plant_lr,
         "records": len(planted),
         "ordinary_rows": len(tokens.get("ordinary", [])),
+        "ordinary_rows_per_epoch": settings.ordinary_per_epoch,
         "history": monitor.history,
         "sets": summary,
         "holdout_loss": {
@@ -486,6 +513,29 @@ def _teacher_forced(model, seqs, settings: DemoSettings) -> list[dict]:
     from ..core.scorer import score_sequences
 
     return score_sequences(model, seqs, el_n=(), extract_k=(settings.extract_k,), batch_size=settings.score_batch_size)
+
+
+class PlantingTrainer(SequenceTrainer):
+    """Planting the way pretraining meets a rare string: the first ``records`` sequences are
+    trained on in every epoch, while the ordinary text after them flows past, ``per_epoch`` rows
+    never seen before in each epoch (repeating the same few ordinary rows memorizes them too and
+    wrecks the model's perplexity: see the module docstring)."""
+
+    def __init__(self, *args, records: int, per_epoch: int, **kwargs):
+        self.records, self.per_epoch, self.epochs_started = records, per_epoch, 0
+        super().__init__(*args, **kwargs)
+
+    @property
+    def micro_batches_per_rank(self) -> int:  # one epoch's rows, not the whole pool
+        per_step = self.args.per_device_train_batch_size * self.args.gradient_accumulation_steps
+        steps = math.ceil((self.records + self.per_epoch) / (per_step * D.world_size()))
+        return steps * self.args.gradient_accumulation_steps
+
+    def epoch_rows(self) -> list[int]:
+        start = self.records + self.epochs_started * self.per_epoch
+        self.epochs_started += 1
+        stop = min(start + self.per_epoch, len(self.train_dataset))
+        return list(range(self.records)) + list(range(start, stop))
 
 
 class PlantingMonitor(TrainerCallback):
@@ -556,6 +606,7 @@ def unlearn_config(method: str, out: Path, settings: DemoSettings, overwrite: bo
         save_strategy="no",
         report_to="tensorboard",
         output_dir=str(out / (f"{method}_lora" if lora else method)),
+        audit="after",  # the planted checkpoint's audit runs once for all methods (audit_planted)
         overwrite=overwrite,
         seed=settings.seed,
         **{"learning_rate": settings.unlearn_lr, **extra},
@@ -563,15 +614,54 @@ def unlearn_config(method: str, out: Path, settings: DemoSettings, overwrite: bo
 
 
 def unlearn(
-    method: str, out: Path, settings: DemoSettings, overwrite: bool, thresholds: Thresholds, lora: bool = False
+    method: str,
+    out: Path,
+    settings: DemoSettings,
+    overwrite: bool,
+    thresholds: Thresholds,
+    planted_audit: dict,
+    lora: bool = False,
 ) -> dict:
-    """Run one method to completion; its summary from the run's own in-memory result."""
+    """Run one method to completion; its summary from the run's own in-memory result, with the
+    planted checkpoint's audit as the "before" of its own (``--audit after``)."""
     from ..unlearn.run import run_unlearning
 
     config = unlearn_config(method, out, settings, overwrite, thresholds, lora)
     result = run_unlearning(config)
     gc.collect()
+    audit = result.report.get("audit", {})
+    if "after" in audit and "summary" in planted_audit:
+        audit["before"] = planted_audit["summary"]
     return method_summary(Path(config.output_dir), result)
+
+
+def audit_planted(out: Path, settings: DemoSettings, thresholds: Thresholds) -> dict:
+    """The end-of-run audit of an unlearning run, on the planted checkpoint itself: the sets,
+    settings and thresholds every method's run uses (``planted/audit.jsonl``, per record id)."""
+    import torch
+
+    from ..core.audit import audit
+    from ..core.models import load_for_inference
+    from ..unlearn.audit import audit_settings, summary_entry, with_ids
+    from ..unlearn.run import load_sets
+
+    config = unlearn_config("ga", out, settings, overwrite=False, thresholds=thresholds)
+    model_dir = out / "planted" / "model"
+    sets, tokenizer = load_sets(config, model_dir)
+    model = load_for_inference(model_dir, torch.float32, None)
+    forget, nonmember = sets["forget"], sets["audit_holdout"]
+    result = audit(
+        model,
+        forget.sequences,
+        nonmember.sequences,
+        settings=audit_settings(config),
+        thresholds=thresholds,
+        tokenizer=tokenizer or _tokenizer(model_dir),
+    )
+    del model
+    gc.collect()
+    write_jsonl(out / "planted" / "audit.jsonl", with_ids(result, forget.ids, nonmember.ids))
+    return {"file": "planted/audit.jsonl", "summary": summary_entry(result)}
 
 
 def calibrated_thresholds(scores: list[dict]) -> Thresholds:

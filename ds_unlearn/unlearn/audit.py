@@ -5,6 +5,9 @@ before (the input checkpoint) and after (the unlearned model).
 ``audit_before.jsonl`` and ``audit_after.jsonl`` (per sequence, by id: the forget set, then the
 non-members), returns the summaries that go into ``report.json`` under ``audit``, and logs
 ``audit/*`` scalars through ``Trainer.log`` (TensorBoard keeps the slash names as tags).
+``--audit after`` leaves out the input checkpoint (no ``audit_before.jsonl``, no ``before``
+entry): several runs from one checkpoint, such as the demo's methods, need its audit once;
+``--audit none`` skips the audit.
 
 Settings: the non-members are ``audit_holdout`` (text like the forget set's that the model never
 saw), else ``holdout``; without either there is nothing to compare against and the audit is
@@ -28,8 +31,6 @@ from ..core.files import write_jsonl
 from ..core.mia import MIA_SCORES
 from ..core.models import load_for_inference, load_tokenizer
 
-AUDIT_FILES = ("audit_before.jsonl", "audit_after.jsonl")
-
 
 def audit_settings(config) -> AuditSettings:
     return AuditSettings(
@@ -41,12 +42,15 @@ def audit_settings(config) -> AuditSettings:
     )
 
 
-def _with_ids(result, forget_ids, nonmember_ids) -> list[dict]:
+def with_ids(result, forget_ids, nonmember_ids) -> list[dict]:
+    """An audit's per-sequence rows, each named by its row id instead of its index in its set."""
     ids = {"forget": list(forget_ids), "holdout": list(nonmember_ids)}
     return [{**row, "id": ids[row["set"]][row["id"]]} for row in result.rows]
 
 
-def _summary(result) -> dict:
+def summary_entry(result) -> dict:
+    """An audit's summary as report.json keeps it under ``audit.before`` / ``audit.after``:
+    MIA AUCs (with their intervals) and discoverable counts / log10 p under sampling."""
     s = result.summary
     return {
         "mia": s["mia"],
@@ -66,6 +70,8 @@ def audit_run(config, model_dir, trainer, sets: dict) -> dict:
     against the non-members; collective (every rank calls it). Returns the ``audit`` entry of
     ``report.json``. A problem with the sets (e.g. a non-member identical to a forget sequence)
     skips the audit with the reason in the report rather than losing a finished run."""
+    if config.audit == "none":
+        return {"skipped": "--audit none"}
     name = "audit_holdout" if sets.get("audit_holdout") is not None else "holdout"
     nonmember = sets.get(name)
     if nonmember is None:
@@ -85,27 +91,29 @@ def audit_run(config, model_dir, trainer, sets: dict) -> dict:
         after = run(trainer.model)
     except InputError as err:
         return {"skipped": str(err)}
-    ds_config = load_ds_config(config.deepspeed) if config.deepspeed else None
-    before_model = load_for_inference(
-        model_dir, torch.float32, ds_config if zero_stage(ds_config) == 3 else None, adapter=config.adapter
-    )
-    before = run(before_model)
-    del before_model
-    gc.collect()
+    results = {"after": after}
+    if config.audit == "both":
+        ds_config = load_ds_config(config.deepspeed) if config.deepspeed else None
+        before_model = load_for_inference(
+            model_dir, torch.float32, ds_config if zero_stage(ds_config) == 3 else None, adapter=config.adapter
+        )
+        results["before"] = run(before_model)
+        del before_model
+        gc.collect()
 
     out = Path(config.output_dir)
+    files = {when: f"audit_{when}.jsonl" for when in ("before", "after") if when in results}
     if D.is_main():
-        for file, result in zip(AUDIT_FILES, (before, after)):
-            write_jsonl(out / file, _with_ids(result, forget.ids, nonmember.ids))
+        for when, file in files.items():
+            write_jsonl(out / file, with_ids(results[when], forget.ids, nonmember.ids))
     entry = {
         "nonmembers": name,
         "settings": {k: v for k, v in after.summary["settings"].items() if k not in ("el_n", "extract_k", "greedy")},
-        "before": _summary(before),
-        "after": _summary(after),
-        "files": list(AUDIT_FILES),
+        **{when: summary_entry(results[when]) for when in ("before", "after") if when in results},
+        "files": list(files.values()),
     }
     metrics = {}
-    for when in ("before", "after"):
+    for when in results:
         for score in MIA_SCORES:
             metrics[f"audit/auc_{score}_{when}"] = entry[when]["mia"][score]["auc"]
         metrics[f"audit/discoverable_{when}"] = entry[when]["forget"]["discoverable"]

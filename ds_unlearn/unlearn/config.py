@@ -19,6 +19,7 @@ from ..core.summary import CALIBRATION_QUANTILE
 
 METHODS = ("ga", "sga", "ta", "tau", "graddiff", "npo", "kl")
 STOP_RULES = ("band", "per_sequence", "mean")
+AUDIT_CHOICES = ("both", "after", "none")  # which models the end-of-run audit covers
 # Methods that train on the retain set too (GradDiff and KL need it; NPO uses it when given).
 RETAIN_METHODS = ("graddiff", "npo", "kl")
 # Per method: (ascent with selection?, task-vector coefficient, mean MA that ends the ascent).
@@ -46,6 +47,12 @@ class UnlearnConfig(TrainingArguments):
         "Non-members for the end-of-run membership-inference audit: text like the forget set's that the model "
         "never saw (default: holdout).",
         default=None,
+    )
+    audit: str = _help(
+        "What the end-of-run audit covers: 'both' (the input checkpoint and the unlearned model), 'after' (the "
+        "unlearned model only: the input checkpoint's audit is already known, e.g. from `ds-unlearn audit` or "
+        "an earlier run from it), or 'none'.",
+        default="both",
     )
     text_field: str = _help("Field holding a row's text.", default="text")
     id_field: str = _help("Field holding a row's id (else its index).", default="id")
@@ -215,6 +222,8 @@ class UnlearnConfig(TrainingArguments):
             bad("method", f"must be one of {', '.join(METHODS)}, got {self.method!r}")
         if not 0.0 <= self.sga_gamma <= 1.0:
             bad("sga_gamma", f"must lie in [0, 1], got {self.sga_gamma}")
+        if self.audit not in AUDIT_CHOICES:
+            bad("audit", f"must be one of {', '.join(AUDIT_CHOICES)}, got {self.audit!r}")
         if self.select_on not in ("ma", "el10"):
             bad("select_on", f"must be 'ma' or 'el10', got {self.select_on!r}")
         if self.score_refresh not in ("epoch", "step"):
