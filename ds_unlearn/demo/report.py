@@ -198,7 +198,9 @@ def planting_section(planting: dict, settings: dict) -> list[str]:
         "## Planting",
         "",
         f"{planting['records']} records (forget + retain) fine-tuned for {planting['epochs']} epochs "
-        f"(at most {planting['max_epochs']}, Adam lr {planting['learning_rate']:g} decaying linearly). "
+        f"(at most {planting['max_epochs']}, Adam lr {planting['learning_rate']:g} decaying linearly), "
+        f"each epoch among {planting.get('ordinary_rows_per_epoch', 0)} rows of ordinary text it had not seen "
+        "before (KJV verses and prose: the records recur, the ordinary text flows past, as in pretraining). "
         f"Criterion: {planting['criterion']}; "
         f"{'reached' if planting['reached'] else 'NOT reached'}: {last['extractable']} of {last['records']} "
         f"extractable, mean MA {f3(last['ma_mean'])} (pretrained: {f3(planting['history'][0]['ma_mean'])}). "
