@@ -29,12 +29,13 @@ Choices the issue left open, and why:
   is what bounds the run time, and it grows with the square of the length.
 - Planting: forget and retain records (the model "saw" all of them; the retain set measures
   collateral forgetting of records that should stay memorized), as pretraining meets a rare
-  string: the records come back every epoch while the ordinary text flows past, 24 rows never
+  string: the records come back every epoch while the ordinary text flows past, 16 rows never
   seen before in each epoch (``PlantingTrainer``), so that the planted model stays a language
   model (the issue asks for holdout perplexity within +20% of the pretrained model's). Measured:
   the same 24 ordinary rows in every epoch (they get memorized too) took the KJV holdout's
-  perplexity from 66.2 to 494 (lr 5e-4) or 181 (lr 1e-4); fresh rows each epoch, lr 3e-4, take
-  it to about 31 (the model also learns the KJV's style, so it drops). Adam, lr 3e-4 decaying
+  perplexity from 66.2 to 494 (lr 5e-4) or 181 (lr 1e-4); fresh rows each epoch at lr 3e-4 take
+  it to 31.3 (24 a epoch) or 34.6 (16 a epoch, 30 s faster: the demo's choice); the model also
+  learns the KJV's style, so it drops. Adam, lr 3e-4 decaying
   linearly over at most 12 epochs, batch 8. It stops once every planted record is extractable
   from its first 16 tokens (greedy decoding from the prefix reproduces the rest exactly:
   Carlini et al.'s k-extractability); the check is teacher-forced only.
@@ -50,7 +51,7 @@ Choices the issue left open, and why:
 - Unlearning: Adam lr 3e-4 (2e-4 left GradDiff and GA+KL one record short of the band after 12
   epochs), one optimizer step per epoch over the whole forget set (plus the
   retain set for GradDiff, NPO and GA+KL), at most 10 epochs (measured with 12: TAU's and NPO's best
-  epochs were 6 and 9, GradDiff met the band at 10; two more epochs only cost time), each judged fresh (one
+  epochs were 6 and 9; every other method stopped sooner), each judged fresh (one
   teacher-forced pass over 16 short records costs about a second; EL_10 only before and after).
   Every method but the GA baseline runs with the two-sided ``band`` rule: memorized records are
   ascended, records inside the band left alone, over-unlearned ones descended back, and the run
@@ -128,7 +129,7 @@ class DemoSettings:
     retain: int = 8
     holdout: int = 24
     unseen: int = 16
-    ordinary_per_epoch: int = 24  # fresh KJV verses / stdlib prose rows per planting epoch (in no other set)
+    ordinary_per_epoch: int = 16  # fresh KJV verses / stdlib prose rows per planting epoch (in no other set)
     famous: int | None = None  # famous KJV verses to scan (None: all of demo_data.FAMOUS_PASSAGES)
     max_length: int = 32
     extract_k: int = 16  # planting target and k-extractability in every score file
