@@ -15,8 +15,13 @@ both methods (2 threads):
 
 and one line per kind is printed: ``el_speed KIND ratio=R maxdiff=D`` (R = reference seconds /
 fast seconds, D = largest difference of any metric). Goals (issue 14): R >= 1000 memorized,
-R >= 100 partial, R >= 10 unseen, D <= 1e-9. Then the same on SmolLM2-135M (bundled) over 8 KJV
-passages of 128 tokens (three verses each): ``el_speed smollm2_kjv ratio=R maxdiff=D`` (no goal).
+R >= 100 partial, R >= 10 unseen, D <= 1e-9. Each kind's details line also gives the ceiling of
+any exact method that runs this model's forward: EL_n needs the greedy continuation from every
+wrong teacher-forced position, and every token of it is the argmax of a forward at a context no
+other request shares, so no such method takes less than forwarding that many tokens (at their mean
+context length) in full batches: ``ceiling`` = reference seconds / those seconds (best of 3).
+Then the same on SmolLM2-135M (bundled) over 8 KJV passages of 128 tokens (three verses each):
+``el_speed smollm2_kjv ratio=R maxdiff=D`` (no goal).
 """
 
 from __future__ import annotations
@@ -27,6 +32,8 @@ import time
 import torch
 
 from ds_unlearn import score_sequences
+from ds_unlearn.core.memorization import continuation_starts
+from ds_unlearn.core.passes import teacher_forced_rows
 from ds_unlearn.core.toy import random_sequences, tiny_model
 
 VOCAB, LENGTH, TRAINED, SCORED = 512, 200, 48, 8
@@ -76,15 +83,47 @@ def text_sets(model, train: list[list[int]], seed: int) -> dict[str, list[list[i
     return {"memorized": best, "partial": partial, "unseen": unseen}
 
 
+def continuation_tokens(model, seqs, n: int) -> tuple[int, int, int]:
+    """What exact EL_n cannot avoid: the forward positions, the longest continuation (sequential
+    steps when no draft is accepted) and the mean context length of those positions. For each wrong
+    teacher-forced position ``f`` some prefix needs, the continuation of ``x[:f+1]`` runs to the
+    end; its first token is the teacher-forced argmax, every later one the output of a forward at a
+    context no other request has (positions f+1 .. T-2, attending to f+2 .. T-1 tokens)."""
+    rows = teacher_forced_rows(model, seqs)
+    starts = [(len(s), f) for s, (match, _) in zip(seqs, rows) for f in continuation_starts(match, len(s) - n)]
+    contexts = [c for T, f in starts for c in range(f + 2, T)]
+    longest = max((T - f - 1 for T, f in starts), default=0)
+    return len(contexts), longest, round(sum(contexts) / max(1, len(contexts)))
+
+
+def full_batch_seconds(model, tokens: int, length: int, batch: int = 32) -> float:
+    """Best of 3: one forward (no cache, no decoding) over ``tokens`` random tokens in batches of
+    ``batch`` sequences of ``length`` (eager attention computes all ``length`` keys for every
+    query, as a decode step at that context does): what computing that many positions costs here."""
+    ids = torch.randint(1, model.config.vocab_size, (max(1, round(tokens / length)), length))
+    best = float("inf")
+    with torch.no_grad():
+        for _ in range(3):
+            start = time.perf_counter()
+            for chunk in ids.split(batch):
+                model(input_ids=chunk, use_cache=False)
+            best = min(best, time.perf_counter() - start)
+    return best
+
+
 def compare(name: str, model, seqs, batch_size) -> str:
     kwargs = dict(el_n=(10,), extract_k=(32,), batch_size=batch_size)
     fast, fast_s, fast_cpu = cpu_timed(lambda: score_sequences(model, seqs, method="fast", **kwargs))
     ref, ref_s, ref_cpu = cpu_timed(lambda: score_sequences(model, seqs, method="reference", **kwargs))
     mean_ma = sum(r["ma"] for r in fast) / len(fast)
+    needed, longest, context = continuation_tokens(model, seqs, 10)
+    floor_s = full_batch_seconds(model, needed, context) if needed else 0.0
+    ceiling = f"{ref_s / floor_s:.0f}" if floor_s else "none"
     print(
         f"  {name}: reference {ref_s:.2f} s ({ref_cpu:.2f} s CPU), fast {fast_s:.3f} s ({fast_cpu:.3f} s CPU), "
         f"CPU-time ratio {ref_cpu / fast_cpu:.1f}, mean ma {mean_ma:.2f}, "
-        f"mean el_10 {sum(r['el_10'] for r in fast) / len(fast):.3f}",
+        f"mean el_10 {sum(r['el_10'] for r in fast) / len(fast):.3f}; needs {needed} continuation tokens "
+        f"(longest {longest}), {floor_s:.3f} s at full-batch efficiency: ceiling {ceiling}",
         flush=True,
     )
     return f"el_speed {name} ratio={ref_s / fast_s:.1f} maxdiff={largest_difference(fast, ref):.1e}"

@@ -2,10 +2,10 @@
 module in ``ds_unlearn/commands/`` with ``main(argv) -> exit code``.
 
     ds-unlearn score    per-sequence memorization of a model on a data file
-    ds-unlearn unlearn  remove a forget set with GA, SGA, TA or TAU (one process; see launch/)
+    ds-unlearn unlearn  remove a forget set (GA, SGA, TA, TAU, GradDiff, NPO, GA+KL; launch/ for ranks)
     ds-unlearn audit    prove per sequence that a forget set is gone: greedy, membership, sampling
     ds-unlearn memorize the memorisation lab (random strings, phases, local prefix, ...)
-    ds-unlearn demo     plant, score, unlearn and report on the real SmolLM2-135M
+    ds-unlearn demo     plant, score, unlearn with every method and report on the real SmolLM2-135M
 
 Every command also takes ``--dist_timeout_s S`` (default 300): under a launcher, the longest any
 collective may wait before the job ends with an error.
@@ -28,10 +28,10 @@ from .core.errors import InputError
 
 SUBCOMMANDS = {
     "score": "per-sequence memorization of a model on a data file",
-    "unlearn": "remove a forget set with GA, SGA, TA or TAU",
+    "unlearn": "remove a forget set: GA, SGA, TA, TAU, GradDiff, NPO or GA+KL (--method)",
     "audit": "prove per sequence that a forget set is gone: greedy, membership inference, sampling",
     "memorize": "the memorisation lab: make a model memorise random strings and record how",
-    "demo": "the whole story on SmolLM2-135M: plant, score, unlearn (GA, SGA, TAU), report",
+    "demo": "the whole story on SmolLM2-135M: plant, score, unlearn with every method, audit, report",
 }
 TIMEOUT_FLAG = "--dist_timeout_s"
 
@@ -67,6 +67,23 @@ def pop_timeout(argv: list[str]) -> tuple[list[str], float]:
     return rest, timeout
 
 
+def run_command(name: str, argv: list[str]) -> int:
+    """``ds_unlearn.commands.<name>.main(argv)``; after a command's own --help, the flag every
+    command shares (argparse's help exits, so that exit is caught here)."""
+    command = importlib.import_module(f"ds_unlearn.commands.{name}")
+    if not any(a in ("-h", "--help") for a in argv):
+        return command.main(argv)
+    try:
+        code = command.main(argv)
+    except SystemExit as done:
+        code = done.code or 0
+    print(
+        f"\nEvery command also takes {TIMEOUT_FLAG} S (default {D.DEFAULT_TIMEOUT_S}): under a launcher, "
+        "the longest any collective may wait before the job ends with an error."
+    )
+    return code
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if not argv or argv[0] in ("-h", "--help"):
@@ -80,10 +97,11 @@ def main(argv: list[str] | None = None) -> int:
         rest, timeout = pop_timeout(rest)
         D.init_distributed(timeout)
         D.start_launcher_watchdog()
-        code = importlib.import_module(f"ds_unlearn.commands.{name}").main(rest)
+        code = run_command(name, rest)
     except InputError as err:
         D.report_error(f"ds-unlearn {name}: error: {err}")
         D.abandon()
+        D.release_shared_memory()
         return 2
     except BaseException as err:
         if not D.launched_by_launcher() or isinstance(err, SystemExit) and not err.code:

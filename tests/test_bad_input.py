@@ -172,6 +172,19 @@ def test_unlearn_bad_input(name, case, tmp_path, capsys):
     check(capsys, code, message, watched, before, out)
 
 
+def test_unlearn_without_output_dir_writes_nothing(case, tmp_path, capsys, monkeypatch):
+    # TrainingArguments alone would default to ./trainer_output and run the whole job there.
+    monkeypatch.chdir(tmp_path)
+    argv = [str(x) for x in unlearn_args(case, tmp_path / "unused")]
+    i = argv.index("--output_dir")
+    del argv[i : i + 2]
+    watched = [case["model"], case["forget"], case["holdout"]]
+    before = digest(watched)
+    code = main(["unlearn", *argv])
+    check(capsys, code, "output_dir: required", watched, before, tmp_path / "trainer_output")
+    assert not any(tmp_path.iterdir()), list(tmp_path.iterdir())
+
+
 def test_reading_data_leaves_no_files_behind(tmp_path, monkeypatch):
     # Every format, read with the caches pointed at empty folders: nothing may appear in them.
     import pyarrow as pa

@@ -58,9 +58,12 @@ def rank_pids(out: Path) -> dict[int, int]:
 @pytest.mark.parametrize("method", [["sga", "--score_refresh", "step"], ["tau", "--tv_switch_ma", "0.7"]])
 def test_sga_step_refresh_and_tau_finish_under_zero3(method, unlearn_case, tmp_path):
     out = tmp_path / method[0]
-    proc = launch(unlearn_case, out, "--method", *method)
+    port = free_port()
+    proc = launch(unlearn_case, out, "--method", *method, port=port)
     output, _ = proc.communicate(timeout=600)
     assert proc.returncode == 0, output[-4000:]
+    # Both ranks removed their CPU all-reduce buffers on the success path too (DeepSpeed never does).
+    assert not list(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_{os.getuid()}_*_{port}_*"))
     report = json.loads((out / "report.json").read_text())
     assert report["after"]["memorized"] == 0 and report["settings"]["world_size"] == 2
     assert all(r["ma"] < 0.6 for r in read_jsonl(out / "scores_after.jsonl"))

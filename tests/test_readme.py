@@ -32,3 +32,15 @@ def test_every_command_is_documented():
     text = (REPO / "README.md").read_text()
     for name in SUBCOMMANDS:
         assert f"ds-unlearn {name}" in text
+
+
+def test_every_command_help_names_itself_and_the_shared_flag(capsys):
+    from ds_unlearn.cli import main
+
+    for name in SUBCOMMANDS:
+        assert main([name, "--help"]) == 0, name
+        out = capsys.readouterr().out
+        assert f"usage: ds-unlearn {name}" in out, out[:300]
+        assert "--dist_timeout_s" in out, name
+    main(["unlearn", "--help"])
+    assert "--config" in capsys.readouterr().out  # YAML settings: the paper configs' way in

@@ -208,16 +208,21 @@ def test_absurd_learning_rate_is_caught_as_divergence_not_success(unlearn_case, 
     assert [r["ma"] for r in after] == pytest.approx([r["ma"] for r in before])  # the input weights, restored
 
 
-def test_default_saves_no_checkpoint_unless_the_epoch_limit_ends_the_run(unlearn_case, tmp_path):
+def test_default_saves_no_checkpoint_unless_the_epoch_limit_ends_the_run(unlearn_case, tmp_path, capsys):
     done = tmp_path / "done"
     assert main(["unlearn", *unlearn_args(unlearn_case, done, "--method", "ga", "--save_strategy", "no")]) == 0
-    assert "stop rule holds" in json.loads((done / "report.json").read_text())["stop_reason"]
+    report = json.loads((done / "report.json").read_text())
+    assert "stop rule holds" in report["stop_reason"] and report["resumable_checkpoint"] is None
     assert not list(done.glob("checkpoint-*"))
+    assert "resumable checkpoint" not in capsys.readouterr().out
     capped = tmp_path / "capped"
     argv = unlearn_args(unlearn_case, capped, "--method", "ga", "--num_train_epochs", "1", "--save_strategy", "no")
     assert main(["unlearn", *argv]) == 0
     assert [p.name for p in capped.glob("checkpoint-*")] == ["checkpoint-1"]
     assert (capped / "checkpoint-1" / "unlearn_state.json").exists()
+    # The run says where it can be resumed from, on stdout and in the report.
+    assert json.loads((capped / "report.json").read_text())["resumable_checkpoint"] == str(capped / "checkpoint-1")
+    assert f"resumable checkpoint: {capped / 'checkpoint-1'}" in capsys.readouterr().out
     resumed = unlearn_args(unlearn_case, capped, "--method", "ga", "--resume_from_checkpoint", capped / "checkpoint-1")
     assert main(["unlearn", *resumed]) == 0
     report = json.loads((capped / "report.json").read_text())

@@ -51,7 +51,8 @@ def main(argv: list[str]) -> int:
     return run(build_parser().parse_args(argv))
 
 
-def _suffix(text: str) -> int | None:
+def suffix_length(text: str) -> int | None:
+    """``--suffix_length``: a token count, or ``rest`` (None: everything after the prefix)."""
     return None if text == "rest" else int(text)
 
 
@@ -67,7 +68,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     a("--extract_k", type=int, nargs="+", default=[DEFAULT_EXTRACT_K], help="K of k-extractability")
     a("--min_k", type=float, default=DEFAULT_MIN_K, help="fraction of tokens Min-K%% and Min-K%%++ average")
     a("--prefix_length", type=int, default=DEFAULT_PREFIX, help="sampling extraction: prefix tokens P")
-    a("--suffix_length", type=_suffix, default=DEFAULT_SUFFIX, help="suffix tokens S, or 'rest' (all after P)")
+    a("--suffix_length", type=suffix_length, default=DEFAULT_SUFFIX, help="suffix tokens S, or 'rest' (all after P)")
     a("--temperature", type=float, default=1.0, help="sampling temperature (> 0)")
     a("--top_k", type=int, default=None, help="top-k truncation (default off; generate()'s own default is 50)")
     a("--top_p", type=float, default=None, help="top-p (nucleus) truncation in (0, 1] (default off)")

@@ -39,7 +39,8 @@ def build_parser() -> argparse.ArgumentParser:
         const=8,
         default=None,
         metavar="R",
-        help="also run the best method (TAU, else SGA) with LoRA adapters of rank R (default 8) and report it",
+        help="also run one method with LoRA adapters of rank R (default 8) and report it: the first the demo runs of "
+        "TAU, SGA, NPO, GradDiff, GA+KL, TA, GA",
     )
     return one_line_errors(parser)
 

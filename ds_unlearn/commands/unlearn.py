@@ -1,13 +1,17 @@
 """``ds-unlearn unlearn``: remove a forget set from a model and prove it per sequence.
 
-One process:  ds-unlearn unlearn --config configs/paper/gpt_neo_125m_sga.yaml --output_dir out/run
+One process:  ds-unlearn unlearn --model DIR --forget forget.jsonl --method sga --output_dir out/run
+A paper's settings (bf16: on a GPU):
+              ds-unlearn unlearn --config configs/paper/gpt_neo_125m_sga.yaml --output_dir out/run
 Many ranks:   deepspeed --num_gpus N launch/unlearn.py --config FILE.yaml --deepspeed configs/ds/zero3.json
-Any UnlearnConfig / TrainingArguments field is a flag (--method sga --learning_rate 1e-5 ...).
+Any UnlearnConfig / TrainingArguments field is a flag (--method sga --learning_rate 1e-5 ...), and
+--config FILE.yaml gives them from a file (flags override it).
 """
 
 from __future__ import annotations
 
 from ..core import distributed as D
+from ..core.config_parsing import build_parser
 from ..unlearn.config import UnlearnConfig, parse_config
 from ..unlearn.report import report_lines
 from ..unlearn.run import run_unlearning
@@ -16,9 +20,7 @@ from ..unlearn.run import run_unlearning
 def main(argv: list[str]) -> int:
     if any(a in ("-h", "--help") for a in argv):
         print(__doc__)
-        from transformers import HfArgumentParser
-
-        HfArgumentParser(UnlearnConfig).print_help()
+        build_parser(UnlearnConfig, prog="ds-unlearn unlearn").print_help()
         return 0
     config = parse_config(argv, before_build=D.configure_process_for_trainer)
     result = run_unlearning(config)

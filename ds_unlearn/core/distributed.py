@@ -103,9 +103,10 @@ def shared_memory_buffer() -> Path:
 
 
 def release_shared_memory() -> None:
-    """On a failure path, before ``os._exit``: unlink this rank's CPU all-reduce buffer (~70 MB),
-    which only DeepSpeed's orderly shutdown would remove; otherwise it stays in /dev/shm until
-    reboot. Other ranks keep their mappings; nothing is waited on. Best effort."""
+    """Unlink this rank's CPU all-reduce buffer (~70 MB): DeepSpeed never does (shm.cpp defines
+    ``shared_close`` but nothing calls it), so without this it stays in /dev/shm until reboot, one
+    per rank per run. Called by ``finalize`` after the last collective and on a failure path before
+    ``os._exit``. Ranks that mapped it keep their mappings; nothing is waited on. Best effort."""
     try:
         shared_memory_buffer().unlink(missing_ok=True)
     except OSError:
@@ -245,6 +246,7 @@ def finalize() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
+        release_shared_memory()  # every rank opened its peers' buffers at initialization
 
 
 # -- ZeRO-3: gather the whole model once for a run of forwards -------------------------------------

@@ -218,6 +218,8 @@ class UnlearnConfig(TrainingArguments):
             bad("model", "required (a checkpoint directory or 'smollm2')")
         if not self.forget:
             bad("forget", "required (the forget set file)")
+        if not self.output_dir:  # TrainingArguments would write to ./trainer_output
+            bad("output_dir", "required (where the unlearned model, scores and report go)")
         if self.method not in METHODS:
             bad("method", f"must be one of {', '.join(METHODS)}, got {self.method!r}")
         if not 0.0 <= self.sga_gamma <= 1.0:

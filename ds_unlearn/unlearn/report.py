@@ -77,7 +77,8 @@ def _peak_device_memory_gib() -> float | None:
 
 
 def report_lines(report: dict) -> str:
-    """What a run did, in three lines for stdout (counts and means only)."""
+    """What a run did, in three lines for stdout (counts and means only), and a fourth naming the
+    resumable checkpoint when the epoch limit ended the run before its stop rule."""
     b, a = report["before"], report["after"]
     return "\n".join(
         [
@@ -88,4 +89,12 @@ def report_lines(report: dict) -> str:
             f"mean el_10 {b['means']['el_10']:.3f} -> {a['means']['el_10']:.3f}",
             f"report: {json.dumps(report['holdout_loss'])} holdout loss; wall {report['wall_seconds']} s",
         ]
+        + (
+            [
+                f"resumable checkpoint: {report['resumable_checkpoint']} (--resume_from_checkpoint it with a "
+                "higher --num_train_epochs to carry on)"
+            ]
+            if report.get("resumable_checkpoint")
+            else []
+        )
     )

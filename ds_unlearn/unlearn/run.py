@@ -126,10 +126,11 @@ def run_unlearning(config: UnlearnConfig) -> UnlearnResult:
         holdout=sets["holdout"],
     )
     trainer.train(resume_from_checkpoint=config.resume_from_checkpoint)
+    resumable = None
     if trainer.run.phase != "done":
         # The epoch limit came before the stop rule: keep a checkpoint to resume from with a
         # higher limit (before finalize_weights, which applies TA/TAU's edit for the output).
-        trainer.save_resumable_checkpoint()
+        resumable = trainer.save_resumable_checkpoint()
     trainer.finalize_weights()
 
     out = Path(config.output_dir)
@@ -152,6 +153,7 @@ def run_unlearning(config: UnlearnConfig) -> UnlearnResult:
         else None
     )
     report = build_report(config, trainer, after, holdout_after, retain_after, time.time() - started)
+    report["resumable_checkpoint"] = str(resumable) if resumable is not None else None
     # Issue 13: membership inference and sampling extraction, before and after (unlearn/audit.py).
     report["audit"] = audit_run(config, model_dir, trainer, sets)
     if D.is_main():

@@ -486,14 +486,15 @@ class UnlearnTrainer(SequenceTrainer):
             histograms["forget/el10"] = self.run.el10
         log_histograms(self, histograms)
 
-    def save_resumable_checkpoint(self) -> None:
+    def save_resumable_checkpoint(self) -> Path:
         """A full checkpoint (model, optimizer, our run state) at the current step, whatever
-        save_strategy says; collective under DeepSpeed. Returns nothing; the directory is
+        save_strategy says; collective under DeepSpeed. Returns its directory,
         ``output_dir/checkpoint-STEP``."""
         checkpoint = Path(self.args.output_dir) / f"checkpoint-{self.state.global_step}"
         if not (checkpoint / STATE_FILE).exists():  # save_strategy=epoch may have written it already
             self._save_checkpoint(self.model, trial=None)
             self.save_run_state(checkpoint)
+        return checkpoint
 
     def save_run_state(self, checkpoint_dir: Path) -> None:
         torch.save(
