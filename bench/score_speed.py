@@ -20,6 +20,8 @@ any exact method that runs this model's forward: EL_n needs the greedy continuat
 wrong teacher-forced position, and every token of it is the argmax of a forward at a context no
 other request shares, so no such method takes less than forwarding that many tokens (at their mean
 context length) in full batches: ``ceiling`` = reference seconds / those seconds (best of 3).
+It also gives the wall time of the fast run's model forward calls alone (the model's own ops at the
+shapes decoding needs): the ratio the fast method would reach if all its own bookkeeping were free.
 Then the same on SmolLM2-135M (bundled) over 8 KJV passages of 128 tokens (three verses each):
 ``el_speed smollm2_kjv ratio=R maxdiff=D`` (no goal).
 """
@@ -111,9 +113,33 @@ def full_batch_seconds(model, tokens: int, length: int, batch: int = 32) -> floa
     return best
 
 
+class ForwardClock:
+    """Wall seconds spent inside ``model``'s forward calls while entered: how much of a run is the
+    model's own ops (the rest is the caller's bookkeeping)."""
+
+    def __init__(self, model):
+        self.model, self.seconds, self.calls = model, 0.0, 0
+
+    def _pre(self, *_):
+        self._start = time.perf_counter()
+
+    def _post(self, *_):
+        self.seconds += time.perf_counter() - self._start
+        self.calls += 1
+
+    def __enter__(self):
+        self.hooks = [self.model.register_forward_pre_hook(self._pre), self.model.register_forward_hook(self._post)]
+        return self
+
+    def __exit__(self, *exc):
+        for hook in self.hooks:
+            hook.remove()
+
+
 def compare(name: str, model, seqs, batch_size) -> str:
     kwargs = dict(el_n=(10,), extract_k=(32,), batch_size=batch_size)
-    fast, fast_s, fast_cpu = cpu_timed(lambda: score_sequences(model, seqs, method="fast", **kwargs))
+    with ForwardClock(model) as forwards:
+        fast, fast_s, fast_cpu = cpu_timed(lambda: score_sequences(model, seqs, method="fast", **kwargs))
     ref, ref_s, ref_cpu = cpu_timed(lambda: score_sequences(model, seqs, method="reference", **kwargs))
     mean_ma = sum(r["ma"] for r in fast) / len(fast)
     needed, longest, context = continuation_tokens(model, seqs, 10)
@@ -123,7 +149,9 @@ def compare(name: str, model, seqs, batch_size) -> str:
         f"  {name}: reference {ref_s:.2f} s ({ref_cpu:.2f} s CPU), fast {fast_s:.3f} s ({fast_cpu:.3f} s CPU), "
         f"CPU-time ratio {ref_cpu / fast_cpu:.1f}, mean ma {mean_ma:.2f}, "
         f"mean el_10 {sum(r['el_10'] for r in fast) / len(fast):.3f}; needs {needed} continuation tokens "
-        f"(longest {longest}), {floor_s:.3f} s at full-batch efficiency: ceiling {ceiling}",
+        f"(longest {longest}), {floor_s:.3f} s at full-batch efficiency: ceiling {ceiling}; "
+        f"the fast run's {forwards.calls} model forwards took {forwards.seconds:.3f} s "
+        f"(ratio {ref_s / max(forwards.seconds, 1e-9):.0f} if the rest cost nothing)",
         flush=True,
     )
     return f"el_speed {name} ratio={ref_s / fast_s:.1f} maxdiff={largest_difference(fast, ref):.1e}"
