@@ -134,6 +134,7 @@ UNLEARN_CASES = {
     "missing forget file": (lambda c: ["--forget", c["root"] / "nope.jsonl"], "--forget: no such file"),
     "truncated weights": (lambda c: ["--model", c["truncated"]], "cannot load the weights"),
     "sequence past the context": (lambda c: ["--forget", c["long"]], "--forget row 0: 300 tokens"),
+    "unknown reporter": (["--report_to", "bogus"], "report_to: unknown reporter 'bogus'"),
 }
 
 

@@ -87,6 +87,24 @@ def test_tensorboard_and_outputs(unlearn_case, tmp_path):
     assert report["after"]["means"]["ma"] == pytest.approx(
         np.mean([r["ma"] for r in read_jsonl(out / "scores_after.jsonl")])
     )
+    # EL_10 before the first epoch and of the saved model, at the last step.
+    el10 = tensorboard_scalars(out, "forget/el10_mean")
+    last_step = max(step for step, _ in tensorboard_scalars(out, "train/loss"))
+    assert el10[0][0] == 0 and el10[-1][0] == last_step > 0
+    assert el10[-1][1] == pytest.approx(np.mean([r["el_10"] for r in read_jsonl(out / "scores_after.jsonl")]), abs=1e-6)
+
+
+def tensorboard_scalars(output_dir, tag):
+    """(step, value) of every event of ``tag``, in step order."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    points = []
+    for events in output_dir.rglob("events.out.tfevents.*"):
+        acc = EventAccumulator(str(events), size_guidance={"scalars": 0})
+        acc.Reload()
+        if tag in acc.Tags()["scalars"]:
+            points += [(e.step, e.value) for e in acc.Scalars(tag)]
+    return sorted(points)
 
 
 def test_mean_rule_can_stop_with_a_sequence_still_memorized(unlearn_case, tmp_path):
@@ -192,6 +210,24 @@ def test_report_to_none_writes_no_event_files(unlearn_case, tmp_path):
     assert not list(out.rglob("events.out.tfevents.*"))
     history = json.loads((out / "report.json").read_text())["history"]
     assert history[0]["forget/memorized"] == 4  # the metrics are still computed and reported
+
+
+def test_a_crashed_runs_files_need_overwrite_which_replaces_only_them(unlearn_case, tmp_path, capsys):
+    # A run killed mid-way leaves scores and events but no report.json.
+    out = tmp_path / "crashed"
+    (out / "runs" / "old").mkdir(parents=True)
+    for name in ("scores_before.jsonl", "scores_epoch1.jsonl", "scores_epoch37.jsonl", "audit_before.jsonl"):
+        (out / name).write_text("{}\n")
+    (out / "checkpoint-37").mkdir()
+    (out / "notes.txt").write_text("the user's own file")
+    argv = unlearn_args(unlearn_case, out, "--method", "ga", "--report_to", "none", "--num_train_epochs", "1")
+    assert main(["unlearn", *argv]) == 2
+    assert "holds an earlier run (scores_before.jsonl); pass --overwrite" in capsys.readouterr().err
+    assert (out / "scores_epoch37.jsonl").exists()
+    assert main(["unlearn", *argv, "--overwrite"]) == 0
+    left = {p.name for p in out.iterdir()}
+    assert "notes.txt" in left and not {"scores_epoch37.jsonl", "checkpoint-37", "runs"} & left, left
+    assert {"report.json", "scores_before.jsonl", "scores_epoch1.jsonl", "scores_after.jsonl"} <= left
 
 
 def test_absurd_learning_rate_is_caught_as_divergence_not_success(unlearn_case, tmp_path):

@@ -40,8 +40,12 @@ def read_rows(path: str | Path, option: str = "--data") -> list[dict]:
     read. Raises InputError naming the file and the line or row: missing or unreadable file,
     unknown extension, invalid JSON, a row that is not an object, no rows at all."""
     path = Path(path)
-    if not path.is_file():
+    if path.is_dir():
+        raise InputError(f"{option}: {path} is a directory, not a data file (give a {', '.join(FORMATS)} file)")
+    if not path.exists():
         raise InputError(f"{option}: no such file {path}")
+    if not path.is_file():
+        raise InputError(f"{option}: {path} is not a regular file")
     suffix = path.suffix.lower()
     if suffix not in FORMATS:
         raise InputError(f"{option}: {path} has an unknown extension (use {', '.join(FORMATS)})")
@@ -112,6 +116,48 @@ def _read_parquet(path: Path) -> list[dict]:
         raise InputError(f"cannot read {path} as Parquet: {str(err).splitlines()[0]}") from None
 
 
+def _kind(value) -> str:
+    """The type of a field's value in words (JSON's names; integer and float for numbers), never
+    the value itself: rows may be private."""
+    if value is None:
+        return "null"
+    for types, name in (
+        (bool, "a boolean"),
+        (int, "an integer"),
+        (float, "a float"),
+        (str, "a string"),
+        ((list, tuple), "an array"),
+        (dict, "an object"),
+    ):
+        if isinstance(value, types):
+            return name
+    return f"of type {type(value).__name__}"
+
+
+def _check_unicode(value: str, where: str, field: str) -> None:
+    """InputError when ``value`` cannot be encoded as UTF-8 (an unpaired surrogate, which valid
+    JSON can carry as an escape): the tokenizer and the output files would choke on it."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as err:
+        raise InputError(
+            f"{where}: field '{field}' is not valid Unicode (an unpaired surrogate at character {err.start})"
+        ) from None
+
+
+def _row_id(row: dict, where: str, id_field: str):
+    """The id of a row that has the id field: a string or an integer (not a boolean, float,
+    array, object or null)."""
+    value = row[id_field]
+    if value is None:
+        raise InputError(f"{where}: field '{id_field}' is missing (it is null; an id must be a string or an integer)")
+    if isinstance(value, bool) or not isinstance(value, (str, int)):
+        raise InputError(f"{where}: field '{id_field}' must be a string or an integer, not {_kind(value)}")
+    if isinstance(value, str):
+        _check_unicode(value, where, id_field)
+    return value
+
+
 def _as_token_ids(value, where: str) -> list[int]:
     if not isinstance(value, (list, tuple)) or not all(isinstance(t, int) and not isinstance(t, bool) for t in value):
         raise InputError(f"{where}: {IDS_FIELD} must be a list of integers")
@@ -132,14 +178,20 @@ def to_sequence_set(
     if not rows:
         raise InputError(f"{option}: the file holds no rows")
     has_ids = any(row.get(IDS_FIELD) is not None for row in rows)
-    has_id_field = id_field in rows[0]
+    # Ids come from the id field when any row has it, and then every row must; else row indices.
+    # (Callers pass the default "id" and an explicit --id_field alike, so a file without the
+    # field at all cannot be told apart from one where the user named a field it lacks.)
+    first_with_id = next((i for i, row in enumerate(rows) if id_field in row), None)
+    has_id_field = first_with_id is not None
     ids, sequences, seen = [], [], {}
     for i, row in enumerate(rows):
         where = f"{option} row {i}"
         if has_id_field:
-            row_id = row.get(id_field)
-            if row_id is None:
-                raise InputError(f"{where}: field '{id_field}' is missing")
+            if id_field not in row:
+                raise InputError(
+                    f"{where}: field '{id_field}' is missing (row {first_with_id} has it, so every row needs one)"
+                )
+            row_id = _row_id(row, where, id_field)
             if row_id in seen:
                 raise InputError(f"{where}: duplicate id {row_id!r} (first at row {seen[row_id]})")
             seen[row_id] = i
@@ -149,8 +201,15 @@ def to_sequence_set(
             tokens = _as_token_ids(row[IDS_FIELD], where)
         else:
             text = row.get(text_field)
-            if not isinstance(text, str):
+            if text_field not in row:
                 raise InputError(f"{where}: field '{text_field}' is missing (and no {IDS_FIELD})")
+            if text is None:
+                raise InputError(
+                    f"{where}: field '{text_field}' is missing (it is null, not a string; and no {IDS_FIELD})"
+                )
+            if not isinstance(text, str):
+                raise InputError(f"{where}: field '{text_field}' is {_kind(text)}, not a string (and no {IDS_FIELD})")
+            _check_unicode(text, where, text_field)
             if tokenizer is None:
                 raise InputError(f"{where}: has text but the model has no tokenizer; give {IDS_FIELD}")
             tokens = list(tokenizer(text, add_special_tokens=False)["input_ids"])

@@ -3,6 +3,7 @@ output paths before any compute."""
 
 from __future__ import annotations
 
+import fnmatch
 import json
 import os
 import shutil
@@ -32,8 +33,9 @@ def check_output(
     - Never equal to, inside, or (for a directory) holding an input (data file or checkpoint),
       with or without ``--overwrite``.
     - A file output: an existing file needs ``--overwrite``; a directory in its place is an error.
-    - A directory output: a file in its place is an error; an earlier run's outputs (any of the
-      ``owned`` entry names, or any entry at all when ``owned`` is None) need ``--overwrite``.
+    - A directory output: a file in its place is an error; an earlier run's outputs (entries
+      matching any of the ``owned`` names or glob patterns, or any entry at all when ``owned`` is
+      None) need ``--overwrite``.
     Creates nothing: callers create outputs only after every check passed.
     """
     path = Path(path)
@@ -51,7 +53,8 @@ def check_output(
             raise InputError(f"{option}: {path} is a file, not a directory")
         if path.is_dir() and not overwrite:
             names = [p.name for p in path.iterdir()]
-            clash = [n for n in names if owned is None or n in owned]
+            # Named in the order of ``owned``: a finished run is named by its first output.
+            clash = sorted(names) if owned is None else [n for p in owned for n in sorted(names) if _owned(n, (p,))]
             if clash:
                 raise InputError(
                     f"{option}: {path} holds an earlier run ({clash[0]}); pass {OVERWRITE_FLAG} to replace it"
@@ -63,16 +66,21 @@ def check_output(
             raise InputError(f"{option}: {path} exists (pass {OVERWRITE_FLAG} to replace it)")
 
 
+def _owned(name: str, owned: Sequence[str]) -> bool:
+    return any(fnmatch.fnmatchcase(name, pattern) for pattern in owned)
+
+
 def clear_outputs(directory: str | Path, owned: Sequence[str]) -> None:
-    """Remove the entries of ``directory`` named in ``owned`` (an earlier run's outputs) and
-    nothing else; creates the directory if needed."""
+    """Remove the entries of ``directory`` matching ``owned`` (names or glob patterns: an earlier
+    run's outputs) and nothing else; creates the directory if needed."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    for name in owned:
-        target = directory / name
-        if target.is_dir():
+    for target in sorted(directory.iterdir()):
+        if not _owned(target.name, owned):
+            continue
+        if target.is_dir() and not target.is_symlink():
             shutil.rmtree(target)
-        elif target.exists():
+        else:
             target.unlink()
 
 

@@ -208,6 +208,29 @@ class UnlearnConfig(TrainingArguments):
         self.validate()
         super().__post_init__()
 
+    def _validate_report_to(self, bad) -> None:
+        """Names transformers knows and whose package is installed; the Trainer would otherwise
+        raise only after the model has loaded."""
+        from transformers.integrations.integration_utils import (
+            INTEGRATION_TO_CALLBACK,
+            get_available_reporting_integrations,
+        )
+
+        reporters = [self.report_to] if isinstance(self.report_to, str) else list(self.report_to or [])
+        available = set(get_available_reporting_integrations())
+        for name in reporters:
+            if name in ("none", "all"):
+                continue
+            if name not in INTEGRATION_TO_CALLBACK:
+                bad(
+                    "report_to",
+                    f"unknown reporter {name!r}: one of none, all, {', '.join(sorted(INTEGRATION_TO_CALLBACK))}",
+                )
+            if name not in available:
+                bad(
+                    "report_to", f"{name} is not installed here (pip install {name.replace('_', '-')}, or pick another)"
+                )
+
     def validate(self) -> None:
         """One clear line per problem, naming the field; runs before anything is loaded."""
 
@@ -281,6 +304,7 @@ class UnlearnConfig(TrainingArguments):
             other = getattr(self, name, None)
             if other and Path(other).resolve() == Path(self.forget).resolve():
                 bad(name, f"is the forget set's own file ({other}); it must hold other sequences")
+        self._validate_report_to(bad)
         if isinstance(self.deepspeed, str):
             from ..core.ds_config import load_ds_config
 

@@ -17,7 +17,7 @@ from ..core import distributed as D
 from ..core.adapters import check_merge_targets, checkpoint_shards, merge_into_checkpoint
 from ..core.data import SequenceSet, check_context, check_disjoint, needs_tokenizer, read_rows, to_sequence_set
 from ..core.errors import InputError
-from ..core.files import check_output, write_json
+from ..core.files import check_output, clear_outputs, write_json
 from ..core.models import load_causal_lm, load_config, load_tokenizer, report_partition, resolve_model_dir
 from .audit import audit_run
 from .config import UnlearnConfig
@@ -32,8 +32,19 @@ from .lora import (
 )
 from .report import REPORT, build_report
 
-# What a run writes directly under output_dir (checkpoint-* and TensorBoard runs/ besides).
-RUN_OUTPUTS = (REPORT, "model", "scores_before.jsonl", "scores_after.jsonl", ADAPTER_DIR, TV_BASE_DIR, TV_TRAINED_DIR)
+# What a run writes directly under output_dir (names or glob patterns). An earlier run's, even a
+# crashed one without report.json, needs --overwrite, which removes these and nothing else.
+RUN_OUTPUTS = (
+    REPORT,
+    "model",
+    "scores_*.jsonl",
+    "audit_*.jsonl",
+    "checkpoint-*",
+    "runs",  # TensorBoard's event files
+    ADAPTER_DIR,
+    TV_BASE_DIR,
+    TV_TRAINED_DIR,
+)
 
 
 @dataclass
@@ -56,7 +67,7 @@ def check_paths(config: UnlearnConfig, model_dir: Path) -> None:
         overwrite=config.overwrite or bool(config.resume_from_checkpoint),
         inputs=(model_dir, config.forget, config.retain, config.holdout, config.adapter),
         directory=True,
-        owned=(REPORT,),
+        owned=RUN_OUTPUTS,
     )
 
 
@@ -117,6 +128,9 @@ def run_unlearning(config: UnlearnConfig) -> UnlearnResult:
         model = prepare_model(model, config)
         if config.merge_adapter:
             check_merge_targets(model_dir, adapted_weight_names(model))
+    if config.overwrite and not config.resume_from_checkpoint and D.is_main():
+        # Every check has passed: replace the earlier run now, so no file of it mixes with this one's.
+        clear_outputs(config.output_dir, RUN_OUTPUTS)
     trainer = UnlearnTrainer(
         model=model,
         args=config,
@@ -146,6 +160,7 @@ def run_unlearning(config: UnlearnConfig) -> UnlearnResult:
             input_tokenizer.save_pretrained(out / "model")
     after = trainer.score_set(sets["forget"])
     trainer.write_scores("scores_after.jsonl", after)
+    trainer.log_saved_model_scores(after)
     holdout_after = trainer.holdout_loss()
     retain_after = (
         float(np.mean([r["ma"] for r in trainer.score_set(sets["retain"], el=False)]))

@@ -486,6 +486,15 @@ class UnlearnTrainer(SequenceTrainer):
             histograms["forget/el10"] = self.run.el10
         log_histograms(self, histograms)
 
+    def log_saved_model_scores(self, scores: list[dict]) -> None:
+        """EL_10 of the model as saved (after the last epoch; TA/TAU's edit or the last good weights
+        applied), at the final step: the epoch logs carry it only where an epoch computed it."""
+        if not scores or "el_10" not in scores[0]:
+            return
+        el10 = [float(r["el_10"]) for r in scores]
+        self.log({"forget/el10_mean": float(np.mean(el10))})
+        log_histograms(self, {"forget/el10": el10})
+
     def save_resumable_checkpoint(self) -> Path:
         """A full checkpoint (model, optimizer, our run state) at the current step, whatever
         save_strategy says; collective under DeepSpeed. Returns its directory,

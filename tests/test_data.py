@@ -1,0 +1,107 @@
+"""Reading and validating data rows (core.data): every problem is one InputError line naming the
+row and field, never the row's text."""
+
+import json
+
+import pytest
+
+from ds_unlearn.core.data import read_rows, to_sequence_set
+from ds_unlearn.core.errors import InputError
+
+from .conftest import VOCAB
+
+SECRET = "t5 t9 t12 private words"
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    """A word-level tokenizer over the tiny vocabulary ("t5 t9" -> [5, 9]), built offline."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.WordLevel({f"t{i}": i for i in range(VOCAB)}, unk_token="t0"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="t0")
+
+
+def error(rows, tokenizer, **options) -> str:
+    with pytest.raises(InputError) as caught:
+        to_sequence_set(rows, tokenizer=tokenizer, vocab_size=VOCAB, **options)
+    message = str(caught.value)
+    assert "\n" not in message
+    return message
+
+
+def test_good_rows_with_and_without_ids(tokenizer):
+    data = to_sequence_set([{"id": "a", "text": "t1 t2"}, {"id": 7, "text": "t3"}], tokenizer=tokenizer)
+    assert data.ids == ["a", 7] and data.sequences == [[1, 2], [3]] and data.has_id_field
+    data = to_sequence_set([{"text": "t1 t2"}, {"text": "t3"}], tokenizer=tokenizer)
+    assert data.ids == [0, 1] and not data.has_id_field
+
+
+@pytest.mark.parametrize(
+    ("value", "kind"),
+    [([1], "an array"), ({"k": SECRET}, "an object"), (True, "a boolean"), (1.5, "a float")],
+)
+def test_id_must_be_a_string_or_an_integer(tokenizer, value, kind):
+    rows = [{"id": "a", "text": "t1"}, {"id": value, "text": SECRET}]
+    message = error(rows, tokenizer)
+    assert message.startswith("--data row 1: field 'id' must be a string or an integer")
+    assert kind in message and SECRET not in message and "private" not in message
+
+
+def test_null_id_is_named(tokenizer):
+    message = error([{"id": "a", "text": "t1"}, {"id": None, "text": SECRET}], tokenizer)
+    assert message.startswith("--data row 1: field 'id' is missing") and "null" in message
+    assert SECRET not in message
+
+
+def test_text_with_an_unpaired_surrogate(tokenizer, tmp_path):
+    path = tmp_path / "forget.jsonl"
+    secret = SECRET + "\ud800 tail"
+    path.write_text(json.dumps({"id": "a", "text": "t1"}) + "\n" + json.dumps({"id": "b", "text": secret}) + "\n")
+    rows = read_rows(path, "--forget")
+    message = error(rows, tokenizer, option="--forget")
+    assert message == (
+        f"--forget row 1: field 'text' is not valid Unicode (an unpaired surrogate at character {len(SECRET)})"
+    )
+    assert "private" not in message
+
+
+def test_id_with_an_unpaired_surrogate(tokenizer):
+    message = error([{"id": "x\udc00y", "text": "t1"}], tokenizer)
+    assert message.startswith("--data row 0: field 'id' is not valid Unicode")
+
+
+def test_id_field_on_later_rows_only_must_be_on_every_row(tokenizer):
+    rows = [{"text": "t1"}, {"id": "b", "text": "t2"}, {"id": "c", "text": "t3"}]
+    message = error(rows, tokenizer)
+    assert message.startswith("--data row 0: field 'id' is missing") and "row 1 has it" in message
+    rows = [{"id": "a", "text": "t1"}, {"text": "t2"}]
+    assert error(rows, tokenizer).startswith("--data row 1: field 'id' is missing")
+    custom = [{"text": "t1"}, {"text": "t2", "key": 3}]
+    assert error(custom, tokenizer, id_field="key").startswith("--data row 0: field 'key' is missing")
+
+
+@pytest.mark.parametrize(("value", "kind"), [(12345, "an integer"), ([SECRET], "an array"), (False, "a boolean")])
+def test_text_present_but_not_a_string(tokenizer, value, kind):
+    message = error([{"id": "a", "text": value}], tokenizer)
+    assert message == f"--data row 0: field 'text' is {kind}, not a string (and no input_ids)"
+
+
+def test_null_text_says_null(tokenizer):
+    message = error([{"id": "a", "text": None}], tokenizer)
+    assert message.startswith("--data row 0: field 'text' is missing") and "null, not a string" in message
+
+
+def test_absent_text_is_still_missing(tokenizer):
+    assert error([{"id": "a"}], tokenizer) == "--data row 0: field 'text' is missing (and no input_ids)"
+
+
+def test_directory_as_data_path(tmp_path):
+    with pytest.raises(InputError) as caught:
+        read_rows(tmp_path, "--forget")
+    message = str(caught.value)
+    assert message.startswith(f"--forget: {tmp_path} is a directory") and "no such file" not in message
+    with pytest.raises(InputError, match="no such file"):
+        read_rows(tmp_path / "nope.jsonl")
