@@ -131,7 +131,10 @@ def _bad_cases(tmp_path, forget, holdout, model_dir):
         "top_p": ([*base, "--top_p", "1.5"], "--top_p: must lie in (0, 1]"),
         "top_k": ([*base, "--top_k", "0"], "--top_k: must be a positive integer"),
         "confidence": ([*base, "--attack_confidence", "1"], "--attack_confidence: must lie in (0, 1)"),
-        "too short": ([*base, "--prefix_length", "20"], "--forget row 1: 30 tokens, but the audit's settings need"),
+        "too short": (
+            [*base, "--prefix_length", "20"],
+            "--forget row 1: 30 tokens, but the audit's settings need at least 36 (set by --prefix_length",
+        ),
         "thresholds": ([*base, "--memorized_threshold", "0.1"], "--memorized_threshold: need"),
         "eval include path": ([*base, "--eval_include_path", str(tmp_path)], "--eval_include_path given without"),
     }

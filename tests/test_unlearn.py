@@ -2,6 +2,7 @@
 sequence), keeps the retain set, writes what it promises, and stops safely."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -82,6 +83,9 @@ def test_tensorboard_and_outputs(unlearn_case, tmp_path):
     assert TB_SCALARS <= scalars, TB_SCALARS - scalars
     assert {"forget/ma", "forget/el10"} <= histograms
     assert (out / "model" / "model.safetensors").exists() and (out / "model" / "config.json").exists()
+    # The Trainer turns the KV cache off for training; the saved model generates as the input did.
+    saved, given = (json.loads((d / "config.json").read_text()) for d in (out / "model", Path(unlearn_case["model"])))
+    assert given["use_cache"] is True and saved["use_cache"] is True
     report = json.loads((out / "report.json").read_text())
     assert report["holdout_loss"]["before"] > 0 and report["holdout_loss"]["after"] > 0
     assert report["after"]["means"]["ma"] == pytest.approx(

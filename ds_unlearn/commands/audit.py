@@ -77,7 +77,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     a("--memorized_threshold", type=float, default=MEMORIZED_MA, help="MA at or above which: memorized")
     a("--over_unlearned_threshold", type=float, default=OVER_UNLEARNED_MA, help="MA at or below: over-unlearned")
     a("--bootstrap", type=int, default=DEFAULT_BOOTSTRAP, help="bootstrap resamples of each AUC (0: none)")
-    a("--seed", type=int, default=0, help="seed of the bootstrap")
+    # 42 is TrainingArguments' seed: the same as unlearn's end-of-run audit, so the two reproduce each other.
+    a("--seed", type=int, default=42, help="seed of the bootstrap and the sampling (unlearn's default seed)")
     a("--eval_tasks", default=None, help="lm-eval tasks T1,T2 run on the model (needs the [eval] extra)")
     a("--eval_include_path", default=None, help="directory of the user's lm-eval task YAMLs")
     a("--eval_limit", type=float, default=None, help="documents per lm-eval task (count, or fraction < 1)")

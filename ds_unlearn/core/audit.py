@@ -151,7 +151,9 @@ def check_sets(
         for i, seq in enumerate(seqs):
             if len(seq) < min_tokens:
                 raise InputError(
-                    f"{name} row {i}: {len(seq)} tokens, but the audit's settings need at least {min_tokens}"
+                    f"{name} row {i}: {len(seq)} tokens, but the audit's settings need at least {min_tokens} "
+                    "(set by --prefix_length + --suffix_length, --el_n and --extract_k: lower them, "
+                    "or --suffix_length rest)"
                 )
             if vocab_size is not None:
                 bad = next((t for t in seq if not 0 <= int(t) < vocab_size), None)

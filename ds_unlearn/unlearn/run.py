@@ -123,6 +123,7 @@ def run_unlearning(config: UnlearnConfig) -> UnlearnResult:
 
     # Built after UnlearnConfig: under ZeRO-3 its DeepSpeed config makes this load partitioned.
     model = load_causal_lm(model_dir)
+    use_cache = getattr(model.config, "use_cache", None)  # the Trainer sets it to False for training
     report_partition(model)
     if config.uses_lora:  # adapters on the frozen base; checked against the model before any output
         model = prepare_model(model, config)
@@ -146,6 +147,8 @@ def run_unlearning(config: UnlearnConfig) -> UnlearnResult:
         # higher limit (before finalize_weights, which applies TA/TAU's edit for the output).
         resumable = trainer.save_resumable_checkpoint()
     trainer.finalize_weights()
+    if use_cache is not None:  # the saved model generates as the input did (with its KV cache)
+        trainer.model.config.use_cache = use_cache
 
     out = Path(config.output_dir)
     if config.uses_lora:
