@@ -105,3 +105,10 @@ def test_directory_as_data_path(tmp_path):
     assert message.startswith(f"--forget: {tmp_path} is a directory") and "no such file" not in message
     with pytest.raises(InputError, match="no such file"):
         read_rows(tmp_path / "nope.jsonl")
+
+
+def test_a_named_id_field_must_exist(tokenizer):
+    # The default field may be absent (rows are numbered); one the user named may not.
+    assert to_sequence_set([{"text": "t1"}], tokenizer=tokenizer).ids == [0]
+    message = error([{"id": "a", "text": "t1"}], tokenizer, id_field="key", option="--forget")
+    assert message == "--forget: no row has the id field 'key' (--id_field; without it rows are numbered)"

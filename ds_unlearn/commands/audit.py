@@ -20,7 +20,7 @@ from ..core.adapters import check_adapter_dir
 from ..core.audit import AuditSettings, audit, check_sets, compare
 from ..core.audit_report import AUDIT_OUTPUTS, JSONL, MARKDOWN, SUMMARY, write_audit
 from ..core.config_parsing import one_line_errors
-from ..core.data import read_rows, to_sequence_set
+from ..core.data import DEFAULT_ID_FIELD, read_rows, to_sequence_set
 from ..core.ds_config import load_ds_config
 from ..core.errors import InputError
 from ..core.files import OVERWRITE_FLAG, check_output
@@ -86,7 +86,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     a("--max_length", type=int, default=None, help="truncate sequences to this many tokens")
     a("--batch_size", type=int, default=DEFAULT_BATCH_SIZE, help="sequences / continuations per forward")
     a("--text_field", default="text", help="field holding the text of a row")
-    a("--id_field", default="id", help="field holding a row's id (else the row index)")
+    a("--id_field", default=DEFAULT_ID_FIELD, help="field holding a row's id (rows without 'id' are numbered)")
     a("--dtype", choices=sorted(DTYPES), default="float32", help="dtype to load the model in")
     a("--deepspeed", default=None, help="DeepSpeed JSON config (ZeRO-3 loads partitioned)")
     a(OVERWRITE_FLAG, action="store_true", help="replace the outputs of an earlier audit in --out")

@@ -12,7 +12,7 @@ from pathlib import Path
 from ..core import distributed as D
 from ..core.adapters import check_adapter_dir
 from ..core.config_parsing import one_line_errors
-from ..core.data import check_context, needs_tokenizer, read_rows, to_sequence_set
+from ..core.data import DEFAULT_ID_FIELD, check_context, needs_tokenizer, read_rows, to_sequence_set
 from ..core.ds_config import load_ds_config
 from ..core.errors import InputError
 from ..core.files import OVERWRITE_FLAG, check_output, write_json, write_jsonl
@@ -56,7 +56,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="sequences / continuations per forward, or 'auto' (from free memory; the default)",
     )
     parser.add_argument("--text_field", default="text", help="field holding the text of a row")
-    parser.add_argument("--id_field", default="id", help="field holding a row's id (else the row index)")
+    parser.add_argument(
+        "--id_field", default=DEFAULT_ID_FIELD, help="field holding a row's id (rows without 'id' are numbered)"
+    )
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="dtype to load the model in")
     parser.add_argument("--method", choices=["fast", "reference"], default="fast", help="EL_n algorithm")
     parser.add_argument("--deepspeed", default=None, help="DeepSpeed JSON config (ZeRO-3 loads partitioned)")

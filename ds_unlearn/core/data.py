@@ -18,6 +18,7 @@ from .errors import InputError
 
 FORMATS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
 IDS_FIELD = "input_ids"
+DEFAULT_ID_FIELD = "id"  # rows without it are numbered; any other --id_field must exist
 
 
 @dataclass
@@ -169,7 +170,7 @@ def to_sequence_set(
     *,
     tokenizer=None,
     text_field: str = "text",
-    id_field: str = "id",
+    id_field: str = DEFAULT_ID_FIELD,
     max_length: int | None = None,
     vocab_size: int | None = None,
     option: str = "--data",
@@ -178,11 +179,12 @@ def to_sequence_set(
     if not rows:
         raise InputError(f"{option}: the file holds no rows")
     has_ids = any(row.get(IDS_FIELD) is not None for row in rows)
-    # Ids come from the id field when any row has it, and then every row must; else row indices.
-    # (Callers pass the default "id" and an explicit --id_field alike, so a file without the
-    # field at all cannot be told apart from one where the user named a field it lacks.)
+    # Ids come from the id field when any row has it, and then every row must; else row indices,
+    # but only for the default field name: a field the user named must exist.
     first_with_id = next((i for i, row in enumerate(rows) if id_field in row), None)
     has_id_field = first_with_id is not None
+    if not has_id_field and id_field != DEFAULT_ID_FIELD:
+        raise InputError(f"{option}: no row has the id field '{id_field}' (--id_field; without it rows are numbered)")
     ids, sequences, seen = [], [], {}
     for i, row in enumerate(rows):
         where = f"{option} row {i}"

@@ -12,6 +12,7 @@ from pathlib import Path
 from transformers import TrainingArguments
 
 from ..core.config_parsing import parse_config as parse_dataclass_config
+from ..core.data import DEFAULT_ID_FIELD
 from ..core.errors import InputError
 from ..core.memorization import MEMORIZED_MA, OVER_UNLEARNED_MA
 from ..core.scorer import DEFAULT_BATCH_SIZE, DEFAULT_EXTRACT_K
@@ -55,7 +56,10 @@ class UnlearnConfig(TrainingArguments):
         default="both",
     )
     text_field: str = _help("Field holding a row's text.", default="text")
-    id_field: str = _help("Field holding a row's id (else its index).", default="id")
+    id_field: str = _help(
+        "Field holding a row's id (rows without 'id' are numbered; any other field named must exist).",
+        default=DEFAULT_ID_FIELD,
+    )
     max_length: int | None = _help("Truncate every sequence to this many tokens (the papers use 200).", default=None)
 
     # The algorithm.
