@@ -135,6 +135,10 @@ UNLEARN_CASES = {
     "truncated weights": (lambda c: ["--model", c["truncated"]], "cannot load the weights"),
     "sequence past the context": (lambda c: ["--forget", c["long"]], "--forget row 0: 300 tokens"),
     "unknown reporter": (["--report_to", "bogus"], "report_to: unknown reporter 'bogus'"),
+    "a setting the method never reads": (
+        ["--method", "ga", "--npo_beta", "0.5"],
+        "npo_beta: only applies to npo, not ga",
+    ),
 }
 
 

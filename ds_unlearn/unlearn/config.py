@@ -275,6 +275,10 @@ class UnlearnConfig(TrainingArguments):
             bad("retain_weight", f"must be 0 or more, got {self.retain_weight}")
         if self.npo_beta <= 0:
             bad("npo_beta", f"must be positive, got {self.npo_beta}")
+        # A setting the method never reads is a mistake the run would hide (report.json shows them as null).
+        for name, methods in (("npo_beta", ("npo",)), ("retain_weight", RETAIN_METHODS)):
+            if self.method not in methods and getattr(self, name) != type(self).__dataclass_fields__[name].default:
+                bad(name, f"only applies to {'/'.join(methods)}, not {self.method}")
         if not 0.0 < self.min_lr_fraction <= 1.0:
             bad("min_lr_fraction", f"must lie in (0, 1], got {self.min_lr_fraction}")
         if self.kl_reference_max_gib <= 0:
