@@ -71,11 +71,12 @@ def test_sga_step_refresh_and_tau_finish_under_zero3(method, unlearn_case, tmp_p
 
 def test_an_io_error_on_rank_0_ends_the_job_loudly(unlearn_case, tmp_path):
     out = tmp_path / "io"
-    out.mkdir()
-    (out / "scores_epoch2.jsonl").mkdir()  # rank 0 cannot write its epoch-2 scores there
     port = free_port()
     proc = launch(unlearn_case, out, "--method", "ga", "--learning_rate", "1e-3", port=port)
     wait_for(out / "scores_before.jsonl", proc)
+    # Made once the run has started (before, it would be an earlier run's file, refused at once):
+    # two epochs later rank 0 cannot write its epoch-2 scores there.
+    (out / "scores_epoch2.jsonl").mkdir()
     buffers = list(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_{os.getuid()}_*_{port}_0"))
     assert buffers, "DeepSpeed's CPU all-reduce buffer of rank 0 was not where shared_memory_buffer() says"
     wait_for(out / "scores_epoch1.jsonl", proc)
