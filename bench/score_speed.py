@@ -21,7 +21,10 @@ wrong teacher-forced position, and every token of it is the argmax of a forward 
 other request shares, so no such method takes less than forwarding that many tokens (at their mean
 context length) in full batches: ``ceiling`` = reference seconds / those seconds (best of 3).
 It also gives the wall time of the fast run's model forward calls alone (the model's own ops at the
-shapes decoding needs): the ratio the fast method would reach if all its own bookkeeping were free.
+shapes decoding needs): the ratio the fast method would reach if all its own bookkeeping were free;
+and the floor its number of forwards sets: every forward costs at least a 1-row decode forward (the
+fixed cost of one call), every token at least its full-batch cost, so with that many sequential
+forwards no implementation of them reaches a higher ratio.
 Then the same on SmolLM2-135M (bundled) over 8 KJV passages of 128 tokens (three verses each):
 ``el_speed smollm2_kjv ratio=R maxdiff=D`` (no goal).
 """
@@ -113,6 +116,21 @@ def full_batch_seconds(model, tokens: int, length: int, batch: int = 32) -> floa
     return best
 
 
+def one_token_seconds(model, context: int, repeats: int = 30) -> float:
+    """Best of ``repeats``: one decode forward of 1 row and 1 token over a KV cache of ``context``
+    positions, the least any forward of this model costs here (its fixed per-call cost)."""
+    ids = torch.randint(1, model.config.vocab_size, (1, context + 1))
+    best = float("inf")
+    with torch.no_grad():
+        cache = model(input_ids=ids[:, :context], use_cache=True).past_key_values
+        for _ in range(repeats):
+            start = time.perf_counter()
+            model(input_ids=ids[:, context:], past_key_values=cache, use_cache=True)
+            best = min(best, time.perf_counter() - start)
+            cache.crop(-1)  # drop the token just added: every call sees the same context
+    return best
+
+
 class ForwardClock:
     """Wall seconds spent inside ``model``'s forward calls while entered: how much of a run is the
     model's own ops (the rest is the caller's bookkeeping)."""
@@ -145,13 +163,20 @@ def compare(name: str, model, seqs, batch_size) -> str:
     needed, longest, context = continuation_tokens(model, seqs, 10)
     floor_s = full_batch_seconds(model, needed, context) if needed else 0.0
     ceiling = f"{ref_s / floor_s:.0f}" if floor_s else "none"
+    # Decoding's own floor: each of the fast run's sequential forwards costs at least a 1-row forward
+    # (fixed per-call cost), and the tokens at least their full-batch cost on top.
+    call_s = one_token_seconds(model, context or 1)
+    floor_calls_s = forwards.calls * call_s + floor_s
     print(
         f"  {name}: reference {ref_s:.2f} s ({ref_cpu:.2f} s CPU), fast {fast_s:.3f} s ({fast_cpu:.3f} s CPU), "
         f"CPU-time ratio {ref_cpu / fast_cpu:.1f}, mean ma {mean_ma:.2f}, "
         f"mean el_10 {sum(r['el_10'] for r in fast) / len(fast):.3f}; needs {needed} continuation tokens "
         f"(longest {longest}), {floor_s:.3f} s at full-batch efficiency: ceiling {ceiling}; "
         f"the fast run's {forwards.calls} model forwards took {forwards.seconds:.3f} s "
-        f"(ratio {ref_s / max(forwards.seconds, 1e-9):.0f} if the rest cost nothing)",
+        f"(ratio {ref_s / max(forwards.seconds, 1e-9):.0f} if the rest cost nothing); a 1-row forward costs "
+        f"{call_s * 1e3:.2f} ms, so those {forwards.calls} forwards at that cost plus every token at full-batch "
+        f"cost take {floor_calls_s:.3f} s (ratio {ref_s / max(floor_calls_s, 1e-9):.0f} at best with this many "
+        "forwards)",
         flush=True,
     )
     return f"el_speed {name} ratio={ref_s / fast_s:.1f} maxdiff={largest_difference(fast, ref):.1e}"
