@@ -139,6 +139,10 @@ UNLEARN_CASES = {
         ["--method", "ga", "--npo_beta", "0.5"],
         "npo_beta: only applies to npo, not ga",
     ),
+    "gamma under the band rule": (
+        ["--method", "sga", "--sga_gamma", "0.8"],
+        "sga_gamma: not read under stop_rule band",
+    ),
 }
 
 

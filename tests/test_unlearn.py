@@ -69,7 +69,9 @@ def test_each_method_forgets_every_sequence(method, unlearn_case, tmp_path):
 
 def test_sga_trains_only_on_selected_sequences(unlearn_case, tmp_path):
     out = tmp_path / "sga"
-    assert main(["unlearn", *unlearn_args(unlearn_case, out, "--method", "sga", "--sga_gamma", "0.9")]) == 0
+    # gamma selects outside the band rule (the band ascends by memorized_threshold).
+    args = unlearn_args(unlearn_case, out, "--method", "sga", "--sga_gamma", "0.9", "--stop_rule", "per_sequence")
+    assert main(["unlearn", *args]) == 0
     history = json.loads((out / "report.json").read_text())["history"]
     selected = [h["sga/selected"] for h in history[1:]]
     assert selected[0] == 4 and min(selected) < 4  # the selection shrinks as sequences fall below gamma

@@ -597,7 +597,6 @@ def unlearn_config(method: str, out: Path, settings: DemoSettings, overwrite: bo
         memorized_threshold=thresholds.memorized_ma,
         over_unlearned_threshold=thresholds.over_unlearned_ma,
         mean_threshold=thresholds.mean_ma,
-        sga_gamma=thresholds.memorized_ma,
         score_refresh="epoch",
         min_lr_fraction=settings.min_lr_fraction,
         max_length=settings.max_length,

@@ -86,9 +86,13 @@ class UnlearnConfig(TrainingArguments):
         default=1.0,
     )
     sga_gamma: float = _help(
-        "SGA: ascend only on sequences scoring at least this (plus the most memorized one).", default=0.70
+        "SGA/TAU ascent under stop_rule per_sequence or mean: ascend only on sequences scoring at least this "
+        "(plus the most memorized one). The band rule selects by memorized_threshold instead.",
+        default=0.70,
     )
-    select_on: str = _help("SGA's score: 'ma' or 'el10' (EL_10 needs score_refresh=epoch).", default="ma")
+    select_on: str = _help(
+        "SGA/TAU's selection score (as sga_gamma): 'ma' or 'el10' (EL_10 needs score_refresh=epoch).", default="ma"
+    )
     score_refresh: str = _help(
         "'epoch': re-score the forget set with the distributed scorer every epoch (the paper's way); "
         "'step': reuse each training forward pass's per-sequence MA (free, one update stale).",
@@ -263,6 +267,19 @@ class UnlearnConfig(TrainingArguments):
             self.stop_rule = "band" if self.method in ("sga", *RETAIN_METHODS) else "per_sequence"
         if self.stop_rule not in STOP_RULES:
             bad("stop_rule", f"must be one of {', '.join(STOP_RULES)}, got {self.stop_rule!r}")
+        # SGA's selection (and TAU's ascent) reads gamma and its score only outside the band rule: the band
+        # ascends every sequence at or above memorized_threshold. A setting nothing reads is an error.
+        for name in ("sga_gamma", "select_on"):
+            if getattr(self, name) == type(self).__dataclass_fields__[name].default:
+                continue
+            if self.method not in ("sga", "tau"):
+                bad(name, f"only applies to sga/tau, not {self.method}")
+            if self.stop_rule == "band":
+                bad(
+                    name,
+                    "not read under stop_rule band (it ascends every sequence with MA >= memorized_threshold); "
+                    "pass --stop_rule per_sequence or mean to select by it",
+                )
         if self.max_over_unlearned < 0:
             bad("max_over_unlearned", f"must be 0 or more, got {self.max_over_unlearned}")
         memorized = MEMORIZED_MA if self.memorized_threshold is None else self.memorized_threshold
