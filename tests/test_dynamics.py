@@ -164,8 +164,10 @@ def test_probe_contexts_on_hand_made_sequences():
     assert dyn.replaced_contexts(bos, 2, 1, fresh) == {3: [1, 90, 11, 12, 13]}
     assert dyn.smallest_k([1, 2, 4, 8], [0.2, 0.5, 0.86, 0.9], full=0.95) == 4
     assert dyn.smallest_k([1, 2], [0.2, 0.5], full=0.95) is None
-    assert dyn.default_ks(20) == list(range(1, 17))
-    assert dyn.default_ks(40)[-2:] == [16, 32]
+    assert dyn.default_ks(20) == [*range(1, 17), 19]
+    assert dyn.default_ks(31) == [*range(1, 17), 20, 24, 28, 30]  # 32-character strings: 17..30 bracketed
+    assert dyn.default_ks(100) == [*range(1, 17), 20, 24, 28, 32, 64, 99]
+    assert dyn.default_ks(2) == [1]
 
 
 def test_shared_contexts_cap_what_can_be_memorised():

@@ -85,7 +85,8 @@ class LabConfig:
         default=0.1,
     )
     local_prefix_ks: list[int] | None = _help(
-        "Context lengths k of the local-prefix and global-context probes (default 1..16, then 32, 64, ...).",
+        "Context lengths k of the local-prefix and global-context probes (default 1..16, then every 4th up to 32, "
+        "then 64, 128, ..., and the longest context minus one).",
         default=None,
     )
     unlearn_method: str = _help(

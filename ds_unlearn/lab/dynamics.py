@@ -259,7 +259,11 @@ def smallest_k(ks: Sequence[int], accuracy: Sequence[float], full: float, fracti
 
 
 def default_ks(longest_context: int) -> list[int]:
-    """Every k up to 16 (where the 90% point of short strings lies), then powers of two; all
-    shorter than the longest context."""
-    ks = list(range(1, 17)) + [2**p for p in range(5, 12)]
-    return [k for k in ks if k < longest_context]
+    """Every k up to 16 (where the 90% point of short strings lies), every 4th up to 32, then
+    powers of two, and always ``longest_context - 1``; all shorter than the longest context.
+
+    The last one keeps the 90% point findable on every string length: a ladder that stopped at 16
+    left 32-character strings whose 90% point lies at 17..30 with no answer at all.
+    """
+    ks = [*range(1, 17), *range(20, 33, 4), *(2**p for p in range(6, 12)), longest_context - 1]
+    return sorted({k for k in ks if 1 <= k < longest_context})
