@@ -1,4 +1,4 @@
-"""The memorisation lab on the real SmolLM2-135M: how alphabet size changes memorisation.
+"""The memorisation lab on the real SmolLM2-135M-Instruct: how alphabet size changes memorisation.
 
     python bench/dynamics_study.py                 # about 10 minutes on 2 shared CPU cores
     python bench/dynamics_study.py --alphabets 4 --exposure_epochs 10   # a quick look

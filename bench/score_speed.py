@@ -1,6 +1,6 @@
 """Exact EL_n: the fast scorer against the papers' per-prefix procedure, same model, same process.
 
-    python bench/score_speed.py                      # tiny GPT-Neo lines + the SmolLM2-135M line
+    python bench/score_speed.py                      # tiny GPT-Neo lines + the SmolLM2-135M-Instruct line
     python bench/score_speed.py --skip_smollm2       # the three goal lines only (a few minutes)
     python bench/score_speed.py --only_smollm2       # the real-model line only
 
@@ -25,7 +25,7 @@ shapes decoding needs): the ratio the fast method would reach if all its own boo
 and the floor its number of forwards sets: every forward costs at least a 1-row decode forward (the
 fixed cost of one call), every token at least its full-batch cost, so with that many sequential
 forwards no implementation of them reaches a higher ratio.
-Then the same on SmolLM2-135M (bundled) over 8 KJV passages of 128 tokens (three verses each):
+Then the same on SmolLM2-135M-Instruct (bundled) over 8 KJV passages of 128 tokens (three verses each):
 ``el_speed smollm2_kjv ratio=R maxdiff=D`` (no goal).
 """
 
@@ -204,7 +204,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--skip_smollm2", action="store_true")
-    parser.add_argument("--only_smollm2", action="store_true", help="just the SmolLM2-135M line")
+    parser.add_argument("--only_smollm2", action="store_true", help="just the SmolLM2-135M-Instruct line")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     batch_size = args.batch_size if args.batch_size == "auto" else int(args.batch_size)

@@ -31,7 +31,7 @@ SUBCOMMANDS = {
     "unlearn": "remove a forget set: GA, SGA, TA, TAU, GradDiff, NPO or GA+KL (--method)",
     "audit": "prove per sequence that a forget set is gone: greedy, membership inference, sampling",
     "memorize": "the memorisation lab: make a model memorise random strings and record how",
-    "demo": "the whole story on SmolLM2-135M: plant, score, unlearn with every method, audit, report",
+    "demo": "the whole story on SmolLM2-135M-Instruct: plant, score, unlearn with every method, audit, report",
 }
 TIMEOUT_FLAG = "--dist_timeout_s"
 

@@ -95,7 +95,10 @@ def test_null_text_says_null(tokenizer):
 
 
 def test_absent_text_is_still_missing(tokenizer):
-    assert error([{"id": "a"}], tokenizer) == "--data row 0: field 'text' is missing (and no input_ids)"
+    assert error([{"id": "a", "body": "x"}], tokenizer) == (
+        "--data row 0: field 'text' is missing (and no input_ids); the row has 'id', 'body': name the text with "
+        "--text_field"
+    )
 
 
 def test_directory_as_data_path(tmp_path):

@@ -1,4 +1,4 @@
-"""``ds-unlearn demo``: plant synthetic personal records in SmolLM2-135M, unlearn them with GA,
+"""``ds-unlearn demo``: plant synthetic personal records in SmolLM2-135M-Instruct, unlearn them with GA,
 SGA, TAU, GradDiff, NPO and GA+KL, and report per sequence. Offline, on 2 CPU cores.
 
     ds-unlearn demo --output_dir out/demo            # the full run: out/demo/report.md

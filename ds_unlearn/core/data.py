@@ -204,7 +204,11 @@ def to_sequence_set(
         else:
             text = row.get(text_field)
             if text_field not in row:
-                raise InputError(f"{where}: field '{text_field}' is missing (and no {IDS_FIELD})")
+                fields = ", ".join(repr(k) for k in list(row)[:8]) or "none"
+                raise InputError(
+                    f"{where}: field '{text_field}' is missing (and no {IDS_FIELD}); the row has {fields}: "
+                    "name the text with --text_field"
+                )
             if text is None:
                 raise InputError(
                     f"{where}: field '{text_field}' is missing (it is null, not a string; and no {IDS_FIELD})"

