@@ -64,7 +64,7 @@ def test_audit_writes_every_output(model_dir, sets, tmp_path, capsys):
     assert summary["model"] == str(model_dir)
     md = (out / "audit.md").read_text()
     assert "| forget | 3 | 0 | 0 | 0 |" in md and "| loss | 1.000 [1.000, 1.000]" in md
-    assert "membership AUC forget vs holdout (3): loss 1.000" in capsys.readouterr().out
+    assert "membership AUC forget vs holdout (3 holdout sequences): loss 1.000" in capsys.readouterr().out
 
 
 def test_baseline_reports_change_per_sequence(model_dir, sets, tmp_path):

@@ -230,7 +230,7 @@ def summary_lines(summary: dict) -> list[str]:
     verdicts = ", ".join(f"{k} {v}" for k, v in f["verdicts"].items())
     return [
         f"forget ({f['count']} sequences): {verdicts}",
-        f"membership AUC forget vs holdout ({summary['holdout']['count']}): {aucs}",
+        f"membership AUC forget vs holdout ({summary['holdout']['count']} holdout sequences): {aucs}",
         f"discoverable under sampling: forget {f['sampling']['discoverable']}, "
         f"holdout {summary['holdout']['sampling']['discoverable']}",
     ]
