@@ -121,3 +121,28 @@ def test_import_and_config_construction_have_no_side_effects(tmp_path):
     changed = __import__("json").loads(result.stdout.strip().splitlines()[-1])
     assert "HF_HUB_OFFLINE" not in changed and "ACCELERATE_USE_DEEPSPEED" not in changed, changed
     assert not [k for k in changed if k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")], changed
+
+
+def test_a_checkpoint_resumes_only_under_the_launch_that_wrote_it(tmp_path):
+    """Its run state is one shard per rank and, under DeepSpeed, its optimizer is partitioned over
+    those ranks: resuming it any other way would fail after the model loads, with a traceback."""
+    checkpoint = tmp_path / "checkpoint-3"
+    checkpoint.mkdir()
+    (checkpoint / "unlearn_state.json").write_text("{}")
+    base = ["--model", "m", "--forget", "f", "--output_dir", str(tmp_path / "o")]
+    resume = [*base, "--resume_from_checkpoint", str(checkpoint)]
+    with pytest.raises(InputError, match=r"checkpoint-3 has no unlearn_shards_rank\*\.pt"):
+        parse_config(resume)
+    (checkpoint / "unlearn_shards_rank0.pt").write_bytes(b"")
+    assert parse_config(resume).resume_from_checkpoint == str(checkpoint)  # 1 rank, no DeepSpeed: as saved
+    (checkpoint / "global_step3").mkdir()
+    with pytest.raises(
+        InputError,
+        match="was saved by 1 rank with DeepSpeed and this run has 1 rank without DeepSpeed; resume it the way",
+    ):
+        parse_config(resume)
+    (checkpoint / "unlearn_shards_rank1.pt").write_bytes(b"")
+    ds = tmp_path / "ds.json"
+    ds.write_text('{"zero_optimization": {"stage": 2}, "train_micro_batch_size_per_gpu": "auto"}')
+    with pytest.raises(InputError, match="saved by 2 ranks with DeepSpeed and this run has 1 rank with DeepSpeed"):
+        parse_config([*resume, "--deepspeed", str(ds)])

@@ -86,6 +86,11 @@ def rank_from_env() -> int:
     return int(os.environ.get("RANK", "0"))
 
 
+def world_size_from_env() -> int:
+    """How many ranks the launcher started (1 outside a launcher; valid before the group exists)."""
+    return int(os.environ["WORLD_SIZE"]) if launched_by_launcher() else 1
+
+
 def abandon() -> None:
     """Leave the process group on a failure path: no barrier, no collective of any kind."""
     if dist.is_available() and dist.is_initialized():

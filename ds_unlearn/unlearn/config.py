@@ -11,6 +11,7 @@ from pathlib import Path
 
 from transformers import TrainingArguments
 
+from ..core import distributed as D
 from ..core.config_parsing import parse_config as parse_dataclass_config
 from ..core.data import DEFAULT_ID_FIELD
 from ..core.errors import InputError
@@ -87,7 +88,8 @@ class UnlearnConfig(TrainingArguments):
     )
     sga_gamma: float = _help(
         "SGA/TAU ascent under stop_rule per_sequence or mean: ascend only on sequences scoring at least this "
-        "(plus the most memorized one). The band rule selects by memorized_threshold instead.",
+        "(plus the most memorized one). The band rule selects by memorized_threshold instead (a non-default "
+        "value with it is an error).",
         default=0.70,
     )
     select_on: str = _help(
@@ -341,6 +343,7 @@ class UnlearnConfig(TrainingArguments):
                     "resume_from_checkpoint",
                     f"{resume} is not a checkpoint of an unlearning run (no unlearn_state.json)",
                 )
+            self._check_resume_launch(bad, Path(resume))
         self._validate_lora(bad)
         if self.el_every < 0:
             bad("el_every", f"must be 0 (before and after only) or a positive number of epochs, got {self.el_every}")
@@ -350,6 +353,25 @@ class UnlearnConfig(TrainingArguments):
             bad("score_batch_size", "must be at least 1")
         if self.max_length is not None and self.max_length < max(11, self.extract_k + 1):
             bad("max_length", f"must leave room for EL_10 and extract_k={self.extract_k}")
+
+    def _check_resume_launch(self, bad, checkpoint: Path) -> None:
+        """A checkpoint resumes only under the launch that wrote it: it holds one run-state shard per
+        rank, and under DeepSpeed (``global_step*/``) an optimizer partitioned over those ranks."""
+        ranks = len(list(checkpoint.glob("unlearn_shards_rank*.pt")))
+        if ranks == 0:
+            bad("resume_from_checkpoint", f"{checkpoint} has no unlearn_shards_rank*.pt (an incomplete checkpoint)")
+        saved = (ranks, any(checkpoint.glob("global_step*")))
+        now = (D.world_size_from_env(), bool(self.deepspeed))
+        if saved != now:
+
+            def launch(n: int, deepspeed: bool) -> str:
+                return f"{n} rank{'s' * (n != 1)} {'with' if deepspeed else 'without'} DeepSpeed"
+
+            bad(
+                "resume_from_checkpoint",
+                f"{checkpoint} was saved by {launch(*saved)} and this run has {launch(*now)}; "
+                "resume it the way it was launched",
+            )
 
     def _validate_lora(self, bad) -> None:
         if self.lora_r < 0:
