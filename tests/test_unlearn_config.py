@@ -135,6 +135,10 @@ def test_a_checkpoint_resumes_only_under_the_launch_that_wrote_it(tmp_path):
         parse_config(resume)
     (checkpoint / "unlearn_shards_rank0.pt").write_bytes(b"")
     assert parse_config(resume).resume_from_checkpoint == str(checkpoint)  # 1 rank, no DeepSpeed: as saved
+    (checkpoint / "unlearn_state.json").write_text('{"epochs": 3}')
+    with pytest.raises(InputError, match="num_train_epochs: .*checkpoint-3 already ran 3 epochs: pass more than 3"):
+        parse_config([*resume, "--num_train_epochs", "3"])
+    assert parse_config([*resume, "--num_train_epochs", "4"]).num_train_epochs == 4
     (checkpoint / "global_step3").mkdir()
     with pytest.raises(
         InputError,

@@ -6,6 +6,7 @@ YAML. Defaults follow the ICML 2024 reference code (REFERENCE §3).
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -371,6 +372,15 @@ class UnlearnConfig(TrainingArguments):
                 "resume_from_checkpoint",
                 f"{checkpoint} was saved by {launch(*saved)} and this run has {launch(*now)}; "
                 "resume it the way it was launched",
+            )
+        try:
+            done = json.loads((checkpoint / "unlearn_state.json").read_text()).get("epochs", 0)
+        except (ValueError, AttributeError):
+            bad("resume_from_checkpoint", f"{checkpoint}/unlearn_state.json is not a JSON object")
+        if self.num_train_epochs <= done:  # the Trainer would train nothing, rewrite the outputs and exit 0
+            bad(
+                "num_train_epochs",
+                f"{checkpoint} already ran {done} epochs: pass more than {done} to continue it",
             )
 
     def _validate_lora(self, bad) -> None:
