@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import json
-
 from ..core import distributed as D
 from ..core.summary import summarize_scores
 
@@ -76,18 +74,24 @@ def _peak_device_memory_gib() -> float | None:
     return round(torch.cuda.max_memory_allocated() / 2**30, 3) if torch.cuda.is_available() else None
 
 
+def _loss(value) -> str:
+    return "n/a" if value is None else f"{value:.3f}"
+
+
 def report_lines(report: dict) -> str:
     """What a run did, in three lines for stdout (counts and means only), and a fourth naming the
     resumable checkpoint when the epoch limit ended the run before its stop rule."""
     b, a = report["before"], report["after"]
     return "\n".join(
         [
-            f"{report['method']}: {report['epochs']} epochs; {report['stop_reason']}; output = epoch "
+            f"{report['method']}: {report['epochs']} epoch{'s' * (report['epochs'] != 1)}; {report['stop_reason']}; "
+            f"output = epoch "
             f"{report['best_epoch']['epoch']} ({report['best_epoch']['why']})",
             f"memorized {b['memorized']} -> {a['memorized']}, over-unlearned {b['over_unlearned']} -> "
             f"{a['over_unlearned']}, mean ma {b['means']['ma']:.3f} -> {a['means']['ma']:.3f}, "
             f"mean el_10 {b['means']['el_10']:.3f} -> {a['means']['el_10']:.3f}",
-            f"report: {json.dumps(report['holdout_loss'])} holdout loss; wall {report['wall_seconds']} s",
+            f"holdout loss {_loss(report['holdout_loss']['before'])} -> {_loss(report['holdout_loss']['after'])}; "
+            f"wall {report['wall_seconds']} s; details in report.json",
         ]
         + (
             [
