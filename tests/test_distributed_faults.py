@@ -144,3 +144,13 @@ def test_bad_input_on_two_ranks_exits_2_without_hanging(unlearn_case, tmp_path):
     output, _ = proc.communicate(timeout=300)
     assert proc.returncode != 0 and "num_train_epochs: must be positive" in output
     assert not (tmp_path / "run").exists()
+    # A single-process checkpoint under 2 ranks used to die after loading, a traceback per rank.
+    single = tmp_path / "single" / "checkpoint-1"
+    single.mkdir(parents=True)
+    (single / "unlearn_state.json").write_text('{"epochs": 1}')
+    (single / "unlearn_shards_rank0.pt").write_bytes(b"")
+    proc = launch(unlearn_case, tmp_path / "resumed", "--resume_from_checkpoint", single)
+    output, _ = proc.communicate(timeout=300)
+    assert proc.returncode != 0 and "Traceback" not in output, output[-3000:]
+    assert "was saved by 1 rank without DeepSpeed and this run has 2 ranks with DeepSpeed" in output
+    assert not (tmp_path / "resumed").exists()

@@ -358,12 +358,15 @@ class UnlearnConfig(TrainingArguments):
     def _check_resume_launch(self, bad, checkpoint: Path) -> None:
         """A checkpoint resumes only under the launch that wrote it: it holds one run-state shard per
         rank, and under DeepSpeed (``global_step*/``) an optimizer partitioned over those ranks."""
-        ranks = len(list(checkpoint.glob("unlearn_shards_rank*.pt")))
-        if ranks == 0:
+        # Each rank checks its own shard (on nodes without a shared file system a node holds only its
+        # ranks' shards), and that no shard belongs to a rank this run does not have.
+        ranks = (p.stem.removeprefix("unlearn_shards_rank") for p in checkpoint.glob("unlearn_shards_rank*.pt"))
+        shards = {int(r) for r in ranks if r.isdigit()}
+        if not shards:
             bad("resume_from_checkpoint", f"{checkpoint} has no unlearn_shards_rank*.pt (an incomplete checkpoint)")
-        saved = (ranks, any(checkpoint.glob("global_step*")))
+        saved = (max(shards) + 1, any(checkpoint.glob("global_step*")))
         now = (D.world_size_from_env(), bool(self.deepspeed))
-        if saved != now:
+        if D.rank_from_env() not in shards or saved[0] > now[0] or saved[1] != now[1]:
 
             def launch(n: int, deepspeed: bool) -> str:
                 return f"{n} rank{'s' * (n != 1)} {'with' if deepspeed else 'without'} DeepSpeed"
