@@ -136,6 +136,36 @@ def test_the_plain_decoding_fallback_stays_inside_the_context(full_context_case,
     assert fast == ref
 
 
+def test_the_ready_4d_mask_gives_the_logits_of_transformers_own_mask(memorized_model, token_sets, monkeypatch):
+    # The decoder hands eager/SDPA attention a 4D additive mask it builds itself; every forward's
+    # logits must be bit-identical to those of the 2D mask that transformers expands.
+    import ds_unlearn.core.continuations as continuations
+
+    seqs = token_sets["partial"] + token_sets["unseen"]
+    assert memorized_model.config._attn_implementation in ("eager", "sdpa")
+
+    def logits_of_every_forward(additive: bool) -> list[torch.Tensor]:
+        init = continuations.ContinuationBatch.__init__
+
+        def patched(self, *args, **kwargs):
+            init(self, *args, **kwargs)
+            if not additive:
+                self.additive_mask_dtype = None
+
+        monkeypatch.setattr(continuations.ContinuationBatch, "__init__", patched)
+        seen = []
+        hook = memorized_model.register_forward_hook(lambda mod, args, out: seen.append(out.logits.clone()))
+        try:
+            score_sequences(memorized_model, seqs, el_n=(5,), extract_k=(4,), batch_size=4)
+        finally:
+            hook.remove()
+        return seen
+
+    ready, expanded = logits_of_every_forward(True), logits_of_every_forward(False)
+    assert len(ready) == len(expanded) > 5
+    assert all(torch.equal(a, b) for a, b in zip(ready, expanded))
+
+
 def test_a_sequence_longer_than_the_context_is_an_input_error(full_context_case):
     model, seqs = full_context_case
     with pytest.raises(InputError, match="row 1: 65 tokens, longer than the model's context of 64 positions"):

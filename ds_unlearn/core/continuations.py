@@ -116,6 +116,9 @@ class ContinuationBatch:
         position_limit: int | None,
     ):
         self.model = model
+        # Eager and SDPA attention take a ready 4D additive mask; others (flash) need the 2D one.
+        attn = getattr(model.config, "_attn_implementation", None)
+        self.additive_mask_dtype = model.dtype if attn in ("eager", "sdpa") else None
         self.limit = position_limit or math.inf
         self.tf_keys = [layer.keys for layer in cache.layers]
         self.tf_values = [layer.values for layer in cache.layers]
@@ -253,8 +256,7 @@ class ContinuationBatch:
         if self.limit != math.inf:  # finished rows and unused draft slots: any valid position will do
             positions = np.minimum(positions, self.limit - 1)
         total = self.end + width + 1
-        first_col = torch.as_tensor(self.first_col[:n], device=self.device)
-        mask = (torch.arange(total, device=self.device)[None, :] >= first_col[:, None]).long()
+        mask = self._attention_mask(n, width + 1, total)
         layers = [_BufferLayer(k[:n], v[:n], self.end) for k, v in zip(self.buf_k, self.buf_v)]
         out = self.model(
             input_ids=torch.as_tensor(block, device=self.device),
@@ -288,6 +290,21 @@ class ContinuationBatch:
                 buf[:n, :, lo:end] = buf[:n, :, :end].gather(2, idx)
             self.first_col[:n] += shift
         self.end += top + 1
+
+    def _attention_mask(self, n: int, block: int, total: int) -> torch.Tensor:
+        """The mask of a forward of ``block`` tokens per row over ``total`` columns: [n, total] 0/1 (a
+        row's left padding is 0), or, where the attention accepts one, the 4D additive mask
+        [n, 1, block, total] that transformers would build from it (0 where a query may attend,
+        the dtype's minimum elsewhere), built here in one op: transformers' own mask builder costs
+        several times a small decode forward's attention."""
+        cols = torch.arange(total, device=self.device)
+        first_col = torch.as_tensor(self.first_col[:n], device=self.device)
+        if self.additive_mask_dtype is None:
+            return (cols[None, :] >= first_col[:, None]).long()
+        query_col = cols[total - block :]
+        allowed = (cols[None, None, :] >= first_col[:, None, None]) & (cols[None, None, :] <= query_col[None, :, None])
+        mask = torch.zeros(allowed.shape, dtype=self.additive_mask_dtype, device=self.device)
+        return mask.masked_fill_(~allowed, torch.finfo(self.additive_mask_dtype).min)[:, None]
 
     def _record(self, rows, accepted, argmax, finite, k_row) -> None:
         a = accepted[rows]
