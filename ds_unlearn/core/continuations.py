@@ -17,7 +17,10 @@ tests hold it to the per-prefix reference in float64) with three levers:
   continuation of partly memorized text usually drops back into the text the model memorized,
   which the teacher-forced pass and the other continuations of the same sequence already spelled
   out at the same positions. The block width of a round is chosen from each row's recent
-  acceptance, so on unseen text (nothing accepted) rounds fall back to one token per row.
+  acceptance, and is 0 whenever a row that gets nothing accepted has the most tokens left (it sets
+  the number of forwards whatever the width; ``draft_width``), so on unseen text, and on partly
+  memorized text whose longest continuation has left the text for good, rounds are one token per
+  row.
 * **Rows leave when done.** Rows live in one preallocated, right-aligned KV buffer (a forward
   writes its block in place: no per-step concatenation); finished rows are dropped and new
   requests join whenever half the rows are done, so no row computes past its own last position.
@@ -89,6 +92,38 @@ class Request:
     length: int
 
 
+def draft_width(room: np.ndarray, eps: np.ndarray, waiting_left: int, col_room: int, rows: int) -> int:
+    """Drafts per row for the next round: 0 when drafting cannot cut the number of forwards left,
+    else the width in ``DRAFT_WIDTHS`` that maximizes expected accepted tokens per unit of work,
+    counting a forward's fixed cost as about half a token per row.
+
+    ``room`` [live] int: drafts each live row can still use (tokens left after the next one);
+    ``eps`` [live] float: drafts each is expected to get accepted; ``waiting_left``: forwards the
+    waiting requests not expected to get drafts accepted need at one token per forward (0: none);
+    ``col_room``: free buffer columns; ``rows``: rows in the forward, live or not.
+
+    A block is as wide for every row, so drafts cost every row a slot each, and a row whose drafts
+    are all accepted does the same work in fewer forwards, not less work. Drafts pay only by
+    shortening the decode: when a row not expected to get drafts accepted (live, or waiting to
+    join) has at least as many tokens left as every drafting row, that row sets the forwards left
+    whatever the width.
+    """
+    cap = np.minimum(room, np.floor(eps))
+    drafting = cap >= 1
+    if not drafting.any() or room[drafting].max() <= max(room[~drafting].max(initial=-1), waiting_left - 1):
+        return 0
+    best, best_rate = 0, -1.0
+    overhead = 0.5 * rows + 16
+    for width in DRAFT_WIDTHS:
+        if width > col_room or (width and width > room.max()):
+            break
+        gain = len(room) + np.minimum(cap, width).sum()
+        rate = gain / (overhead + rows * (width + 1))
+        if rate > best_rate:
+            best, best_rate = width, rate
+    return best
+
+
 class ContinuationBatch:
     """Greedy continuations of ``requests`` over sequences whose teacher-forced pass is known.
 
@@ -141,6 +176,15 @@ class ContinuationBatch:
         # Shortest prompt last, so pop() takes it first.
         pending.sort(key=lambda k: (-self.requests[k].start, -self.requests[k].seq))
         self.queue = pending
+        # Column after the last token of each waiting request not expected to get drafts accepted
+        # (0 for the others), in queue order (pop() takes the last).
+        self.queue_end = np.array(
+            [
+                req.start + 1 + req.length if self.expected_run[req.seq] < 1 else 0
+                for req in map(self.requests.__getitem__, pending)
+            ],
+            dtype=np.int64,
+        )
         capacity = max(1, min(int(rows), len(pending)))
         self.columns = int(min(self.limit, tokens.shape[1] + MAX_DRAFT + 1))
         longest = max((self.requests[k].length for k in pending), default=1)
@@ -220,22 +264,22 @@ class ContinuationBatch:
 
     # -- one round --------------------------------------------------------------------------------
     def _choose_width(self) -> int:
-        """Drafts per row this round: the width that maximizes expected accepted tokens per unit of
-        work, counting a forward's fixed cost as about half a token per row."""
         live = self.live[: self.n]
-        room = (self.need - self.count - 1)[: self.n][live]  # drafts a row can still use
-        cap = np.minimum(room, np.floor(self.eps[: self.n][live]))
-        col_room = int(min(self.limit, self.columns) - self.end - 1)
-        best, best_rate = 0, -1.0
-        overhead = 0.5 * self.n + 16
-        for width in DRAFT_WIDTHS:
-            if width > col_room or (width and width > room.max()):
-                break
-            gain = len(room) + np.minimum(cap, width).sum()
-            rate = gain / (overhead + self.n * (width + 1))
-            if rate > best_rate:
-                best, best_rate = width, rate
-        return best
+        return draft_width(
+            room=(self.need - self.count - 1)[: self.n][live],
+            eps=self.eps[: self.n][live],
+            waiting_left=self._queued_left(),
+            col_room=int(min(self.limit, self.columns) - self.end - 1),
+            rows=self.n,
+        )
+
+    def _queued_left(self) -> int:
+        """Forwards the waiting requests not expected to get drafts accepted need at one token per
+        forward: the buffer's columns reach a prompt of ``start + 1`` tokens after that many
+        columns, then ``length`` more (0: none)."""
+        if not self.queue:
+            return 0
+        return int(self.queue_end[: len(self.queue)].max()) - self.end
 
     @torch.no_grad()  # a graph here would also leak: the in-place cache writes make a reference cycle through autograd
     def step(self) -> None:
