@@ -14,7 +14,7 @@ both methods (2 threads):
     unseen      8 random sequences it never saw
 
 and one line per kind is printed: ``el_speed KIND ratio=R maxdiff=D`` (R = reference seconds /
-fast seconds, D = largest difference of any metric). Goals (issue 14): R >= 1000 memorized,
+fast seconds, D = largest difference of any metric). Goals: R >= 1000 memorized,
 R >= 100 partial, R >= 10 unseen, D <= 1e-9. The fast time is the median of 3 runs, the
 reference time one run. Each kind's details line also gives the ceiling of
 any exact method that runs this model's forward: EL_n needs the greedy continuation from every
@@ -203,17 +203,24 @@ def smollm2_line(batch_size) -> str:
     return compare("smollm2_kjv", model, passages, batch_size)
 
 
+def batch_size_arg(value: str) -> int | str:
+    if value == "auto" or (value.isdigit() and int(value) > 0):
+        return value if value == "auto" else int(value)
+    raise argparse.ArgumentTypeError(f"expected a positive integer or 'auto', got {value!r}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=250, help="training steps of the tiny memorizer")
-    parser.add_argument("--batch_size", default="auto", help="for both methods: an int or 'auto'")
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--skip_smollm2", action="store_true")
-    parser.add_argument("--only_smollm2", action="store_true", help="just the SmolLM2-135M-Instruct line")
+    parser.add_argument("--batch_size", type=batch_size_arg, default="auto", help="for both methods: an int or 'auto'")
+    parser.add_argument("--threads", type=int, default=2, help="torch threads (default 2, as the goals assume)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the tiny model, its training data and the sets")
+    which = parser.add_mutually_exclusive_group()
+    which.add_argument("--skip_smollm2", action="store_true", help="just the three tiny-model lines")
+    which.add_argument("--only_smollm2", action="store_true", help="just the SmolLM2-135M-Instruct line")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    batch_size = args.batch_size if args.batch_size == "auto" else int(args.batch_size)
+    batch_size = args.batch_size
 
     if not args.only_smollm2:
         model, train = timed(lambda: train_memorizer(args.steps, args.seed))[0]

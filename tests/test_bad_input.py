@@ -97,6 +97,10 @@ SCORE_CASES = {  # name: (extra args builder, expected text in the error line)
     "malformed deepspeed JSON": (lambda c, o: ["--deepspeed", c["bad_ds"]], "bad_ds.json is not valid JSON"),
     "bad dist timeout": (lambda c, o: ["--dist_timeout_s", "-1"], "--dist_timeout_s: must be positive"),
     "bad flag value": (lambda c, o: ["--batch_size", "many"], "argument --batch_size: expected a positive integer"),
+    "thresholds the wrong way round": (
+        lambda c, o: ["--memorized_threshold", "0.1", "--over_unlearned_threshold", "0.2"],
+        "need 0 <= over_unlearned_threshold < memorized_threshold <= 1",
+    ),
 }
 
 

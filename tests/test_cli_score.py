@@ -58,6 +58,17 @@ def test_score_writes_rows_in_order_and_summary(model_dir, ids_file, tmp_path, c
     assert f"{len(rows)} sequences" in capsys.readouterr().out
 
 
+def test_score_counts_verdicts_at_the_given_thresholds(model_dir, ids_file, tmp_path, capsys):
+    out = tmp_path / "scores.jsonl"
+    argv = ["score", "--model", str(model_dir), "--data", str(ids_file), "--out", str(out), "--extract_k", "8"]
+    assert main([*argv, "--memorized_threshold", "0.99", "--over_unlearned_threshold", "0.5"]) == 0
+    rows, summary = read_jsonl(out), json.loads((tmp_path / "scores.summary.json").read_text())
+    assert summary["thresholds"] == {"memorized_ma": 0.99, "over_unlearned_ma": 0.5}
+    assert summary["memorized"] == sum(r["ma"] >= 0.99 for r in rows) > 0
+    assert summary["over_unlearned"] == sum(r["ma"] <= 0.5 for r in rows) > 0
+    assert "memorized (ma >= 0.99)" in capsys.readouterr().out
+
+
 def test_text_rows_are_tokenized_with_the_model_tokenizer(model_dir, tmp_path):
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast

@@ -90,11 +90,22 @@ def test_model_dtype_device_and_mode_are_kept(token_sets):
         ([[1] * 40], {"extract_k": (40,)}, "row 0: 40 tokens"),
         ([[1] * 20 + [64] + [1] * 20], {}, "token id 64 is outside the vocabulary"),
         ([[1] * 40], {"method": "slow"}, "method must be one of"),
+        (["tokens as text, not ids: " * 3], {}, r"row 0 is text, not token ids: tokenize it first"),
+        ("one string", {}, "got one string: tokenize text first"),
+        ([[1] * 20 + [1.5] + [1] * 20], {}, "row 0: 1.5 is not an integer token id"),
+        (torch.ones(2, 3, 40, dtype=torch.long), {}, r"must be 2-D \[rows, tokens\], got shape \(2, 3, 40\)"),
+        ([[1] * 257], {}, "257 tokens, longer than the model.s context of 256 positions .cut rows to at most 256"),
     ],
 )
 def test_bad_requests_fail_before_compute(memorized_model, sequences, kwargs, message):
     with pytest.raises(InputError, match=message):
         score_sequences(memorized_model, sequences, **kwargs)
+
+
+def test_a_2d_tensor_and_bare_ints_score_like_lists(memorized_model, token_sets):
+    seqs = [s[:25] for s in token_sets["memorized"] + token_sets["unseen"]]
+    as_lists = score_sequences(memorized_model, seqs, el_n=(5,), extract_k=(4,))
+    assert score_sequences(memorized_model, torch.tensor(seqs), el_n=5, extract_k=4) == as_lists
 
 
 # -- sequences as long as the model's context (issue 10, item 3) -----------------------------------

@@ -24,7 +24,6 @@ from ..core.data import DEFAULT_ID_FIELD, read_rows, to_sequence_set
 from ..core.ds_config import load_ds_config
 from ..core.errors import InputError
 from ..core.files import OVERWRITE_FLAG, check_output
-from ..core.memorization import MEMORIZED_MA, OVER_UNLEARNED_MA
 from ..core.mia import (
     DEFAULT_ATTACK_CONFIDENCE,
     DEFAULT_ATTACK_SAMPLES,
@@ -36,7 +35,7 @@ from ..core.mia import (
 )
 from ..core.models import DTYPES, load_config, load_for_inference, load_tokenizer, resolve_model_dir
 from ..core.scorer import DEFAULT_BATCH_SIZE, DEFAULT_EL_N, DEFAULT_EXTRACT_K
-from ..core.summary import Thresholds
+from ..core.summary import add_threshold_flags, thresholds_from
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -74,8 +73,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     a("--top_p", type=float, default=None, help="top-p (nucleus) truncation in (0, 1] (default off)")
     a("--attack_samples", type=int, default=DEFAULT_ATTACK_SAMPLES, help="attacker's sample budget n")
     a("--attack_confidence", type=float, default=DEFAULT_ATTACK_CONFIDENCE, help="success probability q")
-    a("--memorized_threshold", type=float, default=MEMORIZED_MA, help="MA at or above which: memorized")
-    a("--over_unlearned_threshold", type=float, default=OVER_UNLEARNED_MA, help="MA at or below: over-unlearned")
+    add_threshold_flags(a)
     a("--bootstrap", type=int, default=DEFAULT_BOOTSTRAP, help="bootstrap resamples of each AUC (0: none)")
     # 42 is TrainingArguments' seed: the same as unlearn's end-of-run audit, so the two reproduce each other.
     a("--seed", type=int, default=42, help="seed of the bootstrap and the sampling (unlearn's default seed)")
@@ -155,9 +153,7 @@ def run(args: argparse.Namespace) -> int:
         check_adapter_dir(args.adapter)
     settings = settings_from(args)
     settings.validate()
-    if not 0.0 <= args.over_unlearned_threshold < args.memorized_threshold <= 1.0:
-        raise InputError("--memorized_threshold: need 0 <= over_unlearned_threshold < memorized_threshold <= 1")
-    thresholds = Thresholds(args.memorized_threshold, args.over_unlearned_threshold)
+    thresholds = thresholds_from(args)
     ds_config = load_ds_config(args.deepspeed) if args.deepspeed else None
     vocab_size = load_config(model_dir).vocab_size
     if baseline_dir is not None and load_config(baseline_dir).vocab_size != vocab_size:

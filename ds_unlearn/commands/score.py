@@ -26,12 +26,22 @@ from ..core.scorer import (
     score_sequences,
     validate_request,
 )
-from ..core.summary import summarize_scores, summary_lines
+from ..core.summary import add_threshold_flags, summarize_scores, summary_lines, thresholds_from
+
+
+class _Help(argparse.RawDescriptionHelpFormatter):
+    """The description as written, and each flag's default (when it has one) after its help."""
+
+    def _get_help_string(self, action):
+        if action.default in (None, False, argparse.SUPPRESS) or action.required:
+            return action.help
+        default = " ".join(map(str, action.default)) if isinstance(action.default, list) else action.default
+        return f"{action.help} (default: {default})"
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="ds-unlearn score", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        prog="ds-unlearn score", description=__doc__.replace("``", ""), formatter_class=_Help
     )
     add_arguments(parser)
     return one_line_errors(parser)
@@ -53,7 +63,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--batch_size",
         type=_batch_size,
         default=AUTO,
-        help="sequences / continuations per forward, or 'auto' (from free memory; the default)",
+        help="sequences / continuations per forward, or 'auto' (sized from free memory)",
     )
     parser.add_argument("--text_field", default="text", help="field holding the text of a row")
     parser.add_argument(
@@ -69,6 +79,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="ZeRO-3: gather the full model once for scoring, or every layer on each forward; "
         "auto gathers once when the model fits in a quarter of free memory",
     )
+    add_threshold_flags(parser.add_argument)
     parser.add_argument(OVERWRITE_FLAG, action="store_true", help="replace existing output files")
     parser.add_argument("--local_rank", type=int, default=-1, help=argparse.SUPPRESS)  # set by launchers
 
@@ -105,6 +116,7 @@ def run(args: argparse.Namespace) -> int:
             f"--max_length {args.max_length} is shorter than el_n/extract_k need "
             f"({min_length(args.el_n, args.extract_k)} tokens)"
         )
+    thresholds = thresholds_from(args)
     model_config = load_config(model_dir)
     vocab_size = model_config.vocab_size
     rows = read_rows(args.data)
@@ -133,7 +145,7 @@ def run(args: argparse.Namespace) -> int:
     )
     if D.is_main():
         write_scores(args.out, data.ids, scores)
-        summary = summarize_scores(scores)
+        summary = summarize_scores(scores, thresholds)
         write_json(summary_path(args.out), summary)
         print("\n".join(summary_lines(summary)))
         print(f"wrote {args.out} and {summary_path(args.out)}")

@@ -44,6 +44,22 @@ def context_limit(model_or_config) -> int | None:
     return int(limit) if isinstance(limit, int) and limit > 0 else None
 
 
+def token_rows(sequences) -> list:
+    """``sequences`` as a list of token-id rows: a 2-D tensor or array [rows, tokens] is split
+    into rows; text is refused. Raises InputError naming the first text row."""
+    if isinstance(sequences, (torch.Tensor, np.ndarray)):
+        if sequences.ndim != 2:
+            raise InputError(f"sequences as one array must be 2-D [rows, tokens], got shape {tuple(sequences.shape)}")
+        return sequences.tolist()
+    if isinstance(sequences, (str, bytes)):
+        raise InputError("sequences must be a list of token-id sequences, got one string: tokenize text first")
+    rows = list(sequences)
+    for i, row in enumerate(rows):
+        if isinstance(row, (str, bytes)):
+            raise InputError(f"row {i} is text, not token ids: tokenize it first (e.g. tokenizer(text)['input_ids'])")
+    return rows
+
+
 def validate_request(
     sequences: Sequence[Sequence[int]],
     el_n: Sequence[int],
@@ -53,8 +69,8 @@ def validate_request(
     max_positions: int | None = None,
 ) -> None:
     """Reject what the metrics are undefined on, naming the first offending row: too short for
-    el_n/extract_k, longer than the model's context (``max_positions``), or a token outside the
-    vocabulary."""
+    el_n/extract_k, longer than the model's context (``max_positions``), or a token that is not an
+    integer or lies outside the vocabulary."""
     if not sequences:
         raise InputError("the set of sequences is empty")
     for name, values in (("el_n", el_n), ("extract_k", extract_k)):
@@ -66,15 +82,17 @@ def validate_request(
         if len(seq) < need:
             raise InputError(
                 f"{describe_row(i)}: {len(seq)} tokens, but el_n={list(el_n)} and "
-                f"extract_k={list(extract_k)} need at least {need}"
+                f"extract_k={list(extract_k)} need at least {need} (lower them, or drop the row)"
             )
         if max_positions is not None and len(seq) > max_positions:
             raise InputError(
                 f"{describe_row(i)}: {len(seq)} tokens, longer than the model's context of {max_positions} "
-                "positions (cut rows with --max_length)"
+                f"positions (cut rows to at most {max_positions} tokens)"
             )
         if vocab_size is not None:
             for tok in seq:
+                if int(tok) != tok:
+                    raise InputError(f"{describe_row(i)}: {tok!r} is not an integer token id")
                 if not 0 <= int(tok) < vocab_size:
                     raise InputError(f"{describe_row(i)}: token id {tok} is outside the vocabulary [0, {vocab_size})")
 
@@ -284,7 +302,9 @@ def score_sequences(
     progress: bool = False,
     gather_params: bool | None = None,
 ) -> list[dict]:
-    """Per-sequence memorization metrics of ``model`` on token-id ``sequences``.
+    """Per-sequence memorization metrics of ``model`` on token-id ``sequences`` (lists of ints,
+    1-D int tensors or arrays, or one 2-D [rows, tokens] tensor; lengths may differ). ``el_n`` and
+    ``extract_k``: an int or several.
 
     Returns one dict per sequence, in order: ``n_tokens``, ``loss``, ``ma``, ``el_{n}``,
     ``max_verbatim``, ``extractable_k{K}``. The model keeps its dtype and device. Inside a
@@ -296,12 +316,14 @@ def score_sequences(
     whole call instead of every layer on every forward; None gathers when it fits in a quarter of
     the free memory (the ranks agree).
 
-    Raises InputError for requests the metrics are undefined on (before any compute), and
+    Raises InputError for requests the metrics are undefined on, and for text rows (before any
+    compute), and
     NonFiniteLogitsError, naming the rows, when the model's logits are NaN or inf.
     """
     if method not in METHODS:
         raise InputError(f"method must be one of {METHODS}, got {method!r}")
-    el_n, extract_k = tuple(int(n) for n in el_n), tuple(int(k) for k in extract_k)
+    sequences = token_rows(sequences)
+    el_n, extract_k = (tuple(int(v) for v in ((x,) if isinstance(x, int) else x)) for x in (el_n, extract_k))
     validate_request(
         sequences,
         el_n,

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .errors import InputError
 from .memorization import MEMORIZED_MA, OVER_UNLEARNED_MA, verdict_counts
 
 HISTOGRAM_BINS = 10
@@ -28,6 +29,21 @@ class Thresholds:
     memorized_ma: float = MEMORIZED_MA
     over_unlearned_ma: float = OVER_UNLEARNED_MA
     mean_ma: float | None = None
+
+
+def add_threshold_flags(add) -> None:
+    """The verdict flags ``--memorized_threshold`` and ``--over_unlearned_threshold`` (MA levels),
+    added with ``add`` (an argparse parser's ``add_argument``); read them with ``thresholds_from``."""
+    add("--memorized_threshold", type=float, default=MEMORIZED_MA, help="MA at or above which: memorized")
+    add("--over_unlearned_threshold", type=float, default=OVER_UNLEARNED_MA, help="MA at or below: over-unlearned")
+
+
+def thresholds_from(args) -> Thresholds:
+    """``Thresholds`` from the flags of ``add_threshold_flags``. Raises InputError unless
+    0 <= over_unlearned < memorized <= 1."""
+    if not 0.0 <= args.over_unlearned_threshold < args.memorized_threshold <= 1.0:
+        raise InputError("--memorized_threshold: need 0 <= over_unlearned_threshold < memorized_threshold <= 1")
+    return Thresholds(args.memorized_threshold, args.over_unlearned_threshold)
 
 
 def calibrate_thresholds(holdout_ma: Sequence[float], quantile: float) -> Thresholds:
