@@ -104,6 +104,12 @@ def main(argv: list[str] | None = None) -> int:
         D.release_shared_memory()
         return 2
     except BaseException as err:
+        if isinstance(err, KeyboardInterrupt) and not D.launched_by_launcher():
+            # Ctrl-C on one process: one line and the shell's code for SIGINT, not a traceback.
+            # What a command writes at its end was not written; unlearn's checkpoints stay resumable.
+            print(f"ds-unlearn {name}: interrupted", file=sys.stderr)
+            D.release_shared_memory()
+            return 130
         if not D.launched_by_launcher() or isinstance(err, SystemExit) and not err.code:
             raise
         # One rank failed: say so loudly and leave now. Any further collective (a barrier, the

@@ -177,3 +177,19 @@ def test_existing_output_needs_overwrite(model_dir, ids_file, tmp_path):
 def test_model_dir_without_config_is_an_input_error(tmp_path, ids_file):
     result = run_cli("--model", tmp_path, "--data", ids_file, "--out", tmp_path / "o.jsonl")
     assert result.returncode == 2 and "is not a model directory" in result.stderr
+
+
+def test_ctrl_c_on_one_process_is_one_line_and_exit_130(model_dir, ids_file, tmp_path, monkeypatch, capsys):
+    import ds_unlearn.core.passes as passes
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(passes, "teacher_forced_pass", interrupted)
+    monkeypatch.setattr("ds_unlearn.core.scorer.teacher_forced_pass", interrupted)
+    out = tmp_path / "scores.jsonl"
+    code = main(["score", "--model", str(model_dir), "--data", str(ids_file), "--out", str(out), "--extract_k", "8"])
+    err = capsys.readouterr().err
+    assert code == 130
+    assert err.splitlines()[-1] == "ds-unlearn score: interrupted" and "Traceback" not in err
+    assert not out.exists()
