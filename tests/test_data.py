@@ -115,3 +115,16 @@ def test_a_named_id_field_must_exist(tokenizer):
     assert to_sequence_set([{"text": "t1"}], tokenizer=tokenizer).ids == [0]
     message = error([{"id": "a", "text": "t1"}], tokenizer, id_field="key", option="--forget")
     assert message == "--forget: no row has the id field 'key' (--id_field; without it rows are numbered)"
+
+
+def test_jsonl_is_always_one_object_per_line_and_json_may_be_an_array(tmp_path):
+    # A .jsonl whose first line is an array is a row of the wrong kind, not a JSON array file.
+    (tmp_path / "a.jsonl").write_text("[1, 2, 3]\n")
+    with pytest.raises(InputError) as caught:
+        read_rows(tmp_path / "a.jsonl")
+    assert "line 1 (row 0): expected a JSON object such as" in str(caught.value)
+    assert str(caught.value).endswith("got list")
+    rows = [{"id": "a", "input_ids": [1, 2]}, {"id": "b", "input_ids": [3]}]
+    (tmp_path / "b.json").write_text(json.dumps(rows, indent=1))
+    (tmp_path / "c.json").write_text("".join(json.dumps(r) + "\n" for r in rows))  # JSON Lines named .json
+    assert read_rows(tmp_path / "b.json") == rows == read_rows(tmp_path / "c.json")

@@ -55,7 +55,7 @@ def read_rows(path: str | Path, option: str = "--data") -> list[dict]:
             rows = _read_parquet(path)
         else:
             text = path.read_text(encoding="utf-8")
-            rows = _read_csv(text, path, option) if suffix == ".csv" else _read_json(text, path, option)
+            rows = _read_csv(text, path, option) if suffix == ".csv" else _read_json(text, path, option, suffix)
     except UnicodeDecodeError as err:
         raise InputError(f"{option}: {path} is not UTF-8 text ({err.reason} at byte {err.start})") from None
     except OSError as err:
@@ -65,8 +65,10 @@ def read_rows(path: str | Path, option: str = "--data") -> list[dict]:
     return rows
 
 
-def _read_json(text: str, path: Path, option: str) -> list[dict]:
-    if text.lstrip().startswith("["):  # one JSON array of objects
+def _read_json(text: str, path: Path, option: str, suffix: str) -> list[dict]:
+    # A .json file may hold one array of objects; a .jsonl file is always one object per line (a
+    # line that is an array is then a row of the wrong kind, not the start of an array).
+    if suffix == ".json" and text.lstrip().startswith("["):
         try:
             rows = json.loads(text)
         except json.JSONDecodeError as err:
@@ -87,7 +89,10 @@ def _read_json(text: str, path: Path, option: str) -> list[dict]:
     for i, (row, number) in enumerate(zip(rows, lines)):
         if not isinstance(row, dict):
             where = f"line {number} (row {i})" if number else f"row {i}"
-            raise InputError(f"{option}: {path} {where}: expected a JSON object, got {type(row).__name__}")
+            raise InputError(
+                f"{option}: {path} {where}: expected a JSON object such as"
+                f' {{"{IDS_FIELD}": [...]}} or {{"text": "..."}}, got {type(row).__name__}'
+            )
     return rows
 
 
