@@ -41,6 +41,7 @@ def case(unlearn_case, tmp_path_factory):
         "bad_ds": root / "bad_ds.json",
         "bad_yaml_value": root / "bad_value.yaml",
         "unknown_key": root / "unknown_key.yaml",
+        "yaml_type": root / "yaml_type.yaml",
         "a_file": root / "a_file",
     }
     files["empty"].write_text("")
@@ -60,6 +61,7 @@ def case(unlearn_case, tmp_path_factory):
     files["bad_ds"].write_text("{ not json")
     files["bad_yaml_value"].write_text("sga_gamma: high\n")
     files["unknown_key"].write_text("learnin_rate: 0.1\n")
+    files["yaml_type"].write_text("max_length: 20.5\n")
     files["a_file"].write_text("not a directory")
     files["holdout_copy"] = root / "holdout_copy.jsonl"
     shutil.copy(unlearn_case["forget"], files["holdout_copy"])  # the forget set under another name
@@ -91,6 +93,7 @@ SCORE_CASES = {  # name: (extra args builder, expected text in the error line)
     "out equals data": (lambda c, o: ["--out", c["forget"], "--overwrite"], "lies inside the input"),
     "out inside the model": (lambda c, o: ["--out", c["model"] / "s.jsonl"], "lies inside the input"),
     "out is a directory": (lambda c, o: ["--out", c["root"]], "is a directory"),
+    "out under a file": (lambda c, o: ["--out", c["a_file"] / "s.jsonl"], "cannot create"),
     "model not a checkpoint": (lambda c, o: ["--model", c["root"]], "is not a model directory"),
     "truncated weights": (lambda c, o: ["--model", c["truncated"]], "cannot load the weights"),
     "missing deepspeed file": (lambda c, o: ["--deepspeed", c["root"] / "nope.json"], "--deepspeed: no such file"),
@@ -129,6 +132,13 @@ UNLEARN_CASES = {
         "bad_value.yaml: key 'sga_gamma': invalid float",
     ),
     "unknown YAML key": (lambda c: ["--config", c["unknown_key"]], "unknown key 'learnin_rate'"),
+    "YAML value of the wrong type": (
+        lambda c: ["--config", c["yaml_type"]],
+        "yaml_type.yaml: key 'max_length': expected an integer, got 20.5",
+    ),
+    "output_dir under a file": (lambda c: ["--output_dir", c["a_file"] / "sub"], "a_file is a file"),
+    "batch size 0": (["--per_device_train_batch_size", "0"], "per_device_train_batch_size: must be at least 1"),
+    "negative seed": (["--seed", "-1"], "seed: must lie in [0, 4294967295], got -1"),
     "unknown flag": (["--learnin_rate", "1"], "unknown flag --learnin_rate"),
     "bad flag value after a space": (["--sga_gamma", "high"], "argument --sga_gamma"),
     "gamma out of range": (["--method", "sga", "--sga_gamma", "2"], "sga_gamma: must lie in [0, 1]"),

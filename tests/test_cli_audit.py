@@ -119,6 +119,8 @@ def _bad_cases(tmp_path, forget, holdout, model_dir):
     overlap_id = write_jsonl(tmp_path / "oid.jsonl", [{"id": "f1", "input_ids": list(range(1, 41))}])
     same_text = write_jsonl(tmp_path / "same.jsonl", [{"id": "new", "input_ids": rows[2]["input_ids"]}])
     base = [str(model_dir), str(forget), str(holdout)]
+    a_file = tmp_path / "a_file"
+    a_file.write_text("not a folder")
     return {
         "holdout not given": (
             ["audit", "--model", base[0], "--forget", base[1], "--out", str(tmp_path / "out")],
@@ -137,6 +139,15 @@ def _bad_cases(tmp_path, forget, holdout, model_dir):
         ),
         "thresholds": ([*base, "--memorized_threshold", "0.1"], "--memorized_threshold: need"),
         "eval include path": ([*base, "--eval_include_path", str(tmp_path)], "--eval_include_path given without"),
+        "baseline not a checkpoint": (
+            [*base, "--baseline", str(tmp_path / "nope")],
+            f"--baseline: {tmp_path / 'nope'} is not a model directory",
+        ),
+        "negative seed": ([*base, "--seed", "-1"], "argument --seed: must lie in [0, 4294967295], got -1"),
+        "out under a file": (
+            [*base, "--out", str(a_file / "x")],
+            f"--out: cannot create {a_file / 'x'}: {a_file} is a file",
+        ),
     }
 
 
@@ -154,6 +165,9 @@ def _bad_cases(tmp_path, forget, holdout, model_dir):
         "too short",
         "thresholds",
         "eval include path",
+        "baseline not a checkpoint",
+        "negative seed",
+        "out under a file",
     ],
 )
 def test_bad_input_exits_2_with_one_line_and_writes_nothing(case, model_dir, sets, tmp_path, monkeypatch, capsys):

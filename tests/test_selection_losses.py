@@ -249,3 +249,14 @@ def test_thresholds_explicit_then_calibrated_then_fixed():
     assert (t.memorized_ma, t.over_unlearned_ma, source) == (0.6, 0.15, "fixed")
     with pytest.raises(InputError, match="memorized_threshold"):
         resolve_thresholds(args(memorized_threshold=0.15), holdout)
+
+
+def test_collapse_is_reaching_a_uniform_guess_on_the_holdout_from_below():
+    from ds_unlearn.unlearn.selection import collapsed
+
+    uniform = math.log(64)
+    assert collapsed(3.0, uniform, 64)  # all logits equal: exactly ln(vocab)
+    assert collapsed(3.0, 50.0, 64)  # huge wrong logits
+    assert not collapsed(3.0, 0.95 * uniform, 64)  # much worse, still better than knowing nothing
+    assert not collapsed(8.0, 9.0, 64)  # never better than uniform on this holdout: not judged
+    assert not collapsed(None, 9.0, 64) and not collapsed(3.0, None, 64)

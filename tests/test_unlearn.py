@@ -290,3 +290,18 @@ def test_epochs_are_judged_on_ma_and_el_runs_only_when_asked(unlearn_case, tmp_p
     assert all("forget/el10_mean" in h for h in history)
     # Each epoch says what it cost: wall time, its optimizer steps, its judging.
     assert all(h["time/epoch_s"] >= h["time/step_s"] > 0 and h["time/judge_s"] > 0 for h in history[1:])
+
+
+def test_weights_destroyed_without_a_nan_count_as_divergence(unlearn_case, tmp_path):
+    # lr 1e8 sends the weights far off without any NaN: the holdout (sequences the model learned,
+    # so below ln(vocab) before) ends at least as bad as a uniform guess. That is no unlearned model.
+    out = tmp_path / "collapsed"
+    argv = unlearn_args(unlearn_case, out, "--method", "ga", "--learning_rate", "1e8", "--num_train_epochs", "2")
+    argv[argv.index("--holdout") + 1] = str(unlearn_case["retain"])
+    assert main(["unlearn", *argv]) == 1
+    report = json.loads((out / "report.json").read_text())
+    assert report["diverged"] is True and "the weights collapsed" in report["stop_reason"], report["stop_reason"]
+    assert report["best_epoch"]["epoch"] == 0  # the input weights, saved unchanged
+    assert [r["loss"] for r in read_jsonl(out / "scores_after.jsonl")] == pytest.approx(
+        [r["loss"] for r in read_jsonl(out / "scores_before.jsonl")], rel=1e-5
+    )

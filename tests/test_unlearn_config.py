@@ -150,3 +150,23 @@ def test_a_checkpoint_resumes_only_under_the_launch_that_wrote_it(tmp_path):
     ds.write_text('{"zero_optimization": {"stage": 2}, "train_micro_batch_size_per_gpu": "auto"}')
     with pytest.raises(InputError, match="saved by 2 ranks with DeepSpeed and this run has 1 rank with DeepSpeed"):
         parse_config([*resume, "--deepspeed", str(ds)])
+
+
+def test_yaml_values_are_checked_against_the_field_types(tmp_path):
+    from ds_unlearn.lab.config import parse_config as parse_lab
+
+    config = tmp_path / "lab.yaml"
+    for text, message in [
+        ("local_prefix_ks: 3\n", "key 'local_prefix_ks': expected a list of integers, got 3"),
+        ("local_prefix_ks: [3, 4.5]\n", "key 'local_prefix_ks': expected a list of integers, got [3, 4.5]"),
+        ("string_length: 8.5\n", "key 'string_length': expected an integer, got 8.5"),
+        ("save_model: 1\n", "key 'save_model': expected true or false, got 1"),
+    ]:
+        config.write_text(text)
+        with pytest.raises(InputError) as caught:
+            parse_lab(["--config", str(config), "--model", "smollm2", "--output_dir", str(tmp_path / "o")])
+        assert str(caught.value) == f"--config: {config}: {message}"
+    # What fits passes: an int where a float goes, a list of ints, a string argparse converts.
+    config.write_text("learning_rate: 1\nlocal_prefix_ks: [3, 4]\nepochs: '6'\n")
+    lab = parse_lab(["--config", str(config), "--model", "smollm2", "--output_dir", str(tmp_path / "o")])
+    assert (lab.learning_rate, lab.local_prefix_ks, lab.epochs) == (1, [3, 4], 6)

@@ -19,7 +19,7 @@ from ..core import distributed as D
 from ..core.adapters import check_adapter_dir
 from ..core.audit import AuditSettings, audit, check_sets, compare
 from ..core.audit_report import AUDIT_OUTPUTS, JSONL, MARKDOWN, SUMMARY, write_audit
-from ..core.config_parsing import one_line_errors
+from ..core.config_parsing import one_line_errors, seed_arg
 from ..core.data import DEFAULT_ID_FIELD, read_rows, to_sequence_set
 from ..core.ds_config import load_ds_config
 from ..core.errors import InputError
@@ -76,7 +76,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_threshold_flags(a)
     a("--bootstrap", type=int, default=DEFAULT_BOOTSTRAP, help="bootstrap resamples of each AUC (0: none)")
     # 42 is TrainingArguments' seed: the same as unlearn's end-of-run audit, so the two reproduce each other.
-    a("--seed", type=int, default=42, help="seed of the bootstrap and the sampling (unlearn's default seed)")
+    a("--seed", type=seed_arg, default=42, help="seed of the bootstrap and the sampling (unlearn's default seed)")
     a("--eval_tasks", default=None, help="lm-eval tasks T1,T2 run on the model (needs the [eval] extra)")
     a("--eval_include_path", default=None, help="directory of the user's lm-eval task YAMLs")
     a("--eval_limit", type=float, default=None, help="documents per lm-eval task (count, or fraction < 1)")
@@ -140,7 +140,7 @@ def run(args: argparse.Namespace) -> int:
     if not args.holdout:
         raise InputError("--holdout: required (text the model never saw, like the forget set's)")
     model_dir = resolve_model_dir(args.model)
-    baseline_dir = resolve_model_dir(args.baseline) if args.baseline else None
+    baseline_dir = resolve_model_dir(args.baseline, "--baseline") if args.baseline else None
     check_output(
         args.out,
         option="--out",
@@ -156,7 +156,7 @@ def run(args: argparse.Namespace) -> int:
     thresholds = thresholds_from(args)
     ds_config = load_ds_config(args.deepspeed) if args.deepspeed else None
     vocab_size = load_config(model_dir).vocab_size
-    if baseline_dir is not None and load_config(baseline_dir).vocab_size != vocab_size:
+    if baseline_dir is not None and load_config(baseline_dir, "--baseline").vocab_size != vocab_size:
         raise InputError(f"--baseline: {args.baseline} has a different vocabulary size than --model")
     sets, tokenizer, explicit = load_sets(args, model_dir, vocab_size, settings)
     tasks = _eval_tasks(args)

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import argparse
 
-from ..core.config_parsing import one_line_errors
+from ..core.config_parsing import one_line_errors, seed_arg
 from ..demo.run import METHODS
 
 
@@ -24,7 +24,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--quick", action="store_true", help="tiny sets and capped epochs: a smoke run")
     parser.add_argument("--overwrite", action="store_true", help="replace an earlier demo run in output_dir")
     parser.add_argument("--num_records", type=int, default=None, help="forget-set size (default 16; 4 with --quick)")
-    parser.add_argument("--seed", type=int, default=None, help="Faker, holdout sample and training seed (default 0)")
+    parser.add_argument(
+        "--seed", type=seed_arg, default=None, help="Faker, holdout sample and training seed (default 0)"
+    )
     parser.add_argument(
         "--methods",
         nargs="+",

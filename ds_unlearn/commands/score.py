@@ -106,8 +106,9 @@ def run(args: argparse.Namespace) -> int:
     # The process entry (cli.main) owns the process group and the failure path.
     # Everything that can be wrong with the input is found here, before any weights load.
     model_dir = resolve_model_dir(args.model)
-    for path in (args.out, summary_path(args.out)):
-        check_output(path, option="--out", overwrite=args.overwrite, inputs=(args.data, model_dir, args.adapter))
+    inputs = (args.data, model_dir, args.adapter)
+    check_output(args.out, option="--out", overwrite=args.overwrite, inputs=inputs)  # first: "." has no name
+    check_output(summary_path(args.out), option="--out", overwrite=args.overwrite, inputs=inputs)
     ds_config = load_ds_config(args.deepspeed) if args.deepspeed else None
     if args.adapter is not None:
         check_adapter_dir(args.adapter)

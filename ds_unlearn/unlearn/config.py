@@ -14,6 +14,7 @@ from transformers import TrainingArguments
 
 from ..core import distributed as D
 from ..core.config_parsing import parse_config as parse_dataclass_config
+from ..core.config_parsing import seed_problem
 from ..core.data import DEFAULT_ID_FIELD
 from ..core.errors import InputError
 from ..core.memorization import MEMORIZED_MA, OVER_UNLEARNED_MA
@@ -328,6 +329,11 @@ class UnlearnConfig(TrainingArguments):
             bad("num_train_epochs", f"must be positive, got {self.num_train_epochs:g}")
         if not self.learning_rate > 0:
             bad("learning_rate", f"must be positive, got {self.learning_rate:g}")
+        for name in ("per_device_train_batch_size", "gradient_accumulation_steps"):
+            if getattr(self, name) < 1:
+                bad(name, f"must be at least 1, got {getattr(self, name)}")
+        if seed_problem(self.seed):
+            bad("seed", seed_problem(self.seed))
         for name in ("holdout", "retain", "audit_holdout"):
             other = getattr(self, name, None)
             if other and Path(other).resolve() == Path(self.forget).resolve():

@@ -3,6 +3,7 @@ and when a forget set counts as unlearned."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -147,3 +148,16 @@ def step_scale(ascending_rows: int, forget_size: int, floor: float) -> float:
     if forget_size <= 0:
         return 1.0
     return float(min(1.0, max(floor, ascending_rows / forget_size)))
+
+
+def collapsed(holdout_loss_before: float | None, holdout_loss: float | None, vocab_size: int) -> bool:
+    """True when the holdout loss (mean nats per token) has risen from below to at least ln(vocab):
+    the model now predicts text it never trained on no better than a uniform guess over its
+    vocabulary, i.e. the weights were destroyed (an extreme learning rate drives every logit to
+    the same value or to huge wrong ones without any NaN). A model that was already no better
+    than that on its holdout (a tiny model on random tokens) is never judged by it. The 0.1% margin
+    absorbs the rounding of a mean of exactly ln(vocab)."""
+    if holdout_loss_before is None or holdout_loss is None:
+        return False
+    uniform = math.log(vocab_size)
+    return holdout_loss_before < uniform and holdout_loss >= uniform * (1 - 1e-3)

@@ -40,7 +40,16 @@ from .loop import SequenceTrainer
 from .lora import AdapterEdit
 from .losses import TERM_CODE, npo_loss, per_sequence_kl, predicted_tokens
 from .reporting import log_histograms
-from .selection import ASCEND, PULL_BACK, band_directions, epoch_rank, sga_selection, step_scale, stop_satisfied
+from .selection import (
+    ASCEND,
+    PULL_BACK,
+    band_directions,
+    collapsed,
+    epoch_rank,
+    sga_selection,
+    step_scale,
+    stop_satisfied,
+)
 from .weights import OwnedWeights
 
 STATE_FILE = "unlearn_state.json"
@@ -292,6 +301,8 @@ class UnlearnTrainer(SequenceTrainer):
         self._log_epoch(holdout_loss, trained)
 
         problem = self._nonfinite(scores, holdout_loss)
+        if not problem and collapsed(self.run.holdout_loss_before, holdout_loss, self.model.config.vocab_size):
+            problem = f"holdout loss {holdout_loss:.4f} reached a uniform guess's ln(vocab) (the weights collapsed)"
         guard = self.args.max_holdout_loss_increase
         limit = None if guard is None else self.run.holdout_loss_before * (1 + guard)
         if problem:
