@@ -87,3 +87,22 @@ def test_unknown_eval_task_is_one_line_before_any_model(verse_model, tmp_path, c
     err = [l for l in capsys.readouterr().err.splitlines() if l.strip()]
     assert len(err) == 1 and err[0].startswith("ds-unlearn audit: error: --eval_tasks: unknown task 'no_such_task'")
     assert not (tmp_path / "out").exists()
+
+
+def test_a_task_whose_data_is_missing_is_one_line_before_any_model(verse_model, tmp_path, monkeypatch, capsys):
+    # The task YAML's data_files is relative to the working directory: from elsewhere it is missing.
+    def no_model(*_args, **_kwargs):
+        raise AssertionError("a model was loaded before the eval tasks were checked")
+
+    monkeypatch.setattr("ds_unlearn.commands.audit.load_for_inference", no_model)
+    monkeypatch.chdir(tmp_path)
+    path, ids = verse_model
+    forget = write_jsonl(tmp_path / "f.jsonl", [{"id": "a", "input_ids": ids[0]}])
+    holdout = write_jsonl(tmp_path / "h.jsonl", [{"id": "b", "input_ids": ids[1]}])
+    argv = ["audit", "--model", path, "--forget", forget, "--holdout", holdout, "--out", tmp_path / "out"]
+    argv += ["--prefix_length", 10, "--suffix_length", 20, "--extract_k", 10]
+    argv += ["--eval_tasks", "kjv_cloze", "--eval_include_path", TASK_DIR]
+    assert main(list(map(str, argv))) == 2
+    err = [l for l in capsys.readouterr().err.splitlines() if l.strip()]
+    assert len(err) == 1 and "--eval_tasks: cannot load the task data (FileNotFoundError" in err[0], err
+    assert "kjv_cloze.jsonl" in err[0] and not (tmp_path / "out").exists()

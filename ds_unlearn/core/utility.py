@@ -37,8 +37,9 @@ def task_manager(include_path: str | Path | None = None, include_defaults: bool 
 
 
 def check_eval_request(tasks: Sequence[str], include_path: str | Path | None, tokenizer) -> object:
-    """Every task resolvable and a tokenizer present; returns the TaskManager for ``run_eval``.
-    Raises InputError (one line) otherwise."""
+    """Every task resolvable, its documents loadable (a task YAML's relative ``data_files`` are
+    relative to the working directory) and a tokenizer present; returns the TaskManager for
+    ``run_eval``. Raises InputError (one line) otherwise, before any model loads."""
     if include_path and not tasks:
         raise InputError("--eval_include_path given without --eval_tasks")
     manager = None
@@ -52,6 +53,13 @@ def check_eval_request(tasks: Sequence[str], include_path: str | Path | None, to
         raise InputError(f"--eval_tasks: unknown task {unknown[0]!r} (lm-eval names, or YAMLs in --eval_include_path)")
     if tokenizer is None:
         raise InputError("--eval_tasks: the model directory has no tokenizer, which lm-eval needs")
+    from lm_eval.tasks import get_task_dict
+
+    try:  # build the tasks now (their documents load and are cached): a missing data file is input
+        get_task_dict(list(tasks), manager)
+    except Exception as err:  # noqa: BLE001 - any failure here is the task's data or YAML, said in one line
+        first = str(err).strip().splitlines()[0] if str(err).strip() else ""
+        raise InputError(f"--eval_tasks: cannot load the task data ({type(err).__name__}: {first})") from None
     return manager
 
 

@@ -187,7 +187,8 @@ class UnlearnConfig(TrainingArguments):
     )
     overwrite: bool = _help("Replace the results of an earlier run in output_dir.", default=False)
     allow_divergence: bool = _help(
-        "Exit 0 even when a non-finite loss, score or weight ended the run (the last good weights are "
+        "Exit 0 even when divergence ended the run: a non-finite loss, score or weight, or a holdout loss "
+        "that reached a uniform guess's ln(vocab) (the last good weights are "
         "saved either way and the report says so); by default such a run exits 1.",
         default=False,
     )
