@@ -361,7 +361,9 @@ def test_exposure_memorises_and_writes_every_output(char_model, tmp_path, capsys
     gc = d["global_context"]["by_k"]
     assert [r["k"] for r in gc] == [1, 2, 4, 8] and gc[0]["positions"] == 4 * 10
     assert set(gc[0]) >= {"full", "local_only", "same_distribution", "different_distribution"}
-    assert d["summary"]["memorisation_start"] is not None
+    assert d["summary"]["median_memorisation_start"] is not None
+    full = [p["full_at"] is not None for p in d["exposure"]["phases"]["strings"]]
+    assert d["summary"]["strings_full"] == sum(full) and d["summary"]["strings"] == len(full)
     for name in ("exposure_curves.png", "exposure_positions.png", "local_prefix.png", "global_context.png"):
         assert is_png(out / name), name
     assert sorted(d["plots"]) == sorted(p.name for p in out.glob("*.png"))

@@ -32,7 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
         nargs="+",
         choices=METHODS,
         default=None,
-        help="unlearning methods to run (default: ga sga tau graddiff npo kl)",
+        help="unlearning methods to run (default: ga sga tau graddiff npo kl; with --quick: ga sga tau npo)",
     )
     parser.add_argument(
         "--lora",

@@ -70,7 +70,7 @@ class LabConfig:
         "Strings per micro-batch; at least num_strings gives one optimizer step per epoch.", default=16
     )
     deepspeed: str | None = _help(
-        "DeepSpeed JSON config for multi-rank runs (deepspeed --no_local_rank --module ds_unlearn memorize ...).",
+        "DeepSpeed JSON config for multi-rank runs (deepspeed launch/memorize.py ... --deepspeed FILE).",
         default=None,
     )
 

@@ -159,9 +159,13 @@ def summarize(results: dict, entropy_bits: float) -> dict:
         last = results["exposure"]["epochs"][-1]
         summary.update(
             {
-                "memorisation_start": median_epoch([p["memorisation_start"] for p in phases["strings"]]),
-                "full_at": median_epoch([p["full_at"] for p in phases["strings"]]),
-                "unique_full_at": median_epoch([p["unique_full_at"] for p in phases["strings"]]),
+                # Medians over strings (a string that never got there counts as latest), and how
+                # many strings got there at all: a median is not "every string by then".
+                "median_memorisation_start": median_epoch([p["memorisation_start"] for p in phases["strings"]]),
+                "median_full_at": median_epoch([p["full_at"] for p in phases["strings"]]),
+                "median_unique_full_at": median_epoch([p["unique_full_at"] for p in phases["strings"]]),
+                "strings_full": sum(p["full_at"] is not None for p in phases["strings"]),
+                "strings": len(phases["strings"]),
                 "final_accuracy": float(np.mean(last["accuracy"])),
                 "final_control_accuracy": last["control_accuracy"],
             }
