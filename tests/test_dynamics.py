@@ -111,8 +111,8 @@ def test_symbols_map_to_single_tokens():
     assert dyn.map_symbols(SpaceTokenizer(), list("abc")) == ([106, 100, 101], True)
     with pytest.raises(
         InputError,
-        match=r"character 'h' is token 106, the same as 'a' .*with a leading space; "
-        r"without one, 'a' is 2 tokens \[1, 1\]",
+        match=r"character 'h' is token 106, the same as 'a'.* with a leading space, "
+        r"and 'a' is 2 tokens \[1, 1\] without one; every character",
     ):
         dyn.map_symbols(SpaceTokenizer(), list("abh"))
 

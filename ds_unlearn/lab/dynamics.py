@@ -99,9 +99,9 @@ def map_symbols(tokenizer, symbols: Sequence[str]) -> tuple[list[int], bool]:
     # Name the character that stopped the convention which got further: that one is the culprit.
     (_, spaced, (symbol, why)), (_, _, (other, other_why)) = sorted(failures, key=lambda f: -f[0])
     raise InputError(
-        f"symbols: character {symbol!r} is {why} for this tokenizer ({'with' if spaced else 'without'} "
-        f"a leading space; {'without' if spaced else 'with'} one, {other!r} is {other_why}); "
-        f"each character must be exactly one token of its own"
+        f"symbols: for this tokenizer, character {symbol!r} is {why} {'with' if spaced else 'without'} a "
+        f"leading space, and {other!r} is {other_why} {'without' if spaced else 'with'} one; every character "
+        f"must be exactly one token of its own, all in the same way"
     )
 
 
