@@ -7,7 +7,7 @@ command-line flags override YAML, as for ``UnlearnConfig``.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 from ..core.config_parsing import build_parser as build_config_parser
@@ -20,6 +20,13 @@ EXPERIMENTS = ("exposure", "local_prefix", "global_context", "sequential", "unle
 # Experiments that probe or unlearn the model that the exposure run trained.
 AFTER_EXPOSURE = ("local_prefix", "global_context", "unlearning")
 UNLEARN_METHODS = ("ga", "sga")
+# Settings only these experiments read (others ignore them, so a changed value is refused).
+EXPERIMENT_SETTINGS = {
+    "local_prefix_ks": ("local_prefix", "global_context"),
+    "unlearn_method": ("unlearning",),
+    "unlearn_epochs": ("unlearning",),
+    "unlearn_learning_rate": ("unlearning",),
+}
 MIN_UNLEARN_TOKENS = 11  # the unlearning trainer scores EL_10 every epoch
 
 
@@ -155,6 +162,7 @@ class LabConfig:
             bad("target_entropy", "only applies to distribution=skewed")
         if not self.learning_rate > 0:
             bad("learning_rate", "must be positive")
+        self._check_unused(bad)
         if self.unlearn_learning_rate is None:
             self.unlearn_learning_rate = self.learning_rate
         if not self.unlearn_learning_rate > 0:
@@ -169,6 +177,15 @@ class LabConfig:
             self.local_prefix_ks = sorted(set(self.local_prefix_ks))
         if self.deepspeed and not Path(self.deepspeed).is_file():
             bad("deepspeed", f"no such file {self.deepspeed}")
+
+    def _check_unused(self, bad) -> None:
+        """A setting only some experiments read, changed from its default while none of them runs,
+        is refused (as ``unlearn`` refuses its methods' settings): it would be silently ignored."""
+        running = {e.replace("-", "_") for e in self.experiment}
+        defaults = {f.name: f.default for f in fields(self)}
+        for name, readers in EXPERIMENT_SETTINGS.items():
+            if getattr(self, name) != defaults[name] and not running & set(readers):
+                bad(name, f"only applies with --experiment {' or '.join(readers)}")
 
     def _check_experiments(self) -> None:
         self.experiment = [e.replace("-", "_") for e in self.experiment]
