@@ -167,6 +167,6 @@ def test_yaml_values_are_checked_against_the_field_types(tmp_path):
             parse_lab(["--config", str(config), "--model", "smollm2", "--output_dir", str(tmp_path / "o")])
         assert str(caught.value) == f"--config: {config}: {message}"
     # What fits passes: an int where a float goes, a list of ints, a string argparse converts.
-    config.write_text("learning_rate: 1\nlocal_prefix_ks: [3, 4]\nepochs: '6'\n")
+    config.write_text("learning_rate: 1\nlocal_prefix_ks: [3, 4]\nepochs: '6'\nexperiment: [local_prefix]\n")
     lab = parse_lab(["--config", str(config), "--model", "smollm2", "--output_dir", str(tmp_path / "o")])
     assert (lab.learning_rate, lab.local_prefix_ks, lab.epochs) == (1, [3, 4], 6)
