@@ -305,3 +305,30 @@ def test_weights_destroyed_without_a_nan_count_as_divergence(unlearn_case, tmp_p
     assert [r["loss"] for r in read_jsonl(out / "scores_after.jsonl")] == pytest.approx(
         [r["loss"] for r in read_jsonl(out / "scores_before.jsonl")], rel=1e-5
     )
+
+
+def test_resuming_a_tied_embedding_model_warns_of_no_missing_keys(unlearn_case, tmp_path, monkeypatch):
+    # lm_head.weight is the embedding matrix and is not saved; resuming must not call it missing.
+    import transformers.trainer
+    from transformers import AutoModelForCausalLM
+
+    from ds_unlearn.core.toy import memorize, random_sequences, save_model, tiny_config
+
+    from .conftest import VOCAB
+
+    config = tiny_config("llama", vocab_size=VOCAB)
+    config.tie_word_embeddings = True
+    torch.manual_seed(1)
+    model = memorize(AutoModelForCausalLM.from_config(config), random_sequences(8, 24, VOCAB, seed=21)[:4])
+    case = {**unlearn_case, "model": save_model(model, tmp_path / "tied")}
+    warnings: list[str] = []
+    monkeypatch.setattr(transformers.trainer.logger, "warning", lambda msg, *a, **k: warnings.append(str(msg)))
+    out = tmp_path / "run"
+    assert main(["unlearn", *unlearn_args(case, out, "--method", "ga", "--num_train_epochs", "1")]) == 0
+    checkpoint = out / "checkpoint-1"
+    assert checkpoint.is_dir()
+    argv = unlearn_args(case, out, "--method", "ga", "--num_train_epochs", "3", "--resume_from_checkpoint", checkpoint)
+    assert main(["unlearn", *argv]) == 0
+    assert not [w for w in warnings if "missing keys" in w], warnings
+    resumed = load_causal_lm(out / "model")
+    assert resumed.lm_head.weight.data_ptr() == resumed.model.embed_tokens.weight.data_ptr()  # still tied

@@ -123,6 +123,15 @@ class SequenceTrainer(Trainer):
         self.forward_ma: dict[int, float] = {}  # per-sequence MA seen by training forward passes
         self.nonfinite_loss = False
 
+    def _issue_warnings_after_load(self, load_result) -> None:
+        """A tied weight (``lm_head.weight`` sharing the embeddings) is not saved in a checkpoint, so
+        loading one to resume reports it "missing" although it is the loaded embedding: drop those
+        keys before transformers warns about the rest."""
+        tied = set(getattr(self.model, "all_tied_weights_keys", None) or ())
+        if tied and hasattr(load_result, "_replace"):
+            load_result = load_result._replace(missing_keys=[k for k in load_result.missing_keys if k not in tied])
+        super()._issue_warnings_after_load(load_result)
+
     @property
     def micro_batches_per_rank(self) -> int:
         """Enough micro-batches to hold every sequence once, rounded to whole optimizer steps."""
