@@ -76,14 +76,19 @@ def test_eval_tasks_run_beside_the_audit(verse_model, tmp_path, monkeypatch):
     assert "## Utility (lm-evaluation-harness)" in md and "| kjv_cloze | acc,none | 1.0000 |" in md
 
 
-def test_unknown_eval_task_is_one_line_before_any_model(verse_model, tmp_path, capsys):
+def _one_pair_audit_argv(verse_model, tmp_path, task: str) -> list[str]:
+    """An audit of one forget and one holdout verse, asking for ``task`` from TASK_DIR, into tmp_path/out."""
     path, ids = verse_model
     forget = write_jsonl(tmp_path / "f.jsonl", [{"id": "a", "input_ids": ids[0]}])
     holdout = write_jsonl(tmp_path / "h.jsonl", [{"id": "b", "input_ids": ids[1]}])
     argv = ["audit", "--model", path, "--forget", forget, "--holdout", holdout, "--out", tmp_path / "out"]
     argv += ["--prefix_length", 10, "--suffix_length", 20, "--extract_k", 10]
-    argv += ["--eval_tasks", "no_such_task", "--eval_include_path", TASK_DIR]
-    assert main(list(map(str, argv))) == 2
+    argv += ["--eval_tasks", task, "--eval_include_path", TASK_DIR]
+    return list(map(str, argv))
+
+
+def test_unknown_eval_task_is_one_line_before_any_model(verse_model, tmp_path, capsys):
+    assert main(_one_pair_audit_argv(verse_model, tmp_path, "no_such_task")) == 2
     err = [l for l in capsys.readouterr().err.splitlines() if l.strip()]
     assert len(err) == 1 and err[0].startswith("ds-unlearn audit: error: --eval_tasks: unknown task 'no_such_task'")
     assert not (tmp_path / "out").exists()
@@ -96,13 +101,7 @@ def test_a_task_whose_data_is_missing_is_one_line_before_any_model(verse_model, 
 
     monkeypatch.setattr("ds_unlearn.commands.audit.load_for_inference", no_model)
     monkeypatch.chdir(tmp_path)
-    path, ids = verse_model
-    forget = write_jsonl(tmp_path / "f.jsonl", [{"id": "a", "input_ids": ids[0]}])
-    holdout = write_jsonl(tmp_path / "h.jsonl", [{"id": "b", "input_ids": ids[1]}])
-    argv = ["audit", "--model", path, "--forget", forget, "--holdout", holdout, "--out", tmp_path / "out"]
-    argv += ["--prefix_length", 10, "--suffix_length", 20, "--extract_k", 10]
-    argv += ["--eval_tasks", "kjv_cloze", "--eval_include_path", TASK_DIR]
-    assert main(list(map(str, argv))) == 2
+    assert main(_one_pair_audit_argv(verse_model, tmp_path, "kjv_cloze")) == 2
     err = [l for l in capsys.readouterr().err.splitlines() if l.strip()]
     assert len(err) == 1 and "--eval_tasks: cannot load the task data (FileNotFoundError" in err[0], err
     assert "kjv_cloze.jsonl" in err[0] and not (tmp_path / "out").exists()

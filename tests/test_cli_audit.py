@@ -3,6 +3,7 @@ one line, nothing written, before any model compute)."""
 
 import json
 import math
+import re
 import shutil
 import subprocess
 import sys
@@ -64,6 +65,7 @@ def test_audit_writes_every_output(model_dir, sets, tmp_path, capsys):
     assert summary["model"] == str(model_dir)
     md = (out / "audit.md").read_text()
     assert "| forget | 3 | 0 | 0 | 0 |" in md and "| loss | 1.000 [1.000, 1.000]" in md
+    assert re.search(r"-0\.0+(?!\d)", md) is None  # log10 p just below 0 reads 0.0, not -0.0
     assert "membership AUC forget vs holdout (3 holdout sequences): loss 1.000" in capsys.readouterr().out
 
 

@@ -48,7 +48,9 @@ def _f(x, digits: int = 3) -> str:
         return "n/a"
     if isinstance(x, float) and math.isinf(x):
         return "-inf" if x < 0 else "inf"
-    return f"{x:.{digits}f}"
+    text = f"{x:.{digits}f}"
+    # A log10 p of -1e-6 (p just below 1) rounds to "-0.0": the sign says nothing at this precision.
+    return text[1:] if text.startswith("-") and float(text) == 0.0 else text
 
 
 def _n(x) -> str:
