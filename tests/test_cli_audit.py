@@ -199,3 +199,18 @@ def test_existing_outputs_need_overwrite_in_a_real_process(model_dir, sets, tmp_
     assert main([*audit_args(model_dir, *sets, out), "--overwrite", "--bootstrap", "0"]) == 0
     assert json.loads((out / "audit.json").read_text())["mia"]["loss"]["ci95"] is None
     assert (out / "notes.txt").exists()
+
+
+def test_a_repeated_holdout_row_is_noted_once_and_still_audited(model_dir, sets, tmp_path, capsys):
+    forget, holdout = sets
+    rows = read_jsonl(holdout)
+    again = write_jsonl(tmp_path / "holdout_again.jsonl", [*rows, {**rows[0], "id": "h-again"}])
+    out = tmp_path / "audit"
+    assert main(audit_args(model_dir, forget, again, out)) == 0
+    notes = [line for line in capsys.readouterr().err.splitlines() if "note:" in line]
+    assert notes == [
+        "ds-unlearn audit: note: --holdout: 1 row(s) hold the same tokens as an earlier row: "
+        "row 3 ('h-again') repeats row 0 ('h0'); each copy counts as its own sequence "
+        "(deduplicate the file to count it once)"
+    ]
+    assert json.loads((out / "audit.json").read_text())["holdout"]["count"] == 4

@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from ds_unlearn.core.data import read_rows, to_sequence_set
+from ds_unlearn.core.data import duplicate_rows, duplicates_note, read_rows, to_sequence_set
 from ds_unlearn.core.errors import InputError
 
 from .conftest import VOCAB
@@ -128,3 +128,16 @@ def test_jsonl_is_always_one_object_per_line_and_json_may_be_an_array(tmp_path):
     (tmp_path / "b.json").write_text(json.dumps(rows, indent=1))
     (tmp_path / "c.json").write_text("".join(json.dumps(r) + "\n" for r in rows))  # JSON Lines named .json
     assert read_rows(tmp_path / "b.json") == rows == read_rows(tmp_path / "c.json")
+
+
+def test_repeated_token_rows_are_named_by_row_and_id_never_by_text(tokenizer):
+    rows = [{"id": i, "text": t} for i, t in zip("abcde", [SECRET, "t1 t2", SECRET, "t1 t2", SECRET])]
+    data = to_sequence_set(rows, tokenizer=tokenizer, vocab_size=VOCAB)
+    assert duplicate_rows(data) == [(0, 2), (1, 3), (0, 4)]
+    note = duplicates_note(data, "--forget")
+    assert note.startswith("note: --forget: 3 row(s) hold the same tokens as an earlier row: ")
+    assert "row 2 ('c') repeats row 0 ('a'), row 3 ('d') repeats row 1 ('b')" in note
+    assert "private" not in note and "\n" not in note
+    many = to_sequence_set([{"text": "t3"}] * 5, tokenizer=tokenizer, vocab_size=VOCAB)
+    assert duplicates_note(many, "--holdout").count("repeats") == 3 and " and 1 more;" in duplicates_note(many, "x")
+    assert duplicates_note(to_sequence_set(rows[:2], tokenizer=tokenizer, vocab_size=VOCAB), "--forget") is None

@@ -332,3 +332,21 @@ def test_resuming_a_tied_embedding_model_warns_of_no_missing_keys(unlearn_case, 
     assert not [w for w in warnings if "missing keys" in w], warnings
     resumed = load_causal_lm(out / "model")
     assert resumed.lm_head.weight.data_ptr() == resumed.model.embed_tokens.weight.data_ptr()  # still tied
+
+
+def test_a_repeated_forget_row_is_noted_once_by_id_and_trained_as_its_own(unlearn_case, tmp_path, capsys):
+    rows = read_jsonl(unlearn_case["forget"])
+    forget = tmp_path / "forget.jsonl"
+    forget.write_text("".join(json.dumps(r) + "\n" for r in [*rows, {**rows[1], "id": "again"}]))
+    out = tmp_path / "out"
+    args = [*unlearn_args(unlearn_case, out, "--method", "ga"), "--forget", str(forget), "--num_train_epochs", "1"]
+    assert main(["unlearn", *args]) == 0
+    notes = [line for line in capsys.readouterr().err.splitlines() if "note:" in line]
+    assert notes == [
+        "ds-unlearn unlearn: note: --forget: 1 row(s) hold the same tokens as an earlier row: "
+        "row 4 ('again') repeats row 1 ('forget-1'); each copy counts as its own sequence "
+        "(deduplicate the file to count it once)"
+    ]
+    after = read_jsonl(out / "scores_after.jsonl")
+    assert [r["id"] for r in after] == ["forget-0", "forget-1", "forget-2", "forget-3", "again"]
+    assert after[4]["ma"] == after[1]["ma"]  # the same tokens, scored again

@@ -20,7 +20,7 @@ from ..core.adapters import check_adapter_dir
 from ..core.audit import AuditSettings, audit, check_sets, compare
 from ..core.audit_report import AUDIT_OUTPUTS, JSONL, MARKDOWN, SUMMARY, write_audit
 from ..core.config_parsing import one_line_errors, seed_arg
-from ..core.data import DEFAULT_ID_FIELD, read_rows, to_sequence_set
+from ..core.data import DEFAULT_ID_FIELD, duplicates_notes, read_rows, to_sequence_set
 from ..core.ds_config import load_ds_config
 from ..core.errors import InputError
 from ..core.files import OVERWRITE_FLAG, check_output
@@ -165,6 +165,8 @@ def run(args: argparse.Namespace) -> int:
         from ..core.utility import check_eval_request
 
         manager = check_eval_request(tasks, args.eval_include_path, tokenizer)
+    for note in duplicates_notes(sets):  # after every check; a repeated holdout row counts twice in each AUC
+        D.report_note(f"ds-unlearn audit: {note}")
 
     def audit_of(directory, adapter=None):
         model = load_for_inference(directory, DTYPES[args.dtype], ds_config, adapter=adapter)

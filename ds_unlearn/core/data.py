@@ -10,6 +10,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -255,6 +256,38 @@ def check_context(data: SequenceSet, limit: int | None, option: str = "--data") 
                 f"{option} row {i}: {len(seq)} tokens, more than the model's context of {limit} "
                 f"(pass --max_length {limit} to cut rows)"
             )
+
+
+def duplicate_rows(data: SequenceSet) -> list[tuple[int, int]]:
+    """``(first, later)`` row indices of every row whose token ids equal an earlier row's (under
+    another id: ids are unique by construction), in file order. Not an error: a duplicate in a
+    forget set is trained and scored as its own sequence, which the caller tells the user."""
+    first: dict[tuple[int, ...], int] = {}
+    pairs = []
+    for i, seq in enumerate(data.sequences):
+        j = first.setdefault(tuple(seq), i)
+        if j != i:
+            pairs.append((j, i))
+    return pairs
+
+
+def duplicates_note(data: SequenceSet, option: str) -> str | None:
+    """One line naming the repeated rows of ``data`` by row and id (never their text), or None."""
+    pairs = duplicate_rows(data)
+    if not pairs:
+        return None
+    shown = ", ".join(f"row {i} ({data.ids[i]!r}) repeats row {j} ({data.ids[j]!r})" for j, i in pairs[:3])
+    more = f" and {len(pairs) - 3} more" if len(pairs) > 3 else ""
+    return (
+        f"note: {option}: {len(pairs)} row(s) hold the same tokens as an earlier row: {shown}{more}; "
+        "each copy counts as its own sequence (deduplicate the file to count it once)"
+    )
+
+
+def duplicates_notes(sets: Mapping[str, SequenceSet | None]) -> list[str]:
+    """``duplicates_note`` of every set given (by option name without ``--``) that has repeats."""
+    notes = (duplicates_note(data, f"--{name}") for name, data in sets.items() if data is not None)
+    return [note for note in notes if note]
 
 
 def check_disjoint(first: SequenceSet, second: SequenceSet, names: tuple[str, str]) -> None:

@@ -74,6 +74,13 @@ def report_error(line: str) -> None:
     print(prefix + line, file=sys.stderr, flush=True)
 
 
+def report_note(line: str) -> None:
+    """One informational line to stderr, from rank 0 only: every rank reads the same inputs, so
+    the others would print it again (errors, by contrast, print on every rank: report_error)."""
+    if rank_from_env() == 0:
+        print(line, file=sys.stderr, flush=True)
+
+
 def report_traceback() -> None:
     """The current exception's traceback, every line prefixed with this rank."""
     tag = f"[rank {rank_from_env()}] "

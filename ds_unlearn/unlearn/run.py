@@ -15,7 +15,15 @@ import numpy as np
 
 from ..core import distributed as D
 from ..core.adapters import check_merge_targets, checkpoint_shards, merge_into_checkpoint
-from ..core.data import SequenceSet, check_context, check_disjoint, needs_tokenizer, read_rows, to_sequence_set
+from ..core.data import (
+    SequenceSet,
+    check_context,
+    check_disjoint,
+    duplicates_notes,
+    needs_tokenizer,
+    read_rows,
+    to_sequence_set,
+)
 from ..core.errors import InputError
 from ..core.files import check_output, clear_outputs, write_json
 from ..core.models import load_causal_lm, load_config, load_tokenizer, report_partition, resolve_model_dir
@@ -129,6 +137,8 @@ def run_unlearning(config: UnlearnConfig) -> UnlearnResult:
         model = prepare_model(model, config)
         if config.merge_adapter:
             check_merge_targets(model_dir, adapted_weight_names(model))
+    for note in duplicates_notes(sets):  # after every check: bad input still ends in its one line
+        D.report_note(f"ds-unlearn unlearn: {note}")
     if config.overwrite and not config.resume_from_checkpoint and D.is_main():
         # Every check has passed: replace the earlier run now, so no file of it mixes with this one's.
         clear_outputs(config.output_dir, RUN_OUTPUTS)
