@@ -265,6 +265,13 @@ def test_default_saves_no_checkpoint_unless_the_epoch_limit_ends_the_run(unlearn
     # The run says where it can be resumed from, on stdout and in the report.
     assert json.loads((capped / "report.json").read_text())["resumable_checkpoint"] == str(capped / "checkpoint-1")
     assert f"resumable checkpoint: {capped / 'checkpoint-1'}" in capsys.readouterr().out
+    final_only = tmp_path / "final_only"
+    argv = unlearn_args(unlearn_case, final_only, "--method", "ga", "--num_train_epochs", "1")
+    argv += ["--save_resumable", "false"]
+    assert main(["unlearn", *argv]) == 0
+    report = json.loads((final_only / "report.json").read_text())
+    assert "epoch limit" in report["stop_reason"] and report["resumable_checkpoint"] is None
+    assert not list(final_only.glob("checkpoint-*")) and (final_only / "model" / "model.safetensors").is_file()
     resumed = unlearn_args(unlearn_case, capped, "--method", "ga", "--resume_from_checkpoint", capped / "checkpoint-1")
     assert main(["unlearn", *resumed]) == 0
     report = json.loads((capped / "report.json").read_text())

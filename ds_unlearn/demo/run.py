@@ -605,6 +605,7 @@ def unlearn_config(method: str, out: Path, settings: DemoSettings, overwrite: bo
         num_train_epochs=settings.unlearn_max_epochs,
         per_device_train_batch_size=max(settings.forget + retain_rows, 1),  # one optimizer step per epoch
         save_strategy="no",
+        save_resumable=False,  # a demo is not continued: ~2 GB per method that hits its epoch limit
         report_to="tensorboard",
         output_dir=str(out / (f"{method}_lora" if lora else method)),
         audit="after",  # the planted checkpoint's audit runs once for all methods (audit_planted)

@@ -203,10 +203,17 @@ class UnlearnConfig(TrainingArguments):
     )
     save_strategy: str = _help(
         "'no': save the final model only, plus one resumable checkpoint when the run ends at its epoch limit "
-        "before the stop rule held; 'epoch': also a checkpoint every epoch (see save_total_limit).",
+        "before the stop rule held (see save_resumable); 'epoch': also a checkpoint every epoch "
+        "(see save_total_limit).",
         default="no",
     )
     save_total_limit: int | None = _help("With save_strategy=epoch: keep only this many newest checkpoints.", default=1)
+    save_resumable: bool = _help(
+        "When the epoch limit ends the run before the stop rule held, save output_dir/checkpoint-STEP to "
+        "resume from (model, optimizer state and the run's own state: about 4x the model's size on disk). "
+        "False: the final model only (the demo's choice).",
+        default=True,
+    )
     report_to: None | str | list[str] = _help("TensorBoard by default.", default="tensorboard")
     ignore_data_skip: bool = _help(
         "Resume at the next whole epoch (checkpoints are only taken at epoch ends, and an epoch may "

@@ -152,7 +152,7 @@ def run_unlearning(config: UnlearnConfig) -> UnlearnResult:
     )
     trainer.train(resume_from_checkpoint=config.resume_from_checkpoint)
     resumable = None
-    if trainer.run.phase != "done":
+    if trainer.run.phase != "done" and config.save_resumable:
         # The epoch limit came before the stop rule: keep a checkpoint to resume from with a
         # higher limit (before finalize_weights, which applies TA/TAU's edit for the output).
         resumable = trainer.save_resumable_checkpoint()
