@@ -157,6 +157,13 @@ UNLEARN_CASES = {
         ["--method", "sga", "--sga_gamma", "0.8"],
         "sga_gamma: not read under stop_rule band",
     ),
+    # NaN passes `x <= 0` checks (the guard would trip on every epoch and return the input model);
+    # inf overflowed the Trainer's step count; TrainingArguments' own floats are checked too.
+    "NaN utility guard": (["--max_holdout_loss_increase", "nan"], "max_holdout_loss_increase: must be a finite number"),
+    "NaN TrainingArguments float": (["--adam_beta2", "nan"], "adam_beta2: must be a finite number, got nan"),
+    "infinite epochs": (["--num_train_epochs", "inf"], "num_train_epochs: must be a finite number, got inf"),
+    "fractional epochs": (["--num_train_epochs", "1.5"], "num_train_epochs: must be whole epochs"),
+    "NaN task-vector coefficient": (["--method", "tau", "--tv_coefficient", "nan"], "tv_coefficient: must be a finite"),
 }
 
 

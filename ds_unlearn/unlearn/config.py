@@ -7,7 +7,8 @@ YAML. Defaults follow the ICML 2024 reference code (REFERENCE §3).
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+import math
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 from transformers import TrainingArguments
@@ -257,6 +258,12 @@ class UnlearnConfig(TrainingArguments):
         def bad(name, why):
             raise InputError(f"{name}: {why}")
 
+        # NaN passes every `x <= 0` check below and inf overflows the Trainer's step count; no
+        # setting (ours or TrainingArguments') means anything as a non-finite number.
+        for f in fields(self):
+            value = getattr(self, f.name, None)
+            if isinstance(value, float) and not math.isfinite(value):
+                bad(f.name, f"must be a finite number, got {value}")
         if not self.model:
             bad("model", "required (a checkpoint directory or 'smollm2')")
         if not self.forget:
@@ -335,6 +342,8 @@ class UnlearnConfig(TrainingArguments):
             bad("tv_coefficient", f"only applies to ta/tau, not {self.method}")
         if not self.num_train_epochs > 0:
             bad("num_train_epochs", f"must be positive, got {self.num_train_epochs:g}")
+        if self.num_train_epochs != int(self.num_train_epochs):  # a fraction would run a whole extra epoch
+            bad("num_train_epochs", f"must be whole epochs (judged at epoch ends), got {self.num_train_epochs:g}")
         if not self.learning_rate > 0:
             bad("learning_rate", f"must be positive, got {self.learning_rate:g}")
         for name in ("per_device_train_batch_size", "gradient_accumulation_steps"):
