@@ -141,3 +141,14 @@ def test_repeated_token_rows_are_named_by_row_and_id_never_by_text(tokenizer):
     many = to_sequence_set([{"text": "t3"}] * 5, tokenizer=tokenizer, vocab_size=VOCAB)
     assert duplicates_note(many, "--holdout").count("repeats") == 3 and " and 1 more;" in duplicates_note(many, "x")
     assert duplicates_note(to_sequence_set(rows[:2], tokenizer=tokenizer, vocab_size=VOCAB), "--forget") is None
+
+
+def test_a_csv_with_an_unterminated_quote_is_refused_at_its_row(tmp_path):
+    # A lenient reader would make row 1 swallow the rest of the file, text and all.
+    path = tmp_path / "forget.csv"
+    path.write_text(f'id,text\na,t1 t2\nb,"{SECRET}\nc,t3 t4\n')
+    with pytest.raises(InputError) as caught:
+        read_rows(path, "--forget")
+    message = str(caught.value)
+    assert message == f"--forget: {path} row 1: malformed CSV (unexpected end of data)"
+    assert "private" not in message

@@ -95,6 +95,9 @@ def test_model_dtype_device_and_mode_are_kept(token_sets):
         ([[1] * 20 + [1.5] + [1] * 20], {}, "row 0: 1.5 is not an integer token id"),
         (torch.ones(2, 3, 40, dtype=torch.long), {}, r"must be 2-D \[rows, tokens\], got shape \(2, 3, 40\)"),
         ([[1] * 257], {}, "257 tokens, longer than the model.s context of 256 positions .cut rows to at most 256"),
+        ([[1] * 40], {"el_n": "10"}, "el_n must be an int or several ints, got '10'"),  # not el_1 and el_0
+        ([[1] * 40], {"el_n": True}, "el_n must be an int or several ints, got True"),
+        ([[1] * 40], {"extract_k": (4.0,)}, r"extract_k must be an int or several ints, got \(4.0,\)"),
     ],
 )
 def test_bad_requests_fail_before_compute(memorized_model, sequences, kwargs, message):

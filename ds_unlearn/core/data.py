@@ -99,7 +99,13 @@ def _read_json(text: str, path: Path, option: str, suffix: str) -> list[dict]:
 
 def _read_csv(text: str, path: Path, option: str) -> list[dict]:
     rows = []
-    for i, row in enumerate(csv.DictReader(io.StringIO(text))):
+    # strict: an unterminated quote is an error, not one row that swallows the rest of the file.
+    reader, parsed = csv.DictReader(io.StringIO(text), strict=True), []
+    try:
+        parsed.extend(reader)
+    except csv.Error as e:  # names the row it was reading (an unterminated quote: where it opened)
+        raise InputError(f"{option}: {path} row {len(parsed)}: malformed CSV ({e})") from None
+    for i, row in enumerate(parsed):
         if None in row:  # more fields than the header names
             raise InputError(f"{option}: {path} row {i}: more fields than the header has")
         ids = row.get(IDS_FIELD)

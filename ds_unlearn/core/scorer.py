@@ -8,7 +8,7 @@ ranks run the same number of forward calls so ZeRO-3 parameter gathers never han
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -29,6 +29,16 @@ DEFAULT_BATCH_SIZE = 16
 DEFAULT_EL_N = 10  # both papers' n of EL_n
 DEFAULT_EXTRACT_K = 32  # K of k-extractability (Carlini et al.)
 METHODS = ("fast", "reference")
+
+
+def int_tuple(name: str, value) -> tuple[int, ...]:
+    """``value``, an int or an iterable of ints (numpy integers too; empty: none), as a tuple of ints.
+    Raises InputError naming ``name`` for anything else: a string (``"10"`` would otherwise read as
+    1 and 0), a bool, a float."""
+    items = (value,) if isinstance(value, (str, bytes)) or not isinstance(value, Iterable) else tuple(value)
+    if not all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) for v in items):
+        raise InputError(f"{name} must be an int or several ints, got {value!r}")
+    return tuple(int(v) for v in items)
 
 
 def min_length(el_n: Sequence[int], extract_k: Sequence[int]) -> int:
@@ -323,7 +333,7 @@ def score_sequences(
     if method not in METHODS:
         raise InputError(f"method must be one of {METHODS}, got {method!r}")
     sequences = token_rows(sequences)
-    el_n, extract_k = (tuple(int(v) for v in ((x,) if isinstance(x, int) else x)) for x in (el_n, extract_k))
+    el_n, extract_k = int_tuple("el_n", el_n), int_tuple("extract_k", extract_k)
     validate_request(
         sequences,
         el_n,
