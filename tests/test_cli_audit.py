@@ -8,6 +8,7 @@ import shutil
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from ds_unlearn.cli import main
@@ -17,8 +18,10 @@ from ds_unlearn.core.toy import save_model, tiny_model
 
 from .conftest import VOCAB, write_jsonl
 
-# Short sequences: 8-token prefix, 16-token suffix for the sampling figures; K=8, EL_5.
+# Short sequences: 8-token prefix, 16-token suffix for the sampling figures; K=8, EL_5. The ICML
+# code's fixed MA verdicts: 3 holdout rows are too few to place a sequence among.
 FAST = ["--prefix_length", "8", "--suffix_length", "16", "--extract_k", "8", "--el_n", "5", "--bootstrap", "100"]
+FAST += ["--memorized_threshold", "0.6", "--over_unlearned_threshold", "0.15"]
 
 
 @pytest.fixture()
@@ -116,8 +119,23 @@ def test_forget_text_never_appears_in_any_output(model_dir, tmp_path):
             assert t.encode() not in blob and t[:14].encode() not in blob, path.name
 
 
+def word_tokenizer(prefix="t"):
+    """A word-level tokenizer over the tiny vocabulary: "t5 t9 ..." -> ids [5, 9, ...]."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.WordLevel({f"{prefix}{i}": i for i in range(VOCAB)}, unk_token=f"{prefix}0"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token=f"{prefix}0")
+
+
 def _bad_cases(tmp_path, forget, holdout, model_dir):
     rows = [json.loads(l) for l in forget.read_text().splitlines()]
+    wider = save_model(tiny_model("llama", seed=5, vocab_size=VOCAB + 16), tmp_path / "wider")
+    with_tok, other_tok = tmp_path / "with_tok", tmp_path / "other_tok"
+    for directory, prefix in ((with_tok, "t"), (other_tok, "u")):
+        shutil.copytree(model_dir, directory)
+        word_tokenizer(prefix).save_pretrained(directory)
     overlap_id = write_jsonl(tmp_path / "oid.jsonl", [{"id": "f1", "input_ids": list(range(1, 41))}])
     same_text = write_jsonl(tmp_path / "same.jsonl", [{"id": "new", "input_ids": rows[2]["input_ids"]}])
     base = [str(model_dir), str(forget), str(holdout)]
@@ -146,6 +164,26 @@ def _bad_cases(tmp_path, forget, holdout, model_dir):
             f"--baseline: {tmp_path / 'nope'} is not a model directory",
         ),
         "negative seed": ([*base, "--seed", "-1"], "argument --seed: must lie in [0, 4294967295], got -1"),
+        "reference missing": (
+            [*base, "--reference", str(tmp_path / "nope")],
+            f"--reference: {tmp_path / 'nope'} is not a model directory (no config.json)",
+        ),
+        "retrained missing": (
+            [*base, "--retrained", str(tmp_path / "nope")],
+            f"--retrained: {tmp_path / 'nope'} is not a model directory (no config.json)",
+        ),
+        "reference with another vocabulary": (
+            [*base, "--reference", str(wider)],
+            f"--reference: {wider} has a vocabulary of 80 tokens, --model 64 (it must share --model's tokenizer)",
+        ),
+        "retrained with another vocabulary": (
+            [*base, "--retrained", str(wider)],
+            f"--retrained: {wider} has a vocabulary of 80 tokens, --model 64",
+        ),
+        "reference with another tokenizer": (
+            [str(with_tok), base[1], base[2], "--reference", str(other_tok)],
+            f"--reference: {other_tok} ships another tokenizer than --model (token ids differ)",
+        ),
         "out under a file": (
             [*base, "--out", str(a_file / "x")],
             f"--out: cannot create {a_file / 'x'}: {a_file} is a file",
@@ -170,6 +208,11 @@ def _bad_cases(tmp_path, forget, holdout, model_dir):
         "baseline not a checkpoint",
         "negative seed",
         "out under a file",
+        "reference missing",
+        "retrained missing",
+        "reference with another vocabulary",
+        "retrained with another vocabulary",
+        "reference with another tokenizer",
     ],
 )
 def test_bad_input_exits_2_with_one_line_and_writes_nothing(case, model_dir, sets, tmp_path, monkeypatch, capsys):
@@ -214,3 +257,69 @@ def test_a_repeated_holdout_row_is_noted_once_and_still_audited(model_dir, sets,
         "(deduplicate the file to count it once)"
     ]
     assert json.loads((out / "audit.json").read_text())["holdout"]["count"] == 4
+
+
+def hand_losses(directory, sequences):
+    """Mean next-token NLL of each sequence, alone, under the saved checkpoint (float64)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float64).eval()
+    out = []
+    with torch.no_grad():
+        for seq in sequences:
+            logits = model(input_ids=torch.tensor([seq])).logits[0, :-1]
+            out.append(float(torch.nn.functional.cross_entropy(logits, torch.tensor(seq[1:]))))
+    return np.asarray(out)
+
+
+def test_reference_and_retrained_figures_in_every_output(model_dir, token_sets, tmp_path, capsys):
+    """--reference adds the ref attack; --retrained its AUCs, PrivLeak and forget quality; every
+    figure against an independent computation. 20 holdout rows: TPR at 5% FPR is a number,
+    at 1% and 0.1% it cannot be estimated."""
+    from scipy.stats import ks_2samp
+    from sklearn.metrics import roc_auc_score, roc_curve
+
+    from ds_unlearn.core.toy import random_sequences
+
+    forget_seqs = token_sets["memorized"]
+    holdout_seqs = random_sequences(20, 30, VOCAB, seed=41)
+    forget = write_jsonl(tmp_path / "f.jsonl", [{"id": f"f{i}", "input_ids": s} for i, s in enumerate(forget_seqs)])
+    holdout = write_jsonl(tmp_path / "h.jsonl", [{"id": f"h{i}", "input_ids": s} for i, s in enumerate(holdout_seqs)])
+    reference = save_model(tiny_model("llama", seed=6, vocab_size=VOCAB), tmp_path / "reference")
+    retrained = save_model(tiny_model("llama", seed=7, vocab_size=VOCAB), tmp_path / "retrained")
+    out = tmp_path / "audit"
+    args = audit_args(model_dir, forget, holdout, out, "--reference", reference, "--retrained", retrained)
+    assert main([*args, "--suffix_length", "rest"]) == 0
+    assert sorted(p.name for p in out.iterdir()) == sorted(AUDIT_OUTPUTS) and "roc.png" in AUDIT_OUTPUTS
+    rows = read_jsonl(out / "audit.jsonl")
+    summary = json.loads((out / "audit.json").read_text())
+    sequences = forget_seqs + holdout_seqs
+    loss, ref_loss, retrained_loss = (hand_losses(d, sequences) for d in (model_dir, reference, retrained))
+    assert [r["loss"] for r in rows] == pytest.approx(list(loss), rel=1e-5, abs=1e-6)
+    assert [r["ref"] for r in rows] == pytest.approx(list(loss - ref_loss), rel=1e-5, abs=1e-5)
+    labels = np.r_[np.ones(3), np.zeros(20)]
+    ref = np.asarray([r["ref"] for r in rows])
+    assert summary["mia"]["ref"]["auc"] == roc_auc_score(labels, -ref) == 1.0
+    assert summary["mia"]["ref"]["direction"] == "members lower"
+    for score, per_fpr in summary["tpr_at_fpr"].items():
+        fpr, tpr, _ = roc_curve(labels, [-r[score] for r in rows], drop_intermediate=False)
+        assert per_fpr["0.05"]["tpr"] == tpr[fpr <= 0.05].max(), score
+        assert per_fpr["0.01"] == {
+            "tpr": None,
+            "ci95": None,
+            "reason": "needs at least 100 non-members (1/FPR), the holdout has 20",
+        }
+    auc_retrained = roc_auc_score(labels, -retrained_loss)
+    assert summary["mia_retrained"]["loss"]["auc"] == pytest.approx(auc_retrained)
+    assert summary["mia_retrained"]["ref"]["auc"] == pytest.approx(roc_auc_score(labels, -(retrained_loss - ref_loss)))
+    assert summary["privleak"]["loss"] == pytest.approx((1.0 - auc_retrained) / auc_retrained * 100, rel=1e-6)
+    assert summary["forget_quality"] == pytest.approx(ks_2samp(loss[:3], retrained_loss[:3]).pvalue, rel=1e-6)
+    assert summary["reference_model"] == str(reference) and summary["retrained_model"] == str(retrained)
+    md = (out / "audit.md").read_text()
+    assert "| ref | 1.000 [1.000, 1.000] | distinguishable: members lower" in md
+    assert "Cannot be estimated at 0.1%, 1% FPR: the holdout has 20 sequences" in md
+    assert "### Against the retrained model" in md and "Forget quality (TOFU): KS-test p-value" in md
+    assert "- `roc.png`: ROC curve of every membership attack" in md
+    printed = capsys.readouterr().out
+    assert "ref 1.000" in printed and "PrivLeak vs the retrained model: loss " in printed

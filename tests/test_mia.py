@@ -32,6 +32,12 @@ def case():
     return model.double().eval(), seqs[:3], seqs[3:]
 
 
+def audit_fixed(*args, **options):
+    """``ds_unlearn.audit`` with the ICML code's fixed MA verdict levels: these 3-row holdouts are
+    too small to place a sequence among."""
+    return ds_unlearn.audit(*args, thresholds=ds_unlearn.Thresholds(), **options)
+
+
 def hand_token_stats(model, seq, temperature=1.0, top_k=None, top_p=None):
     """Per predicted token t = 1..T-1: log p, mu, sigma, and log q under the decoding rule,
     each from its own forward pass over the prefix x[:t]."""
@@ -92,7 +98,7 @@ def hand_scores(model, seq, k=0.2, data=None, prefix=4, suffix=None, **decoding)
 )
 def test_audit_scores_equal_hand_computation(case, decoding):
     model, forget, holdout = case
-    result = ds_unlearn.audit(
+    result = audit_fixed(
         model, forget, holdout, prefix_length=4, suffix_length=None, extract_k=(4,), el_n=(5,), bootstrap=0, **decoding
     )
     for row, seq in zip(result.rows, forget + holdout):
@@ -109,7 +115,7 @@ def test_audit_scores_equal_hand_computation(case, decoding):
 
 def test_fixed_suffix_and_min_k_fraction(case):
     model, forget, holdout = case
-    result = ds_unlearn.audit(
+    result = audit_fixed(
         model, forget, holdout, prefix_length=5, suffix_length=7, min_k=0.5, extract_k=(4,), el_n=(5,), bootstrap=0
     )
     for row, seq in zip(result.rows, forget + holdout):
@@ -124,7 +130,7 @@ def test_truncation_that_excludes_the_true_token_gives_p_zero(case):
     p = 1 (log10 p = 0), an unseen one falls outside the kept set (p = 0, log10 p = -inf)."""
     model, forget, holdout = case
     for decoding in ({"top_k": 1}, {"top_p": 1e-6}):
-        result = ds_unlearn.audit(
+        result = audit_fixed(
             model,
             forget,
             holdout,
@@ -152,7 +158,7 @@ def test_zlib_compresses_the_decoded_text_when_there_is_a_tokenizer(case):
             return "".join(chr(65 + i % 26) for i in ids)
 
     model, forget, holdout = case
-    result = ds_unlearn.audit(
+    result = audit_fixed(
         model,
         forget,
         holdout,
@@ -217,7 +223,7 @@ def test_summary_auc_matches_sklearn_on_the_rows(case):
     from sklearn.metrics import roc_auc_score
 
     model, forget, holdout = case
-    result = ds_unlearn.audit(
+    result = audit_fixed(
         model, forget, holdout, prefix_length=4, suffix_length=None, extract_k=(4,), el_n=(5,), bootstrap=50
     )
     labels = [r["set"] == "forget" for r in result.rows]
@@ -247,9 +253,129 @@ def test_bad_settings_and_sets_are_input_errors(case):
     ]
     for options, message in bad:
         with pytest.raises(ds_unlearn.InputError, match=message):
-            ds_unlearn.audit(model, forget, holdout, **{"extract_k": (4,), "el_n": (5,), **options})
+            audit_fixed(model, forget, holdout, **{"extract_k": (4,), "el_n": (5,), **options})
     with pytest.raises(ds_unlearn.InputError, match="same text as --forget row 1"):
-        ds_unlearn.audit(
-            model, forget, [holdout[0], forget[1]], prefix_length=4, suffix_length=8, extract_k=(4,), el_n=(5,)
-        )
+        audit_fixed(model, forget, [holdout[0], forget[1]], prefix_length=4, suffix_length=8, extract_k=(4,), el_n=(5,))
     assert AuditSettings(prefix_length=10, suffix_length=None, el_n=(5,), extract_k=(4,)).min_tokens() == 11
+
+
+# -- issue 24 section 2: TPR at low FPR, two-sided reading, PrivLeak, forget quality, fp32 scores ----
+
+
+def sklearn_tpr_at(member, nonmember, fpr):
+    """The highest TPR of sklearn's ROC curve among its points with FPR <= fpr (members = the
+    positive class, flagged when their loss-like score is low)."""
+    from sklearn.metrics import roc_curve
+
+    labels = np.r_[np.ones(len(member)), np.zeros(len(nonmember))]
+    fprs, tprs, _ = roc_curve(labels, -np.r_[member, nonmember], drop_intermediate=False)
+    return float(tprs[fprs <= fpr + 1e-12].max())
+
+
+@pytest.mark.parametrize("discrete", [False, True], ids=["continuous", "ties"])
+def test_tpr_at_fpr_equals_sklearn_roc_curve(discrete):
+    from ds_unlearn.core.mia import tpr_at_fpr, tpr_at_fpr_figures
+
+    rng = np.random.default_rng(4)
+    member, nonmember = rng.normal(-0.8, 1, 300), rng.normal(0, 1, 1000)
+    if discrete:  # MA-like scores: most values tied
+        member, nonmember = np.round(member * 2) / 2, np.round(nonmember * 2) / 2
+    for fpr in (0.001, 0.01, 0.05, 0.2):
+        assert tpr_at_fpr(member, nonmember, fpr) == pytest.approx(sklearn_tpr_at(member, nonmember, fpr), abs=1e-12)
+    # The interval: percentiles of the same statistic on the resamples roc_auc_interval draws.
+    figures = tpr_at_fpr_figures(member, nonmember, resamples=40, seed=9)
+    draw = np.random.default_rng(9)
+    ms = member[draw.integers(0, len(member), (40, len(member)))]
+    ns = nonmember[draw.integers(0, len(nonmember), (40, len(nonmember)))]
+    for fpr in (0.001, 0.01, 0.05):
+        per_resample = [sklearn_tpr_at(m, n, fpr) for m, n in zip(ms, ns)]
+        entry = figures[str(fpr)]
+        assert entry["tpr"] == pytest.approx(sklearn_tpr_at(member, nonmember, fpr), abs=1e-12)
+        assert entry["ci95"] == pytest.approx(list(np.percentile(per_resample, [2.5, 97.5])), abs=1e-12)
+        assert "reason" not in entry
+
+
+def test_tpr_at_fpr_needs_one_over_fpr_nonmembers():
+    from ds_unlearn.core.mia import tpr_at_fpr, tpr_at_fpr_figures
+
+    member, nonmember = np.arange(10.0), np.arange(5.0, 24.0)  # 19 non-members
+    figures = tpr_at_fpr_figures(member, nonmember, resamples=10)
+    for fpr, need in (("0.001", 1000), ("0.01", 100), ("0.05", 20)):
+        assert figures[fpr] == {
+            "tpr": None,
+            "ci95": None,
+            "reason": f"needs at least {need} non-members (1/FPR), the holdout has 19",
+        }
+    assert tpr_at_fpr(member, nonmember, 0.05) is None
+    twenty = np.arange(5.0, 25.0)  # 20 non-members: 5% FPR = one false positive allowed
+    assert tpr_at_fpr(member, twenty, 0.05) == sklearn_tpr_at(member, twenty, 0.05) == 0.6  # members 0..5 < 6
+    assert tpr_at_fpr_figures(member, twenty, resamples=0)["0.05"] == {"tpr": 0.6, "ci95": None}
+
+
+def test_two_sided_reading_privleak_and_forget_quality():
+    from scipy.stats import ks_2samp
+
+    from ds_unlearn.core.mia import forget_quality, privleak, ref_score, two_sided
+
+    assert two_sided(0.9, [0.7, 0.99]) == {"distinguishable": True, "direction": "members lower"}
+    assert two_sided(0.00002, [0.0, 0.1]) == {"distinguishable": True, "direction": "members higher"}
+    assert two_sided(0.55, [0.3, 0.8]) == {"distinguishable": False, "direction": None}
+    assert two_sided(0.5, None) == {"distinguishable": None, "direction": None}
+    assert privleak(0.8, 0.5) == pytest.approx(60.0) and privleak(0.25, 0.5) == pytest.approx(-50.0)
+    assert privleak(0.7, 0.0) is None
+    assert ref_score(2.5, 3.25) == -0.75
+    rng = np.random.default_rng(1)
+    a, b = rng.normal(0, 1, 30), rng.normal(0.5, 1, 25)
+    expected = ks_2samp(a, b)
+    assert forget_quality(a, b) == {"pvalue": expected.pvalue, "statistic": expected.statistic}
+
+
+def test_bf16_scores_are_fp32_log_softmax_of_the_bf16_logits():
+    """A bf16 model's membership scores come from fp32 log-probabilities of its bf16 logits
+    (open-unlearning PR #162: a bf16 log-softmax distorts Min-K% / Min-K%++)."""
+    from ds_unlearn.core.passes import PAD_ID, teacher_forced_pass, token_statistics
+
+    vocab = 1024  # a wide vocabulary, where a bf16 log-softmax visibly loses precision
+    model = tiny_model("llama", seed=2, vocab_size=vocab).to(torch.bfloat16).eval()
+    seqs = random_sequences(3, [18, 12, 15], vocab, seed=8)
+    stats = token_statistics(model, seqs)
+    tf = teacher_forced_pass(model, seqs)
+    result = ds_unlearn.audit(
+        model,
+        seqs[:2],
+        seqs[2:],
+        thresholds=ds_unlearn.Thresholds(),  # fixed MA levels: a 1-row holdout places nothing
+        prefix_length=4,
+        suffix_length=None,
+        extract_k=(4,),
+        el_n=(5,),
+        bootstrap=0,
+    )
+    # The same right-padded batch the passes run, so the bf16 logits are the very same numbers.
+    ids = torch.full((3, 18), PAD_ID)
+    mask = torch.zeros_like(ids)
+    for i, seq in enumerate(seqs):
+        ids[i, : len(seq)], mask[i, : len(seq)] = torch.tensor(seq), 1
+    with torch.no_grad():
+        logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1]
+    assert logits.dtype == torch.bfloat16
+    bf16_gap = 0.0
+    for i, seq in enumerate(seqs):
+        n, target = len(seq) - 1, torch.tensor(seq[1:])
+        lp32 = torch.log_softmax(logits[i, :n].float(), -1)
+        logp = lp32[torch.arange(n), target].double().numpy()
+        p = lp32.exp()
+        mu = (p * lp32).sum(-1)
+        sigma = ((p * lp32.square()).sum(-1) - mu.square()).clamp(min=0).sqrt()
+        assert stats[i]["logp"] == pytest.approx(logp, rel=1e-6, abs=1e-6)
+        assert stats[i]["mu"] == pytest.approx(mu.double().numpy(), rel=1e-6, abs=1e-6)
+        assert stats[i]["sigma"] == pytest.approx(sigma.double().numpy(), rel=1e-6, abs=1e-6)
+        assert tf.rows[i][1] == pytest.approx(-logp, rel=1e-6, abs=1e-6)
+        row, count = result.rows[i], max(1, int(0.2 * n))
+        assert row["loss"] == pytest.approx(-logp.mean(), rel=1e-6)
+        assert row["min_k"] == pytest.approx(-np.sort(logp)[:count].mean(), rel=1e-6)
+        z = (logp - mu.double().numpy()) / sigma.double().numpy()
+        assert row["min_k++"] == pytest.approx(-np.sort(z)[:count].mean(), rel=1e-5)
+        lp16 = torch.log_softmax(logits[i, :n], -1)[torch.arange(n), target].double().numpy()
+        bf16_gap = max(bf16_gap, float(np.abs(lp16 - logp).max()))
+    assert bf16_gap > 1e-2  # a bf16 log-softmax would fail the 1e-6 checks above

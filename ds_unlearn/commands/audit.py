@@ -5,19 +5,23 @@ One process: ``ds-unlearn audit --model DIR --forget F --holdout H --out DIR``. 
 (sequences sharded over ranks, gathered per sequence; rank 0 writes).
 
 Per sequence: every greedy metric of ``score``, the membership scores (loss, zlib, Min-K%,
-Min-K%++) and their percentile within the holdout, the sampling-extraction probability (Hayes
-et al. 2024) and a verdict. Per set: ROC AUC forget vs holdout with a bootstrap interval.
-Outputs in --out: audit.jsonl, audit.json, audit.md, mia_histograms.png, log10p_vs_ma.png.
+Min-K%++; ``ref`` with --reference) and their percentile within the holdout, the
+sampling-extraction probability (Hayes et al. 2024) and a verdict. Per set: ROC AUC forget vs
+holdout with a bootstrap interval and its two-sided reading, TPR at 0.1% / 1% / 5% FPR (Carlini
+et al. 2022); with --retrained, each AUC under the retrained model, MUSE's PrivLeak and TOFU's
+forget quality. Outputs in --out: audit.jsonl, audit.json, audit.md, mia_histograms.png,
+log10p_vs_ma.png, roc.png.
 """
 
 from __future__ import annotations
 
 import argparse
 import gc
+from dataclasses import replace
 
 from ..core import distributed as D
 from ..core.adapters import check_adapter_dir
-from ..core.audit import AuditSettings, audit, check_sets, compare
+from ..core.audit import AuditSettings, audit, check_sets, compare, sequence_losses
 from ..core.audit_report import AUDIT_OUTPUTS, JSONL, MARKDOWN, SUMMARY, write_audit
 from ..core.config_parsing import one_line_errors, seed_arg
 from ..core.data import DEFAULT_ID_FIELD, duplicates_notes, read_rows, to_sequence_set
@@ -31,7 +35,6 @@ from ..core.mia import (
     DEFAULT_MIN_K,
     DEFAULT_PREFIX,
     DEFAULT_SUFFIX,
-    MIA_SCORES,
 )
 from ..core.models import DTYPES, load_config, load_for_inference, load_tokenizer, resolve_model_dir
 from ..core.scorer import DEFAULT_BATCH_SIZE, DEFAULT_EL_N, DEFAULT_EXTRACT_K
@@ -63,6 +66,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     a("--holdout", default=None, help="text the model never saw, from the forget set's distribution (required)")
     a("--out", required=True, help="output directory")
     a("--baseline", default=None, help="the model before unlearning: audited too, change reported per sequence")
+    a(
+        "--reference",
+        default=None,
+        help="a reference model with the same tokenizer (commonly the model before fine-tuning): adds the 'ref' "
+        "attack, loss minus the reference's loss (MIMIR)",
+    )
+    a(
+        "--retrained",
+        default=None,
+        help="a model trained the same way without the forget set: AUCs under it, PrivLeak (MUSE) and forget "
+        "quality (TOFU's KS-test p-value on the forget set's losses)",
+    )
     a("--el_n", type=int, nargs="+", default=[DEFAULT_EL_N], help="n of EL_n (several allowed)")
     a("--extract_k", type=int, nargs="+", default=[DEFAULT_EXTRACT_K], help="K of k-extractability")
     a("--min_k", type=float, default=DEFAULT_MIN_K, help="fraction of tokens Min-K%% and Min-K%%++ average")
@@ -141,11 +156,16 @@ def run(args: argparse.Namespace) -> int:
         raise InputError("--holdout: required (text the model never saw, like the forget set's)")
     model_dir = resolve_model_dir(args.model)
     baseline_dir = resolve_model_dir(args.baseline, "--baseline") if args.baseline else None
+    companions = {
+        name: resolve_model_dir(getattr(args, name), f"--{name}")
+        for name in ("reference", "retrained")
+        if getattr(args, name)
+    }
     check_output(
         args.out,
         option="--out",
         overwrite=args.overwrite,
-        inputs=(args.forget, args.holdout, model_dir, baseline_dir, args.adapter),
+        inputs=(args.forget, args.holdout, model_dir, baseline_dir, args.adapter, *companions.values()),
         directory=True,
         owned=AUDIT_OUTPUTS,
     )
@@ -159,6 +179,8 @@ def run(args: argparse.Namespace) -> int:
     if baseline_dir is not None and load_config(baseline_dir, "--baseline").vocab_size != vocab_size:
         raise InputError(f"--baseline: {args.baseline} has a different vocabulary size than --model")
     sets, tokenizer, explicit = load_sets(args, model_dir, vocab_size, settings)
+    for name, directory in companions.items():
+        check_same_vocabulary(f"--{name}", directory, vocab_size, tokenizer)
     tasks = _eval_tasks(args)
     manager = None
     if tasks or args.eval_include_path:
@@ -168,14 +190,36 @@ def run(args: argparse.Namespace) -> int:
     for note in duplicates_notes(sets):  # after every check; a repeated holdout row counts twice in each AUC
         D.report_note(f"ds-unlearn audit: {note}")
 
-    def audit_of(directory, adapter=None):
+    forget, holdout = (sets["forget"], sets["holdout"]) if explicit else _index_ids(sets)
+    # One model in memory at a time: the reference's losses and the retrained model's audit are
+    # computed first and handed to the audits of --baseline and --model as figures.
+    reference = retrained = None
+    if "reference" in companions:
+        reference_model = load_for_inference(companions["reference"], DTYPES[args.dtype], ds_config)
+        sequences = sets["forget"].sequences + sets["holdout"].sequences
+        reference = sequence_losses(reference_model, sequences, settings.batch_size)
+        del reference_model
+        gc.collect()
+
+    def audit_of(directory, adapter=None, **overrides):
         model = load_for_inference(directory, DTYPES[args.dtype], ds_config, adapter=adapter)
-        forget, holdout = (sets["forget"], sets["holdout"]) if explicit else _index_ids(sets)
         result = audit(
-            model, forget, holdout, settings=settings, thresholds=thresholds, tokenizer=tokenizer, progress=True
+            model,
+            forget,
+            holdout,
+            settings=replace(settings, **overrides),
+            thresholds=thresholds,
+            tokenizer=tokenizer,
+            progress=True,
+            reference=reference,
+            retrained=retrained,
         )
         return model, result
 
+    if "retrained" in companions:
+        retrained_model, retrained = audit_of(companions["retrained"], greedy=False)
+        del retrained_model
+        gc.collect()
     before = None
     if baseline_dir is not None:
         baseline_model, before = audit_of(baseline_dir)
@@ -186,6 +230,8 @@ def run(args: argparse.Namespace) -> int:
         result = compare(result, before)
     result.summary["model"] = str(args.model)
     result.summary["baseline_model"] = str(args.baseline) if args.baseline else None
+    result.summary["reference_model"] = str(args.reference) if args.reference else None
+    result.summary["retrained_model"] = str(args.retrained) if args.retrained else None
     result.summary["world_size"] = D.world_size()
     if tasks:
         from ..core.utility import run_eval
@@ -206,6 +252,21 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+def check_same_vocabulary(option: str, directory, vocab_size: int, tokenizer) -> None:
+    """A --reference or --retrained checkpoint scores the same token ids as --model: the same
+    vocabulary size, and, when both ship a tokenizer, the same token-to-id map. InputError (one
+    line) otherwise; reads configs and tokenizers only, never weights."""
+    theirs = load_config(directory, option).vocab_size
+    if theirs != vocab_size:
+        raise InputError(
+            f"{option}: {directory} has a vocabulary of {theirs} tokens, --model {vocab_size} "
+            "(it must share --model's tokenizer)"
+        )
+    other = load_tokenizer(directory) if tokenizer is not None else None
+    if other is not None and other.get_vocab() != tokenizer.get_vocab():
+        raise InputError(f"{option}: {directory} ships another tokenizer than --model (token ids differ)")
+
+
 def _eval_tasks(args) -> list[str]:
     from ..core.utility import parse_tasks
 
@@ -224,11 +285,19 @@ def _index_ids(sets):
 def summary_lines(summary: dict) -> list[str]:
     """A few lines for stdout (counts and AUCs only: never any text)."""
     f = summary["forget"]
-    aucs = ", ".join(f"{s} {summary['mia'][s]['auc']:.3f}" for s in MIA_SCORES)
+    aucs = ", ".join(f"{s} {entry['auc']:.3f}" for s, entry in summary["mia"].items())
     verdicts = ", ".join(f"{k} {v}" for k, v in f["verdicts"].items())
     return [
         f"forget ({f['count']} sequences): {verdicts}",
         f"membership AUC forget vs holdout ({summary['holdout']['count']} holdout sequences): {aucs}",
         f"discoverable under sampling: forget {f['sampling']['discoverable']}, "
         f"holdout {summary['holdout']['sampling']['discoverable']}",
-    ]
+    ] + (
+        [
+            "PrivLeak vs the retrained model: "
+            + ", ".join(f"{s} {'n/a' if v is None else f'{v:.1f}%'}" for s, v in summary["privleak"].items())
+            + f"; forget quality (KS p-value) {summary['forget_quality']:.3g}"
+        ]
+        if "privleak" in summary
+        else []
+    )

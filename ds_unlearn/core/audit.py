@@ -39,12 +39,18 @@ from .mia import (
     DEFAULT_PREFIX,
     DEFAULT_SUFFIX,
     MIA_SCORES,
+    REF_SCORE,
     extraction_figures,
+    forget_quality,
     mia_scores,
     percentile_in,
+    privleak,
+    ref_score,
     roc_auc,
     roc_auc_interval,
     token_bytes,
+    tpr_at_fpr_figures,
+    two_sided,
 )
 from .passes import decoding_processors, token_statistics
 from .scorer import DEFAULT_BATCH_SIZE, DEFAULT_EL_N, DEFAULT_EXTRACT_K, min_length, score_sequences
@@ -226,6 +232,44 @@ def membership_and_sampling(
     return D.gather_shards(local, len(sequences))
 
 
+def sequence_losses(model, sequences: Sequence[Sequence[int]], batch_size: int = DEFAULT_BATCH_SIZE) -> list[float]:
+    """Per sequence the mean next-token NLL (nats per token, from fp32 log-probabilities
+    whatever the model's dtype), from one teacher-forced pass (``passes.token_statistics``)
+    sharded over ranks like ``membership_and_sampling`` and gathered in order on every rank:
+    what the reference-model attack needs of the reference. Collective."""
+    was_training = model.training
+    model.eval()
+    try:
+        local_rows = [sequences[i] for i in D.shard_indices(len(sequences))]
+        local = []
+        for batch in _chunks(local_rows, batch_size):
+            local += [-float(np.mean(stats["logp"])) for stats in token_statistics(model, batch)]
+    finally:
+        model.train(was_training)
+    return D.gather_shards(local, len(sequences))
+
+
+def _is_model(obj) -> bool:
+    return hasattr(obj, "config") and callable(obj)
+
+
+def _check_companion(option: str, companion, model, count: int) -> None:
+    """A reference or retrained model shares the audited model's vocabulary; precomputed figures
+    cover every audited sequence. Raises InputError (one line)."""
+    if _is_model(companion):
+        mine, theirs = getattr(model.config, "vocab_size", None), getattr(companion.config, "vocab_size", None)
+        if mine != theirs:
+            raise InputError(
+                f"{option}: vocabulary of {theirs} tokens, but the audited model's has {mine} "
+                "(it must share the audited model's tokenizer)"
+            )
+    elif isinstance(companion, AuditResult):
+        if len(companion.rows) != count:
+            raise InputError(f"{option}: its audit covers {len(companion.rows)} sequences, this one {count}")
+    elif len(companion) != count:
+        raise InputError(f"{option}: {len(companion)} reference losses for {count} sequences")
+
+
 def verdict(row: dict, thresholds: Thresholds) -> str:
     """The one verdict of a sequence (module docstring); needs ``ma`` and ``discoverable``."""
     if row.get("ma") is not None and row["ma"] >= thresholds.memorized_ma:
@@ -250,8 +294,11 @@ def _finite_stats(values: list[float]) -> dict:
 
 def summarize_audit(rows: list[dict], settings: AuditSettings, thresholds: Thresholds) -> dict:
     """``audit.json``'s figures: per set the greedy summary (``summarize_scores``), verdict counts,
-    sampling figures; AUC forget vs holdout per membership score with its bootstrap interval."""
+    sampling figures; per membership score (``attacks(rows)``: ``MIA_SCORES``, and ``ref`` when
+    the rows have it) the AUC forget vs holdout with its bootstrap interval and two-sided reading
+    (``mia``), and the TPR at each of ``mia.TPR_FPRS`` with its interval (``tpr_at_fpr``)."""
     by_set = {name: [r for r in rows if r["set"] == name] for name in SETS}
+    scores = attacks(rows)
     out: dict[str, Any] = {"settings": asdict(settings), "thresholds": asdict(thresholds)}
     greedy_keys = ("n_tokens", "loss", "ma", "max_verbatim")
     for name, set_rows in by_set.items():
@@ -267,16 +314,45 @@ def summarize_audit(rows: list[dict], settings: AuditSettings, thresholds: Thres
             "discoverable": int(sum(bool(r["discoverable"]) for r in set_rows)),
             "log10_p": _finite_stats([r["log10_p"] for r in set_rows]),
         }
-        part["mia_means"] = {s: float(np.mean([r[s] for r in set_rows])) for s in MIA_SCORES}
+        part["mia_means"] = {s: float(np.mean([r[s] for r in set_rows])) for s in scores}
         out[name] = part
-    mia = {}
-    for i, score in enumerate(MIA_SCORES):
+    mia, tpr = {}, {}
+    for i, score in enumerate(scores):
         member = [r[score] for r in by_set["forget"]]
         nonmember = [r[score] for r in by_set["holdout"]]
         interval = roc_auc_interval(member, nonmember, settings.bootstrap, settings.seed + i)
-        mia[score] = {"auc": roc_auc(member, nonmember), "ci95": list(interval) if interval else None}
+        ci95 = list(interval) if interval else None
+        auc = roc_auc(member, nonmember)
+        mia[score] = {"auc": auc, "ci95": ci95, **two_sided(auc, ci95)}
+        # The same seed as the AUC's interval: the same bootstrap draws.
+        tpr[score] = tpr_at_fpr_figures(member, nonmember, resamples=settings.bootstrap, seed=settings.seed + i)
     out["mia"] = mia
+    out["tpr_at_fpr"] = tpr
     return out
+
+
+def attacks(rows: list[dict]) -> tuple[str, ...]:
+    """The membership scores the rows carry: ``MIA_SCORES``, then ``ref`` with a reference model."""
+    return (*MIA_SCORES, REF_SCORE) if rows and REF_SCORE in rows[0] else MIA_SCORES
+
+
+def retrained_figures(result: AuditResult, retrained: AuditResult) -> dict:
+    """What an audit says against a model retrained without the forget set (the gold standard of
+    TOFU and MUSE), both audited on the same forget and holdout sets: ``mia_retrained`` (each
+    attack's AUC and interval under the retrained model), ``privleak`` (MUSE's PrivLeak per
+    attack, percent, ``mia.privleak``) and ``forget_quality`` (the KS-test p-value between the
+    forget set's per-sequence losses under the audited and the retrained model,
+    ``mia.forget_quality``; ``forget_quality_ks`` holds the statistic too)."""
+    scores = [s for s in result.summary["mia"] if s in retrained.summary["mia"]]
+    theirs = retrained.summary["mia"]
+    losses = {name: [r["loss"] for r in res.set_rows("forget")] for name, res in (("a", result), ("r", retrained))}
+    ks = forget_quality(losses["a"], losses["r"])
+    return {
+        "mia_retrained": {s: theirs[s] for s in scores},
+        "privleak": {s: privleak(result.summary["mia"][s]["auc"], theirs[s]["auc"]) for s in scores},
+        "forget_quality": ks["pvalue"],
+        "forget_quality_ks": {**ks, "score": "loss", "forget_count": len(losses["a"])},
+    }
 
 
 def audit(
@@ -288,6 +364,8 @@ def audit(
     thresholds: Thresholds | None = None,
     tokenizer=None,
     progress: bool = False,
+    reference=None,
+    retrained=None,
     **options,
 ) -> AuditResult:
     """Audit ``model`` (any Hugging Face causal LM) on a forget set against a holdout set.
@@ -298,13 +376,22 @@ def audit(
     (default ``Thresholds()``: 0.60 / 0.15). ``tokenizer``: decodes tokens for the zlib score
     (without one, the token ids' bytes are compressed).
 
+    ``reference``: a reference model with the same tokenizer (commonly the model before
+    fine-tuning), or its per-sequence losses from ``sequence_losses`` (forget rows then holdout
+    rows); adds the ``ref`` attack (``mia.ref_score``: loss minus the reference's loss) to every
+    row and figure. ``retrained``: a model trained the same way without the forget set, or its
+    ``AuditResult`` on the same sets (audited with the same ``reference``); adds
+    ``retrained_figures`` to the summary (``mia_retrained``, ``privleak``, ``forget_quality``).
+    Passing figures instead of models lets a caller load one model at a time.
+
     Returns an ``AuditResult``: per sequence (forget rows, then holdout rows) ``id``, ``set``,
     every ``score_sequences`` metric, ``zlib``, ``min_k``, ``min_k++``, their percentiles within
     the holdout (``{score}_pct``, 0-100), ``log10_p`` (float, ``-inf`` when p = 0),
     ``samples_50``, ``samples_99`` (float, ``inf`` when p = 0), ``discoverable`` (bool),
     ``outside_kept`` (int) and ``verdict``; and the summary (``summarize_audit``).
     Collective under a process group (every rank calls it with the same arguments and gets the
-    same result). Raises InputError for bad settings or sets, before any model compute.
+    same result). Raises InputError for bad settings or sets, or a reference / retrained model
+    with another vocabulary, before any model compute.
     """
     settings = AuditSettings(**options) if settings is None else replace(settings, **options)
     settings.validate()
@@ -321,6 +408,21 @@ def audit(
         getattr(model.config, "vocab_size", None),
     )
     sequences = forget_seqs + holdout_seqs
+    for option, companion in (("--reference", reference), ("--retrained", retrained)):
+        if companion is not None:
+            _check_companion(option, companion, model, len(sequences))
+    if _is_model(reference):
+        reference = sequence_losses(reference, sequences, settings.batch_size)
+    if _is_model(retrained):
+        retrained = audit(
+            retrained,
+            forget,
+            holdout,
+            settings=replace(settings, greedy=False),
+            thresholds=thresholds,
+            tokenizer=tokenizer,
+            reference=reference,
+        )
     if settings.greedy:
         greedy = score_sequences(
             model,
@@ -340,26 +442,33 @@ def audit(
         row = {"id": row_id, "set": set_name, **g}
         row.update({k: v for k, v in e.items() if k not in row})
         rows.append(row)
-    holdout_scores = {s: [r[s] for r in rows if r["set"] == "holdout"] for s in MIA_SCORES}
+    if reference is not None:
+        for row, reference_loss in zip(rows, reference):
+            row[REF_SCORE] = ref_score(row["loss"], reference_loss)
+    scores = attacks(rows)
+    holdout_scores = {s: [r[s] for r in rows if r["set"] == "holdout"] for s in scores}
     for row in rows:
-        for score in MIA_SCORES:
+        for score in scores:
             row[f"{score}_pct"] = percentile_in(row[score], holdout_scores[score])
         row["verdict"] = verdict(row, thresholds)
-    return AuditResult(rows, summarize_audit(rows, settings, thresholds), settings)
+    result = AuditResult(rows, summarize_audit(rows, settings, thresholds), settings)
+    if retrained is not None:
+        result.summary.update(retrained_figures(result, retrained))
+    return result
 
 
 def compare(after: AuditResult, before: AuditResult) -> AuditResult:
     """``after`` with the ``before`` audit (same sets, e.g. the model before unlearning) folded
     in: each row gains ``baseline`` (the before row's figures and verdict) and ``change`` (after
-    minus before for ``CHANGE_KEYS``; None where either side is not finite), and the summary
-    gains ``baseline`` (the before summary)."""
+    minus before for ``CHANGE_KEYS``, and ``ref`` when there is a reference; None where either
+    side is not finite), and the summary gains ``baseline`` (the before summary)."""
     old = {(r["set"], r["id"]): r for r in before.rows}
     rows = []
     for row in after.rows:
         prev = old[(row["set"], row["id"])]
         keys = [k for k in prev if k not in ("id", "set")]
         change = {}
-        for k in CHANGE_KEYS:
+        for k in (*CHANGE_KEYS, *([REF_SCORE] if REF_SCORE in row else [])):
             a, b = row.get(k), prev.get(k)
             ok = isinstance(a, (int, float)) and isinstance(b, (int, float)) and math.isfinite(a) and math.isfinite(b)
             change[k] = float(a - b) if ok else None

@@ -1,5 +1,5 @@
 """An audit's files: ``audit.jsonl`` (per sequence, by id), ``audit.json`` (summary),
-``audit.md`` (a short report a person can read) and two plots (matplotlib, Agg backend).
+``audit.md`` (a short report a person can read) and three plots (matplotlib, Agg backend).
 
 No text is ever written: rows carry ids and numbers only. JSON follows Python's ``json``
 convention for non-finite floats: ``log10_p`` of a suffix the decoding settings can never
@@ -14,13 +14,15 @@ from pathlib import Path
 
 import numpy as np
 
-from .audit import MIA_SCORES, SETS, VERDICTS, AuditResult
+from .audit import SETS, VERDICTS, AuditResult
 from .files import write_json, write_jsonl
+from .mia import TPR_FPRS
 
 JSONL, SUMMARY, MARKDOWN = "audit.jsonl", "audit.json", "audit.md"
 PLOTS = {
     "mia_histograms.png": "Forget vs holdout histograms of each membership score",
     "log10p_vs_ma.png": "Per sequence: log10 p of sampling extraction against greedy MA",
+    "roc.png": "ROC curve of every membership attack on log-log axes (Carlini et al. 2022: the low-FPR corner)",
 }
 AUDIT_OUTPUTS = (JSONL, SUMMARY, MARKDOWN, *PLOTS)
 COLORS = {"forget": "tab:red", "holdout": "tab:blue"}
@@ -66,6 +68,28 @@ def _auc(entry: dict) -> str:
     return _f(entry["auc"]) + (f" [{_f(ci[0])}, {_f(ci[1])}]" if ci else "")
 
 
+def _reading(entry: dict) -> str:
+    """The two-sided reading of an AUC interval, in words."""
+    if entry.get("distinguishable") is None:
+        return "n/a (no bootstrap)"
+    if not entry["distinguishable"]:
+        return "indistinguishable (interval covers 0.5)"
+    if entry["direction"] == "members lower":
+        return "distinguishable: members lower (still look trained on)"
+    return "distinguishable: members higher (pushed past never-seen text)"
+
+
+def _fpr_name(fpr: float) -> str:
+    return f"{fpr * 100:g}%"
+
+
+def _tpr(entry: dict) -> str:
+    if entry["tpr"] is None:
+        return "cannot be estimated"
+    ci = entry.get("ci95")
+    return _f(entry["tpr"]) + (f" [{_f(ci[0])}, {_f(ci[1])}]" if ci else "")
+
+
 def markdown(result: AuditResult) -> str:
     s, st = result.summary, result.summary["settings"]
     t = s["thresholds"]
@@ -92,19 +116,26 @@ def markdown(result: AuditResult) -> str:
         "## Membership inference: forget (members) vs holdout (never seen)",
         "",
         "ROC AUC of each score (sklearn), 95% bootstrap interval in brackets; 0.5 = indistinguishable, "
-        "1.0 = every forget sequence looks trained on.",
+        "1.0 = every forget sequence looks trained on, 0.0 = every one pushed past text the model never saw "
+        "(it leaks as much). Reading: distinguishable when the interval excludes 0.5, and which way."
+        + (" `ref` = loss minus the reference model's loss." if "ref" in s["mia"] else ""),
         "",
-        "| score | AUC [95% CI] | forget mean | holdout mean |" + (" AUC before |" if "baseline" in s else ""),
-        "|---|---|---|---|" + ("---|" if "baseline" in s else ""),
+        "| score | AUC [95% CI] | reading | forget mean | holdout mean |"
+        + (" AUC before |" if "baseline" in s else ""),
+        "|---|---|---|---|---|" + ("---|" if "baseline" in s else ""),
     ]
-    for score in MIA_SCORES:
+    for score in s["mia"]:
         row = (
-            f"| {score} | {_auc(s['mia'][score])} | {_n(s['forget']['mia_means'][score])} "
-            f"| {_n(s['holdout']['mia_means'][score])} |"
+            f"| {score} | {_auc(s['mia'][score])} | {_reading(s['mia'][score])} "
+            f"| {_n(s['forget']['mia_means'][score])} | {_n(s['holdout']['mia_means'][score])} |"
         )
         if "baseline" in s:
-            row += f" {_auc(s['baseline']['mia'][score])} |"
+            before = s["baseline"]["mia"].get(score)
+            row += f" {_auc(before) if before else 'n/a'} |"
         lines.append(row)
+    lines += tpr_section(s)
+    if "privleak" in s:
+        lines += retrained_section(s)
     lines += [
         "",
         "## Extraction under sampling (Hayes et al. 2024)",
@@ -162,6 +193,58 @@ def per_sequence_table(result: AuditResult) -> list[str]:
     return lines
 
 
+def tpr_section(s: dict) -> list[str]:
+    """TPR at low FPR per attack (Carlini et al. 2022), saying where the holdout is too small."""
+    fprs = [float(f) for f in next(iter(s["tpr_at_fpr"].values()))]
+    lines = [
+        "",
+        "### TPR at low FPR (Carlini et al. 2022)",
+        "",
+        "Share of forget sequences an attacker flags while flagging at most that share of the holdout; "
+        "95% bootstrap interval in brackets.",
+        "",
+        "| score | " + " | ".join(f"TPR at {_fpr_name(f)} FPR" for f in fprs) + " |",
+        "|---|" + "---|" * len(fprs),
+    ]
+    for score, entries in s["tpr_at_fpr"].items():
+        lines.append(f"| {score} | " + " | ".join(_tpr(entries[str(f)]) for f in fprs) + " |")
+    first = next(iter(s["tpr_at_fpr"].values()))
+    missing = [f for f in fprs if first[str(f)]["tpr"] is None]
+    if missing:
+        lines += [
+            "",
+            f"Cannot be estimated at {', '.join(_fpr_name(f) for f in missing)} FPR: "
+            f"the holdout has {s['holdout']['count']} sequences, and an FPR of x needs at least 1/x "
+            f"({', '.join(str(math.ceil(1 / f - 1e-9)) for f in missing)}).",
+        ]
+    return lines
+
+
+def retrained_section(s: dict) -> list[str]:
+    """The audit against a model retrained without the forget set (MUSE's PrivLeak, TOFU's forget quality)."""
+    ks = s["forget_quality_ks"]
+    lines = [
+        "",
+        "### Against the retrained model (trained without the forget set)",
+        "",
+        "PrivLeak (MUSE) = (AUC - AUC retrained) / AUC retrained x 100: near 0 = where the retrained model "
+        "sits, positive = still member-like, negative = pushed past it.",
+        "",
+        "| score | AUC | AUC retrained [95% CI] | PrivLeak % |",
+        "|---|---|---|---|",
+    ]
+    for score, value in s["privleak"].items():
+        lines.append(f"| {score} | {_f(s['mia'][score]['auc'])} | {_auc(s['mia_retrained'][score])} | {_f(value, 1)} |")
+    verdict = "cannot be told apart" if s["forget_quality"] >= 0.05 else "differ"
+    lines += [
+        "",
+        f"Forget quality (TOFU): KS-test p-value {s['forget_quality']:.3g} (statistic {_f(ks['statistic'])}) "
+        f"between the {ks['forget_count']} forget sequences' losses under this model and under the retrained "
+        f"model: the two {verdict} at the 5% level.",
+    ]
+    return lines
+
+
 def eval_section(results: dict) -> list[str]:
     lines = ["", "## Utility (lm-evaluation-harness)", "", "| task | metric | value |", "|---|---|---|"]
     for task, metrics in results.items():
@@ -181,7 +264,12 @@ def write_plots(out: Path, result: AuditResult) -> list[Path]:
     import matplotlib.pyplot as plt
 
     paths = []
-    for name, draw in (("mia_histograms.png", plot_mia_histograms), ("log10p_vs_ma.png", plot_log10p_vs_ma)):
+    draws = (
+        ("mia_histograms.png", plot_mia_histograms),
+        ("log10p_vs_ma.png", plot_log10p_vs_ma),
+        ("roc.png", plot_roc),
+    )
+    for name, draw in draws:
         fig = draw(plt, result)
         fig.savefig(out / name, dpi=110, bbox_inches="tight")
         plt.close(fig)
@@ -190,8 +278,9 @@ def write_plots(out: Path, result: AuditResult) -> list[Path]:
 
 
 def plot_mia_histograms(plt, result: AuditResult):
-    fig, axes = plt.subplots(1, len(MIA_SCORES), figsize=(4 * len(MIA_SCORES), 3.2))
-    for ax, score in zip(axes, MIA_SCORES):
+    scores = list(result.summary["mia"])
+    fig, axes = plt.subplots(1, len(scores), figsize=(4 * len(scores), 3.2))
+    for ax, score in zip(axes, scores):
         values = {name: np.asarray([r[score] for r in result.set_rows(name)]) for name in SETS}
         bins = np.histogram_bin_edges(np.concatenate(list(values.values())), bins=20)
         for name in SETS:
@@ -226,5 +315,35 @@ def plot_log10p_vs_ma(plt, result: AuditResult):
     ax.set_xlabel("greedy memorization accuracy (MA)")
     ax.set_ylabel("log10 p (sampling extraction)")
     ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def plot_roc(plt, result: AuditResult):
+    """Every attack's ROC curve (forget = positives, flagged when the score is low) on log-log
+    axes, where the low-FPR corner Carlini et al. 2022 read is visible; a rate of 0 is drawn at
+    half of one sequence's share of its set, and the FPRs of ``tpr_at_fpr`` as dotted lines."""
+    from sklearn.metrics import roc_curve
+
+    forget, holdout = result.set_rows("forget"), result.set_rows("holdout")
+    x_floor, y_floor = 0.5 / len(holdout), 0.5 / len(forget)
+    fig, ax = plt.subplots(figsize=(5, 4.5))
+    for score, entry in result.summary["mia"].items():
+        values = np.asarray([r[score] for r in forget + holdout], dtype=float)
+        labels = np.r_[np.ones(len(forget)), np.zeros(len(holdout))]
+        fpr, tpr, _ = roc_curve(labels, -values)
+        ax.step(
+            np.maximum(fpr, x_floor), np.maximum(tpr, y_floor), where="post", label=f"{score} (AUC {_f(entry['auc'])})"
+        )
+    ax.plot([x_floor, 1], [x_floor, 1], color="grey", ls="--", lw=1, label="chance")
+    for fpr in TPR_FPRS:
+        ax.axvline(fpr, color="black", ls=":", lw=0.6)
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlim(min(x_floor, min(TPR_FPRS)) * 0.8, 1.05)
+    ax.set_ylim(min(x_floor, y_floor) * 0.8, 1.05)
+    ax.set_xlabel(f"false positive rate (holdout, {len(holdout)} sequences)")
+    ax.set_ylabel(f"true positive rate (forget, {len(forget)} sequences)")
+    ax.legend(fontsize=8, loc="lower right")
     fig.tight_layout()
     return fig

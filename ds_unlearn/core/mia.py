@@ -13,7 +13,10 @@ Everything here works on plain numpy data for ONE sequence, taken from one teach
 Membership scores (open-unlearning's and MIMIR's definitions) are all oriented like a loss: a
 *lower* score means "more likely a member" (trained on). ``roc_auc`` turns that round so that an
 AUC of 1.0 means the forget set (members) is perfectly separable from the holdout (non-members)
-and 0.5 means indistinguishable.
+and 0.5 means indistinguishable. Beside the AUC: the reference-model attack (``ref_score``), TPR at
+low FPR (``tpr_at_fpr``, Carlini et al. 2022), the two-sided reading of an AUC interval
+(``two_sided``), and the figures anchored on a model retrained without the forget set: MUSE's
+PrivLeak (``privleak``) and TOFU's forget quality (``forget_quality``).
 
 Sampling extraction (Hayes et al. 2024, "Measuring memorization in language models via
 probabilistic extraction", arXiv 2410.19482): the probability that ONE sampled continuation of
@@ -37,6 +40,8 @@ DEFAULT_ATTACK_SAMPLES = 1000
 DEFAULT_ATTACK_CONFIDENCE = 0.5
 DEFAULT_BOOTSTRAP = 1000
 MIA_SCORES = ("loss", "zlib", "min_k", "min_k++")
+REF_SCORE = "ref"  # loss minus a reference model's loss: only with a reference model
+TPR_FPRS = (0.001, 0.01, 0.05)  # Carlini et al. 2022 report TPR at 0.1% and 1% FPR; 5% for small holdouts
 SIGMA_FLOOR = 1e-12  # Min-K%++ divides by sigma; a one-hot next-token distribution has sigma 0
 
 
@@ -140,6 +145,120 @@ def roc_auc_interval(
     tail = (1 - level) / 2 * 100
     lo, hi = np.percentile(aucs, [tail, 100 - tail])
     return float(lo), float(hi)
+
+
+def ref_score(loss: float, reference_loss: float) -> float:
+    """The reference-model attack (MIMIR / open-unlearning "ref"; Carlini et al. 2021's
+    calibration by a reference model): the sequence's mean NLL under the audited model minus its
+    mean NLL under a reference model with the same tokenizer (nats per token). Lower = more
+    member-like: the audited model finds the sequence easier than a model that never trained on
+    it would, whatever makes the text easy or hard in itself."""
+    return float(loss) - float(reference_loss)
+
+
+def _fpr_problem(nonmembers: int, fpr: float) -> str | None:
+    # One false positive among N non-members is an FPR of 1/N: below that nothing can be read.
+    need = math.ceil(1.0 / fpr - 1e-9)
+    if nonmembers < need:
+        return f"needs at least {need} non-members (1/FPR), the holdout has {nonmembers}"
+    return None
+
+
+def _tpr_at(member: np.ndarray, nonmember: np.ndarray, fpr: float) -> np.ndarray:
+    # Rows are (resampled) sets. With k = floor(fpr * N) false positives allowed, the loosest
+    # cut "score < c" that flags at most k non-members is c = the (k+1)-th lowest non-member
+    # score; the TPR is the share of members strictly below it (ties go to the non-member side,
+    # as roc_curve's thresholds at the scores themselves do).
+    k = math.floor(fpr * nonmember.shape[-1] + 1e-9)
+    cut = np.sort(nonmember, axis=-1)[..., k]
+    return np.mean(member < cut[..., None], axis=-1)
+
+
+def tpr_at_fpr(member: Sequence[float], nonmember: Sequence[float], fpr: float) -> float | None:
+    """TPR at a fixed FPR (Carlini et al. 2022, "Membership inference attacks from first
+    principles") of a loss-like score: the largest share of members (forget set) a threshold
+    "score below c" flags while flagging at most ``fpr`` of the non-members (holdout) — the
+    highest TPR of ``sklearn.metrics.roc_curve`` among its points with FPR <= ``fpr``.
+
+    ``fpr`` in (0, 1). None when the holdout has fewer than 1/``fpr`` sequences (an FPR below
+    1/N cannot be told from 0; ``tpr_at_fpr_figures`` says why)."""
+    nonmember = np.asarray(nonmember, np.float64)
+    if _fpr_problem(len(nonmember), fpr):
+        return None
+    return float(_tpr_at(np.asarray(member, np.float64), nonmember, fpr))
+
+
+def tpr_at_fpr_figures(
+    member: Sequence[float],
+    nonmember: Sequence[float],
+    fprs: Sequence[float] = TPR_FPRS,
+    resamples: int = DEFAULT_BOOTSTRAP,
+    seed: int = 0,
+    level: float = 0.95,
+) -> dict[str, dict]:
+    """``tpr_at_fpr`` at each of ``fprs`` with a percentile bootstrap interval, keyed by the FPR
+    as written by ``str`` (``"0.001"``): ``{"tpr": float, "ci95": [lo, hi] or None}``, or, where
+    the holdout is too small, ``{"tpr": None, "ci95": None, "reason": "needs at least 1000
+    non-members ..."}``. The resamples are those of ``roc_auc_interval`` with the same ``seed``
+    (both sets resampled within themselves, ``numpy.random.default_rng(seed)``), so an attack's
+    AUC and TPR intervals come from the same bootstrap draws."""
+    member, nonmember = np.asarray(member, np.float64), np.asarray(nonmember, np.float64)
+    out: dict[str, dict] = {}
+    draws = None
+    if resamples > 0:
+        rng = np.random.default_rng(seed)
+        m = member[rng.integers(0, len(member), (resamples, len(member)))]
+        n = nonmember[rng.integers(0, len(nonmember), (resamples, len(nonmember)))]
+        draws = (m, n)
+    tail = (1 - level) / 2 * 100
+    for fpr in fprs:
+        problem = _fpr_problem(len(nonmember), fpr)
+        if problem:
+            out[str(fpr)] = {"tpr": None, "ci95": None, "reason": problem}
+            continue
+        ci = None
+        if draws is not None:
+            lo, hi = np.percentile(_tpr_at(*draws, fpr), [tail, 100 - tail])
+            ci = [float(lo), float(hi)]
+        out[str(fpr)] = {"tpr": float(_tpr_at(member, nonmember, fpr)), "ci95": ci}
+    return out
+
+
+def two_sided(auc: float, ci95: Sequence[float] | None) -> dict:
+    """The two-sided reading of an AUC (open-unlearning #167: an AUC near 0 leaks as much as one
+    near 1): ``distinguishable`` is True when the interval excludes 0.5 on either side, and
+    ``direction`` says which way: ``"members lower"`` (AUC above 0.5: forget sequences score
+    lower, like trained-on text) or ``"members higher"`` (below 0.5: pushed past text the model
+    never saw). Without an interval (no bootstrap) both are None."""
+    if ci95 is None:
+        return {"distinguishable": None, "direction": None}
+    lo, hi = ci95
+    if lo > 0.5:
+        return {"distinguishable": True, "direction": "members lower"}
+    if hi < 0.5:
+        return {"distinguishable": True, "direction": "members higher"}
+    return {"distinguishable": False, "direction": None}
+
+
+def privleak(auc: float, auc_retrained: float) -> float | None:
+    """MUSE's PrivLeak (Shi et al. 2024): ``(auc - auc_retrained) / auc_retrained * 100``, in
+    percent; near 0 = the audited model sits where a model retrained without the forget set
+    does, positive = still member-like, negative = pushed past it. None when the retrained AUC is
+    0 (the ratio is undefined)."""
+    if auc_retrained == 0:
+        return None
+    return float((auc - auc_retrained) / auc_retrained * 100.0)
+
+
+def forget_quality(losses: Sequence[float], retrained_losses: Sequence[float]) -> dict:
+    """TOFU's forget quality (Maini et al. 2024) on per-sequence losses: the two-sample
+    Kolmogorov-Smirnov test (``scipy.stats.ks_2samp``, two-sided) between the forget set's
+    losses under the audited model and under a model retrained without it. Returns
+    ``{"pvalue": p, "statistic": D}``; p >= 0.05: the two cannot be told apart."""
+    from scipy.stats import ks_2samp
+
+    test = ks_2samp(np.asarray(losses, np.float64), np.asarray(retrained_losses, np.float64))
+    return {"pvalue": float(test.pvalue), "statistic": float(test.statistic)}
 
 
 # -- sampling extraction (Hayes et al. 2024) ---------------------------------------------------------
