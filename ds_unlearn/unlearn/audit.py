@@ -14,6 +14,11 @@ saw), else ``holdout``; without either there is nothing to compare against and t
 skipped (said so in the report). Sampling extraction uses the first ``extract_k`` tokens as the
 prefix and the rest of each sequence as the suffix (the sampling counterpart of
 k-extractability), pure sampling (temperature 1, no truncation), 1000 samples, 50% confidence.
+
+``reference`` adds the reference-model attack (``ref``) and ``retrained`` the figures against a
+model trained without the forget set (AUCs under it, PrivLeak, forget quality), as
+``ds-unlearn audit --reference / --retrained`` computes them; each is loaded, used once and freed
+before the audits, so at most one more model than the trainer's is alive at a time.
 """
 
 from __future__ import annotations
@@ -24,12 +29,33 @@ from pathlib import Path
 import torch
 
 from ..core import distributed as D
-from ..core.audit import AuditSettings, audit
+from ..core.audit import AuditSettings, audit, check_sets, sequence_losses
 from ..core.ds_config import load_ds_config, zero_stage
 from ..core.errors import InputError
 from ..core.files import write_jsonl
-from ..core.mia import MIA_SCORES
-from ..core.models import load_for_inference, load_tokenizer
+from ..core.models import load_config, load_for_inference, load_tokenizer, resolve_model_dir
+
+COMPANIONS = ("reference", "retrained")  # the config fields naming the audit's extra models
+RETRAINED_KEYS = ("mia_retrained", "privleak", "forget_quality", "forget_quality_ks")
+
+
+def companion_problem(config, path: str, name: str) -> str | None:
+    """Why ``config``'s ``reference`` / ``retrained`` model (``path``, field ``name``) cannot serve
+    the end-of-run audit, or None: the audit must run and have non-members, and the model must
+    load (config only, no weights) with the vocabulary of ``config.model``. For
+    ``UnlearnConfig.validate``, before anything loads."""
+    if config.audit == "none":
+        return "not read with audit none (the end-of-run audit is off)"
+    if not (config.audit_holdout or config.holdout):
+        return "the end-of-run audit needs non-members: pass --audit_holdout or --holdout"
+    try:
+        theirs = load_config(resolve_model_dir(path, name), name).vocab_size
+        mine = load_config(resolve_model_dir(config.model), "model").vocab_size
+    except InputError as err:
+        return str(err).removeprefix(f"{name}: ")
+    if theirs != mine:
+        return f"{path} has a vocabulary of {theirs} tokens, --model {mine} (it must share --model's tokenizer)"
+    return None
 
 
 def audit_settings(config) -> AuditSettings:
@@ -50,10 +76,13 @@ def with_ids(result, forget_ids, nonmember_ids) -> list[dict]:
 
 def summary_entry(result) -> dict:
     """An audit's summary as report.json keeps it under ``audit.before`` / ``audit.after``:
-    MIA AUCs (with their intervals) and discoverable counts / log10 p under sampling."""
+    MIA AUCs (with their intervals and two-sided reading), TPR at low FPR, discoverable counts /
+    log10 p under sampling, and with a retrained model ``RETRAINED_KEYS``."""
     s = result.summary
     return {
         "mia": s["mia"],
+        "tpr_at_fpr": s["tpr_at_fpr"],
+        **{k: s[k] for k in RETRAINED_KEYS if k in s},
         "forget": {
             "discoverable": s["forget"]["sampling"]["discoverable"],
             "log10_p": s["forget"]["sampling"]["log10_p"],
@@ -79,6 +108,11 @@ def audit_run(config, model_dir, trainer, sets: dict) -> dict:
     settings = audit_settings(config)
     forget = sets["forget"]
     tokenizer = trainer.processing_class or load_tokenizer(model_dir)  # decodes tokens for zlib, as `audit` does
+    ds_config = load_ds_config(config.deepspeed) if config.deepspeed else None
+    load = lambda directory, adapter=None: load_for_inference(
+        directory, torch.float32, ds_config if zero_stage(ds_config) == 3 else None, adapter=adapter
+    )
+    companions = {"reference": None, "retrained": None}
     run = lambda model: audit(
         model,
         forget.sequences,
@@ -86,17 +120,29 @@ def audit_run(config, model_dir, trainer, sets: dict) -> dict:
         settings=settings,
         thresholds=trainer.thresholds,
         tokenizer=tokenizer,
+        **companions,
     )
     try:
+        if config.reference or config.retrained:
+            # A problem with the sets shows before any other model loads.
+            check_sets(forget.sequences, nonmember.sequences, min_tokens=settings.min_tokens())
+            if config.reference:
+                reference_model = load(resolve_model_dir(config.reference, "reference"))
+                sequences = forget.sequences + nonmember.sequences
+                companions["reference"] = sequence_losses(reference_model, sequences, settings.batch_size)
+                del reference_model
+                gc.collect()
+            if config.retrained:
+                retrained_model = load(resolve_model_dir(config.retrained, "retrained"))
+                companions["retrained"] = run(retrained_model)
+                del retrained_model
+                gc.collect()
         after = run(trainer.model)
     except InputError as err:
         return {"skipped": str(err)}
     results = {"after": after}
     if config.audit == "both":
-        ds_config = load_ds_config(config.deepspeed) if config.deepspeed else None
-        before_model = load_for_inference(
-            model_dir, torch.float32, ds_config if zero_stage(ds_config) == 3 else None, adapter=config.adapter
-        )
+        before_model = load(model_dir, config.adapter)
         results["before"] = run(before_model)
         del before_model
         gc.collect()
@@ -108,14 +154,20 @@ def audit_run(config, model_dir, trainer, sets: dict) -> dict:
             write_jsonl(out / file, with_ids(results[when], forget.ids, nonmember.ids))
     entry = {
         "nonmembers": name,
+        **{f"{c}_model": getattr(config, c) for c in COMPANIONS if getattr(config, c)},
         "settings": {k: v for k, v in after.summary["settings"].items() if k not in ("el_n", "extract_k", "greedy")},
         **{when: summary_entry(results[when]) for when in ("before", "after") if when in results},
         "files": list(files.values()),
     }
     metrics = {}
     for when in results:
-        for score in MIA_SCORES:
-            metrics[f"audit/auc_{score}_{when}"] = entry[when]["mia"][score]["auc"]
+        for score, figures in entry[when]["mia"].items():
+            metrics[f"audit/auc_{score}_{when}"] = figures["auc"]
+        for score, value in entry[when].get("privleak", {}).items():
+            if value is not None:
+                metrics[f"audit/privleak_{score}_{when}"] = value
+        if "forget_quality" in entry[when]:
+            metrics[f"audit/forget_quality_{when}"] = entry[when]["forget_quality"]
         metrics[f"audit/discoverable_{when}"] = entry[when]["forget"]["discoverable"]
     trainer.log(metrics)
     return entry

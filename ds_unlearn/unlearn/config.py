@@ -59,6 +59,16 @@ class UnlearnConfig(TrainingArguments):
         "an earlier run from it), or 'none'.",
         default="both",
     )
+    reference: str | None = _help(
+        "A reference model for the end-of-run audit (same tokenizer; commonly the model before fine-tuning): "
+        "adds the 'ref' attack, loss minus the reference's loss (MIMIR).",
+        default=None,
+    )
+    retrained: str | None = _help(
+        "A model trained the same way without the forget set, for the end-of-run audit: each attack's AUC under "
+        "it, PrivLeak (MUSE) and forget quality (TOFU: KS-test p-value of the forget set's losses).",
+        default=None,
+    )
     text_field: str = _help("Field holding a row's text.", default="text")
     id_field: str = _help(
         "Field holding a row's id (rows without 'id' are numbered; any other field named must exist).",
@@ -276,6 +286,13 @@ class UnlearnConfig(TrainingArguments):
             bad("sga_gamma", f"must lie in [0, 1], got {self.sga_gamma}")
         if self.audit not in AUDIT_CHOICES:
             bad("audit", f"must be one of {', '.join(AUDIT_CHOICES)}, got {self.audit!r}")
+        for name in ("reference", "retrained"):  # the end-of-run audit's companion models (issue 24)
+            if getattr(self, name):
+                from .audit import companion_problem
+
+                problem = companion_problem(self, getattr(self, name), name)
+                if problem:
+                    bad(name, problem)
         if self.select_on not in ("ma", "el10"):
             bad("select_on", f"must be 'ma' or 'el10', got {self.select_on!r}")
         if self.score_refresh not in ("epoch", "step"):
