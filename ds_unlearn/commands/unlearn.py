@@ -26,4 +26,6 @@ def main(argv: list[str]) -> int:
     result = run_unlearning(config)
     if D.is_main():
         print(report_lines(result.report))
+    if not result.report.get("guard", {}).get("ok", True):
+        return 1  # the written model is not the one judged: its line was printed (unlearn/guard.py)
     return 1 if result.report.get("diverged") and not config.allow_divergence else 0

@@ -73,6 +73,39 @@ def check_fits(model_config, config) -> None:
         add_lora(model_class(model_config), copy.deepcopy(config))
 
 
+def check_adapter_fits(model_config, config, adapter_dir: str | Path) -> None:
+    """Before any weight loads: every tensor of the adapter in ``adapter_dir`` is one this model
+    would have, in the same shape (on a weightless copy, as ``check_fits``). InputError naming
+    the first that is missing or misshapen: an adapter made for another base model."""
+    from peft import get_peft_model_state_dict
+    from safetensors import safe_open
+    from transformers import AutoModelForCausalLM
+
+    weights = Path(adapter_dir) / ADAPTER_WEIGHTS
+    try:
+        model_class = AutoModelForCausalLM._model_mapping[type(model_config)]
+    except KeyError:  # custom code: PeftModel.from_pretrained checks it after loading instead
+        return
+    if not weights.is_file():
+        raise InputError(f"--adapter: {adapter_dir} has no {ADAPTER_WEIGHTS}")
+    with torch.device("meta"):
+        model = add_lora(model_class(model_config), copy.deepcopy(config))
+    expected = {k: tuple(v.shape) for k, v in get_peft_model_state_dict(model, save_embedding_layers=False).items()}
+    with safe_open(str(weights), framework="pt") as f:
+        saved = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    for key, shape in saved.items():
+        if key not in expected and ".base_layer." not in key and not key.endswith("embed_tokens.weight"):
+            raise InputError(f"--adapter: {adapter_dir} was made for another model: this one has no {key}")
+        if key in expected and expected[key] != shape:
+            raise InputError(
+                f"--adapter: {adapter_dir} was made for another model: {key} is {list(shape)} there, "
+                f"{list(expected[key])} here"
+            )
+    missing = sorted(set(expected) - set(saved))
+    if missing:
+        raise InputError(f"--adapter: {adapter_dir} lacks {missing[0]}, which its config asks for on this model")
+
+
 def load_adapter(model, adapter_dir: str | Path, trainable: bool = False):
     """``PeftModel.from_pretrained(model, adapter_dir)``; InputError (one line) when the adapter
     does not fit the model or is not a LoRA adapter."""
@@ -130,8 +163,10 @@ def check_merge_targets(model_dir: str | Path, weight_names: list[str]) -> None:
 
 def adapter_deltas(adapter_dir: str | Path) -> dict[str, torch.Tensor]:
     """Delta W per base weight name (``<module path>.weight``), fp32, from a LoRA adapter
-    directory. Raises InputError for adapter features a plain sum cannot represent (DoRA,
-    per-layer rank or alpha patterns, extra trained modules)."""
+    directory: linear layers' (out, in) and embeddings' (vocab, dim, from ``lora_embedding_A``
+    (r, vocab) and ``lora_embedding_B`` (dim, r)). Raises InputError for adapter features a plain
+    sum cannot represent (DoRA, per-layer rank or alpha patterns). ``modules_to_save`` copies are
+    not deltas: ``adapter_replacements`` has them."""
     from safetensors.torch import load_file
 
     config = check_adapter_dir(adapter_dir)
@@ -142,14 +177,39 @@ def adapter_deltas(adapter_dir: str | Path) -> dict[str, torch.Tensor]:
     state = load_file(str(Path(adapter_dir) / ADAPTER_WEIGHTS))
     deltas = {}
     for key, a in state.items():
-        if key.endswith(".lora_B.weight"):
+        if key.endswith((".lora_B.weight", ".lora_embedding_B")) or _replacement_name(key, config):
             continue
-        if not (key.startswith(PREFIX) and key.endswith(".lora_A.weight")):
-            raise InputError(f"merge_adapter: adapter tensor {key} is not a LoRA factor of a linear layer")
-        module = key[len(PREFIX) : -len(".lora_A.weight")]
-        b = state[f"{PREFIX}{module}.lora_B.weight"]
-        deltas[f"{module}.weight"] = lora_delta(a, b, scaling, bool(config.get("fan_in_fan_out")))
+        if key.startswith(PREFIX) and key.endswith(".lora_A.weight"):
+            module = key[len(PREFIX) : -len(".lora_A.weight")]
+            b = state[f"{PREFIX}{module}.lora_B.weight"]
+            deltas[f"{module}.weight"] = lora_delta(a, b, scaling, bool(config.get("fan_in_fan_out")))
+        elif key.startswith(PREFIX) and key.endswith(".lora_embedding_A"):
+            module = key[len(PREFIX) : -len(".lora_embedding_A")]
+            b = state[f"{PREFIX}{module}.lora_embedding_B"]
+            deltas[f"{module}.weight"] = lora_delta(a, b, scaling, fan_in_fan_out=True)  # (vocab, dim)
+        else:
+            raise InputError(f"merge_adapter: adapter tensor {key} is not a LoRA factor or a module to save")
     return deltas
+
+
+def _replacement_name(key: str, config: dict) -> str | None:
+    """The checkpoint name a ``modules_to_save`` tensor of the adapter replaces, else None."""
+    if not key.startswith(PREFIX) or ".lora_" in key:
+        return None
+    name = key[len(PREFIX) :]
+    module = name.rsplit(".", 1)[0]
+    saved = config.get("modules_to_save") or []
+    return name if any(module == m or module.endswith(f".{m}") for m in saved) else None
+
+
+def adapter_replacements(adapter_dir: str | Path) -> dict[str, torch.Tensor]:
+    """The adapter's ``modules_to_save`` tensors (whole trained copies, e.g. an ``lm_head``) by the
+    checkpoint name each replaces."""
+    from safetensors.torch import load_file
+
+    config = check_adapter_dir(adapter_dir)
+    state = load_file(str(Path(adapter_dir) / ADAPTER_WEIGHTS))
+    return {name: v for k, v in state.items() if (name := _replacement_name(k, config))}
 
 
 def merge_into_checkpoint(model_dir: str | Path, adapter_dir: str | Path, out_dir: str | Path) -> None:
@@ -159,17 +219,22 @@ def merge_into_checkpoint(model_dir: str | Path, adapter_dir: str | Path, out_di
     (call it on one). Raises InputError when the adapter names a weight the checkpoint lacks."""
     from safetensors.torch import load_file, save_file
 
+    from .files import atomic_directory
+
     model_dir, out_dir = Path(model_dir), Path(out_dir)
-    deltas = adapter_deltas(adapter_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    for item in model_dir.iterdir():  # config, generation config, tokenizer, shard index
-        if item.is_file() and item.suffix != ".safetensors":
-            shutil.copy2(item, out_dir / item.name)
-    for shard in checkpoint_shards(model_dir):
-        tensors = load_file(str(model_dir / shard))
-        for name in set(deltas) & set(tensors):
-            weight = tensors[name]
-            tensors[name] = (weight.float() + deltas.pop(name)).to(weight.dtype)
-        save_file(tensors, str(out_dir / shard), metadata={"format": "pt"})
-    if deltas:
-        raise InputError(f"merge_adapter: the checkpoint has no weight {sorted(deltas)[0]} the adapter changes")
+    deltas, replacements = adapter_deltas(adapter_dir), adapter_replacements(adapter_dir)
+    with atomic_directory(out_dir) as tmp:  # complete or absent: a full disk leaves no half checkpoint
+        for item in model_dir.iterdir():  # config, generation config, tokenizer, shard index
+            if item.is_file() and item.suffix != ".safetensors":
+                shutil.copy2(item, tmp / item.name)
+        for shard in checkpoint_shards(model_dir):
+            tensors = load_file(str(model_dir / shard))
+            for name in set(replacements) & set(tensors):
+                tensors[name] = replacements.pop(name).to(tensors[name].dtype)
+            for name in set(deltas) & set(tensors):
+                weight = tensors[name]
+                tensors[name] = (weight.float() + deltas.pop(name)).to(weight.dtype)
+            save_file(tensors, str(tmp / shard), metadata={"format": "pt"})
+        if deltas or replacements:
+            missing = sorted(deltas) or sorted(replacements)
+            raise InputError(f"merge_adapter: the checkpoint has no weight {missing[0]} the adapter changes")

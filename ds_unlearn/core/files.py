@@ -3,12 +3,15 @@ output paths before any compute."""
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import fnmatch
 import json
 import os
 import shutil
 import tempfile
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 
 from .errors import InputError
@@ -104,8 +107,120 @@ def clear_outputs(directory: str | Path, owned: Sequence[str]) -> None:
 def _atomic_write(path: Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(text)
+    try:
+        tmp.write_text(text)
+    except OSError as err:
+        tmp.unlink(missing_ok=True)
+        raise write_error(path, err) from err
     os.replace(tmp, path)
+
+
+def is_write_error(err: BaseException) -> bool:
+    """An I/O failure while writing: an OSError, or safetensors' own error wrapping one."""
+    return isinstance(err, OSError) or (type(err).__name__ == "SafetensorError" and "os error" in str(err))
+
+
+def write_error(path: str | Path, err: BaseException) -> OSError:
+    """``err`` (see ``is_write_error``) restated as one OSError line naming what could not be
+    written, and that nothing of it was kept (a full disk: ENOSPC, EDQUOT)."""
+    code = getattr(err, "errno", None)
+    if code is None and "os error 28" in str(err):
+        code = errno.ENOSPC
+    if code in (errno.ENOSPC, errno.EDQUOT):
+        why = "no space left on the device"
+    else:
+        why = getattr(err, "strerror", None) or str(err)
+    return OSError(code, f"cannot write {path}: {why}; nothing of it was kept (earlier outputs are untouched)")
+
+
+def partial_name(path: str | Path) -> Path:
+    """The temporary sibling a directory output is written under before its rename."""
+    path = Path(path)
+    return path.with_name(f".{path.name}.partial")
+
+
+@contextmanager
+def atomic_directory(path: str | Path) -> Iterator[Path]:
+    """Write a directory output complete or not at all: yields an empty temporary sibling
+    (``partial_name``) to write into; on success it replaces ``path`` by a rename (an earlier
+    ``path`` is removed only then); on any error it is removed, ``path`` is left as it was, and
+    an OSError is restated by ``write_error`` (so a full disk leaves nothing that loads as if
+    whole). The name is fixed, not per process, so every rank of a collective save writes the
+    same folder; rank 0 alone should then call this (or use ``publish_directory``)."""
+    path = Path(path)
+    tmp = partial_name(path)
+    shutil.rmtree(tmp, ignore_errors=True)  # a crashed run's leftover
+    tmp.mkdir(parents=True)
+    try:
+        yield tmp
+    except BaseException as err:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if is_write_error(err):
+            raise write_error(path, err) from err
+        raise
+    publish_directory(tmp, path)
+
+
+def publish_directory(tmp: str | Path, path: str | Path) -> None:
+    """Replace ``path`` with the finished folder ``tmp`` (rename; an earlier ``path`` goes after)."""
+    tmp, path = Path(tmp), Path(path)
+    if path.is_dir() and not path.is_symlink():
+        old = path.with_name(f".{path.name}.old")
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(path, old)
+        os.replace(tmp, path)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, path)
+
+
+LOCK_NAME = ".ds_unlearn.lock"
+
+
+class OutputLock:
+    """An exclusive lock on an output folder for a run's life (``flock`` on ``DIR/.ds_unlearn.lock``,
+    released by the OS if the process dies), so a second run into the same folder is refused
+    instead of interleaving its files. ``acquire`` creates the folder; returns False (and leaves
+    ``holder``: the pid written by the run holding it) when another process holds it."""
+
+    def __init__(self, directory: str | Path):
+        self.path = Path(directory) / LOCK_NAME
+        self.handle = None
+        self.holder = ""
+        self.created: list[Path] = []  # folders acquire made, removed by release if still empty
+
+    def acquire(self) -> bool:
+        missing = [p for p in (self.path.parent, *self.path.parent.parents) if not p.exists()]
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.created = missing
+        handle = open(self.path, "a+")
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            handle.seek(0)
+            self.holder = handle.read().strip()
+            handle.close()
+            return False
+        handle.seek(0)
+        handle.truncate()
+        handle.write(str(os.getpid()))
+        handle.flush()
+        self.handle = handle
+        return True
+
+    def release(self) -> None:
+        """Drop the lock and its file, and the folders ``acquire`` created if nothing else went in
+        (a run refused after locking leaves nothing behind)."""
+        if self.handle is not None:
+            self.path.unlink(missing_ok=True)
+            self.handle.close()
+            self.handle = None
+        for folder in self.created:
+            try:
+                folder.rmdir()
+            except OSError:  # holds the run's outputs (or is not ours to remove)
+                break
+        self.created = []
 
 
 def write_jsonl(path: str | Path, rows: Iterable[dict]) -> None:

@@ -19,14 +19,27 @@ every forward with scale 0, and judging the edit only sets the two adapters' sca
 from __future__ import annotations
 
 import copy
+import math
 from pathlib import Path
 
 import torch
 
 from ..core import distributed as D
-from ..core.adapters import ADAPTER_WEIGHTS, add_lora, check_fits, load_adapter, lora_config
+from ..core.adapters import ADAPTER_WEIGHTS, add_lora, check_adapter_fits, check_fits, load_adapter, lora_config
+from ..core.files import atomic_directory
 
 TRAINED = "default"  # peft's name for the adapter get_peft_model / from_pretrained creates
+# Module names under which peft keeps an adapter's own tensors, each followed by the adapter's name:
+# ``...q_proj.lora_A.default.weight``, ``...embed_tokens.lora_embedding_A.default`` (a ParameterDict
+# entry: no ``.weight``), ``...lm_head.modules_to_save.default.weight``.
+ADAPTER_MARKERS = (
+    "lora_A",
+    "lora_B",
+    "lora_embedding_A",
+    "lora_embedding_B",
+    "lora_magnitude_vector",
+    "modules_to_save",
+)
 TV_BASE = "tv_base"  # TA/TAU: the trained adapter as it was at the switch (theta_base), frozen
 # Directories a LoRA run writes under output_dir (TA/TAU: the task vector's ingredients too).
 ADAPTER_DIR, TV_BASE_DIR, TV_TRAINED_DIR = "adapter", "tv_base_adapter", "tv_trained_adapter"
@@ -51,6 +64,22 @@ def edited_lora_factors(
     return a, b
 
 
+def adapter_of(name: str) -> str | None:
+    """The adapter a parameter name belongs to (``default``, ``tv_base``), or None for a base weight."""
+    parts = name.split(".")
+    for i, part in enumerate(parts[:-1]):
+        if part in ADAPTER_MARKERS:
+            return parts[i + 1]
+    return None
+
+
+def renamed_adapter(name: str, adapter: str) -> str:
+    """``name`` with its adapter component replaced by ``adapter`` (same module, other adapter)."""
+    parts = name.split(".")
+    i = next(i for i, part in enumerate(parts[:-1]) if part in ADAPTER_MARKERS)
+    return ".".join([*parts[: i + 1], adapter, *parts[i + 2 :]])
+
+
 def new_adapter_config(model_config, config):
     """peft's LoraConfig of a run: --adapter's own, or one from --lora_r and friends."""
     if config.adapter:
@@ -61,8 +90,13 @@ def new_adapter_config(model_config, config):
 
 
 def check_lora(model_config, config) -> None:
-    """The run's LoRA settings fit the model (checked on a weightless copy, before loading)."""
-    check_fits(model_config, new_adapter_config(model_config, config))
+    """The run's LoRA settings fit the model (checked on a weightless copy, before loading); an
+    ``--adapter`` also has every tensor in the shape this model gives it (one made for another
+    base model is one line now)."""
+    adapter_config = new_adapter_config(model_config, config)
+    check_fits(model_config, adapter_config)
+    if config.adapter:
+        check_adapter_fits(model_config, adapter_config, config.adapter)
 
 
 def prepare_model(model, config):
@@ -79,10 +113,13 @@ def prepare_model(model, config):
         cfg = model.peft_config[TRAINED]
         if cfg.use_dora or cfg.rank_pattern or cfg.alpha_pattern:
             raise InputError("adapter: TA/TAU on adapters needs plain LoRA (no DoRA, no per-layer rank/alpha)")
+        if cfg.modules_to_save or getattr(cfg, "trainable_token_indices", None):
+            # A full trained copy of a module is not a low-rank delta: the task vector here edits deltas.
+            raise InputError("adapter: TA/TAU on adapters cannot edit modules_to_save or trainable tokens (LoRA only)")
         model.add_adapter(TV_BASE, copy.deepcopy(cfg))
         model.base_model.set_adapter([TRAINED, TV_BASE])  # both in every forward; tv_base at scale 0
         for name, param in model.named_parameters():
-            param.requires_grad_(f".{TRAINED}." in name)
+            param.requires_grad_(adapter_of(name) == TRAINED)
         AdapterEdit(model, 0.0).off()
     return model
 
@@ -93,22 +130,26 @@ def _lora_layers(model):
     return [m for m in model.modules() if isinstance(m, LoraLayer)]
 
 
+def _has_adapter(layer, adapter: str) -> bool:
+    # Linear layers keep their factors in lora_A, embeddings in lora_embedding_A (both scaled by
+    # layer.scaling[adapter]): an edit that skipped the embeddings would judge tv_base's at full scale.
+    return adapter in layer.lora_A or adapter in getattr(layer, "lora_embedding_A", {})
+
+
 class AdapterEdit:
     """Switches a TA/TAU model between the trained adapter (off) and the edited model
     W0 + (1 + lambda) Delta_s - lambda Delta_n (on) by the adapters' scales alone."""
 
     def __init__(self, model, coefficient: float):
         self.coefficient = coefficient
-        self.layers = [m for m in _lora_layers(model) if TV_BASE in m.lora_A]
-        self.scaling = [m.lora_alpha[TRAINED] / m.r[TRAINED] for m in self.layers]
-        if any(m.use_rslora.get(TRAINED, False) for m in self.layers):
-            self.scaling = [m.lora_alpha[TRAINED] / m.r[TRAINED] ** 0.5 for m in self.layers]
+        self.layers = [m for m in _lora_layers(model) if _has_adapter(m, TV_BASE)]
+        # peft's own scale of each layer (alpha / r, alpha / sqrt(r) with rsLoRA, ...), read while
+        # the edit is off (prepare_model leaves it so): whatever options set it, the edit scales it.
+        self.scaling = [float(m.scaling[TRAINED]) for m in self.layers]
         named = dict(model.named_parameters())
         # The frozen copy of each trained parameter, in OwnedWeights' order (parameters()).
         self.base_params = [
-            named[name.replace(f".{TRAINED}.", f".{TV_BASE}.")]
-            for name, param in model.named_parameters()
-            if param.requires_grad
+            named[renamed_adapter(name, TV_BASE)] for name, param in model.named_parameters() if param.requires_grad
         ]
         self.active = False
 
@@ -116,7 +157,7 @@ class AdapterEdit:
     def applies(model) -> bool:
         if not hasattr(model, "peft_config"):  # no peft import for a full fine-tuning run
             return False
-        return any(TV_BASE in m.lora_A for m in _lora_layers(model))
+        return any(_has_adapter(m, TV_BASE) for m in _lora_layers(model))
 
     def on(self) -> None:
         for layer, s in zip(self.layers, self.scaling):
@@ -139,9 +180,14 @@ class AdapterEdit:
 # -- outputs -------------------------------------------------------------------------------------------
 @torch.no_grad()
 def gather_adapters(model) -> dict[str, dict[str, torch.Tensor]]:
-    """Every adapter's full weights in fp32 on the CPU, by adapter name, under peft's saved key
-    names (adapter name dropped). Collective under ZeRO-3 (gathers the adapters only)."""
-    named = [(n, p) for n, p in model.named_parameters() if ".lora_A." in n or ".lora_B." in n]
+    """Every adapter's full weights in fp32 on the CPU, by adapter name: exactly the tensors
+    peft's ``get_peft_model_state_dict`` saves (LoRA factors of linear and embedding layers,
+    ``modules_to_save`` copies, DoRA magnitudes) under its key names (adapter name dropped); the
+    frozen base embedding is not repeated (the input checkpoint has it). Collective under ZeRO-3
+    (gathers the adapters' tensors only, never the partitioned base)."""
+    from peft import get_peft_model_state_dict
+
+    named = [(n, p) for n, p in model.named_parameters() if adapter_of(n) is not None]
     params = [p for _, p in named]
     gathered = None
     if params and hasattr(params[0], "ds_id"):
@@ -150,41 +196,57 @@ def gather_adapters(model) -> dict[str, dict[str, torch.Tensor]]:
         gathered = deepspeed.zero.GatheredParameters(params, modifier_rank=None)
         gathered.__enter__()
     try:
-        states: dict[str, dict[str, torch.Tensor]] = {}
-        for name, param in named:
-            adapter = name.split(".lora_A." if ".lora_A." in name else ".lora_B.")[1].split(".")[0]
-            key = name.replace(f".{adapter}.", ".", 1)
-            states.setdefault(adapter, {})[key] = param.data.detach().float().cpu().clone()
-        return states
+        full = {name: param.data.detach().float().cpu().clone() for name, param in named}
     finally:
         if gathered is not None:
             gathered.__exit__(None, None, None)
+    return {
+        adapter: get_peft_model_state_dict(model, state_dict=full, adapter_name=adapter, save_embedding_layers=False)
+        for adapter in model.peft_config
+    }
 
 
 def write_adapter(directory: Path, state: dict[str, torch.Tensor], config) -> None:
-    """An adapter directory in peft's format (``adapter_model.safetensors`` + ``adapter_config.json``)."""
+    """An adapter directory in peft's format (``adapter_model.safetensors`` + ``adapter_config.json``),
+    complete or absent: written under a temporary name and renamed (``files.atomic_directory``), so a
+    full disk leaves no adapter that loads as if whole. Raises OSError (ENOSPC named) on a write error."""
     from safetensors.torch import save_file
 
-    directory.mkdir(parents=True, exist_ok=True)
     config = copy.deepcopy(config)
     config.inference_mode = True
-    config.save_pretrained(str(directory))
-    save_file(
-        {k: v.contiguous() for k, v in state.items()}, str(directory / ADAPTER_WEIGHTS), metadata={"format": "pt"}
-    )
+    with atomic_directory(directory) as tmp:
+        config.save_pretrained(str(tmp))
+        save_file({k: v.contiguous() for k, v in state.items()}, str(tmp / ADAPTER_WEIGHTS), metadata={"format": "pt"})
 
 
-def edited_adapter(base: dict, trained: dict, config, coefficient: float) -> tuple[dict, object]:
-    """The edited model's adapter: rank 2r, alpha 2 alpha (the same scale), factors from
-    ``edited_lora_factors`` per adapted layer."""
+def edited_alpha(config, scaling: float) -> float:
+    """lora_alpha of the rank-2r edited adapter such that peft scales it by ``scaling`` (the trained
+    adapter's own scale, as peft computed it): 2 alpha for plain LoRA (alpha / r), and
+    ``scaling * sqrt(2r)`` under rsLoRA (alpha / sqrt(r)), whose doubled alpha would scale by
+    sqrt(2) too much."""
+    if getattr(config, "use_rslora", False):
+        return scaling * math.sqrt(2 * config.r)
+    if math.isclose(scaling, config.lora_alpha / config.r, rel_tol=1e-12):
+        return 2 * config.lora_alpha
+    return scaling * 2 * config.r
+
+
+def edited_adapter(base: dict, trained: dict, config, coefficient: float, scaling: float) -> tuple[dict, object]:
+    """The edited model's adapter: rank 2r at the trained adapter's scale ``scaling`` (peft's,
+    ``edited_alpha``), factors from ``edited_lora_factors`` per adapted linear or embedding layer
+    (an embedding's A is (r, vocab) and B (dim, r): the same concatenation). Raises ValueError
+    for a tensor that is not a LoRA factor (prepare_model refuses those for TA/TAU)."""
     state = {}
-    for key in (k for k in trained if k.endswith(".lora_A.weight")):
-        b_key = key.replace(".lora_A.", ".lora_B.")
-        state[key], state[b_key] = edited_lora_factors(
-            base[key], base[b_key], trained[key], trained[b_key], coefficient
-        )
+    for key, value in trained.items():
+        if key.endswith((".lora_B.weight", ".lora_embedding_B")):
+            continue
+        if not key.endswith((".lora_A.weight", ".lora_embedding_A")):
+            raise ValueError(f"TA/TAU adapter tensor {key} is not a LoRA factor")
+        b_key = key.replace(".lora_A.", ".lora_B.") if ".lora_A." in key else key[: -len("A")] + "B"
+        state[key], state[b_key] = edited_lora_factors(base[key], base[b_key], value, trained[b_key], coefficient)
     config = copy.deepcopy(config)
-    config.r, config.lora_alpha = 2 * config.r, 2 * config.lora_alpha
+    config.lora_alpha = edited_alpha(config, scaling)
+    config.r = 2 * config.r
     return state, config
 
 
@@ -199,7 +261,10 @@ def save_adapters(model, out: Path, edit: AdapterEdit | None) -> list[str]:
     if edit is not None and edit.active:
         write_adapter(out / TV_BASE_DIR, states[TV_BASE], config)
         write_adapter(out / TV_TRAINED_DIR, states[TRAINED], config)
-        state, edited_config = edited_adapter(states[TV_BASE], states[TRAINED], config, edit.coefficient)
+        scales = set(edit.scaling)
+        if len(scales) != 1:  # prepare_model refuses per-layer rank/alpha patterns for TA/TAU
+            raise ValueError(f"TA/TAU adapters with {len(scales)} different scales cannot be written as one")
+        state, edited_config = edited_adapter(states[TV_BASE], states[TRAINED], config, edit.coefficient, scales.pop())
         write_adapter(out / ADAPTER_DIR, state, edited_config)
         return [ADAPTER_DIR, TV_BASE_DIR, TV_TRAINED_DIR]
     write_adapter(out / ADAPTER_DIR, states[TRAINED], config)
@@ -207,6 +272,13 @@ def save_adapters(model, out: Path, edit: AdapterEdit | None) -> list[str]:
 
 
 def adapted_weight_names(model) -> list[str]:
-    """Checkpoint names (``<module path>.weight``) of the weights the adapters change."""
+    """Checkpoint names (``<module path>.weight``) of the weights the adapters change: every
+    LoRA layer's (linear or embedding) and every tensor of a ``modules_to_save`` copy."""
+    from peft.utils.other import ModulesToSaveWrapper
+
     prefix, layers = "base_model.model.", {id(m) for m in _lora_layers(model)}
-    return [f"{name[len(prefix) :]}.weight" for name, module in model.named_modules() if id(module) in layers]
+    names = [f"{name[len(prefix) :]}.weight" for name, module in model.named_modules() if id(module) in layers]
+    for name, module in model.named_modules():
+        if isinstance(module, ModulesToSaveWrapper):
+            names += [f"{name[len(prefix) :]}.{key}" for key in module.original_module.state_dict()]
+    return names

@@ -6,6 +6,7 @@ result keeps everything the caller needs in memory; the files it writes are outp
 
 from __future__ import annotations
 
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,11 +25,22 @@ from ..core.data import (
     read_rows,
     to_sequence_set,
 )
+from ..core.ds_config import load_ds_config, zero_stage
 from ..core.errors import InputError
-from ..core.files import check_output, clear_outputs, write_json
+from ..core.files import (
+    OutputLock,
+    check_output,
+    clear_outputs,
+    is_write_error,
+    partial_name,
+    publish_directory,
+    write_error,
+    write_json,
+)
 from ..core.models import load_causal_lm, load_config, load_tokenizer, report_partition, resolve_model_dir
 from .audit import audit_run
 from .config import UnlearnConfig
+from .guard import check_written
 from .lora import (
     ADAPTER_DIR,
     TV_BASE_DIR,
@@ -89,6 +101,12 @@ def load_sets(config: UnlearnConfig, model_dir: Path) -> tuple[dict[str, Sequenc
     files["audit_holdout"] = config.audit_holdout  # issue 13: the end-of-run audit's non-members
     rows = {name: read_rows(path, f"--{name}") for name, path in files.items() if path}
     tokenizer = load_tokenizer(model_dir) if any(needs_tokenizer(r) for r in rows.values()) else None
+    if tokenizer is not None and len(tokenizer) > vocab_size:
+        # Its ids past the embedding have no row: a lookup error (or another token's row) mid-run.
+        raise InputError(
+            f"--model: its tokenizer has {len(tokenizer)} tokens but the model's embedding only {vocab_size} "
+            "rows (resize the embedding, or use the tokenizer the model was trained with)"
+        )
     sets: dict[str, SequenceSet | None] = {name: None for name in files}
     for name, table in rows.items():
         data = to_sequence_set(
@@ -114,21 +132,93 @@ def load_sets(config: UnlearnConfig, model_dir: Path) -> tuple[dict[str, Sequenc
     return sets, tokenizer
 
 
-def run_unlearning(config: UnlearnConfig) -> UnlearnResult:
+def launch_settings(args) -> dict:
+    """What a resumable checkpoint's optimizer and weights depend on besides the rank count: the
+    ZeRO stage, the precision, the method and the LoRA setting (``args``: an UnlearnConfig)."""
+    ds = args.deepspeed
+    if isinstance(ds, str) and not Path(ds).is_file():
+        ds = None  # the saving run's config file is gone: its stage is read from the checkpoint instead
+    stage = zero_stage(load_ds_config(ds)) if ds else None
+    precision = "bf16" if getattr(args, "bf16", False) else ("fp16" if getattr(args, "fp16", False) else "fp32")
+    lora = "off"
+    if getattr(args, "adapter", None):
+        lora = f"adapter {args.adapter}"
+    elif getattr(args, "lora_r", 0):
+        lora = f"r={args.lora_r} alpha={args.lora_alpha:g} targets={args.lora_target_modules or 'default'}"
+    return {"ZeRO stage": stage, "precision": precision, "method": args.method, "LoRA": lora}
+
+
+def check_resume_settings(config: UnlearnConfig) -> None:
+    """A resumed run has the ZeRO stage, precision, method and LoRA setting of the run that saved
+    the checkpoint (read from its ``training_args.bin``, the Trainer's own pickle of our config):
+    another would load optimizer partitions or adapter tensors that do not fit, a DeepSpeed
+    traceback on every rank. InputError naming both, before any model loads."""
+    resume = config.resume_from_checkpoint
+    if not isinstance(resume, str) or resume.lower() in ("true", "false"):
+        return
+    import torch
+
+    saved_file = Path(resume) / "training_args.bin"
+    if not saved_file.is_file():
+        return
+    try:
+        saved = torch.load(saved_file, weights_only=False)
+    except Exception:  # written by another version: the rank and epoch checks still apply
+        return
+    before, now = launch_settings(saved), launch_settings(config)
+    if before["ZeRO stage"] is None and getattr(saved, "deepspeed", None):
+        names = [p.name for p in Path(resume).glob("global_step*/*.pt")]
+        zero3 = any(n.startswith("zero_pp_rank_") and "model_states" in n for n in names)
+        before["ZeRO stage"] = 3 if zero3 else (now["ZeRO stage"] if now["ZeRO stage"] != 3 else "1 or 2")
+    diff = [k for k in now if before[k] != now[k]]
+    if diff:
+        k = diff[0]
+        raise InputError(
+            f"resume_from_checkpoint: {resume} was saved with {k} {before[k]} and this run has {k} {now[k]}; "
+            "resume it with the settings it was saved with"
+        )
+
+
+def run_unlearning(config: UnlearnConfig, *args, **kwargs) -> UnlearnResult:
+    """Unlearn ``config.forget`` from ``config.model`` (``_unlearn``), holding a lock on
+    ``output_dir`` from the moment every check passed to the end (a second run into it is refused
+    in one line); collective (every rank calls it)."""
+    lock = OutputLock(config.output_dir)
+    try:
+        return _unlearn(lock, config, *args, **kwargs)
+    finally:
+        lock.release()
+
+
+def _unlearn(lock: OutputLock, config: UnlearnConfig) -> UnlearnResult:
     """Unlearn ``config.forget`` from ``config.model``; collective (every rank calls it).
 
     Raises InputError (before any output is written) for bad paths or data."""
     started = time.time()
     model_dir = resolve_model_dir(config.model)
     check_paths(config, model_dir)
+    check_resume_settings(config)
     if config.merge_adapter:
         checkpoint_shards(model_dir)  # a local safetensors checkpoint, or one line now
     sets, tokenizer = load_sets(config, model_dir)
     if config.uses_lora:
         check_lora(load_config(model_dir), config)
 
+    # Every check that needs no weights has passed: lock output_dir before the model loads, held
+    # until the run returns (run_unlearning releases it; the OS does if the process dies).
+    if D.any_rank(D.is_main() and not lock.acquire()):  # every rank refuses, none waits on rank 0
+        held_by = f" (process {lock.holder})" if lock.holder else ""
+        raise InputError(
+            f"output_dir: {config.output_dir} is in use by another run{held_by}; wait for it or choose another"
+        )
+
+    from transformers import set_seed
+
     from .trainer import UnlearnTrainer
 
+    # --seed covers everything that draws random numbers, the adapters' initialisation included
+    # (built before the Trainer, which seeds again for training).
+    set_seed(config.seed)
     # Built after UnlearnConfig: under ZeRO-3 its DeepSpeed config makes this load partitioned.
     model = load_causal_lm(model_dir)
     use_cache = getattr(model.config, "use_cache", None)  # the Trainer sets it to False for training
@@ -155,7 +245,7 @@ def run_unlearning(config: UnlearnConfig) -> UnlearnResult:
     if trainer.run.phase != "done" and config.save_resumable:
         # The epoch limit came before the stop rule: keep a checkpoint to resume from with a
         # higher limit (before finalize_weights, which applies TA/TAU's edit for the output).
-        resumable = trainer.save_resumable_checkpoint()
+        resumable = _save_resumable(trainer)
     trainer.finalize_weights()
     if use_cache is not None:  # the saved model generates as the input did (with its KV cache)
         trainer.model.config.use_cache = use_cache
@@ -166,11 +256,7 @@ def run_unlearning(config: UnlearnConfig) -> UnlearnResult:
         if config.merge_adapter and D.is_main():
             merge_into_checkpoint(model_dir, out / ADAPTER_DIR, out / "model")
     else:
-        trainer.save_model(str(out / "model"))
-    if tokenizer is None and D.is_main() and (out / "model").is_dir():  # input_ids data: ship the tokenizer
-        input_tokenizer = load_tokenizer(model_dir)
-        if input_tokenizer is not None:
-            input_tokenizer.save_pretrained(out / "model")
+        _save_full_model(trainer, out / "model", model_dir, tokenizer)
     after = trainer.score_set(sets["forget"])
     trainer.write_scores("scores_after.jsonl", after)
     trainer.log_saved_model_scores(after)
@@ -182,8 +268,52 @@ def run_unlearning(config: UnlearnConfig) -> UnlearnResult:
     )
     report = build_report(config, trainer, after, holdout_after, retain_after, time.time() - started)
     report["resumable_checkpoint"] = str(resumable) if resumable is not None else None
+    # Issue 26: what was written, loaded as a user will, scores as the run judged it (one forward).
+    D.barrier()  # rank 0's writes are complete before any rank reads them
+    dtype = next(trainer.model.parameters()).dtype
+    report["guard"] = check_written(config, model_dir, out, sets["forget"], after, dtype)
+    if not report["guard"]["ok"]:
+        D.report_note(f"ds-unlearn unlearn: error: {report['guard']['error']}")
     # Issue 13: membership inference and sampling extraction, before and after (unlearn/audit.py).
     report["audit"] = audit_run(config, model_dir, trainer, sets)
     if D.is_main():
         write_json(out / REPORT, report)
     return UnlearnResult(report, list(sets["forget"].ids), trainer.run.scores_before, after)
+
+
+def _save_full_model(trainer, path: Path, model_dir, tokenizer) -> None:
+    """``model/``, complete or absent: every rank writes (collectively, under ZeRO-3) into its
+    temporary sibling, rank 0 adds the tokenizer and renames it. A write error (a full disk)
+    removes the temporary and names what was not written; earlier outputs stay as they were."""
+    tmp = partial_name(path)
+    try:
+        if D.is_main():
+            shutil.rmtree(tmp, ignore_errors=True)
+        trainer.save_model(str(tmp))
+        if D.is_main():
+            if tokenizer is None:  # input_ids data: ship the checkpoint's tokenizer
+                tokenizer = load_tokenizer(model_dir)
+            if tokenizer is not None:
+                tokenizer.save_pretrained(tmp)
+            publish_directory(tmp, path)
+    except Exception as err:
+        if D.is_main():
+            shutil.rmtree(tmp, ignore_errors=True)
+        if is_write_error(err):
+            raise write_error(path, err) from err
+        raise
+
+
+def _save_resumable(trainer) -> Path:
+    """``trainer.save_resumable_checkpoint()``; a write error (a full disk) removes the partial
+    checkpoint (it would lack ``unlearn_state.json`` and be refused anyway) and names it."""
+    checkpoint = Path(trainer.args.output_dir) / f"checkpoint-{trainer.state.global_step}"
+    existed = checkpoint.exists()
+    try:
+        return trainer.save_resumable_checkpoint()
+    except Exception as err:
+        if not is_write_error(err):
+            raise
+        if not existed and D.is_main():
+            shutil.rmtree(checkpoint, ignore_errors=True)
+        raise write_error(checkpoint, err) from err
