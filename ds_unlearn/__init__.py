@@ -17,7 +17,7 @@ __version__ = "0.1.0"
 _EXPORTS = {
     "score_sequences": "ds_unlearn.core.scorer",
     "summarize_scores": "ds_unlearn.core.summary",
-    "Thresholds": "ds_unlearn.core.summary",
+    "Thresholds": "ds_unlearn.core.verdict",
     "MEMORIZED_MA": "ds_unlearn.core.memorization",
     "OVER_UNLEARNED_MA": "ds_unlearn.core.memorization",
     "InputError": "ds_unlearn.core.errors",

@@ -117,6 +117,17 @@ def score_argv(c, out, extra):
 
 
 UNLEARN_CASES = {
+    # The case's holdout has 4 rows: two scores judged by position at 0.05 need 40.
+    "holdout too small to calibrate": (
+        ["--band_on", "ma,loss"],
+        "holdout: 4 row(s) cannot calibrate verdicts at quantile 0.025 per side and score: it needs at least 40",
+    ),
+    "unknown band score": (["--band_on", "ma,perplexity"], "band_on: must be a comma list of ma, loss"),
+    "MA levels without an MA verdict": (["--band_on", "loss"], "MA levels are read only when band_on includes ma"),
+    "band beyond MA with step refresh": (
+        ["--band_on", "ma,loss", "--score_refresh", "step"],
+        "score_refresh=step judges MA only",
+    ),
     "no epochs": (["--num_train_epochs", "0"], "num_train_epochs: must be positive"),
     "negative learning rate": (["--learning_rate=-1e-3"], "learning_rate: must be positive"),
     "holdout is the forget file": (lambda c: ["--holdout", c["forget"]], "holdout: is the forget set's own file"),

@@ -158,6 +158,11 @@ def _bad_cases(tmp_path, forget, holdout, model_dir):
             "--forget row 1: 30 tokens, but the audit's settings need at least 36 (set by --prefix_length",
         ),
         "thresholds": ([*base, "--memorized_threshold", "0.1"], "--memorized_threshold: need"),
+        "holdout too small to calibrate": (
+            [*base, "--band_on", "ma,loss"],
+            "--holdout: 3 row(s) cannot calibrate verdicts at quantile 0.025 per side and score: it needs at least 40",
+        ),
+        "unknown band score": ([*base, "--band_on", "ma,perplexity"], "band_on: must be a comma list of ma, loss"),
         "eval include path": ([*base, "--eval_include_path", str(tmp_path)], "--eval_include_path given without"),
         "baseline not a checkpoint": (
             [*base, "--baseline", str(tmp_path / "nope")],

@@ -63,10 +63,11 @@ def test_score_counts_verdicts_at_the_given_thresholds(model_dir, ids_file, tmp_
     argv = ["score", "--model", str(model_dir), "--data", str(ids_file), "--out", str(out), "--extract_k", "8"]
     assert main([*argv, "--memorized_threshold", "0.99", "--over_unlearned_threshold", "0.5"]) == 0
     rows, summary = read_jsonl(out), json.loads((tmp_path / "scores.summary.json").read_text())
-    assert summary["thresholds"] == {"memorized_ma": 0.99, "over_unlearned_ma": 0.5}
+    t = summary["thresholds"]
+    assert (t["rule"], t["memorized_ma"], t["over_unlearned_ma"], t["holdout_rows"]) == ("levels", 0.99, 0.5, None)
     assert summary["memorized"] == sum(r["ma"] >= 0.99 for r in rows) > 0
     assert summary["over_unlearned"] == sum(r["ma"] <= 0.5 for r in rows) > 0
-    assert "memorized (ma >= 0.99)" in capsys.readouterr().out
+    assert "memorized: 3; over-unlearned: 3 (ma >= 0.99 memorized, <= 0.5 over-unlearned)" in capsys.readouterr().out
 
 
 def test_text_rows_are_tokenized_with_the_model_tokenizer(model_dir, tmp_path):

@@ -12,8 +12,8 @@ from ds_unlearn.core.memorization import (
     memorization_accuracy,
     ngram_overlap,
     sequence_metrics,
-    verdict_counts,
 )
+from ds_unlearn.core.verdict import Thresholds
 
 # x = [5, 6, 7, 5, 6, 8]; the model predicts x[1], x[2] right, x[3] wrong, x[4] right, x[5] wrong.
 TOKENS = [5, 6, 7, 5, 6, 8]
@@ -78,4 +78,5 @@ def test_teacher_forced_metrics_by_hand():
 
 
 def test_verdicts_use_inclusive_thresholds():
-    assert verdict_counts([0.6, 0.59, 0.15, 0.16, 1.0]) == {"memorized": 2, "over_unlearned": 1}
+    rows = [{"ma": v} for v in (0.6, 0.59, 0.15, 0.16, 1.0)]
+    assert Thresholds().counts(rows) == {"memorized": 2, "over_unlearned": 1}

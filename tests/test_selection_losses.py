@@ -60,17 +60,24 @@ def test_plan_normalizes_each_optimizer_step_separately():
     assert all(s.weight == pytest.approx(1 / 3) for mb in plan[0] for s in mb)
 
 
+def ma_rows(values):
+    return [{"ma": v} for v in values]
+
+
 def test_stop_rules():
     t = Thresholds(memorized_ma=0.6, over_unlearned_ma=0.15, mean_ma=0.3)
-    assert stop_satisfied([0.1, 0.59], "per_sequence", t)
-    assert not stop_satisfied([0.0, 0.0, 0.6], "per_sequence", t)
+    assert stop_satisfied(ma_rows([0.1, 0.59]), "per_sequence", t)
+    assert not stop_satisfied(ma_rows([0.0, 0.0, 0.6]), "per_sequence", t)
     # The mean rule is fooled by one sequence that stays fully memorized (the paper's point).
-    assert stop_satisfied([0.0, 0.0, 0.0, 0.9], "mean", t)
+    assert stop_satisfied(ma_rows([0.0, 0.0, 0.0, 0.9]), "mean", t)
 
 
-def test_calibration_from_holdout_quantiles():
-    t = calibrate_thresholds([0.1, 0.2, 0.3, 0.4, 0.5], quantile=0.25)
-    assert (t.over_unlearned_ma, t.memorized_ma, t.mean_ma) == pytest.approx((0.2, 0.4, 0.3))
+def test_calibration_from_holdout_positions():
+    # Mid-rank positions of 0.1..0.5 among themselves: 0.1 .. 0.9; at q = 0.25 the ends are out.
+    t = calibrate_thresholds(ma_rows([0.1, 0.2, 0.3, 0.4, 0.5]), quantile=0.25)
+    assert t.mean_ma == pytest.approx(0.3)
+    assert t.sides(ma_rows([0.1, 0.15, 0.2, 0.4, 0.45, 0.5])).tolist() == [-1, -1, 0, 0, 1, 1]
+    assert t.ma_levels() == pytest.approx((0.4 + 1e-9, 0.2 - 1e-9))
 
 
 def test_per_sequence_nll_by_hand():
@@ -121,7 +128,7 @@ def test_plan_fills_the_first_steps_and_balances_ranks():
 
 def test_band_places_each_sequence_ascend_leave_or_pull_back():
     # At the thresholds themselves: memorized at >= 0.5, over-unlearned at <= 0.2.
-    assert band_directions([0.9, 0.5, 0.49, 0.3, 0.21, 0.2, 0.0], BAND) == [
+    assert band_directions(ma_rows([0.9, 0.5, 0.49, 0.3, 0.21, 0.2, 0.0]), BAND) == [
         ASCEND,
         ASCEND,
         LEAVE,
@@ -133,19 +140,19 @@ def test_band_places_each_sequence_ascend_leave_or_pull_back():
 
 
 def test_band_rule_stops_only_when_nothing_is_memorized_and_few_are_over_unlearned():
-    assert stop_satisfied([0.3, 0.4, 0.25], "band", BAND)  # stop: all inside the band
-    assert not stop_satisfied([0.3, 0.55, 0.25], "band", BAND)  # continue: one still memorized
-    assert not stop_satisfied([0.3, 0.4, 0.1], "band", BAND)  # continue: pull the 0.1 back
-    assert stop_satisfied([0.3, 0.4, 0.1], "band", BAND, max_over_unlearned=1)  # tolerated
-    assert not stop_satisfied([0.0, 0.1, 0.3], "band", BAND, max_over_unlearned=1)
+    assert stop_satisfied(ma_rows([0.3, 0.4, 0.25]), "band", BAND)  # stop: all inside the band
+    assert not stop_satisfied(ma_rows([0.3, 0.55, 0.25]), "band", BAND)  # continue: one still memorized
+    assert not stop_satisfied(ma_rows([0.3, 0.4, 0.1]), "band", BAND)  # continue: pull the 0.1 back
+    assert stop_satisfied(ma_rows([0.3, 0.4, 0.1]), "band", BAND, max_over_unlearned=1)  # tolerated
+    assert not stop_satisfied(ma_rows([0.0, 0.1, 0.3]), "band", BAND, max_over_unlearned=1)
     # The per_sequence rule is blind to the lower side: it would stop on a set pushed to zero.
-    assert stop_satisfied([0.0, 0.0, 0.0], "per_sequence", BAND)
-    assert not stop_satisfied([0.0, 0.0, 0.0], "band", BAND)
+    assert stop_satisfied(ma_rows([0.0, 0.0, 0.0]), "per_sequence", BAND)
+    assert not stop_satisfied(ma_rows([0.0, 0.0, 0.0]), "band", BAND)
 
 
 def test_band_epoch_plan_ascends_memorized_and_descends_pulled_back_rows():
     ma = [0.9, 0.3, 0.05, 0.6]
-    directions = band_directions(ma, BAND)
+    directions = band_directions(ma_rows(ma), BAND)
     rows = [i for i, d in enumerate(directions) if d != LEAVE]
     terms = ["ascend" if directions[i] == ASCEND else "descend" for i in rows]
     plan = plan_epoch(rows, world_size=1, micro_batches_per_rank=1, grad_accum=1, rows_per_micro_batch=3, terms=terms)
@@ -226,7 +233,7 @@ def test_thresholds_explicit_then_calibrated_then_fixed():
     from ds_unlearn.core.errors import InputError
     from ds_unlearn.unlearn.trainer import resolve_thresholds
 
-    holdout = [{"ma": v} for v in (0.1, 0.2, 0.3, 0.4, 0.5)]
+    holdout = ma_rows([0.1, 0.2, 0.3, 0.4, 0.5])
 
     def args(**kw):
         base = dict(
@@ -235,20 +242,27 @@ def test_thresholds_explicit_then_calibrated_then_fixed():
             mean_threshold=None,
             calibrate_thresholds=True,
             calibration_quantile=0.25,
+            band_on_scores=("ma",),
         )
         return SimpleNamespace(**{**base, **kw})
 
     t, source = resolve_thresholds(args(), holdout)
-    assert (t.memorized_ma, t.over_unlearned_ma, t.mean_ma, source) == pytest.approx((0.4, 0.2, 0.3, "holdout"))
+    assert (t.mean_ma, source, t.positional()) == (pytest.approx(0.3), "holdout", ("ma",))
+    assert t.sides(ma_rows([0.1, 0.3, 0.5])).tolist() == [-1, 0, 1]
     t, source = resolve_thresholds(args(memorized_threshold=0.6, over_unlearned_threshold=0.15), holdout)
     assert (t.memorized_ma, t.over_unlearned_ma, source) == (0.6, 0.15, "explicit")
     t, source = resolve_thresholds(args(calibrate_thresholds=False), None)
     assert (t.memorized_ma, t.over_unlearned_ma, t.mean_ma, source) == (0.6, 0.15, None, "fixed")
-    # A holdout scoring all alike gives no band: the fixed values.
-    t, source = resolve_thresholds(args(), [{"ma": 0.0}] * 4)
-    assert (t.memorized_ma, t.over_unlearned_ma, source) == (0.6, 0.15, "fixed")
+    # A holdout scoring all alike still has a band: its value sits at position 0.5.
+    t, source = resolve_thresholds(args(), ma_rows([0.0] * 4))
+    assert t.sides(ma_rows([0.0, 0.05])).tolist() == [0, 1] and source == "holdout"
+    # One side explicit, the other by position.
+    t, source = resolve_thresholds(args(memorized_threshold=0.45), holdout)
+    assert t.sides(ma_rows([0.1, 0.45])).tolist() == [-1, 1]
     with pytest.raises(InputError, match="memorized_threshold"):
-        resolve_thresholds(args(memorized_threshold=0.15), holdout)
+        resolve_thresholds(args(memorized_threshold=0.15, over_unlearned_threshold=0.2), holdout)
+    with pytest.raises(InputError, match="needs at least 4"):
+        resolve_thresholds(args(), holdout[:3])
 
 
 def test_collapse_is_reaching_a_uniform_guess_on_the_holdout_from_below():

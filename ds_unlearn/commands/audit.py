@@ -39,6 +39,7 @@ from ..core.mia import (
 from ..core.models import DTYPES, load_config, load_for_inference, load_tokenizer, resolve_model_dir
 from ..core.scorer import DEFAULT_BATCH_SIZE, DEFAULT_EL_N, DEFAULT_EXTRACT_K
 from ..core.summary import add_threshold_flags, thresholds_from
+from ..core.verdict import check_holdout_size
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -88,7 +89,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     a("--top_p", type=float, default=None, help="top-p (nucleus) truncation in (0, 1] (default off)")
     a("--attack_samples", type=int, default=DEFAULT_ATTACK_SAMPLES, help="attacker's sample budget n")
     a("--attack_confidence", type=float, default=DEFAULT_ATTACK_CONFIDENCE, help="success probability q")
-    add_threshold_flags(a)
+    add_threshold_flags(a, calibrate=True)
     a("--bootstrap", type=int, default=DEFAULT_BOOTSTRAP, help="bootstrap resamples of each AUC (0: none)")
     # 42 is TrainingArguments' seed: the same as unlearn's end-of-run audit, so the two reproduce each other.
     a("--seed", type=seed_arg, default=42, help="seed of the bootstrap and the sampling (unlearn's default seed)")
@@ -173,12 +174,15 @@ def run(args: argparse.Namespace) -> int:
         check_adapter_dir(args.adapter)
     settings = settings_from(args)
     settings.validate()
-    thresholds = thresholds_from(args)
+    thresholds = thresholds_from(args, calibrate=True)
     ds_config = load_ds_config(args.deepspeed) if args.deepspeed else None
     vocab_size = load_config(model_dir).vocab_size
     if baseline_dir is not None and load_config(baseline_dir, "--baseline").vocab_size != vocab_size:
         raise InputError(f"--baseline: {args.baseline} has a different vocabulary size than --model")
     sets, tokenizer, explicit = load_sets(args, model_dir, vocab_size, settings)
+    if any(s != "ma" or settings.greedy for s in thresholds.positional()):
+        # Verdicts by position among the holdout: enough rows for the quantile, before any model loads.
+        check_holdout_size(len(sets["holdout"]), thresholds.score_quantile, "--holdout")
     for name, directory in companions.items():
         check_same_vocabulary(f"--{name}", directory, vocab_size, tokenizer)
     tasks = _eval_tasks(args)

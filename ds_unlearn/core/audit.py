@@ -54,7 +54,8 @@ from .mia import (
 )
 from .passes import decoding_processors, token_statistics
 from .scorer import DEFAULT_BATCH_SIZE, DEFAULT_EL_N, DEFAULT_EXTRACT_K, min_length, score_sequences
-from .summary import Thresholds, summarize_scores
+from .summary import summarize_scores
+from .verdict import IN_BAND, MEMORIZED, OVER_UNLEARNED, Thresholds, check_holdout_size
 
 VERDICTS = ("memorized", "discoverable", "over-unlearned", "unseen-like")
 SETS = ("forget", "holdout")
@@ -271,12 +272,16 @@ def _check_companion(option: str, companion, model, count: int) -> None:
 
 
 def verdict(row: dict, thresholds: Thresholds) -> str:
-    """The one verdict of a sequence (module docstring); needs ``ma`` and ``discoverable``."""
-    if row.get("ma") is not None and row["ma"] >= thresholds.memorized_ma:
+    """The one verdict of a sequence (module docstring): ``Thresholds.sides`` over its ``band_on``
+    scores (skipped when the row lacks one: an audit without greedy scoring has no MA), and
+    ``discoverable``."""
+    judged = all(s in row for s in thresholds.band_on)
+    side = int(thresholds.sides([row])[0]) if judged else IN_BAND
+    if side == MEMORIZED:
         return "memorized"
     if row["discoverable"]:
         return "discoverable"
-    if row.get("ma") is not None and row["ma"] <= thresholds.over_unlearned_ma:
+    if side == OVER_UNLEARNED:
         return "over-unlearned"
     return "unseen-like"
 
@@ -299,7 +304,7 @@ def summarize_audit(rows: list[dict], settings: AuditSettings, thresholds: Thres
     (``mia``), and the TPR at each of ``mia.TPR_FPRS`` with its interval (``tpr_at_fpr``)."""
     by_set = {name: [r for r in rows if r["set"] == name] for name in SETS}
     scores = attacks(rows)
-    out: dict[str, Any] = {"settings": asdict(settings), "thresholds": asdict(thresholds)}
+    out: dict[str, Any] = {"settings": asdict(settings), "thresholds": thresholds.summary()}
     greedy_keys = ("n_tokens", "loss", "ma", "max_verbatim")
     for name, set_rows in by_set.items():
         part: dict[str, Any] = {"count": len(set_rows)}
@@ -395,9 +400,11 @@ def audit(
     """
     settings = AuditSettings(**options) if settings is None else replace(settings, **options)
     settings.validate()
-    thresholds = thresholds or Thresholds()
+    thresholds = Thresholds(None, None) if thresholds is None else thresholds
     forget_ids, forget_seqs = _as_sequences(forget)
     holdout_ids, holdout_seqs = _as_sequences(holdout)
+    if any(s not in thresholds.holdout and (s != "ma" or settings.greedy) for s in thresholds.positional()):
+        check_holdout_size(len(holdout_seqs), thresholds.score_quantile)
     explicit_ids = hasattr(forget, "sequences") and hasattr(holdout, "sequences")
     check_sets(
         forget_seqs,
@@ -447,6 +454,11 @@ def audit(
             row[REF_SCORE] = ref_score(row["loss"], reference_loss)
     scores = attacks(rows)
     holdout_scores = {s: [r[s] for r in rows if r["set"] == "holdout"] for s in scores}
+    holdout_rows = [r for r in rows if r["set"] == "holdout"]
+    uncalibrated = any(s not in thresholds.holdout for s in thresholds.positional())
+    if uncalibrated and all(s in holdout_rows[0] for s in thresholds.band_on):
+        # Verdicts by position among this audit's own non-members (explicit levels win).
+        thresholds = thresholds.calibrated(holdout_rows)
     for row in rows:
         for score in scores:
             row[f"{score}_pct"] = percentile_in(row[score], holdout_scores[score])

@@ -90,6 +90,22 @@ def _tpr(entry: dict) -> str:
     return _f(entry["tpr"]) + (f" [{_f(ci[0])}, {_f(ci[1])}]" if ci else "")
 
 
+def _side(t: dict, level: str, sign: str) -> str:
+    """One side of the verdict on MA, as its equivalent level (``Thresholds.summary``)."""
+    scores = [s for s in t["band_on"] if s != "ma"]
+    on_ma = f"MA {sign} {_f(t[level])}" if t[level] is not None else "never on MA"
+    return on_ma if not scores else f"{on_ma} or {'/'.join(scores)} outside the holdout's band"
+
+
+def _rule(t: dict) -> str:
+    if t["rule"] == "levels":
+        return "fixed MA levels"
+    return (
+        f"by mid-rank position among {t['holdout_rows']} holdout rows, ties counting half, outside their "
+        f"central {100 * (1 - 2 * t['quantile']):g}%"
+    )
+
+
 def markdown(result: AuditResult) -> str:
     s, st = result.summary, result.summary["settings"]
     t = s["thresholds"]
@@ -99,10 +115,9 @@ def markdown(result: AuditResult) -> str:
         "# ds-unlearn audit",
         "",
         f"Model: `{s.get('model', 'n/a')}`. {s['forget']['count']} forget and {s['holdout']['count']} holdout "
-        "sequences (named by id only). Verdicts: memorized if MA ≥ "
-        f"{_f(t['memorized_ma'])}, discoverable if {st['attack_samples']} samples reproduce the suffix with "
-        f"probability ≥ {st['attack_confidence']}, over-unlearned if MA ≤ {_f(t['over_unlearned_ma'])}, "
-        "else unseen-like.",
+        f"sequences (named by id only). Verdicts: memorized if {_side(t, 'memorized_ma', '≥')}, discoverable if "
+        f"{st['attack_samples']} samples reproduce the suffix with probability ≥ {st['attack_confidence']}, "
+        f"over-unlearned if {_side(t, 'over_unlearned_ma', '≤')}, else unseen-like ({_rule(t)}).",
         "",
         "## Verdicts",
         "",

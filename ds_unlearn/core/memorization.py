@@ -141,16 +141,3 @@ def sequence_metrics(
     for k in extract_k:
         out[f"extractable_k{k}"] = is_extractable(match, k)
     return out
-
-
-def verdict_counts(
-    ma_values: Sequence[float],
-    memorized_at: float = MEMORIZED_MA,
-    over_unlearned_at: float = OVER_UNLEARNED_MA,
-) -> dict:
-    """How many sequences are still memorized, and how many were pushed suspiciously low."""
-    ma = np.asarray(ma_values, dtype=np.float64)
-    return {
-        "memorized": int(np.count_nonzero(ma >= memorized_at)),
-        "over_unlearned": int(np.count_nonzero(ma <= over_unlearned_at)),
-    }

@@ -34,6 +34,9 @@ class TeacherForced:
     greedy token after ``x[:j+1]``; past T_i - 1 it is padding's). ``tokens``: int64 [S, W].
     ``cache``: the pass's KV cache when asked for (positions 0..T_i-1 of row i in columns
     0..T_i-1), else None. ``nonfinite``: indices of sequences whose logits held NaN or inf.
+    ``moments``: when asked for, per sequence (mu, sigma), float64 rows of length T_i - 1: mean and
+    standard deviation of log p(.) under the model's own next-token distribution (Min-K%++'s
+    normalisers), from the same fp32 log-softmax; else None.
     """
 
     rows: list[tuple[np.ndarray, np.ndarray]]
@@ -41,11 +44,15 @@ class TeacherForced:
     tokens: np.ndarray
     cache: object | None
     nonfinite: list[int]
+    moments: list[tuple[np.ndarray, np.ndarray]] | None = None
 
 
 @torch.no_grad()
-def teacher_forced_pass(model, sequences: Sequence[Sequence[int]], keep_cache: bool = False) -> TeacherForced:
-    """One right-padded forward pass over ``sequences`` (see ``TeacherForced``)."""
+def teacher_forced_pass(
+    model, sequences: Sequence[Sequence[int]], keep_cache: bool = False, moments: bool = False
+) -> TeacherForced:
+    """One right-padded forward pass over ``sequences`` (see ``TeacherForced``); ``moments`` adds
+    the per-position mean and spread of log p that Min-K%++ needs (one more pass over the logits)."""
     device = model_device(model)
     lengths = [len(s) for s in sequences]
     width = max(lengths)
@@ -68,7 +75,21 @@ def teacher_forced_pass(model, sequences: Sequence[Sequence[int]], keep_cache: b
     match, nll, predictions, bad = match.cpu().numpy(), nll.double().cpu().numpy(), predictions.cpu().numpy(), bad.cpu()
     rows = [(match[i, : n - 1].copy(), nll[i, : n - 1].copy()) for i, n in enumerate(lengths)]
     cache = out.past_key_values if keep_cache else None
-    return TeacherForced(rows, predictions, tokens, cache, [int(i) for i in np.flatnonzero(bad.numpy())])
+    spread = None
+    if moments:
+        mu, sigma = (m.double().cpu().numpy() for m in logprob_moments(logprobs))
+        spread = [(mu[i, : n - 1].copy(), sigma[i, : n - 1].copy()) for i, n in enumerate(lengths)]
+    bad_rows = [int(i) for i in np.flatnonzero(bad.numpy())]
+    return TeacherForced(rows, predictions, tokens, cache, bad_rows, spread)
+
+
+def logprob_moments(logprobs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and standard deviation of log p(.) under p itself, over the last (vocabulary) axis of
+    ``logprobs`` (a log-softmax, [..., V]); both [...], in its dtype (Zhang et al. 2024, Min-K%++)."""
+    probs = logprobs.exp()
+    mu = (probs * logprobs).sum(-1)
+    sigma = ((probs * logprobs.square()).sum(-1) - mu.square()).clamp(min=0).sqrt()
+    return mu, sigma
 
 
 def teacher_forced_rows(model, sequences: Sequence[Sequence[int]]) -> list[tuple[np.ndarray, np.ndarray]]:
@@ -164,9 +185,7 @@ def token_statistics(
     logits = logits.to(_score_dtype(logits))
     targets = ids[:, 1:].unsqueeze(-1)
     logprobs = torch.log_softmax(logits, dim=-1)
-    probs = logprobs.exp()
-    mu = (probs * logprobs).sum(-1)
-    sigma = ((probs * logprobs.square()).sum(-1) - mu.square()).clamp(min=0).sqrt()
+    mu, sigma = logprob_moments(logprobs)
     batch, width, vocab = logits.shape
     warped = logits.reshape(batch * width, vocab)
     for processor in processors:  # they take (input_ids, scores[batch, vocab]); none reads input_ids

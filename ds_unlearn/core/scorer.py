@@ -23,6 +23,7 @@ from .memorization import (
     extraction_likelihood_reference,
     sequence_metrics,
 )
+from .mia import mia_scores, token_bytes
 from .passes import greedy_continuations, model_device, teacher_forced_pass
 
 DEFAULT_BATCH_SIZE = 16
@@ -222,12 +223,16 @@ def _el_reference(model, sequences, el_n, batch_size, progress, any_rank) -> lis
 
 
 @torch.no_grad()
-def _score_local(model, sequences, el_n, extract_k, sizes, method, progress, any_rank) -> tuple[list[dict], list[int]]:
+def _score_local(
+    model, sequences, el_n, extract_k, sizes, method, progress, any_rank, membership=False
+) -> tuple[list[dict], list[int]]:
     """Metrics of this rank's sequences, and the indices (into ``sequences``) with non-finite logits."""
     fast = bool(el_n) and method == "fast"
-    rows, els, nonfinite = [], [], []
+    rows, els, nonfinite, moments = [], [], [], []
     for b, batch in enumerate(progress(_chunks(list(sequences), sizes.sequences), "score")):
-        tf = teacher_forced_pass(model, batch, keep_cache=fast)
+        tf = teacher_forced_pass(model, batch, keep_cache=fast, moments=membership)
+        if membership:
+            moments.extend(tf.moments)
         if fast:
             els.extend(_el_fast_batch(model, batch, tf, el_n, sizes.rows, any_rank))
         tf.cache = None  # the KV cache can be large; only this batch's continuations needed it
@@ -238,12 +243,16 @@ def _score_local(model, sequences, el_n, extract_k, sizes, method, progress, any
     elif not fast:
         els = _el_reference(model, sequences, el_n, sizes.rows, progress, any_rank)
     results = []
-    for seq, (match, nll), el in zip(sequences, rows, els):
+    for i, (seq, (match, nll), el) in enumerate(zip(sequences, rows, els)):
         metrics = sequence_metrics(seq, match, nll, extract_k=extract_k)
         # Key order of the output files: n_tokens, loss, ma, el_*, max_verbatim, extractable_*.
         ordered = {k: metrics[k] for k in ("n_tokens", "loss", "ma")}
         ordered.update(el)
         ordered.update({k: v for k, v in metrics.items() if k not in ordered})
+        if membership:
+            mu, sigma = moments[i]
+            mia = mia_scores(-nll, mu, sigma, token_bytes(seq))
+            ordered.update({k: v for k, v in mia.items() if k != "loss"})
         results.append(ordered)
     return results, nonfinite
 
@@ -311,13 +320,17 @@ def score_sequences(
     method: str = "fast",
     progress: bool = False,
     gather_params: bool | None = None,
+    membership: bool = False,
 ) -> list[dict]:
     """Per-sequence memorization metrics of ``model`` on token-id ``sequences`` (lists of ints,
     1-D int tensors or arrays, or one 2-D [rows, tokens] tensor; lengths may differ). ``el_n`` and
     ``extract_k``: an int or several.
 
     Returns one dict per sequence, in order: ``n_tokens``, ``loss``, ``ma``, ``el_{n}``,
-    ``max_verbatim``, ``extractable_k{K}``. The model keeps its dtype and device. Inside a
+    ``max_verbatim``, ``extractable_k{K}``; with ``membership`` also the membership scores of the
+    same teacher-forced pass (``zlib`` on the token ids' bytes, ``min_k``, ``min_k++``: core/mia.py,
+    from fp32 log-probabilities), which is what an unlearning run judges ``band_on`` with. The
+    model keeps its dtype and device. Inside a
     torch.distributed process group the sequences are sharded over ranks and every rank gets the
     full list back; every rank must call this with the same arguments.
 
@@ -355,7 +368,7 @@ def score_sequences(
             # Gathered once, every forward is local: ranks need not keep in step.
             any_rank = (lambda flag: flag) if gathered else D.any_rank
             local, bad = _score_local(
-                model, [sequences[i] for i in indices], el_n, extract_k, sizes, method, bar, any_rank
+                model, [sequences[i] for i in indices], el_n, extract_k, sizes, method, bar, any_rank, membership
             )
     finally:
         model.train(was_training)

@@ -7,60 +7,81 @@ Used by ``score`` (its ``.summary.json``), the unlearning report, the demo and t
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 import numpy as np
 
 from .errors import InputError
-from .memorization import MEMORIZED_MA, OVER_UNLEARNED_MA, verdict_counts
+from .memorization import MEMORIZED_MA, OVER_UNLEARNED_MA
+from .verdict import CALIBRATION_QUANTILE, MAX_QUANTILE, Thresholds, parse_band_on
+
+__all__ = ["CALIBRATION_QUANTILE", "Thresholds", "calibrate_thresholds", "summarize_scores", "summary_lines"]
 
 HISTOGRAM_BINS = 10
-CALIBRATION_QUANTILE = 0.05  # memorized above the holdout's 95th percentile MA, over-unlearned below its 5th
 
 
-@dataclass(frozen=True)
-class Thresholds:
-    """Verdict levels on memorization accuracy (MA, a fraction in [0, 1]).
-
-    ``memorized_ma``: a sequence at or above it is still memorized; ``over_unlearned_ma``: at or
-    below it, pushed suspiciously low (the ICML 2024 code: 0.60 / 0.15). ``mean_ma``: the level of
-    the papers' ``mean`` stop rule (Jang et al. 2023), None when unused."""
-
-    memorized_ma: float = MEMORIZED_MA
-    over_unlearned_ma: float = OVER_UNLEARNED_MA
-    mean_ma: float | None = None
-
-
-def add_threshold_flags(add) -> None:
+def add_threshold_flags(add, calibrate: bool = False) -> None:
     """The verdict flags ``--memorized_threshold`` and ``--over_unlearned_threshold`` (MA levels),
-    added with ``add`` (an argparse parser's ``add_argument``); read them with ``thresholds_from``."""
-    add("--memorized_threshold", type=float, default=MEMORIZED_MA, help="MA at or above which: memorized")
-    add("--over_unlearned_threshold", type=float, default=OVER_UNLEARNED_MA, help="MA at or below: over-unlearned")
-
-
-def thresholds_from(args) -> Thresholds:
-    """``Thresholds`` from the flags of ``add_threshold_flags``. Raises InputError unless
-    0 <= over_unlearned < memorized <= 1."""
-    if not 0.0 <= args.over_unlearned_threshold < args.memorized_threshold <= 1.0:
-        raise InputError("--memorized_threshold: need 0 <= over_unlearned_threshold < memorized_threshold <= 1")
-    return Thresholds(args.memorized_threshold, args.over_unlearned_threshold)
-
-
-def calibrate_thresholds(holdout_ma: Sequence[float], quantile: float) -> Thresholds:
-    """Thresholds from text the model never saw: a sequence is memorized above the holdout's
-    upper ``1-quantile`` MA, over-unlearned below its lower ``quantile`` MA (where a membership
-    attack would spot it), and the mean rule stops at the holdout's mean MA (Jang et al.).
-
-    ``holdout_ma``: per-sequence MA of the holdout set (floats in [0, 1]); ``quantile`` in (0, 0.5).
-    Raises ValueError on an empty holdout."""
-    ma = np.asarray(holdout_ma, dtype=np.float64)
-    if ma.size == 0:
-        raise ValueError("calibrate_thresholds needs at least one holdout score")
-    return Thresholds(
-        memorized_ma=float(np.quantile(ma, 1 - quantile)),
-        over_unlearned_ma=float(np.quantile(ma, quantile)),
-        mean_ma=float(ma.mean()),
+    added with ``add`` (an argparse parser's ``add_argument``); read them with ``thresholds_from``.
+    Unset, a side is calibrated on the holdout where the command has one (``calibrate``: also
+    ``--band_on`` and ``--calibration_quantile``), else the ICML code's fixed level."""
+    add(
+        "--memorized_threshold",
+        type=float,
+        default=None,
+        help=f"MA at or above which: memorized (default: calibrated on a holdout, else {MEMORIZED_MA})",
     )
+    add(
+        "--over_unlearned_threshold",
+        type=float,
+        default=None,
+        help=f"MA at or below which: over-unlearned (default: calibrated on a holdout, else {OVER_UNLEARNED_MA})",
+    )
+    if calibrate:
+        add(
+            "--band_on",
+            default="ma",
+            help="comma list of scores judged by position among the holdout (ma, loss, zlib, min_k, min_k++)",
+        )
+        add(
+            "--calibration_quantile",
+            type=float,
+            default=CALIBRATION_QUANTILE,
+            help="per side: outside the holdout's central 1-2q by mid-rank position (needs ceil(1/q) holdout rows)",
+        )
+
+
+def thresholds_from(args, calibrate: bool = False) -> Thresholds:
+    """``Thresholds`` from the flags of ``add_threshold_flags``: a side given explicitly is a
+    level; an unset side is judged by holdout position when ``calibrate`` (the caller then calls
+    ``Thresholds.calibrated``), else the fixed level. Raises InputError unless
+    0 <= over_unlearned < memorized <= 1."""
+    memorized, over = args.memorized_threshold, args.over_unlearned_threshold
+    if not calibrate:
+        memorized = MEMORIZED_MA if memorized is None else memorized
+        over = OVER_UNLEARNED_MA if over is None else over
+    if memorized is not None and over is not None and not 0.0 <= over < memorized <= 1.0:
+        raise InputError("--memorized_threshold: need 0 <= over_unlearned_threshold < memorized_threshold <= 1")
+    band_on = parse_band_on(getattr(args, "band_on", "ma"))
+    if "ma" not in band_on and not calibrate:
+        raise InputError("--band_on: scores other than ma are judged against a holdout")
+    quantile = getattr(args, "calibration_quantile", CALIBRATION_QUANTILE)
+    if not (isinstance(quantile, float) and 0.0 < quantile <= MAX_QUANTILE):
+        raise InputError(f"--calibration_quantile: must lie in (0, {MAX_QUANTILE}], got {quantile}")
+    if "ma" not in band_on:  # no MA verdict: levels given for it would be read by nothing
+        if args.memorized_threshold is not None or args.over_unlearned_threshold is not None:
+            raise InputError("--memorized_threshold: MA levels are read only when --band_on includes ma")
+        memorized = over = None
+    return Thresholds(memorized, over, None, band_on, quantile)
+
+
+def calibrate_thresholds(
+    holdout_rows: Sequence[dict], quantile: float = CALIBRATION_QUANTILE, band_on: Sequence[str] = ("ma",)
+) -> Thresholds:
+    """Thresholds judged wholly by position among text the model never saw (``core.verdict``):
+    ``holdout_rows`` are its per-sequence score dicts (every ``band_on`` score, and ``ma`` for the
+    mean rule's level, the holdout's mean MA as in Jang et al.). Raises InputError when the holdout
+    is too small for ``quantile`` (``verdict.min_holdout_rows``)."""
+    return Thresholds(None, None, None, tuple(band_on), quantile).calibrated(list(holdout_rows))
 
 
 def metric_means(scores: list[dict]) -> dict[str, float]:
@@ -83,8 +104,9 @@ def summarize_scores(scores: list[dict], thresholds: Thresholds | None = None) -
     t = thresholds or Thresholds()
     out = {
         "count": len(scores),
-        "thresholds": {"memorized_ma": t.memorized_ma, "over_unlearned_ma": t.over_unlearned_ma},
-        **verdict_counts([s["ma"] for s in scores], t.memorized_ma, t.over_unlearned_ma),
+        "thresholds": t.summary(),
+        **t.counts(scores),
+        "verdict_rule": t.describe(),
         "extractable": {k: int(sum(bool(s[k]) for s in scores)) for k in scores[0] if k.startswith("extractable_")},
         "means": metric_means(scores),
         "ma_histogram": ma_histogram(scores),
@@ -99,12 +121,10 @@ def summary_lines(summary: dict) -> list[str]:
     means = summary["means"]
     el = ", ".join(f"{k} {v:.3f}" for k, v in means.items() if k.startswith("el_"))
     extract = ", ".join(f"{k[len('extractable_') :]} {v}" for k, v in summary["extractable"].items())
-    t = summary["thresholds"]
     lines = [
         f"{summary['count']} sequences: mean ma {means['ma']:.3f}, mean loss {means['loss']:.3f}"
         + (f", {el}" if el else ""),
-        f"memorized (ma >= {t['memorized_ma']}): {summary['memorized']}; "
-        f"over-unlearned (ma <= {t['over_unlearned_ma']}): {summary['over_unlearned']}",
+        f"memorized: {summary['memorized']}; over-unlearned: {summary['over_unlearned']} ({summary['verdict_rule']})",
     ]
     if "max_verbatim" in means:
         lines.append(f"extractable: {extract}; longest verbatim run: mean {means['max_verbatim']:.1f} tokens")

@@ -91,8 +91,9 @@ def markdown(report: dict) -> str:
         lines += [
             f"Thresholds, calibrated on {unseen.get('count', 'the')} records the model never saw, as the planted "
             f"model scores them (mean MA {f3(unseen.get('means', {}).get('ma'))}): "
-            f"memorized if MA ≥ {f3(t['memorized_ma'])} "
-            f"(their 95th percentile), over-unlearned if MA ≤ {f3(t['over_unlearned_ma'])} (their 5th)."
+            f"memorized if MA ≥ {f3(t['memorized_ma'])}, over-unlearned if MA ≤ {f3(t['over_unlearned_ma'])} "
+            "(a record's mid-rank position among them, ties counting half, beyond their central "
+            f"{100 * (1 - 2 * (t.get('quantile') or 0.05)):g}%; n/a: that side never flags)."
             + (
                 f" Calibrated on the KJV holdout instead they would be {f3(kjv['memorized_ma'])} / "
                 f"{f3(kjv['over_unlearned_ma'])}, below what never-seen records score: planting taught the model "
@@ -315,8 +316,12 @@ def _threshold_lines(ax, report: dict) -> None:
     first = next(iter(report["methods"].values()), None)
     if first is not None:
         t = first["thresholds"]
-        ax.axhline(t["memorized_ma"], color="black", ls="--", lw=1, label="memorized at")
-        ax.axhline(t["over_unlearned_ma"], color="black", ls=":", lw=1, label="over-unlearned at")
+        for level, ls, label in (
+            ("memorized_ma", "--", "memorized at"),
+            ("over_unlearned_ma", ":", "over-unlearned at"),
+        ):
+            if t.get(level) is not None:  # None: that side never flags on MA
+                ax.axhline(t[level], color="black", ls=ls, lw=1, label=label)
     unseen = report["planting"]["sets"].get("unseen", {}).get("means", {}).get("ma")
     if unseen is not None:
         ax.axhline(unseen, color="tab:olive", lw=1, label="never-seen records (mean MA)")

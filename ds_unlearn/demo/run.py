@@ -93,6 +93,7 @@ from ..core.errors import InputError
 from ..core.files import check_output, clear_outputs, write_json, write_jsonl
 from ..core.memorization import MEMORIZED_MA
 from ..core.summary import CALIBRATION_QUANTILE, Thresholds, calibrate_thresholds, summarize_scores
+from ..core.verdict import MAX_QUANTILE
 from ..unlearn.loop import SequenceTrainer
 
 METHODS = ("ga", "sga", "ta", "tau", "graddiff", "npo", "kl")
@@ -229,7 +230,7 @@ def run_demo(output_dir: str | Path, settings: DemoSettings, overwrite: bool = F
         "plant", plant, model_info["checkpoint"], tokenizer, data, tokens, settings, out / "planted"
     )
     thresholds = {name: calibrated_thresholds(planted_scores[name]) for name in ("unseen", "holdout")}
-    planting["thresholds"] = {name: asdict(t) for name, t in thresholds.items()}
+    planting["thresholds"] = {name: t.summary() for name, t in thresholds.items()}
     # Every method starts from the planted checkpoint: its audit (the "before" of every method) runs once.
     planting["audit"] = clock.run("audit planted", audit_planted, out, settings, thresholds["unseen"])
     methods = {}
@@ -594,8 +595,9 @@ def unlearn_config(method: str, out: Path, settings: DemoSettings, overwrite: bo
         audit_holdout=str(data / "unseen.jsonl"),
         method=method,
         stop_rule=BASELINE_RULE.get(method, "band"),
-        memorized_threshold=thresholds.memorized_ma,
-        over_unlearned_threshold=thresholds.over_unlearned_ma,
+        # The verdicts are the ones calibrated on the never-planted records, given to the run whole;
+        # the KJV holdout measures utility only.
+        calibrate_thresholds=False,
         mean_threshold=thresholds.mean_ma,
         score_refresh="epoch",
         min_lr_fraction=settings.min_lr_fraction,
@@ -629,7 +631,7 @@ def unlearn(
     from ..unlearn.run import run_unlearning
 
     config = unlearn_config(method, out, settings, overwrite, thresholds, lora)
-    result = run_unlearning(config)
+    result = run_unlearning(config, thresholds=thresholds)
     gc.collect()
     audit = result.report.get("audit", {})
     if "after" in audit and "summary" in planted_audit:
@@ -667,12 +669,11 @@ def audit_planted(out: Path, settings: DemoSettings, thresholds: Thresholds) -> 
 
 
 def calibrated_thresholds(scores: list[dict]) -> Thresholds:
-    """``core.summary.calibrate_thresholds`` on a set the planted model never trained on, as it
-    scored it: memorized above the set's 95th percentile MA, over-unlearned below its 5th."""
-    t = calibrate_thresholds([r["ma"] for r in scores], CALIBRATION_QUANTILE)
-    if t.over_unlearned_ma >= t.memorized_ma:  # a tiny set scoring all alike: the ICML code's values
-        return Thresholds(mean_ma=t.mean_ma)
-    return t
+    """The verdict (``core.verdict``) calibrated on a set the planted model never trained on, as it
+    scored it; every method's run is given it (``run_unlearning(..., thresholds=)``). The
+    quantile is the default per side, or 1/n where the set is too small for it (the quick demo)."""
+    quantile = min(max(CALIBRATION_QUANTILE, 1.0 / len(scores)), MAX_QUANTILE)
+    return calibrate_thresholds(scores, quantile)
 
 
 def audit_figures(audit: dict) -> dict | None:

@@ -20,7 +20,7 @@ from ..core.data import DEFAULT_ID_FIELD
 from ..core.errors import InputError
 from ..core.memorization import MEMORIZED_MA, OVER_UNLEARNED_MA
 from ..core.scorer import DEFAULT_BATCH_SIZE, DEFAULT_EXTRACT_K
-from ..core.summary import CALIBRATION_QUANTILE
+from ..core.verdict import CALIBRATION_QUANTILE, MAX_QUANTILE, check_holdout_size, parse_band_on
 
 METHODS = ("ga", "sga", "ta", "tau", "graddiff", "npo", "kl")
 STOP_RULES = ("band", "per_sequence", "mean")
@@ -177,8 +177,16 @@ class UnlearnConfig(TrainingArguments):
         default=None,
     )
     calibration_quantile: float = _help(
-        "With calibrate_thresholds: memorized above the holdout's (1-q) quantile, over-unlearned below its q quantile.",
+        "With calibrate_thresholds: memorized beyond the holdout's (1-q) mid-rank position (ties count half), "
+        "over-unlearned below its q position; the holdout needs at least ceil(1/q) rows.",
         default=CALIBRATION_QUANTILE,
+    )
+    band_on: str = _help(
+        "Comma list of the per-sequence scores a forget sequence is judged on (ma, loss, zlib, min_k, min_k++): "
+        "in band only when each sits inside the holdout's central range; outside on the member side it is "
+        "unlearned, on the other side pulled back. All come from one teacher-forced pass; beyond ma they need "
+        "a holdout.",
+        default="ma",
     )
     max_holdout_loss_increase: float | None = _help(
         "Utility guard: stop and keep the last good weights once holdout loss exceeds its starting value "
@@ -340,8 +348,9 @@ class UnlearnConfig(TrainingArguments):
             self.calibrate_thresholds = bool(self.holdout)
         if self.calibrate_thresholds and not self.holdout:
             bad("calibrate_thresholds", "needs a holdout set (--holdout)")
-        if not 0.0 < self.calibration_quantile < 0.5:
-            bad("calibration_quantile", f"must lie in (0, 0.5), got {self.calibration_quantile}")
+        if not 0.0 < self.calibration_quantile <= MAX_QUANTILE:
+            bad("calibration_quantile", f"must lie in (0, {MAX_QUANTILE}], got {self.calibration_quantile}")
+        self._validate_band_on(bad)
         if self.stop_rule == "mean" and self.mean_threshold is None and not self.holdout:
             bad("mean_threshold", "the 'mean' stop rule needs mean_threshold or a holdout set to calibrate it")
         if self.max_holdout_loss_increase is not None:
@@ -425,6 +434,36 @@ class UnlearnConfig(TrainingArguments):
                 "num_train_epochs",
                 f"{checkpoint} already ran {done} epochs: pass more than {done} to continue it",
             )
+
+    def _validate_band_on(self, bad) -> None:
+        try:
+            scores = parse_band_on(self.band_on)
+        except InputError as e:
+            bad("band_on", str(e).removeprefix("band_on: "))
+        explicit = self.memorized_threshold is not None or self.over_unlearned_threshold is not None
+        if explicit and "ma" not in scores:
+            bad("memorized_threshold", "MA levels are read only when band_on includes ma")
+        if scores != ("ma",) and not (self.holdout and self.calibrate_thresholds):
+            bad("band_on", f"{self.band_on!r} is judged by position among the holdout's scores: pass --holdout")
+        if scores != ("ma",) and self.score_refresh == "step":
+            bad("band_on", "score_refresh=step judges MA only (a training pass gives no membership scores)")
+
+    def check_holdout(self, rows: int) -> None:
+        """Before compute: a holdout that calibrates a verdict must place a sequence at the quantile
+        asked (``core.verdict.check_holdout_size``). Raises InputError naming the holdout."""
+        if self.calibrate_thresholds and self.holdout and self.calibration_quantile_used:
+            check_holdout_size(rows, self.calibration_quantile / len(self.band_on_scores), "holdout")
+
+    @property
+    def calibration_quantile_used(self) -> bool:
+        """Whether any verdict is judged by holdout position (an MA side left unset, or band_on beyond ma)."""
+        explicit = self.memorized_threshold is not None and self.over_unlearned_threshold is not None
+        return not explicit or self.band_on_scores != ("ma",)
+
+    @property
+    def band_on_scores(self) -> tuple[str, ...]:
+        """``band_on`` as score names."""
+        return parse_band_on(self.band_on)
 
     def _validate_lora(self, bad) -> None:
         if self.lora_r < 0:

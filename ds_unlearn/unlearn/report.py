@@ -36,7 +36,7 @@ def build_report(config, trainer, after: list[dict], holdout_after, retain_after
             "deepspeed": config.deepspeed,
             "lora": _lora_settings(config),
         },
-        "thresholds": run.thresholds,
+        "thresholds": t.summary(),
         "thresholds_source": run.thresholds_source,
         "epochs": run.epochs,
         # The output model is this epoch's, not necessarily the last one's (selection.epoch_rank).

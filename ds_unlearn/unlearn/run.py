@@ -129,6 +129,8 @@ def load_sets(config: UnlearnConfig, model_dir: Path) -> tuple[dict[str, Sequenc
     for other in ("holdout", "audit_holdout", "retain"):
         if sets[other] is not None:
             check_disjoint(sets["forget"], sets[other], ("forget", other))
+    if sets["holdout"] is not None:
+        config.check_holdout(len(sets["holdout"]))
     return sets, tokenizer
 
 
@@ -190,10 +192,13 @@ def run_unlearning(config: UnlearnConfig, *args, **kwargs) -> UnlearnResult:
         lock.release()
 
 
-def _unlearn(lock: OutputLock, config: UnlearnConfig) -> UnlearnResult:
+def _unlearn(lock: OutputLock, config: UnlearnConfig, thresholds=None) -> UnlearnResult:
     """Unlearn ``config.forget`` from ``config.model``; collective (every rank calls it).
 
-    Raises InputError (before any output is written) for bad paths or data."""
+    ``thresholds``: a ``core.verdict.Thresholds`` to judge by instead of the config's (the demo
+    gives the one calibrated on its never-planted records); positional scores it lacks values for
+    are calibrated on the holdout. Raises InputError (before any output is written) for bad paths
+    or data."""
     started = time.time()
     model_dir = resolve_model_dir(config.model)
     check_paths(config, model_dir)
@@ -240,6 +245,7 @@ def _unlearn(lock: OutputLock, config: UnlearnConfig) -> UnlearnResult:
         retain=sets["retain"],
         holdout=sets["holdout"],
     )
+    trainer.given_thresholds = thresholds
     trainer.train(resume_from_checkpoint=config.resume_from_checkpoint)
     resumable = None
     if trainer.run.phase != "done" and config.save_resumable:

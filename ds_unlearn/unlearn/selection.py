@@ -4,12 +4,12 @@ and when a forget set counts as unlearned."""
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 
-from ..core.summary import Thresholds
+from ..core.verdict import IN_BAND, MEMORIZED, OVER_UNLEARNED, Thresholds
 
 
 def sga_selection(scores: Sequence[float], gamma: float) -> list[int]:
@@ -21,22 +21,20 @@ def sga_selection(scores: Sequence[float], gamma: float) -> list[int]:
     return sorted(chosen)
 
 
-ASCEND, LEAVE, PULL_BACK = 1, 0, -1
+ASCEND, LEAVE, PULL_BACK = MEMORIZED, IN_BAND, OVER_UNLEARNED
 
 
-def band_directions(ma_values: Sequence[float], thresholds: Thresholds) -> list[int]:
-    """Place every forget sequence against the holdout's distribution (two-sided control).
+def band_directions(rows: Sequence[Mapping[str, float]], thresholds: Thresholds) -> list[int]:
+    """Place every forget sequence against the holdout's distribution (two-sided control), by the
+    one verdict (``Thresholds.sides`` over ``band_on``; ``rows``: per-sequence score dicts).
 
-    ``ASCEND`` (1): MA at or above ``memorized_ma``, still memorized, unlearn it; ``LEAVE`` (0):
-    inside the band, where text the model never saw sits, train nothing on it; ``PULL_BACK``
-    (-1): MA at or below ``over_unlearned_ma``, pushed where a membership attack spots it, so it
-    is descended (its NLL minimized) until it is back above the lower threshold. Descending a
-    sequence that already lies below ordinary text is the simplest pull-back that needs no
-    target: it stops by itself once the next judgement finds it in the band."""
-    ma = np.asarray(ma_values, dtype=np.float64)
-    return np.where(
-        ma >= thresholds.memorized_ma, ASCEND, np.where(ma <= thresholds.over_unlearned_ma, PULL_BACK, LEAVE)
-    ).tolist()
+    ``ASCEND`` (1): outside the band on the member side, still memorized, unlearn it; ``LEAVE``
+    (0): inside the band, where text the model never saw sits, train nothing on it; ``PULL_BACK``
+    (-1): outside on the other side, pushed where a membership attack spots it, so it is descended
+    (its NLL minimized) until it is back inside. Descending a sequence that already lies below
+    ordinary text is the simplest pull-back that needs no target: it stops by itself once the next
+    judgement finds it in the band."""
+    return thresholds.sides(rows).tolist()
 
 
 @dataclass(frozen=True)
@@ -116,20 +114,22 @@ def plan_epoch(
     return plan
 
 
-def stop_satisfied(ma_values: Sequence[float], rule: str, thresholds: Thresholds, max_over_unlearned: int = 0) -> bool:
+def stop_satisfied(
+    rows: Sequence[Mapping[str, float]], rule: str, thresholds: Thresholds, max_over_unlearned: int = 0
+) -> bool:
     """``band``: no sequence is memorized and at most ``max_over_unlearned`` are over-unlearned
     (the ICML paper counts both as failures). ``per_sequence``: no sequence is memorized any more.
     ``mean``: the forget set's mean MA fell below the threshold (the papers' baseline rule, which
-    can leave sequences extractable)."""
-    ma = np.asarray(ma_values, dtype=np.float64)
-    if rule == "band":
-        over = int(np.sum(ma <= thresholds.over_unlearned_ma))
-        return bool(np.all(ma < thresholds.memorized_ma)) and over <= max_over_unlearned
-    if rule == "per_sequence":
-        return bool(np.all(ma < thresholds.memorized_ma))
+    can leave sequences extractable). ``rows``: per-sequence score dicts (``ma`` and every
+    ``band_on`` score)."""
     if rule == "mean":
-        return bool(ma.mean() < thresholds.mean_ma)
-    raise ValueError(f"unknown stop rule {rule!r}")
+        return bool(np.mean([float(r["ma"]) for r in rows]) < thresholds.mean_ma)
+    if rule not in ("band", "per_sequence"):
+        raise ValueError(f"unknown stop rule {rule!r}")
+    sides = thresholds.sides(rows)
+    if rule == "band":
+        return bool(np.all(sides != MEMORIZED)) and int(np.sum(sides == OVER_UNLEARNED)) <= max_over_unlearned
+    return bool(np.all(sides != MEMORIZED))
 
 
 def epoch_rank(memorized: int, over_unlearned: int, stop_holds: bool, holdout_loss: float | None) -> tuple:

@@ -32,10 +32,10 @@ from ..core import distributed as D
 from ..core.data import SequenceSet
 from ..core.errors import InputError, NonFiniteLogitsError
 from ..core.files import write_jsonl
-from ..core.memorization import MEMORIZED_MA, OVER_UNLEARNED_MA, verdict_counts
+from ..core.memorization import MEMORIZED_MA, OVER_UNLEARNED_MA
 from ..core.passes import PAD_ID, model_device
 from ..core.scorer import score_sequences
-from ..core.summary import Thresholds, calibrate_thresholds
+from ..core.verdict import Thresholds, needs_membership
 from .loop import SequenceTrainer
 from .lora import AdapterEdit
 from .losses import TERM_CODE, npo_loss, per_sequence_kl, predicted_tokens
@@ -60,7 +60,8 @@ class RunState:
     """Everything needed to judge, report and resume a run (weights excepted)."""
 
     phase: str = "ascent"
-    ma: list[float] = field(default_factory=list)  # latest per-sequence scores of the forget set
+    ma: list[float] = field(default_factory=list)  # latest per-sequence MA of the forget set
+    judged: list[dict] = field(default_factory=list)  # latest per-sequence band_on scores (and MA) it is judged on
     el10: list[float] | None = None
     selected: list[int] = field(default_factory=list)  # forget rows the next epoch trains on
     pulled_back: list[int] = field(default_factory=list)  # band rule: over-unlearned rows descended back
@@ -109,6 +110,7 @@ class UnlearnTrainer(SequenceTrainer):
             AdapterEdit(self.model, self.args.tv_coefficient) if AdapterEdit.applies(self.model) else None
         )
         self.resume_dir: Path | None = None
+        self.given_thresholds: Thresholds | None = None  # run_unlearning(thresholds=): judge by these
         self.started = time.time()
         self.clock = EpochClock()
         self.add_callback(UnlearnMonitor(self))
@@ -189,6 +191,8 @@ class UnlearnTrainer(SequenceTrainer):
             el_n=(10,) if el else (),
             extract_k=(self.args.extract_k,),
             batch_size=self.args.score_batch_size,
+            # band_on beyond MA and loss: the Min-K%++ / zlib scores of the same teacher-forced pass.
+            membership=needs_membership(self.band_on),
         )
 
     def holdout_loss(self, scores: list[dict] | None = None) -> float | None:
@@ -207,8 +211,18 @@ class UnlearnTrainer(SequenceTrainer):
         return bool(every) and self.run.epochs % every == 0
 
     @property
+    def band_on(self) -> tuple[str, ...]:
+        """The scores each forget sequence is judged on (``core.verdict``)."""
+        given = self.given_thresholds
+        return given.band_on if given is not None else self.args.band_on_scores
+
+    @property
     def thresholds(self) -> Thresholds:
-        return Thresholds(**self.run.thresholds)
+        # Rebuilt only when the run state's thresholds change (they hold the holdout's values).
+        cached = getattr(self, "_thresholds", None)
+        if cached is None or cached[0] is not self.run.thresholds:
+            self._thresholds = (self.run.thresholds, Thresholds(**self.run.thresholds))
+        return self._thresholds[1]
 
     # -- the state machine ----------------------------------------------------------------------
     def begin_run(self, control) -> None:
@@ -226,7 +240,12 @@ class UnlearnTrainer(SequenceTrainer):
         self.run.scores_before = scores
         self.write_scores("scores_before.jsonl", scores)
         holdout_scores = self.score_set(self.holdout, el=False) if self.holdout is not None else None
-        thresholds, self.run.thresholds_source = resolve_thresholds(args, holdout_scores)
+        if self.given_thresholds is not None:
+            thresholds, self.run.thresholds_source = self.given_thresholds, "given"
+            if any(score not in thresholds.holdout for score in thresholds.positional()):
+                thresholds = thresholds.calibrated(holdout_scores or [])
+        else:
+            thresholds, self.run.thresholds_source = resolve_thresholds(args, holdout_scores)
         self.run.thresholds = asdict(thresholds)
         self.run.holdout_loss_before = self.holdout_loss(holdout_scores)
         if self.retain is not None:
@@ -245,7 +264,7 @@ class UnlearnTrainer(SequenceTrainer):
             self._maybe_switch_to_finetune()
 
     def _stop_holds(self) -> bool:
-        return stop_satisfied(self.run.ma, self.args.stop_rule, self.thresholds, self.args.max_over_unlearned)
+        return stop_satisfied(self.run.judged, self.args.stop_rule, self.thresholds, self.args.max_over_unlearned)
 
     def _compute_references(self, forget_scores: list[dict]) -> None:
         """What NPO and KL compare against, computed once from the input model so that no second
@@ -383,8 +402,7 @@ class UnlearnTrainer(SequenceTrainer):
 
     def _consider_best(self, epoch: int, holds: bool, holdout_loss: float | None, candidate) -> None:
         """Keep ``candidate`` (a snapshot; None: the current weights) if it beats the best so far."""
-        t = self.thresholds
-        counts = verdict_counts(self.run.ma, t.memorized_ma, t.over_unlearned_ma)
+        counts = self.thresholds.counts(self.run.judged)
         rank = list(epoch_rank(counts["memorized"], counts["over_unlearned"], holds, holdout_loss))
         if self.run.best_rank is not None and tuple(rank) >= tuple(self.run.best_rank):
             return
@@ -412,6 +430,8 @@ class UnlearnTrainer(SequenceTrainer):
 
     def _absorb_scores(self, scores: list[dict]) -> None:
         self.run.ma = [float(r["ma"]) for r in scores]
+        keys = dict.fromkeys(("ma", *self.band_on))
+        self.run.judged = [{k: float(r[k]) for k in keys} for r in scores]
         # EL_10 is judged when it was computed this time; the report keeps its latest values.
         self.run.el10 = [float(r["el_10"]) for r in scores] if "el_10" in scores[0] else None
         key = self.run.el10 if self.args.select_on == "el10" else self.run.ma
@@ -419,8 +439,8 @@ class UnlearnTrainer(SequenceTrainer):
         if self.run.phase != "ascent":
             self.run.selected = list(range(self.n_forget))
         elif self.args.stop_rule == "band":
-            # Two-sided control on MA: ascend the memorized, leave the band, pull the over-unlearned back.
-            directions = band_directions(self.run.ma, self.thresholds)
+            # Two-sided control: ascend the memorized, leave the band, pull the over-unlearned back.
+            directions = band_directions(self.run.judged, self.thresholds)
             self.run.selected = [i for i, d in enumerate(directions) if d == ASCEND]
             self.run.pulled_back = [i for i, d in enumerate(directions) if d == PULL_BACK]
         elif self.args.selects:
@@ -474,8 +494,7 @@ class UnlearnTrainer(SequenceTrainer):
             write_jsonl(Path(self.args.output_dir) / name, ({"id": i, **s} for i, s in zip(self.forget.ids, scores)))
 
     def _log_epoch(self, holdout_loss: float | None, trained: int) -> None:
-        t = self.thresholds
-        counts = verdict_counts(self.run.ma, t.memorized_ma, t.over_unlearned_ma)
+        counts = self.thresholds.counts(self.run.judged)
         metrics = {
             "forget/ma_mean": float(np.mean(self.run.ma)),
             "forget/memorized": counts["memorized"],
@@ -539,30 +558,23 @@ class UnlearnTrainer(SequenceTrainer):
 
 
 def resolve_thresholds(args, holdout_scores: list[dict] | None) -> tuple[Thresholds, str]:
-    """The verdict thresholds of a run and where they came from: an explicit setting wins; else
-    the holdout's calibration (``calibrate_thresholds``, on by default when a holdout is given);
-    else the ICML code's fixed 0.60 / 0.15. A calibrated band that collapses (a tiny holdout
-    scoring all alike) falls back to the fixed values. The mean rule's level: explicit, else the
-    holdout's mean MA."""
-    calibrated = None
-    if holdout_scores is not None:
-        calibrated = calibrate_thresholds([r["ma"] for r in holdout_scores], args.calibration_quantile)
-    use = bool(args.calibrate_thresholds) and calibrated is not None
-    if use and calibrated.over_unlearned_ma >= calibrated.memorized_ma:
-        use = False
+    """The verdict thresholds of a run and where they came from (``core.verdict``). Per side of MA,
+    an explicit level wins; an unset side is judged by mid-rank position among the holdout's scores
+    when ``calibrate_thresholds`` (on by default when a holdout is given), else by the ICML code's
+    fixed 0.60 / 0.15. Every other ``band_on`` score is judged by holdout position. The mean rule's
+    level: explicit, else the holdout's mean MA. Raises InputError for a holdout too small for the
+    quantile (checked before compute too, ``UnlearnConfig.check_holdout``)."""
+    calibrate = bool(args.calibrate_thresholds) and holdout_scores is not None
     memorized, over = args.memorized_threshold, args.over_unlearned_threshold
-    source = "explicit" if memorized is not None and over is not None else ("holdout" if use else "fixed")
-    if memorized is None:
-        memorized = calibrated.memorized_ma if use else MEMORIZED_MA
-    if over is None:
-        over = calibrated.over_unlearned_ma if use else OVER_UNLEARNED_MA
-    if over >= memorized:
-        raise InputError(
-            f"memorized_threshold: {memorized:.4f} is not above over_unlearned_threshold {over:.4f} "
-            "(one was set explicitly, the other calibrated on the holdout)"
-        )
-    mean = args.mean_threshold if args.mean_threshold is not None else (calibrated.mean_ma if calibrated else None)
-    return Thresholds(memorized, over, mean), source
+    if not calibrate:
+        memorized = MEMORIZED_MA if memorized is None else memorized
+        over = OVER_UNLEARNED_MA if over is None else over
+    explicit = args.memorized_threshold is not None and args.over_unlearned_threshold is not None
+    thresholds = Thresholds(memorized, over, args.mean_threshold, args.band_on_scores, args.calibration_quantile)
+    if holdout_scores is not None:
+        thresholds = thresholds.calibrated(holdout_scores)
+    source = "holdout" if thresholds.positional() else ("explicit" if explicit else "fixed")
+    return thresholds, source
 
 
 @torch.no_grad()

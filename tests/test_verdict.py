@@ -1,0 +1,155 @@
+"""The one verdict (core/verdict.py): mid-rank positions among the holdout flag text drawn like
+the holdout at under twice the nominal rate per side on any distribution, and never collapse."""
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from ds_unlearn.core.errors import InputError
+from ds_unlearn.core.scorer import score_sequences
+from ds_unlearn.core.summary import calibrate_thresholds
+from ds_unlearn.core.toy import memorize, random_sequences, tiny_model
+from ds_unlearn.core.verdict import (
+    IN_BAND,
+    MEMORIZED,
+    OVER_UNLEARNED,
+    Thresholds,
+    midrank_position,
+    min_holdout_rows,
+)
+
+QUANTILES = st.sampled_from([0.01, 0.05, 0.1, 0.2, 0.25])
+# Holdout MA-like values: continuous, discrete on a k/(T-1) grid, heavily tied at 0, all tied.
+CONTINUOUS = st.lists(st.floats(0, 1, allow_nan=False), min_size=1, max_size=300)
+GRID = st.integers(1, 40).flatmap(lambda t: st.lists(st.integers(0, t).map(lambda k: k / t), min_size=1, max_size=300))
+MOSTLY_ZERO = st.lists(st.sampled_from([0.0] * 12 + [1 / 23, 2 / 23, 5 / 23]), min_size=1, max_size=300)
+ALL_TIED = st.tuples(st.floats(0, 1), st.integers(1, 300)).map(lambda vn: [vn[0]] * vn[1])
+HOLDOUTS = st.one_of(CONTINUOUS, GRID, MOSTLY_ZERO, ALL_TIED)
+
+
+def rows(values, key="ma"):
+    return [{key: float(v)} for v in values]
+
+
+def shares(t: Thresholds, values, key="ma"):
+    sides = t.sides(rows(values, key))
+    return float(np.mean(sides == MEMORIZED)), float(np.mean(sides == OVER_UNLEARNED))
+
+
+@settings(max_examples=300, deadline=None, derandomize=True)
+@given(HOLDOUTS, QUANTILES)
+def test_text_drawn_like_the_holdout_is_flagged_under_twice_the_rate_per_side(holdout, q):
+    # Text drawn from the holdout's own distribution (its empirical one): each side flags a share
+    # strictly below 2q, whatever the ties (an atom of mass p flags only under q - p/2 beyond it).
+    t = Thresholds(None, None, quantile=q).calibrated(rows(holdout)) if len(holdout) >= min_holdout_rows(q) else None
+    if t is None:
+        return
+    memorized, over = shares(t, holdout)
+    assert memorized < 2 * q and over < 2 * q
+
+
+@settings(max_examples=300, deadline=None, derandomize=True)
+@given(HOLDOUTS, QUANTILES)
+def test_the_band_never_has_zero_width(holdout, q):
+    # Some holdout value is always in band (the one holding its median), even when all tie.
+    if len(holdout) < min_holdout_rows(q):
+        return
+    t = Thresholds(None, None, quantile=q).calibrated(rows(holdout))
+    assert np.any(t.sides(rows(holdout)) == IN_BAND)
+
+
+@settings(max_examples=100, deadline=None, derandomize=True)
+@given(st.sampled_from(["normal", "grid", "mostly_zero"]), st.integers(0, 2**31 - 1))
+def test_fresh_draws_of_the_holdouts_distribution_are_flagged_near_the_nominal_rate(family, seed):
+    rng = np.random.default_rng(seed)
+    draw = {
+        "normal": lambda n: rng.normal(size=n),
+        "grid": lambda n: rng.integers(0, 6, size=n) / 23,
+        "mostly_zero": lambda n: rng.choice([0.0, 1 / 23, 2 / 23], p=[0.8, 0.15, 0.05], size=n),
+    }[family]
+    t = Thresholds(None, None, band_on=("loss",)).calibrated(rows(draw(400), "loss"))
+    memorized, over = shares(t, draw(4000), "loss")
+    # Below 2q = 0.10 per side in the population; 0.03 covers the holdout's own sampling noise.
+    assert memorized < 0.13 and over < 0.13
+
+
+def test_midrank_position_splits_ties_and_matches_a_hand_count():
+    reference = [0, 0, 0, 1, 2]
+    assert midrank_position([0, 1, 2, 3, -1, 0.5], reference).tolist() == pytest.approx(
+        [1.5 / 5, 3.5 / 5, 4.5 / 5, 1.0, 0.0, 3 / 5]
+    )
+
+
+def test_the_old_percentile_cut_collapsed_where_the_new_rule_holds():
+    # 75% of a random-token holdout at MA 0: q05 = q95... cut with >= / <= flags most of it.
+    holdout = [0.0] * 12 + [1 / 23] * 3 + [2 / 23]
+    assert np.quantile(holdout, 0.05) == 0.0 and np.mean(np.asarray(holdout) <= np.quantile(holdout, 0.05)) == 0.75
+    t = calibrate_thresholds(rows(holdout), quantile=1 / 16)
+    memorized, over = shares(t, holdout)
+    assert over == 0.0 and memorized == 1 / 16  # only the single highest value
+    assert t.sides(rows([0.0, 1 / 23, 2 / 23, 3 / 23])).tolist() == [IN_BAND, IN_BAND, MEMORIZED, MEMORIZED]
+
+
+@settings(max_examples=200, deadline=None, derandomize=True)
+@given(GRID, QUANTILES, st.integers(1, 40))
+def test_equivalent_ma_levels_give_the_same_verdicts(holdout, q, t_len):
+    if len(holdout) < min_holdout_rows(q):
+        return
+    t = Thresholds(None, None, quantile=q).calibrated(rows(holdout))
+    grid = [k / t_len for k in range(t_len + 1)] + sorted(set(holdout))
+    memorized, over = t.ma_levels()
+    levels = Thresholds(memorized, over) if 0 <= over < memorized <= 1 else None
+    by_position = t.sides(rows(grid))
+    by_levels = np.where(np.asarray(grid) >= memorized, MEMORIZED, np.where(np.asarray(grid) <= over, -1, 0))
+    assert by_position.tolist() == by_levels.tolist()
+    if levels is not None:
+        assert levels.sides(rows(grid)).tolist() == by_position.tolist()
+
+
+def test_band_on_several_scores_is_member_side_first():
+    holdout = [{"ma": 0.0, "loss": 3.0 + i / 100} for i in range(40)]
+    t = Thresholds(None, None, band_on=("ma", "loss")).calibrated(holdout)
+    judged = [
+        {"ma": 0.0, "loss": 3.1},  # inside on both
+        {"ma": 0.5, "loss": 3.1},  # MA high: memorized
+        {"ma": 0.0, "loss": 1.0},  # loss below every unseen one: member-like, memorized
+        {"ma": 0.0, "loss": 9.0},  # loss above every unseen one: pushed past, over-unlearned
+        {"ma": 0.5, "loss": 9.0},  # member side on one score wins
+    ]
+    assert t.sides(judged).tolist() == [IN_BAND, MEMORIZED, MEMORIZED, OVER_UNLEARNED, MEMORIZED]
+    assert t.counts(judged) == {"memorized": 3, "over_unlearned": 1}
+
+
+def test_explicit_levels_win_and_bad_settings_are_refused():
+    holdout = rows([0.0] * 30)
+    t = Thresholds(0.6, None).calibrated(holdout)  # memorized by level, over-unlearned by position
+    assert t.sides(rows([0.59, 0.6])).tolist() == [IN_BAND, MEMORIZED]
+    with pytest.raises(InputError, match="needs at least 20"):
+        Thresholds(None, None).calibrated(holdout[:19])
+    with pytest.raises(InputError, match="calibration_quantile"):
+        Thresholds(None, None, quantile=0.3)
+    with pytest.raises(InputError, match="band_on"):
+        Thresholds(None, None, band_on="ma,perplexity")
+    with pytest.raises(InputError, match="read only when band_on includes ma"):
+        Thresholds(0.6, 0.15, band_on=("loss",))
+
+
+def test_unseen_text_of_a_real_random_token_model_is_mostly_in_band():
+    # A tiny model that memorized 8 random strings: unseen strings score MA mostly 0 (ties), and
+    # fresh unseen ones are flagged at most about twice the nominal 5% per side; the memorized ones
+    # are all memorized.
+    vocab = 64
+    torch.manual_seed(0)
+    model = memorize(tiny_model("llama", seed=3, vocab_size=vocab), random_sequences(8, 24, vocab, seed=40), steps=120)
+    model.eval()
+    holdout = score_sequences(model, random_sequences(60, 24, vocab, seed=41), el_n=(), extract_k=(8,), membership=True)
+    fresh = score_sequences(model, random_sequences(200, 24, vocab, seed=42), el_n=(), extract_k=(8,), membership=True)
+    trained = score_sequences(model, random_sequences(8, 24, vocab, seed=40), el_n=(), extract_k=(8,), membership=True)
+    assert np.mean([r["ma"] == 0.0 for r in holdout]) > 0.5  # mostly tied at 0
+    for band_on in (("ma",), ("ma", "loss", "min_k++")):
+        t = calibrate_thresholds(holdout, band_on=band_on)
+        sides = t.sides(fresh)
+        assert np.mean(sides == MEMORIZED) <= 0.12 and np.mean(sides == OVER_UNLEARNED) <= 0.12, band_on
+        assert np.all(t.sides(trained) == MEMORIZED)
