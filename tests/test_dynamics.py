@@ -18,7 +18,13 @@ from ds_unlearn.core.files import read_jsonl
 from ds_unlearn.core.toy import save_model, tiny_model
 from ds_unlearn.lab import dynamics as dyn
 from ds_unlearn.lab.config import LabConfig, parse_config
-from ds_unlearn.lab.results import exposure_phases, median_epoch, sequential_summary, unlearning_summary
+from ds_unlearn.lab.results import (
+    exposure_phases,
+    median_epoch,
+    sequential_summary,
+    string_verdicts,
+    unlearning_summary,
+)
 
 from .conftest import REPO
 
@@ -206,6 +212,16 @@ def _record(epoch, accuracy, control=0.25, loss=None, positions=None):
     }
 
 
+def test_string_verdicts_place_strings_among_the_control_strings():
+    # 4 control strings: quantile 1/4; accuracy 0 ties with three of them (position 0.375).
+    record = {"accuracy": [0.0, 0.1, 0.5], "control_accuracies": [0.0, 0.0, 0.0, 0.1]}
+    out = string_verdicts(record)
+    assert out["verdicts"] == ["unseen-like", "memorized", "memorized"]
+    assert out["counts"] == {"memorized": 2, "unseen-like": 1, "over-unlearned": 0}
+    assert string_verdicts({"accuracy": [0.5], "control_accuracies": [0.0] * 3}) is None  # too few to place
+    assert string_verdicts({"accuracy": [0.5]}) is None
+
+
 def test_sequential_summary_on_hand_made_records():
     # Two epochs per stage: A (epochs 1-2), B (3-4), A again (5-6).
     a = [0.2, 0.6, 1.0, 0.8, 0.5, 0.9, 1.0]
@@ -368,6 +384,13 @@ def test_exposure_memorises_and_writes_every_output(char_model, tmp_path, capsys
     assert d["summary"]["median_memorisation_start"] is not None
     full = [p["full_at"] is not None for p in d["exposure"]["phases"]["strings"]]
     assert d["summary"]["strings_full"] == sum(full) and d["summary"]["strings"] == len(full)
+    # The one verdict: each string's accuracy by mid-rank position among the 8 control strings (q = 1/8).
+    control = last["control_accuracies"]
+    assert len(control) == 8 and np.mean(control) == pytest.approx(last["control_accuracy"])
+    position = [(sum(c < a for c in control) + 0.5 * sum(c == a for c in control)) / 8 for a in last["accuracy"]]
+    expected = ["memorized" if p > 7 / 8 else "over-unlearned" if p < 1 / 8 else "unseen-like" for p in position]
+    assert d["summary"]["final_verdicts"]["verdicts"] == expected
+    assert all(v == "memorized" for v, f in zip(expected, full) if f)
     for name in ("exposure_curves.png", "exposure_positions.png", "local_prefix.png", "global_context.png"):
         assert is_png(out / name), name
     assert sorted(d["plots"]) == sorted(p.name for p in out.glob("*.png"))

@@ -273,6 +273,12 @@ class Thresholds:
         return "; ".join(parts) + (f" (mid-rank positions among {n} holdout rows)" if n else "")
 
 
+def quantile_for(rows: int, quantile: float = CALIBRATION_QUANTILE) -> float:
+    """``quantile``, or 1/``rows`` where so few unseen sequences cannot place one at it, at most
+    ``MAX_QUANTILE`` (the demo's never-planted records, the lab's control strings)."""
+    return min(max(quantile, 1.0 / rows), MAX_QUANTILE)
+
+
 def check_holdout_size(rows: int, quantile: float, what: str = "holdout") -> None:
     """Raise InputError unless ``rows`` unseen sequences can place a sequence at ``quantile`` (the
     per-score one, ``Thresholds.score_quantile``)."""

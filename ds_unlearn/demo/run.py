@@ -92,8 +92,8 @@ from ..core import distributed as D
 from ..core.errors import InputError
 from ..core.files import check_output, clear_outputs, write_json, write_jsonl
 from ..core.memorization import MEMORIZED_MA
-from ..core.summary import CALIBRATION_QUANTILE, Thresholds, calibrate_thresholds, summarize_scores
-from ..core.verdict import MAX_QUANTILE
+from ..core.summary import Thresholds, calibrate_thresholds, summarize_scores
+from ..core.verdict import quantile_for
 from ..unlearn.loop import SequenceTrainer
 
 METHODS = ("ga", "sga", "ta", "tau", "graddiff", "npo", "kl")
@@ -672,8 +672,7 @@ def calibrated_thresholds(scores: list[dict]) -> Thresholds:
     """The verdict (``core.verdict``) calibrated on a set the planted model never trained on, as it
     scored it; every method's run is given it (``run_unlearning(..., thresholds=)``). The
     quantile is the default per side, or 1/n where the set is too small for it (the quick demo)."""
-    quantile = min(max(CALIBRATION_QUANTILE, 1.0 / len(scores)), MAX_QUANTILE)
-    return calibrate_thresholds(scores, quantile)
+    return calibrate_thresholds(scores, quantile_for(len(scores)))
 
 
 def audit_figures(audit: dict) -> dict | None:

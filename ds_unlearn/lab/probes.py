@@ -54,6 +54,8 @@ def measure(model, strings: LabStrings) -> dict:
         "loss": [float(n.mean()) for _, n in train],
         "control_accuracy": float(np.mean([m.mean() for m, _ in control])),
         "control_loss": float(np.mean([n.mean() for _, n in control])),
+        # Per control string: what the one verdict (core.verdict) places the strings among.
+        "control_accuracies": [float(m.mean()) for m, _ in control],
         "positions": [m.astype(int).tolist() for m, _ in train],
     }
 

@@ -13,6 +13,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from ..core.summary import calibrate_thresholds
+from ..core.verdict import IN_BAND, MAX_QUANTILE, MEMORIZED, OVER_UNLEARNED, min_holdout_rows, quantile_for
 from .dynamics import (
     detect_phases,
     first_epoch,
@@ -151,6 +153,21 @@ def _earliest(first_wrong: Sequence[int | None]) -> list[int]:
     return [] if not went else [j for j, e in enumerate(first_wrong) if e == min(went)]
 
 
+def string_verdicts(record: dict) -> dict | None:
+    """The one verdict (``core.verdict``) of each training string at one epoch ``record``: its
+    accuracy placed among the unseen control strings' by mid-rank position (quantile 0.05, or
+    1/n for n control strings, at most 0.25). None when the record has no per-control accuracies
+    or too few control strings (under 4)."""
+    control = record.get("control_accuracies")
+    if not control or len(control) < min_holdout_rows(MAX_QUANTILE):
+        return None
+    t = calibrate_thresholds([{"ma": a} for a in control], quantile_for(len(control)))
+    sides = t.sides([{"ma": a} for a in record["accuracy"]]).tolist()
+    names = {MEMORIZED: "memorized", IN_BAND: "unseen-like", OVER_UNLEARNED: "over-unlearned"}
+    verdicts = [names[s] for s in sides]
+    return {"verdicts": verdicts, "counts": {v: verdicts.count(v) for v in names.values()}, "rule": t.describe()}
+
+
 def summarize(results: dict, entropy_bits: float) -> dict:
     """The few numbers a table needs (medians over strings)."""
     summary: dict = {"entropy_bits": entropy_bits, "entropy_nats": entropy_bits * math.log(2)}
@@ -168,6 +185,7 @@ def summarize(results: dict, entropy_bits: float) -> dict:
                 "strings": len(phases["strings"]),
                 "final_accuracy": float(np.mean(last["accuracy"])),
                 "final_control_accuracy": last["control_accuracy"],
+                "final_verdicts": string_verdicts(last),
             }
         )
     if "local_prefix" in results:
@@ -188,6 +206,7 @@ def summarize(results: dict, entropy_bits: float) -> dict:
             {
                 "unlearning_epochs": len(unl["epochs"]) - 1,
                 "unlearned_accuracy": float(np.mean(unl["epochs"][-1]["accuracy"])),
+                "unlearned_verdicts": string_verdicts(unl["epochs"][-1]),
             }
         )
     return summary
