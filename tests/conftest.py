@@ -86,6 +86,25 @@ def unlearn_case(tmp_path_factory):
     return {"model": root / "model", **files}
 
 
+@pytest.fixture(scope="session")
+def random_case(tmp_path_factory):
+    """A tiny Llama that memorized 16 random 24-token strings: 12 to forget, 4 to retain, and 24
+    unseen random strings as the holdout (enough for the default quantile 0.05: 20), which score
+    MA 0 mostly (ties); ``unseen`` is 24 more, never trained on either."""
+    root = tmp_path_factory.mktemp("random_case")
+    seqs = random_sequences(16, 24, VOCAB, seed=62)
+    save_model(memorize(tiny_model("llama", seed=5, vocab_size=VOCAB), seqs, steps=150), root / "model")
+    sets = {
+        "forget": seqs[:12],
+        "retain": seqs[12:],
+        "holdout": random_sequences(24, 24, VOCAB, seed=162),
+        "unseen": random_sequences(24, 24, VOCAB, seed=163),
+    }
+    for name, rows in sets.items():
+        write_jsonl(root / f"{name}.jsonl", [{"id": f"{name}-{i}", "input_ids": s} for i, s in enumerate(rows)])
+    return root
+
+
 def unlearn_args(case, output_dir, *extra):
     """Flags of a small, fast unlearning run on ``unlearn_case``."""
     return [

@@ -8,25 +8,10 @@ import numpy as np
 import pytest
 
 from ds_unlearn.core.files import read_jsonl
-from ds_unlearn.core.toy import memorize, random_sequences, save_model, tiny_model
 
-from .conftest import VOCAB, write_jsonl
 from .launcher import REPO, deepspeed_run, tail
 
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
-
-
-@pytest.fixture(scope="module")
-def random_case(tmp_path_factory):
-    """A tiny Llama that memorized 16 random 24-token strings: 12 to forget, 4 to retain, and 24
-    unseen random strings as the holdout (enough for the default quantile 0.05: 20)."""
-    root = tmp_path_factory.mktemp("random_case")
-    seqs = random_sequences(16, 24, VOCAB, seed=62)
-    save_model(memorize(tiny_model("llama", seed=5, vocab_size=VOCAB), seqs, steps=150), root / "model")
-    sets = {"forget": seqs[:12], "retain": seqs[12:], "holdout": random_sequences(24, 24, VOCAB, seed=162)}
-    for name, rows in sets.items():
-        write_jsonl(root / f"{name}.jsonl", [{"id": f"{name}-{i}", "input_ids": s} for i, s in enumerate(rows)])
-    return root
 
 
 def run(case, out, *extra):

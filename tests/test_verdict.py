@@ -1,13 +1,18 @@
 """The one verdict (core/verdict.py): mid-rank positions among the holdout flag text drawn like
 the holdout at under twice the nominal rate per side on any distribution, and never collapse."""
 
+import json
+
 import numpy as np
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from transformers import AutoModelForCausalLM
 
+from ds_unlearn.cli import main
 from ds_unlearn.core.errors import InputError
+from ds_unlearn.core.files import read_jsonl
 from ds_unlearn.core.scorer import score_sequences
 from ds_unlearn.core.summary import calibrate_thresholds
 from ds_unlearn.core.toy import memorize, random_sequences, tiny_model
@@ -153,3 +158,54 @@ def test_unseen_text_of_a_real_random_token_model_is_mostly_in_band():
         sides = t.sides(fresh)
         assert np.mean(sides == MEMORIZED) <= 0.12 and np.mean(sides == OVER_UNLEARNED) <= 0.12, band_on
         assert np.all(t.sides(trained) == MEMORIZED)
+
+
+def test_an_audit_of_one_unseen_set_against_another_reads_unseen(random_case, tmp_path):
+    # Two sets the model never saw: every attack's interval covers 0.5, and the calibrated verdicts
+    # leave at most 20% of the rows outside "unseen-like".
+    out = tmp_path / "audit"
+    argv = ["audit", "--model", str(random_case / "model"), "--forget", str(random_case / "unseen.jsonl")]
+    argv += ["--holdout", str(random_case / "holdout.jsonl"), "--out", str(out), "--extract_k", "8", "--el_n", "5"]
+    argv += ["--prefix_length", "8", "--suffix_length", "16", "--bootstrap", "200"]
+    assert main(argv) == 0
+    summary = json.loads((out / "audit.json").read_text())
+    assert summary["thresholds"]["rule"] == "holdout" and summary["thresholds"]["holdout_rows"] == 24
+    for attack, entry in summary["mia"].items():
+        low, high = entry["ci95"]
+        assert low <= 0.5 <= high and not entry["distinguishable"], attack
+    rows = read_jsonl(out / "audit.jsonl")
+    outside = [r for r in rows if r["verdict"] != "unseen-like"]
+    assert len(outside) <= 0.2 * len(rows), [r["verdict"] for r in outside]
+
+
+def test_unlearn_judges_band_on_scores_from_its_one_teacher_forced_pass(random_case, tmp_path):
+    out = tmp_path / "run"
+    argv = ["unlearn", "--model", str(random_case / "model"), "--forget", str(random_case / "forget.jsonl")]
+    argv += ["--holdout", str(random_case / "unseen.jsonl"), "--output_dir", str(out), "--extract_k", "8"]
+    argv += ["--learning_rate", "3e-3", "--per_device_train_batch_size", "12", "--save_strategy", "no"]
+    argv += ["--method", "sga", "--band_on", "ma,loss", "--calibration_quantile", "0.1", "--num_train_epochs", "12"]
+    assert main(argv) == 0
+    report = json.loads((out / "report.json").read_text())
+    t = report["thresholds"]
+    assert t["band_on"] == ["ma", "loss"] and t["score_quantile"] == pytest.approx(0.05) and t["holdout_rows"] == 24
+    # Recount the final verdicts by hand: mid-rank positions of MA and loss among the holdout's,
+    # scored by an independent pass of the written model.
+    model = AutoModelForCausalLM.from_pretrained(out / "model").eval()
+    holdout_rows = read_jsonl(random_case / "unseen.jsonl")
+    before = AutoModelForCausalLM.from_pretrained(random_case / "model").eval()
+    holdout = score_sequences(before, [r["input_ids"] for r in holdout_rows], el_n=(), extract_k=(8,))
+    after = score_sequences(
+        model, [r["input_ids"] for r in read_jsonl(random_case / "forget.jsonl")], el_n=(), extract_k=(8,)
+    )
+    memorized = over = 0
+    for row in after:
+        sides = []
+        for score, member_high in (("ma", True), ("loss", False)):
+            ref = np.array([h[score] for h in holdout])
+            p = (np.sum(ref < row[score]) + 0.5 * np.sum(ref == row[score])) / len(ref)
+            high, low = p > 0.95, p < 0.05
+            sides.append(1 if (high if member_high else low) else -1 if (low if member_high else high) else 0)
+        memorized += 1 in sides
+        over += 1 not in sides and -1 in sides
+    assert (report["after"]["memorized"], report["after"]["over_unlearned"]) == (memorized, over)
+    assert report["history"][0]["forget/memorized"] == 12
