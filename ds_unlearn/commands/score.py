@@ -12,7 +12,15 @@ from pathlib import Path
 from ..core import distributed as D
 from ..core.adapters import check_adapter_dir
 from ..core.config_parsing import one_line_errors
-from ..core.data import DEFAULT_ID_FIELD, check_context, needs_tokenizer, read_rows, to_sequence_set
+from ..core.data import (
+    DEFAULT_ID_FIELD,
+    add_prompt_flags,
+    check_context,
+    needs_tokenizer,
+    prompt_options,
+    read_rows,
+    to_sequence_set,
+)
 from ..core.ds_config import load_ds_config
 from ..core.errors import InputError
 from ..core.files import OVERWRITE_FLAG, check_output, write_json, write_jsonl
@@ -69,6 +77,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--id_field", default=DEFAULT_ID_FIELD, help="field holding a row's id (rows without 'id' are numbered)"
     )
+    add_prompt_flags(parser.add_argument)
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="dtype to load the model in")
     parser.add_argument("--method", choices=["fast", "reference"], default="fast", help="EL_n algorithm")
     parser.add_argument("--deepspeed", default=None, help="DeepSpeed JSON config (ZeRO-3 loads partitioned)")
@@ -129,9 +138,17 @@ def run(args: argparse.Namespace) -> int:
         id_field=args.id_field,
         max_length=args.max_length,
         vocab_size=vocab_size,
+        **prompt_options(args),
     )
     check_context(data, context_limit(model_config))
-    validate_request(data.sequences, args.el_n, args.extract_k, vocab_size, lambda i: f"--data row {i}")
+    validate_request(
+        data.sequences,
+        args.el_n,
+        args.extract_k,
+        vocab_size,
+        lambda i: f"--data row {i}",
+        prompt_lengths=data.prompt_lengths,
+    )
 
     model = load_for_inference(model_dir, DTYPES[args.dtype], ds_config, adapter=args.adapter)
     scores = score_sequences(
@@ -143,6 +160,7 @@ def run(args: argparse.Namespace) -> int:
         method=args.method,
         progress=True,
         gather_params={"auto": None, "once": True, "per_forward": False}[args.zero3_gather],
+        prompt_lengths=data.prompt_lengths,
     )
     if D.is_main():
         write_scores(args.out, data.ids, scores)

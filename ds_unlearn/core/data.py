@@ -1,7 +1,10 @@
 """Reading sets of sequences (JSONL, CSV, Parquet) into ids and token-id lists, validated.
 
 A row with ``input_ids`` is used as-is; otherwise its text field is tokenized with the model's
-tokenizer. Every problem is reported as one line naming the file, field and row, before any
+tokenizer. A row may carry a prompt (its prompt field as text, or ``prompt_ids`` beside
+``input_ids``, or under ``chat_template`` a ``messages`` list rendered by the tokenizer's own chat
+template): its tokens come first and condition the response, which alone is scored and trained
+on (``SequenceSet.prompt_lengths``). Every problem is reported as one line naming the file, field and row, before any
 model is loaded. Raw text never leaves this module except as token ids.
 """
 
@@ -19,19 +22,33 @@ from .errors import InputError
 
 FORMATS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
 IDS_FIELD = "input_ids"
+PROMPT_IDS_FIELD = "prompt_ids"  # beside input_ids (the response): the prompt's token ids
+DEFAULT_PROMPT_FIELD = "prompt"
+MESSAGES_FIELD = "messages"  # under --chat_template: a list of {role, content}
+SCORE_TURNS = ("last", "all")
+MIXED_PROMPTS_FLAG = "--mixed_prompts"
 DEFAULT_ID_FIELD = "id"  # rows without it are numbered; any other --id_field must exist
 
 
 @dataclass
 class SequenceSet:
-    """Row ids (the id field, or the row index) and their token ids, in file order."""
+    """Row ids (the id field, or the row index) and their token ids, in file order.
+
+    ``prompt_lengths``: None when no row has a prompt; else one int per sequence, the number of
+    leading prompt tokens of ``sequences[i]`` (0: a row scored whole). The prompt conditions the
+    rest but is never scored, trained on or counted."""
 
     ids: list[Any]
     sequences: list[list[int]]
     has_id_field: bool = False  # ids come from the id field (else they are row indices)
+    prompt_lengths: list[int] | None = None
 
     def __len__(self) -> int:
         return len(self.sequences)
+
+    def prompts(self) -> list[int]:
+        """Each sequence's prompt length (0 for all when the set has no prompts)."""
+        return list(self.prompt_lengths) if self.prompt_lengths is not None else [0] * len(self.sequences)
 
 
 def read_rows(path: str | Path, option: str = "--data") -> list[dict]:
@@ -171,10 +188,58 @@ def _row_id(row: dict, where: str, id_field: str):
     return value
 
 
-def _as_token_ids(value, where: str) -> list[int]:
+def _as_token_ids(value, where: str, field: str = IDS_FIELD) -> list[int]:
     if not isinstance(value, (list, tuple)) or not all(isinstance(t, int) and not isinstance(t, bool) for t in value):
-        raise InputError(f"{where}: {IDS_FIELD} must be a list of integers")
+        raise InputError(f"{where}: {field} must be a list of integers")
     return list(value)
+
+
+def _prompt_text(row: dict, where: str, field: str) -> str:
+    """The row's prompt: a string (empty allowed: no prompt tokens), else InputError."""
+    value = row[field]
+    if not isinstance(value, str):
+        raise InputError(f"{where}: prompt field '{field}' is {_kind(value)}, not a string (--prompt_field)")
+    _check_unicode(value, where, field)
+    return value
+
+
+def _rendered_ids(tokenizer, messages: list[dict], generation: bool) -> list[int]:
+    out = tokenizer.apply_chat_template(messages, tokenize=True, add_generation_prompt=generation)
+    return list(out["input_ids"] if hasattr(out, "keys") else out)  # transformers 5 returns a BatchEncoding
+
+
+def chat_sequences(messages, where: str, tokenizer, score_turns: str = "last") -> list[tuple[list[int], int, int]]:
+    """``messages`` (a list of ``{role, content}``, content a string) rendered by the tokenizer's own
+    chat template, as ``(tokens, prompt_length, turn)`` per scored assistant turn (``score_turns``:
+    the last one, or all, each conditioned on the whole conversation before it). The prompt is
+    everything before the turn's content, the generation prompt (``add_generation_prompt``)
+    included; the response is the turn as the template renders it (its end-of-turn tokens too);
+    messages after the scored turn are dropped. InputError (one line): not such a list, no
+    assistant turn, or a template that does not render a turn as a continuation of what came before."""
+    if (
+        not isinstance(messages, list)
+        or not messages
+        or not all(isinstance(m, dict) and isinstance(m.get("role"), str) for m in messages)
+    ):
+        raise InputError(f"{where}: field '{MESSAGES_FIELD}' must be a non-empty list of {{role, content}} objects")
+    for k, m in enumerate(messages):
+        if not isinstance(m.get("content"), str):
+            raise InputError(f"{where}: message {k} has content {_kind(m.get('content'))}, not a string")
+        _check_unicode(m["content"], where, f"{MESSAGES_FIELD}[{k}].content")
+    turns = [k for k, m in enumerate(messages) if m["role"] == "assistant"]
+    if not turns:
+        raise InputError(f"{where}: '{MESSAGES_FIELD}' has no assistant turn, so nothing to score or unlearn")
+    out = []
+    for turn in turns if score_turns == "all" else turns[-1:]:
+        prompt = _rendered_ids(tokenizer, messages[:turn], generation=True)
+        tokens = _rendered_ids(tokenizer, messages[: turn + 1], generation=False)
+        if tokens[: len(prompt)] != prompt:
+            raise InputError(
+                f"{where}: the chat template renders assistant turn {turn} so that it does not extend the "
+                "conversation before it (its generation prompt differs): the prompt cannot be masked"
+            )
+        out.append((tokens, len(prompt), turn))
+    return out
 
 
 def to_sequence_set(
@@ -186,10 +251,30 @@ def to_sequence_set(
     max_length: int | None = None,
     vocab_size: int | None = None,
     option: str = "--data",
+    prompt_field: str = DEFAULT_PROMPT_FIELD,
+    mixed_prompts: bool = False,
+    chat_template: bool = False,
+    score_turns: str = "last",
 ) -> SequenceSet:
-    """Token ids and ids of ``rows``; checks ids are unique and token ids inside the vocabulary."""
+    """Token ids and ids of ``rows``; checks ids are unique and token ids inside the vocabulary.
+
+    Prompts: a text row with ``prompt_field`` (a string) is its prompt's tokens then its text's
+    (each tokenized alone, without special tokens; put any separator in the prompt); an
+    ``input_ids`` row with ``prompt_ids`` is those then its ``input_ids``; under ``chat_template``
+    a row with ``messages`` is rendered by the tokenizer's chat template (``chat_sequences``; with
+    ``score_turns="all"`` one sequence per assistant turn, id ``"{id}/{turn}"``). ``max_length``
+    cuts the whole sequence. Raises InputError (one line, naming the row): a prompt that is not a
+    string, a prompt leaving no response token, rows with and without a prompt in one file unless
+    ``mixed_prompts``, ``chat_template`` with a tokenizer that has none."""
     if not rows:
         raise InputError(f"{option}: the file holds no rows")
+    if score_turns not in SCORE_TURNS:
+        raise InputError(f"--score_turns must be one of {', '.join(SCORE_TURNS)}, got {score_turns!r}")
+    if chat_template and any(MESSAGES_FIELD in row for row in rows):
+        if tokenizer is None or not getattr(tokenizer, "chat_template", None):
+            raise InputError(
+                "--chat_template: the model's tokenizer has no chat template (give prompt/response rows instead)"
+            )
     has_ids = any(row.get(IDS_FIELD) is not None for row in rows)
     # Ids come from the id field when any row has it, and then every row must; else row indices,
     # but only for the default field name: a field the user named must exist.
@@ -197,7 +282,8 @@ def to_sequence_set(
     has_id_field = first_with_id is not None
     if not has_id_field and id_field != DEFAULT_ID_FIELD:
         raise InputError(f"{option}: no row has the id field '{id_field}' (--id_field; without it rows are numbered)")
-    ids, sequences, seen = [], [], {}
+    ids, sequences, prompts, seen = [], [], [], {}
+    with_prompt = without_prompt = None  # the first row of each kind
     for i, row in enumerate(rows):
         where = f"{option} row {i}"
         if has_id_field:
@@ -211,15 +297,22 @@ def to_sequence_set(
             seen[row_id] = i
         else:
             row_id = i
-        if has_ids and row.get(IDS_FIELD) is not None:
+        prompt: list[int] | None = None
+        parts = None  # chat rows: (tokens, prompt length, turn) per scored turn
+        if chat_template and MESSAGES_FIELD in row:
+            parts = chat_sequences(row[MESSAGES_FIELD], where, tokenizer, score_turns)
+        elif has_ids and row.get(IDS_FIELD) is not None:
             tokens = _as_token_ids(row[IDS_FIELD], where)
+            if row.get(PROMPT_IDS_FIELD) is not None:
+                prompt = _as_token_ids(row[PROMPT_IDS_FIELD], where, PROMPT_IDS_FIELD)
         else:
             text = row.get(text_field)
             if text_field not in row:
                 fields = ", ".join(repr(k) for k in list(row)[:8]) or "none"
+                hint = " (chat rows: pass --chat_template)" if MESSAGES_FIELD in row else ""
                 raise InputError(
                     f"{where}: field '{text_field}' is missing (and no {IDS_FIELD}); the row has {fields}: "
-                    "name the text with --text_field"
+                    f"name the text with --text_field{hint}"
                 )
             if text is None:
                 raise InputError(
@@ -230,16 +323,63 @@ def to_sequence_set(
             _check_unicode(text, where, text_field)
             if tokenizer is None:
                 raise InputError(f"{where}: has text but the model has no tokenizer; give {IDS_FIELD}")
+            if prompt_field in row:
+                prompt = list(tokenizer(_prompt_text(row, where, prompt_field), add_special_tokens=False)["input_ids"])
             tokens = list(tokenizer(text, add_special_tokens=False)["input_ids"])
-        if max_length:
-            tokens = tokens[:max_length]
-        if vocab_size is not None:
-            bad = next((t for t in tokens if not 0 <= t < vocab_size), None)
-            if bad is not None:
-                raise InputError(f"{where}: token id {bad} is outside the vocabulary [0, {vocab_size})")
-        ids.append(row_id)
-        sequences.append(tokens)
-    return SequenceSet(ids, sequences, has_id_field)
+        if parts is None:
+            parts = [(tokens, 0, None)] if prompt is None else [(prompt + tokens, len(prompt), None)]
+        kind = prompt is not None or chat_template and MESSAGES_FIELD in row
+        if kind and with_prompt is None:
+            with_prompt = i
+        if not kind and without_prompt is None:
+            without_prompt = i
+        if with_prompt is not None and without_prompt is not None and not mixed_prompts:
+            other = without_prompt if kind else with_prompt
+            what = f"a prompt but row {other} has none" if kind else f"no prompt but row {other} has one"
+            raise InputError(
+                f"{where}: has {what} ('{prompt_field}', {PROMPT_IDS_FIELD} or {MESSAGES_FIELD}); "
+                f"pass {MIXED_PROMPTS_FLAG} to score rows without one whole"
+            )
+        for tokens, prompt_length, turn in parts:
+            if max_length:
+                tokens = tokens[:max_length]
+            if prompt_length and len(tokens) <= prompt_length:
+                cut = f" within --max_length {max_length}" if max_length and max_length <= prompt_length else ""
+                raise InputError(f"{where}: its prompt of {prompt_length} tokens leaves no response token{cut}")
+            if vocab_size is not None:
+                bad = next((t for t in tokens if not 0 <= t < vocab_size), None)
+                if bad is not None:
+                    raise InputError(f"{where}: token id {bad} is outside the vocabulary [0, {vocab_size})")
+            ids.append(row_id if turn is None or score_turns == "last" else f"{row_id}/{turn}")
+            sequences.append(tokens)
+            prompts.append(prompt_length)
+    has_prompts = with_prompt is not None
+    return SequenceSet(ids, sequences, has_id_field, prompts if has_prompts else None)
+
+
+PROMPT_HELP = {
+    "prompt_field": "field holding a row's prompt: its tokens condition the response but are never scored, "
+    "trained on or counted (input_ids rows: prompt_ids)",
+    "mixed_prompts": "allow a file mixing rows with and without a prompt (those without are scored whole)",
+    "chat_template": "render rows with 'messages' (a list of {role, content}) by the tokenizer's chat template; "
+    "the assistant turn is the response, everything before it (generation prompt included) the prompt",
+    "score_turns": "with --chat_template: score the last assistant turn, or every one (a sequence each, id ID/TURN)",
+}
+
+
+def add_prompt_flags(add_argument) -> None:
+    """``--prompt_field``, ``--mixed_prompts``, ``--chat_template``, ``--score_turns`` (argparse's
+    ``add_argument``); ``prompt_options`` turns the parsed flags into ``to_sequence_set`` options."""
+    add_argument("--prompt_field", default=DEFAULT_PROMPT_FIELD, help=PROMPT_HELP["prompt_field"])
+    add_argument(MIXED_PROMPTS_FLAG, action="store_true", help=PROMPT_HELP["mixed_prompts"])
+    add_argument("--chat_template", action="store_true", help=PROMPT_HELP["chat_template"])
+    add_argument("--score_turns", choices=SCORE_TURNS, default="last", help=PROMPT_HELP["score_turns"])
+
+
+def prompt_options(args) -> dict:
+    """The prompt settings of ``args`` (parsed flags or a config) as ``to_sequence_set`` keywords."""
+    names = ("prompt_field", "mixed_prompts", "chat_template", "score_turns")
+    return {name: getattr(args, name) for name in names}
 
 
 def needs_tokenizer(rows: list[dict]) -> bool:
@@ -253,10 +393,16 @@ def load_sequence_set(path: str | Path, option: str = "--data", **options) -> Se
 
 def check_context(data: SequenceSet, limit: int | None, option: str = "--data") -> None:
     """Every sequence fits the model's context (``max_position_embeddings`` tokens); raises
-    InputError naming the first row that does not (``--max_length`` cuts rows on request)."""
+    InputError naming the first row that does not (``--max_length`` cuts rows on request), or whose
+    prompt alone leaves no response token inside it."""
     if not limit:
         return
-    for i, seq in enumerate(data.sequences):
+    for i, (seq, prompt) in enumerate(zip(data.sequences, data.prompts())):
+        if prompt >= limit:
+            raise InputError(
+                f"{option} row {i}: its prompt of {prompt} tokens leaves no response token inside the model's "
+                f"context of {limit} (shorten the prompt)"
+            )
         if len(seq) > limit:
             raise InputError(
                 f"{option} row {i}: {len(seq)} tokens, more than the model's context of {limit} "

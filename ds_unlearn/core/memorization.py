@@ -16,9 +16,24 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
+# A row with a prompt of P tokens (prompt/response data, chat templates) scores only its response
+# x[P..T-1]: the prompt conditions every prediction but is never a target, never counted.
+
 # Verdict thresholds of the ICML 2024 code, on memorization accuracy.
 MEMORIZED_MA = 0.60
 OVER_UNLEARNED_MA = 0.15
+
+
+def scored_start(prompt_length: int) -> int:
+    """Index in a ``match`` / NLL row (position j predicts x[j+1]) of the first scored position
+    for a prompt of ``prompt_length`` tokens: P-1, or 0 without a prompt (x[0] is never a target,
+    so a one-token prompt scores the same positions as none)."""
+    return max(int(prompt_length) - 1, 0)
+
+
+def first_prefix(prompt_length: int) -> int:
+    """The shortest prefix EL_n continues from: the whole prompt (at least one token)."""
+    return max(int(prompt_length), 1)
 
 
 def memorization_accuracy(match: Sequence[bool]) -> float:
@@ -48,12 +63,15 @@ def ngram_overlap(generated: Sequence[int], target: Sequence[int], n: int) -> fl
     return hits / num_grams
 
 
-def extraction_likelihood_reference(tokens: Sequence[int], continuations: Mapping[int, Sequence[int]], n: int) -> float:
+def extraction_likelihood_reference(
+    tokens: Sequence[int], continuations: Mapping[int, Sequence[int]], n: int, prompt_length: int = 0
+) -> float:
     """EL_n by definition: ``continuations[p]`` is the greedy continuation of ``tokens[:p]``
-    (exactly T-p tokens) for every p in 1..T-n."""
-    T = len(tokens)
-    total = sum(ngram_overlap(continuations[p], tokens[p:], n) for p in range(1, T - n + 1))
-    return total / (T - n)
+    (exactly T-p tokens) for every p in a..T-n, a = ``first_prefix(prompt_length)``; the mean
+    over those T-n-a+1 prefixes (a = 1 without a prompt: the papers' 1/(T-n))."""
+    T, start = len(tokens), first_prefix(prompt_length)
+    total = sum(ngram_overlap(continuations[p], tokens[p:], n) for p in range(start, T - n + 1))
+    return total / (T - n - start + 1)
 
 
 def first_errors(match: Sequence[bool]) -> np.ndarray:
@@ -67,12 +85,13 @@ def first_errors(match: Sequence[bool]) -> np.ndarray:
     return out
 
 
-def continuation_starts(match: Sequence[bool], max_prefix: int) -> list[int]:
+def continuation_starts(match: Sequence[bool], max_prefix: int, min_prefix: int = 1) -> list[int]:
     """Wrong positions f whose greedy continuation (of ``x[:f+1]``) some prefix length
-    p in 1..max_prefix needs: exactly the distinct first errors at or after p-1."""
-    if max_prefix < 1:
+    p in min_prefix..max_prefix needs: exactly the distinct first errors at or after p-1 (with a
+    prompt of P tokens, min_prefix = P: no continuation starts inside the prompt)."""
+    if max_prefix < min_prefix:
         return []
-    errs = first_errors(match)[:max_prefix]
+    errs = first_errors(match)[min_prefix - 1 : max_prefix]
     return sorted({int(f) for f in errs if f >= 0})
 
 
@@ -86,24 +105,26 @@ def extraction_likelihood_fast(
     match: Sequence[bool],
     continuations: Mapping[int, Sequence[int]],
     n: int,
+    prompt_length: int = 0,
 ) -> float:
     """EL_n from the teacher-forced row and one continuation per wrong position.
 
     ``continuations[f]`` is the greedy continuation of ``tokens[:f+1]`` (T-f-1 tokens) for each f
-    in ``continuation_starts(match, T-n)``. Equals ``extraction_likelihood_reference`` exactly.
+    in ``continuation_starts(match, T-n, first_prefix(prompt_length))``. Equals
+    ``extraction_likelihood_reference`` (same ``prompt_length``) exactly.
 
     For prefix p with first error f, the generation is ``y_f[p:]`` with
     ``y_f = tokens[:f+1] + continuations[f]``; an n-gram of it starting at s lies among the
     n-grams of ``tokens[p:]`` iff the gram's last occurrence in ``tokens`` starts at or after p.
     Grams ending at or before f are copied from ``tokens[p:]`` and so always count.
     """
-    T = len(tokens)
+    T, start_prefix = len(tokens), first_prefix(prompt_length)
     tokens = list(tokens)
     last_start = _last_starts(tokens, n)
     errs = first_errors(match)
     per_error_cache: dict[int, tuple[int, np.ndarray]] = {}
     total = 0.0
-    for p in range(1, T - n + 1):
+    for p in range(start_prefix, T - n + 1):
         f = int(errs[p - 1])
         if f < 0:  # memorized from here on: the continuation is the target itself
             total += 1.0
@@ -121,7 +142,7 @@ def extraction_likelihood_fast(
         copied = start - p  # grams entirely inside tokens[p:f+1]
         hits = copied + int(np.count_nonzero(last[start - first :] >= p))
         total += hits / (T - p - n + 1)
-    return total / (T - n)
+    return total / (T - n - start_prefix + 1)
 
 
 def sequence_metrics(
@@ -130,14 +151,21 @@ def sequence_metrics(
     nll: Sequence[float],
     *,
     extract_k: Sequence[int] = (32,),
+    prompt_length: int = 0,
 ) -> dict:
-    """The teacher-forced metrics of one sequence (everything but EL_n)."""
+    """The teacher-forced metrics of one sequence (everything but EL_n). With a prompt of P
+    tokens, ``n_tokens`` counts the response (T-P), MA / loss / longest run cover the positions
+    predicting it (``scored_start``), and K-extractability's prefix is the prompt plus the first
+    K response tokens (Carlini et al.'s prefix is then x[:P+K])."""
+    start = scored_start(prompt_length)
+    match, nll = match[start:], nll[start:]
     out = {
-        "n_tokens": len(tokens),
+        "n_tokens": len(tokens) - int(prompt_length),
         "loss": float(np.mean(np.asarray(nll, dtype=np.float64))),
         "ma": memorization_accuracy(match),
         "max_verbatim": longest_true_run(match),
     }
     for k in extract_k:
-        out[f"extractable_k{k}"] = is_extractable(match, k)
+        # match is already cut at P-1 (or 0): match[P+K-1:] of the full row is match[K + (P>0) - 1:] here.
+        out[f"extractable_k{k}"] = is_extractable(match, k + (1 if prompt_length > 0 else 0))
     return out

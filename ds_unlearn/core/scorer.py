@@ -21,6 +21,8 @@ from .memorization import (
     continuation_starts,
     extraction_likelihood_fast,
     extraction_likelihood_reference,
+    first_prefix,
+    scored_start,
     sequence_metrics,
 )
 from .mia import mia_scores, token_bytes
@@ -42,9 +44,25 @@ def int_tuple(name: str, value) -> tuple[int, ...]:
     return tuple(int(v) for v in items)
 
 
-def min_length(el_n: Sequence[int], extract_k: Sequence[int]) -> int:
-    """Shortest sequence every requested metric is defined on."""
-    return max([2, *(n + 1 for n in el_n), *(k + 1 for k in extract_k)])
+def min_length(el_n: Sequence[int], extract_k: Sequence[int], prompt_length: int = 0) -> int:
+    """Shortest sequence (prompt included) every requested metric is defined on: EL_n needs n
+    tokens after its shortest prefix (``first_prefix``), K-extractability one token after the
+    prompt and K response tokens, MA one scored token."""
+    start = first_prefix(prompt_length)
+    return max([start + 1, *(start + n for n in el_n), *(prompt_length + k + 1 for k in extract_k)])
+
+
+def prompt_rows(prompt_lengths, count: int) -> list[int]:
+    """``prompt_lengths`` (None: no prompts) as ``count`` non-negative ints; InputError otherwise."""
+    if prompt_lengths is None:
+        return [0] * count
+    rows = int_tuple("prompt_lengths", prompt_lengths)
+    if len(rows) != count:
+        raise InputError(f"prompt_lengths has {len(rows)} entries for {count} sequences")
+    bad = next((i for i, p in enumerate(rows) if p < 0), None)
+    if bad is not None:
+        raise InputError(f"prompt_lengths[{bad}] is {rows[bad]}, not a length")
+    return list(rows)
 
 
 def context_limit(model_or_config) -> int | None:
@@ -78,18 +96,26 @@ def validate_request(
     vocab_size: int | None,
     describe_row: Callable[[int], str] = lambda i: f"row {i}",
     max_positions: int | None = None,
+    prompt_lengths: Sequence[int] | None = None,
 ) -> None:
     """Reject what the metrics are undefined on, naming the first offending row: too short for
-    el_n/extract_k, longer than the model's context (``max_positions``), or a token that is not an
-    integer or lies outside the vocabulary."""
+    el_n/extract_k (with a prompt: a response too short, ``min_length``), longer than the model's
+    context (``max_positions``), or a token that is not an integer or lies outside the vocabulary."""
     if not sequences:
         raise InputError("the set of sequences is empty")
     for name, values in (("el_n", el_n), ("extract_k", extract_k)):
         bad = [v for v in values if int(v) < 1]
         if bad:
             raise InputError(f"{name} must hold positive integers, got {bad[0]}")
-    need = min_length(el_n, extract_k)
+    prompts = prompt_rows(prompt_lengths, len(sequences))
     for i, seq in enumerate(sequences):
+        need = min_length(el_n, extract_k, prompts[i])
+        if prompts[i] and len(seq) < need:
+            raise InputError(
+                f"{describe_row(i)}: its prompt of {prompts[i]} tokens leaves {len(seq) - prompts[i]} response "
+                f"tokens, but el_n={list(el_n)} and extract_k={list(extract_k)} need at least "
+                f"{need - prompts[i]} (lower them, shorten the prompt, or drop the row)"
+            )
         if len(seq) < need:
             raise InputError(
                 f"{describe_row(i)}: {len(seq)} tokens, but el_n={list(el_n)} and "
@@ -163,14 +189,15 @@ def _expected_run(match) -> float:
     return float(match.sum()) / max(runs, 1)
 
 
-def _el_fast_batch(model, sequences, tf, el_n, rows, any_rank) -> list[dict]:
-    """EL_n of one teacher-forced batch: continuations only from the wrong positions, decoded
-    draft-and-verify from the pass's own KV cache (continuations.py)."""
+def _el_fast_batch(model, sequences, prompts, tf, el_n, rows, any_rank) -> list[dict]:
+    """EL_n of one teacher-forced batch: continuations only from the wrong positions after each
+    row's prompt, decoded draft-and-verify from the pass's own KV cache (continuations.py: the
+    prompt's keys and values are copied from that pass, never recomputed)."""
     requests, owners = [], []
     for i, (seq, (match, _)) in enumerate(zip(sequences, tf.rows)):
         if i in tf.nonfinite:
             continue  # its metrics are void; the caller raises once every rank is done
-        for f in continuation_starts(match, len(seq) - min(el_n)):
+        for f in continuation_starts(match, len(seq) - min(el_n), first_prefix(prompts[i])):
             requests.append(Request(seq=i, start=f, length=len(seq) - f - 1))
             owners.append((i, f))
     continuations: list[dict[int, list[int]]] = [{} for _ in sequences]
@@ -198,17 +225,18 @@ def _el_fast_batch(model, sequences, tf, el_n, rows, any_rank) -> list[dict]:
     return [
         {}
         if i in nonfinite
-        else {f"el_{n}": extraction_likelihood_fast(list(seq), match, continuations[i], n) for n in el_n}
+        else {f"el_{n}": extraction_likelihood_fast(list(seq), match, continuations[i], n, prompts[i]) for n in el_n}
         for i, (seq, (match, _)) in enumerate(zip(sequences, tf.rows))
     ]
 
 
-def _el_reference(model, sequences, el_n, batch_size, progress, any_rank) -> list[dict]:
-    """The papers' procedure: one greedy generation per prefix length (batched over sequences)."""
+def _el_reference(model, sequences, prompts, el_n, batch_size, progress, any_rank) -> list[dict]:
+    """The papers' procedure: one greedy generation per prefix length (batched over sequences),
+    from the whole prompt on."""
     n_min = min(el_n)
     requests_by_prefix: dict[int, list] = {}
     for i, seq in enumerate(sequences):
-        for p in range(1, len(seq) - n_min + 1):
+        for p in range(first_prefix(prompts[i]), len(seq) - n_min + 1):
             requests_by_prefix.setdefault(p, []).append((i, list(seq[:p]), len(seq) - p))
     chunks = [c for p in sorted(requests_by_prefix) for c in _chunks(requests_by_prefix[p], batch_size)]
     generated = _run_generation_chunks(model, [[(r[1], r[2]) for r in c] for c in chunks], progress, any_rank)
@@ -217,41 +245,48 @@ def _el_reference(model, sequences, el_n, batch_size, progress, any_rank) -> lis
         for (i, prompt, _), cont in zip(chunk, outs):
             continuations[i][len(prompt)] = cont
     return [
-        {f"el_{n}": extraction_likelihood_reference(list(seq), continuations[i], n) for n in el_n}
+        {f"el_{n}": extraction_likelihood_reference(list(seq), continuations[i], n, prompts[i]) for n in el_n}
         for i, seq in enumerate(sequences)
     ]
 
 
 @torch.no_grad()
 def _score_local(
-    model, sequences, el_n, extract_k, sizes, method, progress, any_rank, membership=False
+    model, sequences, prompts, el_n, extract_k, sizes, method, progress, any_rank, membership=False, with_prompts=False
 ) -> tuple[list[dict], list[int]]:
-    """Metrics of this rank's sequences, and the indices (into ``sequences``) with non-finite logits."""
+    """Metrics of this rank's sequences (``prompts``: each one's prompt length), and the indices
+    (into ``sequences``) with non-finite logits."""
     fast = bool(el_n) and method == "fast"
     rows, els, nonfinite, moments = [], [], [], []
-    for b, batch in enumerate(progress(_chunks(list(sequences), sizes.sequences), "score")):
+    batches = zip(_chunks(list(sequences), sizes.sequences), _chunks(list(prompts), sizes.sequences))
+    for b, (batch, batch_prompts) in enumerate(progress(list(batches), "score")):
         tf = teacher_forced_pass(model, batch, keep_cache=fast, moments=membership)
         if membership:
             moments.extend(tf.moments)
         if fast:
-            els.extend(_el_fast_batch(model, batch, tf, el_n, sizes.rows, any_rank))
+            els.extend(_el_fast_batch(model, batch, batch_prompts, tf, el_n, sizes.rows, any_rank))
         tf.cache = None  # the KV cache can be large; only this batch's continuations needed it
         rows.extend(tf.rows)
         nonfinite.extend(b * sizes.sequences + i for i in tf.nonfinite)
     if not el_n:  # teacher-forced metrics only
         els = [{} for _ in sequences]
     elif not fast:
-        els = _el_reference(model, sequences, el_n, sizes.rows, progress, any_rank)
+        els = _el_reference(model, sequences, prompts, el_n, sizes.rows, progress, any_rank)
     results = []
     for i, (seq, (match, nll), el) in enumerate(zip(sequences, rows, els)):
-        metrics = sequence_metrics(seq, match, nll, extract_k=extract_k)
-        # Key order of the output files: n_tokens, loss, ma, el_*, max_verbatim, extractable_*.
-        ordered = {k: metrics[k] for k in ("n_tokens", "loss", "ma")}
+        metrics = sequence_metrics(seq, match, nll, extract_k=extract_k, prompt_length=prompts[i])
+        # Key order of the output files: n_tokens, [n_prompt_tokens], loss, ma, el_*, max_verbatim,
+        # extractable_*.
+        ordered = {"n_tokens": metrics["n_tokens"]}
+        if with_prompts:
+            ordered["n_prompt_tokens"] = prompts[i]
+        ordered.update({k: metrics[k] for k in ("loss", "ma")})
         ordered.update(el)
         ordered.update({k: v for k, v in metrics.items() if k not in ordered})
         if membership:
             mu, sigma = moments[i]
-            mia = mia_scores(-nll, mu, sigma, token_bytes(seq))
+            start = scored_start(prompts[i])
+            mia = mia_scores(-nll[start:], mu[start:], sigma[start:], token_bytes(seq[prompts[i] :]))
             ordered.update({k: v for k, v in mia.items() if k != "loss"})
         results.append(ordered)
     return results, nonfinite
@@ -321,6 +356,7 @@ def score_sequences(
     progress: bool = False,
     gather_params: bool | None = None,
     membership: bool = False,
+    prompt_lengths: Sequence[int] | None = None,
 ) -> list[dict]:
     """Per-sequence memorization metrics of ``model`` on token-id ``sequences`` (lists of ints,
     1-D int tensors or arrays, or one 2-D [rows, tokens] tensor; lengths may differ). ``el_n`` and
@@ -329,7 +365,13 @@ def score_sequences(
     Returns one dict per sequence, in order: ``n_tokens``, ``loss``, ``ma``, ``el_{n}``,
     ``max_verbatim``, ``extractable_k{K}``; with ``membership`` also the membership scores of the
     same teacher-forced pass (``zlib`` on the token ids' bytes, ``min_k``, ``min_k++``: core/mia.py,
-    from fp32 log-probabilities), which is what an unlearning run judges ``band_on`` with. The
+    from fp32 log-probabilities), which is what an unlearning run judges ``band_on`` with.
+
+    ``prompt_lengths`` (one int per sequence, 0 for none; None: no prompts): sequence i is its
+    prompt ``x[:P_i]`` followed by its response. The prompt conditions every prediction but is
+    never scored: every metric covers the response (``memorization.sequence_metrics``), EL_n
+    continues from prefixes of at least the whole prompt, and each row gains ``n_prompt_tokens``
+    (``n_tokens`` then counts the response). The
     model keeps its dtype and device. Inside a
     torch.distributed process group the sequences are sharded over ranks and every rank gets the
     full list back; every rank must call this with the same arguments.
@@ -347,12 +389,14 @@ def score_sequences(
         raise InputError(f"method must be one of {METHODS}, got {method!r}")
     sequences = token_rows(sequences)
     el_n, extract_k = int_tuple("el_n", el_n), int_tuple("extract_k", extract_k)
+    prompts = prompt_rows(prompt_lengths, len(sequences))
     validate_request(
         sequences,
         el_n,
         extract_k,
         getattr(model.config, "vocab_size", None),
         max_positions=context_limit(model),
+        prompt_lengths=prompts,
     )
     # Ranks must agree (equal numbers of teacher-forced batches keep ZeRO-3 forwards in step).
     own = resolve_batch_size(model, batch_size, max(len(s) for s in sequences))
@@ -368,7 +412,17 @@ def score_sequences(
             # Gathered once, every forward is local: ranks need not keep in step.
             any_rank = (lambda flag: flag) if gathered else D.any_rank
             local, bad = _score_local(
-                model, [sequences[i] for i in indices], el_n, extract_k, sizes, method, bar, any_rank, membership
+                model,
+                [sequences[i] for i in indices],
+                [prompts[i] for i in indices],
+                el_n,
+                extract_k,
+                sizes,
+                method,
+                bar,
+                any_rank,
+                membership,
+                with_prompts=prompt_lengths is not None,
             )
     finally:
         model.train(was_training)
