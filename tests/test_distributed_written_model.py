@@ -1,11 +1,18 @@
-"""Issue 26 on 2 CPU ranks (real deepspeed launcher): the guard under ZeRO-3, and a checkpoint
-saved under one ZeRO stage refused in one line when resumed under another."""
+"""Issue 26 on 2 CPU ranks (real deepspeed launcher): the guard under ZeRO-3, a checkpoint saved
+under one ZeRO stage refused in one line when resumed under another, and the output lock: a second
+run is refused on every rank, and no rank is left waiting in its collective."""
 
 import json
+import signal
+import time
+from pathlib import Path
 
 import pytest
 
+from ds_unlearn.core.files import LOCK_NAME, OutputLock
+
 from .launcher import deepspeed_run, tail
+from .test_distributed_faults import launch, rank_pids, wait_for
 from .test_distributed_unlearn import ds_args, run_ok
 
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
@@ -23,3 +30,70 @@ def test_zero2_checkpoint_resumed_under_zero3_is_one_line(unlearn_case, tmp_path
     errors = [line for line in result.stderr.splitlines() if "error:" in line]
     assert result.returncode != 0 and "Traceback" not in result.stderr, tail(result)
     assert errors and all("saved with ZeRO stage 2 and this run has ZeRO stage 3" in e for e in errors), tail(result)
+
+
+def one_line_per_rank(output: str, message: str) -> list[str]:
+    """The error lines of a refused 2-rank job: one per rank, each with ``message``, no traceback."""
+    errors = [line for line in output.splitlines() if "error:" in line]
+    assert "Traceback" not in output and len(errors) == 2, output[-4000:]
+    assert sum(e.startswith("[rank 1] ") for e in errors) == 1, errors
+    assert all(message in e for e in errors), errors
+    return errors
+
+
+def test_a_second_two_rank_run_into_a_running_ones_folder_is_refused_on_every_rank(unlearn_case, tmp_path):
+    """The output lock under the real launcher: while a 2-rank run works in a folder, a second
+    2-rank run into it (even with --overwrite) is refused on both ranks in one line, exit 2, in
+    seconds, without touching it; once the first is killed its lock file is left but not held."""
+    out = tmp_path / "run"
+    # lr 1e-7: nothing is forgotten, so the stop rule never ends it (killed below, long before).
+    slow = ("--method", "ga", "--learning_rate", "1e-7", "--num_train_epochs", 5000, "--audit", "none")
+    slow += ("--save_resumable", "false")
+    first = launch(unlearn_case, out, *slow)
+    try:
+        wait_for(out / "scores_before.jsonl", first)
+        holder = first_rank_0(out)
+        start = time.time()
+        second = deepspeed_run(
+            "launch/unlearn.py", *ds_args(unlearn_case, out, "zero3", *slow, "--overwrite"), timeout=120
+        )
+        elapsed = time.time() - start
+        assert first.poll() is None, ("the first run ended before the second was refused", tail(second))
+        # Non-zero (2 from the command; ZeRO-3 ranks may still abort in C++ teardown after it).
+        assert second.returncode != 0 and elapsed < 60, (elapsed, tail(second))
+        errors = one_line_per_rank(second.stdout + second.stderr, f"output_dir: {out} is in use by another run")
+        assert all(f"(process {holder} on " in e for e in errors), errors
+        assert (out / "scores_before.jsonl").exists()  # --overwrite removed nothing of the first run
+    finally:
+        first.send_signal(signal.SIGTERM)  # the launcher alone: its ranks follow (their watchdog)
+        first.communicate(timeout=60)
+    deadline = time.time() + 30
+    while rank_pids(out) and time.time() < deadline:
+        time.sleep(0.5)
+    assert not rank_pids(out)
+    assert (out / LOCK_NAME).exists() and not OutputLock(out).held()  # a killed run's file blocks nothing
+
+
+def first_rank_0(out: Path) -> int:
+    return rank_pids(out)[0]
+
+
+def test_one_rank_s_bad_input_before_the_lock_ends_the_job_in_one_line_per_rank(unlearn_case, tmp_path, monkeypatch):
+    """Bad input seen by one rank alone, between the first collective and the lock's: that rank
+    says why and leaves; the other, waiting in the lock's collective, is released at once (not
+    after the 300 s collective timeout) and says so in one line; exit 2, nothing written."""
+    for failing in ("0", "1"):
+        monkeypatch.setenv("FAIL_RANK", failing)
+        out = tmp_path / f"rank{failing}"
+        start = time.time()
+        result = deepspeed_run(
+            "tests/scripts/one_rank_input_error.py", *ds_args(unlearn_case, out, "zero3", "--method", "ga"), timeout=120
+        )
+        elapsed = time.time() - start
+        output = result.stdout + result.stderr
+        assert result.returncode != 0 and elapsed < 60, (elapsed, tail(result))
+        errors = one_line_per_rank(output, "ds-unlearn unlearn: error: ")
+        prefix = "[rank 1] " if failing == "1" else ""
+        assert f"{prefix}ds-unlearn unlearn: error: bad input seen by rank {failing} alone" in errors, errors
+        assert any("another rank stopped before the output lock was taken" in e for e in errors), errors
+        assert not out.exists()

@@ -4,7 +4,6 @@ adapter, and no fault loses a byte. Every test runs the real ``ds-unlearn unlear
 import json
 import shutil
 import subprocess
-import time
 
 import pytest
 import torch
@@ -18,6 +17,7 @@ from ds_unlearn.core.toy import save_model, tiny_model
 
 from .conftest import VOCAB, unlearn_args
 from .test_lora import digest
+from .test_output_lock import hold
 
 
 def make_adapter(path, base_dir, *, seed=0, **lora):
@@ -216,12 +216,8 @@ def test_second_run_into_a_locked_output_is_refused(unlearn_case, tmp_path, caps
     """Faults: a run holds its output folder's lock for its life; another is refused in one line."""
     out = tmp_path / "out"
     out.mkdir()
-    holder = subprocess.Popen(["flock", str(out / LOCK_NAME), "sleep", "60"])
+    holder = hold(out / LOCK_NAME)
     try:
-        for _ in range(50):
-            if (out / LOCK_NAME).exists():
-                break
-            time.sleep(0.1)
         code = main(["unlearn", *unlearn_args(unlearn_case, out, "--method", "ga")])
     finally:
         holder.kill()

@@ -9,7 +9,9 @@ import fnmatch
 import json
 import os
 import shutil
+import socket
 import tempfile
+import time
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -179,40 +181,74 @@ LOCK_NAME = ".ds_unlearn.lock"
 
 class OutputLock:
     """An exclusive lock on an output folder for a run's life (``flock`` on ``DIR/.ds_unlearn.lock``,
-    released by the OS if the process dies), so a second run into the same folder is refused
-    instead of interleaving its files. ``acquire`` creates the folder; returns False (and leaves
-    ``holder``: the pid written by the run holding it) when another process holds it."""
+    released by the OS if the process dies, so a file left by a killed run is not held), so a second
+    run into the same folder is refused instead of interleaving its files. ``held`` probes without
+    creating anything; ``acquire`` creates the folder and takes it. Either leaves ``holder`` (the
+    process the holding run wrote) when another process holds it."""
+
+    ATTEMPTS = 5  # acquire retries this often, 50 ms apart: another run's ``held`` probe is momentary
 
     def __init__(self, directory: str | Path):
         self.path = Path(directory) / LOCK_NAME
         self.handle = None
         self.holder = ""
+        self.unsupported = ""  # why the file system cannot lock (the run goes on unlocked)
         self.created: list[Path] = []  # folders acquire made, removed by release if still empty
 
+    def held(self) -> bool:
+        """True when another process holds the lock now. Creates and writes nothing (every rank may
+        call it before any check has passed); False where the file system has no ``flock``."""
+        try:
+            handle = open(self.path)
+        except OSError:  # no lock file (or none this process can read): nobody holds it
+            return False
+        with handle:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            except OSError as err:
+                if err.errno not in _HELD:
+                    return False
+                self.holder = handle.read().strip()
+                return True
+            fcntl.flock(handle, fcntl.LOCK_UN)
+        return False
+
     def acquire(self) -> bool:
+        """Take the lock (creating the folder); False when another process holds it. On a file
+        system without ``flock`` it returns True unlocked, with the reason in ``unsupported``."""
         missing = [p for p in (self.path.parent, *self.path.parent.parents) if not p.exists()]
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.created = missing
-        handle = open(self.path, "a+")
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
+        for attempt in range(self.ATTEMPTS):
+            if attempt:
+                time.sleep(0.05)
+            handle = open(self.path, "a+")
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError as err:
+                handle.seek(0)
+                self.holder = handle.read().strip()
+                handle.close()
+                if err.errno not in _HELD:
+                    self.unsupported = err.strerror or str(err)
+                    return True
+                continue
+            if not _same_file(handle, self.path):  # its releasing holder unlinked it after our open
+                handle.close()
+                continue
             handle.seek(0)
-            self.holder = handle.read().strip()
-            handle.close()
-            return False
-        handle.seek(0)
-        handle.truncate()
-        handle.write(str(os.getpid()))
-        handle.flush()
-        self.handle = handle
-        return True
+            handle.truncate()
+            handle.write(f"{os.getpid()} on {socket.gethostname()}")
+            handle.flush()
+            self.handle, self.holder = handle, ""
+            return True
+        return False
 
     def release(self) -> None:
         """Drop the lock and its file, and the folders ``acquire`` created if nothing else went in
         (a run refused after locking leaves nothing behind)."""
         if self.handle is not None:
-            self.path.unlink(missing_ok=True)
+            self.path.unlink(missing_ok=True)  # while still held: a waiting run re-checks the path
             self.handle.close()
             self.handle = None
         for folder in self.created:
@@ -221,6 +257,17 @@ class OutputLock:
             except OSError:  # holds the run's outputs (or is not ours to remove)
                 break
         self.created = []
+
+
+_HELD = (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES)  # flock's "someone else holds it"
+
+
+def _same_file(handle, path: Path) -> bool:
+    try:
+        here, there = os.fstat(handle.fileno()), os.stat(path)
+    except OSError:
+        return False
+    return (here.st_dev, here.st_ino) == (there.st_dev, there.st_ino)
 
 
 def write_jsonl(path: str | Path, rows: Iterable[dict]) -> None:

@@ -187,9 +187,35 @@ def run_unlearning(config: UnlearnConfig, *args, **kwargs) -> UnlearnResult:
     in one line); collective (every rank calls it)."""
     lock = OutputLock(config.output_dir)
     try:
+        # The first collective, before anything that could fail on one rank only: a folder another
+        # run holds is refused on every rank alike, before any check reads the files it is writing.
+        # (Every rank probes before this job's rank 0 can take the lock, so none sees its own.)
+        if D.any_rank(lock.held()):
+            raise InputError(_in_use(config, lock))
         return _unlearn(lock, config, *args, **kwargs)
     finally:
         lock.release()
+
+
+def _in_use(config: UnlearnConfig, lock: OutputLock) -> str:
+    held_by = f" (process {lock.holder})" if lock.holder else ""
+    return f"output_dir: {config.output_dir} is in use by another run{held_by}; wait for it or choose another"
+
+
+def lock_output(lock: OutputLock, config: UnlearnConfig) -> None:
+    """Rank 0 takes ``output_dir``'s lock and every rank learns the outcome in one collective: all
+    refuse in one line, or all go on. A rank that stopped before it (its own error line says why)
+    closes its connections; the others then stop with one line too instead of a gloo traceback."""
+    try:
+        refused = D.any_rank(D.is_main() and not lock.acquire())
+    except RuntimeError as err:  # torch's DistBackendError: the peer left, or the wait timed out
+        if not any(why in str(err) for why in ("closed by peer", "reset by peer")):
+            raise
+        raise InputError("another rank stopped before the output lock was taken (its error line says why)") from None
+    if refused:
+        raise InputError(_in_use(config, lock))
+    if lock.unsupported:
+        D.report_note(f"ds-unlearn unlearn: note: {config.output_dir} cannot be locked ({lock.unsupported})")
 
 
 def _unlearn(lock: OutputLock, config: UnlearnConfig, thresholds=None) -> UnlearnResult:
@@ -211,11 +237,7 @@ def _unlearn(lock: OutputLock, config: UnlearnConfig, thresholds=None) -> Unlear
 
     # Every check that needs no weights has passed: lock output_dir before the model loads, held
     # until the run returns (run_unlearning releases it; the OS does if the process dies).
-    if D.any_rank(D.is_main() and not lock.acquire()):  # every rank refuses, none waits on rank 0
-        held_by = f" (process {lock.holder})" if lock.holder else ""
-        raise InputError(
-            f"output_dir: {config.output_dir} is in use by another run{held_by}; wait for it or choose another"
-        )
+    lock_output(lock, config)
 
     from transformers import set_seed
 
