@@ -5,6 +5,7 @@ plain forward pass (no cache, no batching) for MA / loss / longest run / the mem
 and token-by-token greedy decoding without a KV cache for k-extractability and EL_n.
 """
 
+import json
 import math
 
 import numpy as np
@@ -306,3 +307,100 @@ def test_score_cli_on_question_answer_rows_equals_the_masked_scores(chat_model_d
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "row 3: has no prompt but row 0 has one" in err
     assert not out2.exists()
+
+
+# ---- unlearning: every loss term covers the response only ------------------------------------------
+
+
+def test_training_batches_mask_the_prompt_and_the_gradient_equals_a_hand_masked_loss():
+    from ds_unlearn.unlearn.loop import SlotDataset, collate_sequences
+    from ds_unlearn.unlearn.losses import per_sequence_kl, per_sequence_nll, row_losses, weighted_objective
+    from ds_unlearn.unlearn.selection import Slot
+
+    model = tiny_model("llama", seed=3, vocab_size=VOCAB, max_positions=CONTEXT).double()
+    seqs, prompts = _rows(6, [14, 9], [5, 0])
+    data = SlotDataset(seqs, prompts)
+    batch = collate_sequences([data[Slot(0, 0.5, "ascend")], data[Slot(1, 0.5, "descend")]])
+    assert batch["labels"][0, :5].eq(-100).all() and batch["labels"][0, 5:14].tolist() == seqs[0][5:]
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    nll, ma = per_sequence_nll(logits, batch["labels"])
+    loss = weighted_objective(row_losses(batch["term"], nll), batch["weight"])
+    mine = torch.autograd.grad(loss, list(model.parameters()))
+
+    hand = 0.0
+    for seq, prompt, sign in ((seqs[0], 5, -1.0), (seqs[1], 0, 1.0)):
+        out = model(input_ids=torch.tensor([seq])).logits[0]
+        first = max(prompt, 1)
+        logp = torch.log_softmax(out[first - 1 : -1], -1)
+        hand = hand + 0.5 * sign * -logp.gather(-1, torch.tensor(seq[first:])[:, None]).mean()
+    for a, b in zip(mine, torch.autograd.grad(hand, list(model.parameters()))):
+        assert torch.allclose(a, b, atol=1e-12)
+    scores = score_sequences(model.eval(), seqs, el_n=(), extract_k=(1,), prompt_lengths=prompts)
+    assert ma.tolist() == pytest.approx([r["ma"] for r in scores], abs=1e-12)
+    # KL over the response only: a reference that differs from the model only on prompt positions gives 0.
+    ref = torch.log_softmax(logits[:, :-1].detach(), -1).clone()
+    ref[0, :4] = torch.log_softmax(torch.randn_like(ref[0, :4]), -1)
+    assert per_sequence_kl(logits, ref, batch["labels"]).abs().max() < 1e-6  # fp32 KL: rounding only
+
+
+def test_npo_reference_counts_response_tokens_only():
+    from ds_unlearn.core.scorer import scored_tokens
+
+    model = _model("llama", 0)
+    seqs, prompts = _rows(8, [16, 16], [6, 0])
+    for row, seq, prompt in zip(
+        score_sequences(model, seqs, el_n=(), extract_k=(1,), prompt_lengths=prompts), seqs, prompts
+    ):
+        with torch.no_grad():
+            logp = torch.log_softmax(model(input_ids=torch.tensor([seq])).logits[0], -1)
+        first = max(prompt, 1)
+        hand = logp[first - 1 : -1].gather(-1, torch.tensor(seq[first:])[:, None]).sum()
+        assert -row["loss"] * scored_tokens(row) == pytest.approx(float(hand), abs=1e-9)
+
+
+PROMPT = 8  # the first 8 of each 24-token row become its prompt
+
+
+@pytest.fixture(scope="module")
+def prompted_case(unlearn_case, tmp_path_factory):
+    """``unlearn_case`` with each row split into prompt_ids (8 tokens) and input_ids (16)."""
+    from ds_unlearn.core.files import read_jsonl
+
+    from .conftest import write_jsonl
+
+    root = tmp_path_factory.mktemp("prompted")
+    case = {"model": unlearn_case["model"]}
+    for name in ("forget", "retain", "holdout"):
+        rows = read_jsonl(unlearn_case[name])
+        split = [
+            {"id": r["id"], "prompt_ids": r["input_ids"][:PROMPT], "input_ids": r["input_ids"][PROMPT:]} for r in rows
+        ]
+        case[name] = write_jsonl(root / f"{name}.jsonl", split)
+        case[f"{name}_full"] = [r["input_ids"] for r in rows]
+    return case
+
+
+@pytest.mark.parametrize("method", ["ga", "npo"])
+def test_unlearn_on_prompted_rows_judges_trains_and_audits_the_response(method, prompted_case, tmp_path):
+    from ds_unlearn.cli import main
+    from ds_unlearn.core.files import read_jsonl
+    from ds_unlearn.core.models import load_causal_lm
+
+    from .conftest import unlearn_args
+
+    out = tmp_path / method
+    assert main(["unlearn", *unlearn_args(prompted_case, out, "--method", method, "--num_train_epochs", "3")]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["guard"]["ok"], report["guard"]
+    full, prompts = prompted_case["forget_full"], [PROMPT] * 4
+    for name, model_dir in (("before", prompted_case["model"]), ("after", out / "model")):
+        model = load_causal_lm(model_dir)
+        want = score_sequences(model, full, el_n=(10,), extract_k=(8,), prompt_lengths=prompts)
+        got = read_jsonl(out / f"scores_{name}.jsonl")
+        for g, w in zip(got, want):
+            assert g["n_tokens"] == 16 and g["n_prompt_tokens"] == PROMPT
+            assert g["ma"] == pytest.approx(w["ma"]) and g["loss"] == pytest.approx(w["loss"], rel=1e-5)
+            assert g["el_10"] == pytest.approx(w["el_10"])
+    audit_rows = read_jsonl(out / "audit_after.jsonl")
+    assert all(r["n_tokens"] == 16 and r["n_prompt_tokens"] == PROMPT for r in audit_rows)
+    assert report["after"]["memorized"] < report["before"]["memorized"]

@@ -24,7 +24,7 @@ from ..core.adapters import check_adapter_dir
 from ..core.audit import AuditSettings, audit, check_sets, compare, sequence_losses
 from ..core.audit_report import AUDIT_OUTPUTS, JSONL, MARKDOWN, SUMMARY, write_audit
 from ..core.config_parsing import one_line_errors, seed_arg
-from ..core.data import DEFAULT_ID_FIELD, duplicates_notes, read_rows, to_sequence_set
+from ..core.data import DEFAULT_ID_FIELD, add_prompt_flags, duplicates_notes, prompt_options, read_rows, to_sequence_set
 from ..core.ds_config import load_ds_config
 from ..core.errors import InputError
 from ..core.files import OVERWRITE_FLAG, check_output
@@ -101,6 +101,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     a("--batch_size", type=int, default=DEFAULT_BATCH_SIZE, help="sequences / continuations per forward")
     a("--text_field", default="text", help="field holding the text of a row")
     a("--id_field", default=DEFAULT_ID_FIELD, help="field holding a row's id (rows without 'id' are numbered)")
+    add_prompt_flags(a)
     a("--dtype", choices=sorted(DTYPES), default="float32", help="dtype to load the model in")
     a("--deepspeed", default=None, help="DeepSpeed JSON config (ZeRO-3 loads partitioned)")
     a(OVERWRITE_FLAG, action="store_true", help="replace the outputs of an earlier audit in --out")
@@ -138,6 +139,7 @@ def load_sets(args, model_dir, vocab_size, settings):
             max_length=args.max_length,
             vocab_size=vocab_size,
             option=f"--{name}",
+            **prompt_options(args),
         )
         for name, table in rows.items()
     }
@@ -145,7 +147,13 @@ def load_sets(args, model_dir, vocab_size, settings):
     explicit = all(args.id_field in table[0] for table in rows.values())
     f, h = sets["forget"], sets["holdout"]
     check_sets(
-        f.sequences, h.sequences, f.ids if explicit else None, h.ids if explicit else None, settings.min_tokens()
+        f.sequences,
+        h.sequences,
+        f.ids if explicit else None,
+        h.ids if explicit else None,
+        settings.min_tokens(),
+        prompts=(f.prompt_lengths, h.prompt_lengths),
+        settings=settings,
     )
     return sets, tokenizer, explicit
 
@@ -190,7 +198,9 @@ def run(args: argparse.Namespace) -> int:
     if tasks or args.eval_include_path:
         from ..core.utility import check_eval_request
 
-        manager = check_eval_request(tasks, args.eval_include_path, tokenizer)
+        manager = check_eval_request(
+            tasks, args.eval_include_path, tokenizer, model_config=load_config(model_dir), limit=_limit(args.eval_limit)
+        )
     for note in duplicates_notes(sets):  # after every check; a repeated holdout row counts twice in each AUC
         D.report_note(f"ds-unlearn audit: {note}")
 
@@ -201,7 +211,8 @@ def run(args: argparse.Namespace) -> int:
     if "reference" in companions:
         reference_model = load_for_inference(companions["reference"], DTYPES[args.dtype], ds_config)
         sequences = sets["forget"].sequences + sets["holdout"].sequences
-        reference = sequence_losses(reference_model, sequences, settings.batch_size)
+        prompts = sets["forget"].prompts() + sets["holdout"].prompts()
+        reference = sequence_losses(reference_model, sequences, settings.batch_size, prompts)
         del reference_model
         gc.collect()
 
@@ -217,6 +228,7 @@ def run(args: argparse.Namespace) -> int:
             progress=True,
             reference=reference,
             retrained=retrained,
+            prompt_lengths=(sets["forget"].prompt_lengths, sets["holdout"].prompt_lengths),
         )
         return model, result
 

@@ -31,6 +31,7 @@ import numpy as np
 
 from . import distributed as D
 from .errors import InputError
+from .memorization import scored_start
 from .mia import (
     DEFAULT_ATTACK_CONFIDENCE,
     DEFAULT_ATTACK_SAMPLES,
@@ -114,10 +115,12 @@ class AuditSettings:
             if any(int(v) < 1 for v in values):
                 bad(name, f"must hold positive integers, got {list(values)}")
 
-    def min_tokens(self) -> int:
-        """Shortest sequence every requested figure is defined on."""
-        extraction = self.prefix_length + (self.suffix_length or 1)
-        return max(extraction, min_length(self.el_n, self.extract_k) if self.greedy else 2)
+    def min_tokens(self, prompt_length: int = 0) -> int:
+        """Shortest sequence every requested figure is defined on; with a prompt of P tokens the
+        sampling prefix is the prompt (``prefix_length`` is then not read) and the greedy figures
+        need their lengths of response (``scorer.min_length``)."""
+        extraction = (prompt_length or self.prefix_length) + (self.suffix_length or 1)
+        return max(extraction, min_length(self.el_n, self.extract_k, prompt_length) if self.greedy else 2)
 
 
 @dataclass
@@ -133,12 +136,13 @@ class AuditResult:
         return [r for r in self.rows if r["set"] == name]
 
 
-def _as_sequences(data) -> tuple[list[Any], list[list[int]]]:
-    """(ids, token-id lists) from a ``SequenceSet`` or a plain list of token-id lists."""
+def _as_sequences(data, prompts=None) -> tuple[list[Any], list[list[int]], list[int]]:
+    """(ids, token-id lists, prompt lengths) from a ``SequenceSet`` (its ``prompt_lengths``) or a
+    plain list of token-id lists (``prompts``, default none)."""
     if hasattr(data, "sequences"):
-        return list(data.ids), [list(s) for s in data.sequences]
+        return list(data.ids), [list(s) for s in data.sequences], data.prompts()
     sequences = [list(s) for s in data]
-    return list(range(len(sequences))), sequences
+    return list(range(len(sequences))), sequences, list(prompts) if prompts is not None else [0] * len(sequences)
 
 
 def check_sets(
@@ -148,15 +152,25 @@ def check_sets(
     holdout_ids: Sequence[Any] | None = None,
     min_tokens: int = 2,
     vocab_size: int | None = None,
+    prompts: tuple[Sequence[int] | None, Sequence[int] | None] = (None, None),
+    settings: AuditSettings | None = None,
 ) -> None:
     """The forget and holdout sets can be audited against each other: both non-empty, no id in
-    both (when ids are given), no sequence in both, every sequence long enough and inside the
-    vocabulary. Raises InputError naming the first offending row."""
-    for name, seqs in (("--forget", forget), ("--holdout", holdout)):
+    both (when ids are given), no sequence in both, every sequence long enough (a row with a
+    prompt: ``settings.min_tokens(P)``) and inside the vocabulary. Raises InputError naming the
+    first offending row."""
+    for name, seqs, lengths in (("--forget", forget, prompts[0]), ("--holdout", holdout, prompts[1])):
         if not seqs:
             raise InputError(f"{name}: the set is empty")
         for i, seq in enumerate(seqs):
-            if len(seq) < min_tokens:
+            prompt = lengths[i] if lengths is not None else 0
+            if prompt and settings is not None and len(seq) < settings.min_tokens(prompt):
+                raise InputError(
+                    f"{name} row {i}: its prompt of {prompt} tokens leaves {len(seq) - prompt} response tokens, "
+                    f"but the audit's settings need at least {settings.min_tokens(prompt) - prompt} "
+                    "(--suffix_length, --el_n and --extract_k: lower them, or --suffix_length rest)"
+                )
+            if not prompt and len(seq) < min_tokens:
                 raise InputError(
                     f"{name} row {i}: {len(seq)} tokens, but the audit's settings need at least {min_tokens} "
                     "(set by --prefix_length + --suffix_length, --el_n and --extract_k: lower them, "
@@ -205,23 +219,33 @@ def membership_and_sampling(
     sequences: Sequence[Sequence[int]],
     settings: AuditSettings,
     data_bytes: Callable[[Sequence[int]], bytes],
+    prompts: Sequence[int] | None = None,
 ) -> list[dict]:
     """Per sequence the four membership scores and the sampling-extraction figures, from one
     teacher-forced pass sharded over ranks (every rank runs the same number of forward calls:
-    ``distributed.shard_indices``) and gathered in order on every rank. Collective."""
+    ``distributed.shard_indices``) and gathered in order on every rank. Collective. A row with a
+    prompt of P tokens (``prompts``) is scored on its response: the membership scores over the
+    positions predicting it (and ``data_bytes`` of it), sampling extraction from the prompt as
+    the prefix (``prefix_length`` is then P)."""
     processors = decoding_processors(settings.temperature, settings.top_k, settings.top_p)
+    prompts = list(prompts) if prompts is not None else [0] * len(sequences)
     was_training = model.training
     model.eval()
     try:
-        local_rows = [sequences[i] for i in D.shard_indices(len(sequences))]
+        shard = D.shard_indices(len(sequences))
+        local_rows, local_prompts = [sequences[i] for i in shard], [prompts[i] for i in shard]
         local = []
-        for batch in _chunks(local_rows, settings.batch_size):
-            for seq, stats in zip(batch, token_statistics(model, batch, processors)):
-                row = mia_scores(stats["logp"], stats["mu"], stats["sigma"], data_bytes(seq), settings.min_k)
+        for batch, batch_prompts in zip(
+            _chunks(local_rows, settings.batch_size), _chunks(local_prompts, settings.batch_size)
+        ):
+            for seq, prompt, stats in zip(batch, batch_prompts, token_statistics(model, batch, processors)):
+                cut = scored_start(prompt)
+                logp, mu, sigma = stats["logp"][cut:], stats["mu"][cut:], stats["sigma"][cut:]
+                row = mia_scores(logp, mu, sigma, data_bytes(seq[prompt:]), settings.min_k)
                 row.update(
                     extraction_figures(
                         stats["logq"],
-                        settings.prefix_length,
+                        prompt or settings.prefix_length,
                         settings.suffix_length,
                         settings.attack_samples,
                         settings.attack_confidence,
@@ -233,21 +257,34 @@ def membership_and_sampling(
     return D.gather_shards(local, len(sequences))
 
 
-def sequence_losses(model, sequences: Sequence[Sequence[int]], batch_size: int = DEFAULT_BATCH_SIZE) -> list[float]:
+def sequence_losses(
+    model,
+    sequences: Sequence[Sequence[int]],
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    prompts: Sequence[int] | None = None,
+) -> list[float]:
     """Per sequence the mean next-token NLL (nats per token, from fp32 log-probabilities
-    whatever the model's dtype), from one teacher-forced pass (``passes.token_statistics``)
-    sharded over ranks like ``membership_and_sampling`` and gathered in order on every rank:
-    what the reference-model attack needs of the reference. Collective."""
+    whatever the model's dtype; over the response of a row with a prompt, ``prompts``), from one
+    teacher-forced pass (``passes.token_statistics``) sharded over ranks like
+    ``membership_and_sampling`` and gathered in order on every rank: what the reference-model
+    attack needs of the reference. Collective."""
+    prompts = list(prompts) if prompts is not None else [0] * len(sequences)
     was_training = model.training
     model.eval()
     try:
-        local_rows = [sequences[i] for i in D.shard_indices(len(sequences))]
+        shard = D.shard_indices(len(sequences))
+        local_rows, local_prompts = [sequences[i] for i in shard], [prompts[i] for i in shard]
         local = []
-        for batch in _chunks(local_rows, batch_size):
-            local += [-float(np.mean(stats["logp"])) for stats in token_statistics(model, batch)]
+        for batch, batch_prompts in zip(_chunks(local_rows, batch_size), _chunks(local_prompts, batch_size)):
+            stats = token_statistics(model, batch)
+            local += [-float(np.mean(s["logp"][scored_start(p) :])) for s, p in zip(stats, batch_prompts)]
     finally:
         model.train(was_training)
     return D.gather_shards(local, len(sequences))
+
+
+def _has_prompts(*sets) -> bool:
+    return any(getattr(data, "prompt_lengths", None) is not None for data in sets)
 
 
 def _is_model(obj) -> bool:
@@ -371,12 +408,17 @@ def audit(
     progress: bool = False,
     reference=None,
     retrained=None,
+    prompt_lengths: tuple[Sequence[int] | None, Sequence[int] | None] = (None, None),
     **options,
 ) -> AuditResult:
     """Audit ``model`` (any Hugging Face causal LM) on a forget set against a holdout set.
 
     ``forget``, ``holdout``: ``core.data.SequenceSet`` (ids kept) or lists of token-id lists
-    (ids = row index). ``settings``: an ``AuditSettings``, or its fields as keyword ``options``
+    (ids = row index). Rows with a prompt (a set's ``prompt_lengths``, or for plain lists
+    ``prompt_lengths``: the forget set's and the holdout's) are audited on their response: the
+    greedy metrics as ``score_sequences(prompt_lengths=)``, the membership scores over the
+    response, sampling extraction with the prompt as its prefix. ``settings``: an
+    ``AuditSettings``, or its fields as keyword ``options``
     (``audit(model, f, h, top_k=40, prefix_length=32)``). ``thresholds``: MA verdict levels
     (default ``Thresholds()``: 0.60 / 0.15). ``tokenizer``: decodes tokens for the zlib score
     (without one, the token ids' bytes are compressed).
@@ -401,8 +443,10 @@ def audit(
     settings = AuditSettings(**options) if settings is None else replace(settings, **options)
     settings.validate()
     thresholds = Thresholds(None, None) if thresholds is None else thresholds
-    forget_ids, forget_seqs = _as_sequences(forget)
-    holdout_ids, holdout_seqs = _as_sequences(holdout)
+    forget_ids, forget_seqs, forget_prompts = _as_sequences(forget, prompt_lengths[0])
+    holdout_ids, holdout_seqs, holdout_prompts = _as_sequences(holdout, prompt_lengths[1])
+    prompts = forget_prompts + holdout_prompts
+    with_prompts = any(prompts) or any(p is not None for p in prompt_lengths) or _has_prompts(forget, holdout)
     if any(s not in thresholds.holdout and (s != "ma" or settings.greedy) for s in thresholds.positional()):
         check_holdout_size(len(holdout_seqs), thresholds.score_quantile)
     explicit_ids = hasattr(forget, "sequences") and hasattr(holdout, "sequences")
@@ -413,13 +457,15 @@ def audit(
         holdout_ids if explicit_ids else None,
         settings.min_tokens(),
         getattr(model.config, "vocab_size", None),
+        (forget_prompts, holdout_prompts),
+        settings,
     )
     sequences = forget_seqs + holdout_seqs
     for option, companion in (("--reference", reference), ("--retrained", retrained)):
         if companion is not None:
             _check_companion(option, companion, model, len(sequences))
     if _is_model(reference):
-        reference = sequence_losses(reference, sequences, settings.batch_size)
+        reference = sequence_losses(reference, sequences, settings.batch_size, prompts)
     if _is_model(retrained):
         retrained = audit(
             retrained,
@@ -429,6 +475,7 @@ def audit(
             thresholds=thresholds,
             tokenizer=tokenizer,
             reference=reference,
+            prompt_lengths=prompt_lengths,
         )
     if settings.greedy:
         greedy = score_sequences(
@@ -438,10 +485,15 @@ def audit(
             extract_k=settings.extract_k,
             batch_size=settings.batch_size,
             progress=progress,
+            prompt_lengths=prompts if with_prompts else None,
         )
     else:
-        greedy = [{"n_tokens": len(s)} for s in sequences]
-    extra = membership_and_sampling(model, sequences, settings, lambda seq: sequence_bytes(seq, tokenizer))
+        greedy = [
+            {"n_tokens": len(s) - p, **({"n_prompt_tokens": p} if with_prompts else {})}
+            for s, p in zip(sequences, prompts)
+        ]
+    data_bytes = lambda seq: sequence_bytes(seq, tokenizer)
+    extra = membership_and_sampling(model, sequences, settings, data_bytes, prompts)
     rows = []
     labels = [("forget", i) for i in forget_ids] + [("holdout", i) for i in holdout_ids]
     for (set_name, row_id), g, e in zip(labels, greedy, extra):

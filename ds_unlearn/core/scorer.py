@@ -52,6 +52,12 @@ def min_length(el_n: Sequence[int], extract_k: Sequence[int], prompt_length: int
     return max([start + 1, *(start + n for n in el_n), *(prompt_length + k + 1 for k in extract_k)])
 
 
+def scored_tokens(row: dict) -> int:
+    """How many positions a ``score_sequences`` row's loss and MA average over: its ``n_tokens``
+    less the first token (never a target) when it has no prompt; with one, every response token."""
+    return int(row["n_tokens"]) - (0 if row.get("n_prompt_tokens") else 1)
+
+
 def prompt_rows(prompt_lengths, count: int) -> list[int]:
     """``prompt_lengths`` (None: no prompts) as ``count`` non-negative ints; InputError otherwise."""
     if prompt_lengths is None:

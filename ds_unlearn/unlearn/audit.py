@@ -120,16 +120,23 @@ def audit_run(config, model_dir, trainer, sets: dict) -> dict:
         settings=settings,
         thresholds=trainer.thresholds,
         tokenizer=tokenizer,
+        prompt_lengths=(forget.prompt_lengths, nonmember.prompt_lengths),
         **companions,
     )
     try:
         if config.reference or config.retrained:
             # A problem with the sets shows before any other model loads.
-            check_sets(forget.sequences, nonmember.sequences, min_tokens=settings.min_tokens())
+            check_sets(
+                forget.sequences,
+                nonmember.sequences,
+                min_tokens=settings.min_tokens(),
+                prompts=(forget.prompt_lengths, nonmember.prompt_lengths),
+                settings=settings,
+            )
             if config.reference:
                 reference_model = load(resolve_model_dir(config.reference, "reference"))
-                sequences = forget.sequences + nonmember.sequences
-                companions["reference"] = sequence_losses(reference_model, sequences, settings.batch_size)
+                sequences, prompts = forget.sequences + nonmember.sequences, forget.prompts() + nonmember.prompts()
+                companions["reference"] = sequence_losses(reference_model, sequences, settings.batch_size, prompts)
                 del reference_model
                 gc.collect()
             if config.retrained:

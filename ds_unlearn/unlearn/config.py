@@ -16,7 +16,7 @@ from transformers import TrainingArguments
 from ..core import distributed as D
 from ..core.config_parsing import parse_config as parse_dataclass_config
 from ..core.config_parsing import seed_problem
-from ..core.data import DEFAULT_ID_FIELD
+from ..core.data import DEFAULT_ID_FIELD, DEFAULT_PROMPT_FIELD, PROMPT_HELP, SCORE_TURNS
 from ..core.errors import InputError
 from ..core.memorization import MEMORIZED_MA, OVER_UNLEARNED_MA
 from ..core.scorer import DEFAULT_BATCH_SIZE, DEFAULT_EXTRACT_K
@@ -75,6 +75,10 @@ class UnlearnConfig(TrainingArguments):
         default=DEFAULT_ID_FIELD,
     )
     max_length: int | None = _help("Truncate every sequence to this many tokens (the papers use 200).", default=None)
+    prompt_field: str = _help(PROMPT_HELP["prompt_field"], default=DEFAULT_PROMPT_FIELD)
+    mixed_prompts: bool = _help(PROMPT_HELP["mixed_prompts"], default=False)
+    chat_template: bool = _help(PROMPT_HELP["chat_template"], default=False)
+    score_turns: str = _help(PROMPT_HELP["score_turns"] + f" ({' or '.join(SCORE_TURNS)})", default="last")
 
     # The algorithm.
     method: str = _help(

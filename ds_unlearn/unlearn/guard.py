@@ -67,7 +67,12 @@ def check_written(config, model_dir, out: Path, forget, judged: list[dict], dtyp
             entry.update(ok=False, error=f"the written {name} does not load: {err}")
             return entry
         scores = score_sequences(
-            model, forget.sequences, el_n=(), extract_k=(config.extract_k,), batch_size=config.score_batch_size
+            model,
+            forget.sequences,
+            el_n=(),
+            extract_k=(config.extract_k,),
+            batch_size=config.score_batch_size,
+            prompt_lengths=forget.prompt_lengths,  # the response only, as the run judged it
         )
         del model
         gc.collect()

@@ -28,33 +28,46 @@ FILLER_TOKENS = 2  # a zero-weight filler row only has to exist, not to be long
 
 
 class SlotDataset(Dataset):
-    """Token sequences addressed by ``Slot`` (index + loss weight)."""
+    """Token sequences addressed by ``Slot`` (index + loss weight); ``prompts``: each one's
+    prompt length (its first tokens condition the rest but are never trained on)."""
 
-    def __init__(self, sequences: Sequence[Sequence[int]]):
+    def __init__(self, sequences: Sequence[Sequence[int]], prompts: Sequence[int] | None = None):
         self.sequences = [list(s) for s in sequences]
+        self.prompts = [0] * len(self.sequences) if prompts is None else [int(p) for p in prompts]
 
     def __len__(self) -> int:
         return len(self.sequences)
 
     def __getitem__(self, slot: Slot) -> dict:
-        tokens = self.sequences[slot.index]
+        tokens, prompt = self.sequences[slot.index], self.prompts[slot.index]
         if slot.weight == 0.0:
-            tokens = tokens[:FILLER_TOKENS]
-        return {"input_ids": tokens, "row_index": slot.index, "weight": slot.weight, "term": TERM_CODE[slot.term]}
+            tokens, prompt = tokens[:FILLER_TOKENS], 0
+        return {
+            "input_ids": tokens,
+            "prompt_length": prompt,
+            "row_index": slot.index,
+            "weight": slot.weight,
+            "term": TERM_CODE[slot.term],
+        }
 
 
 def collate_sequences(rows: list[dict]) -> dict:
-    """Right-pad; labels ignore padding; row indices and weights travel with the batch."""
+    """Right-pad; labels ignore padding and each row's prompt (``prompt_length``, default 0: its
+    first tokens are attended to but never predicted, so every loss term covers the response
+    only); row indices and weights travel with the batch."""
     width = max(len(r["input_ids"]) for r in rows)
     ids = torch.full((len(rows), width), PAD_ID, dtype=torch.long)
     mask = torch.zeros_like(ids)
+    labels = torch.full_like(ids, IGNORE)
     for i, row in enumerate(rows):
         ids[i, : len(row["input_ids"])] = torch.as_tensor(row["input_ids"])
         mask[i, : len(row["input_ids"])] = 1
+        prompt = row.get("prompt_length", 0)
+        labels[i, prompt : len(row["input_ids"])] = ids[i, prompt : len(row["input_ids"])]
     return {
         "input_ids": ids,
         "attention_mask": mask,
-        "labels": ids.masked_fill(mask == 0, IGNORE),
+        "labels": labels,
         "row_index": torch.tensor([r["row_index"] for r in rows]),
         "weight": torch.tensor([r["weight"] for r in rows], dtype=torch.float32),
         "term": torch.tensor([r["term"] for r in rows]),
@@ -112,9 +125,11 @@ class ScaledSteps(TrainerCallback):
 class SequenceTrainer(Trainer):
     """A Trainer over a list of token sequences with per-sequence weighted NLL."""
 
-    def __init__(self, *args, train_sequences: Sequence[Sequence[int]], **kwargs):
+    def __init__(
+        self, *args, train_sequences: Sequence[Sequence[int]], train_prompts: Sequence[int] | None = None, **kwargs
+    ):
         kwargs.setdefault("data_collator", collate_sequences)
-        super().__init__(*args, train_dataset=SlotDataset(train_sequences), **kwargs)
+        super().__init__(*args, train_dataset=SlotDataset(train_sequences, train_prompts), **kwargs)
         self.epoch_steps_with_rows: list[bool] = []
         self.add_callback(ScaledSteps(self))
         use_grouped_tensorboard(self)

@@ -22,6 +22,7 @@ from ..core.data import (
     check_disjoint,
     duplicates_notes,
     needs_tokenizer,
+    prompt_options,
     read_rows,
     to_sequence_set,
 )
@@ -38,6 +39,7 @@ from ..core.files import (
     write_json,
 )
 from ..core.models import load_causal_lm, load_config, load_tokenizer, report_partition, resolve_model_dir
+from ..core.scorer import min_length
 from .audit import audit_run
 from .config import UnlearnConfig
 from .guard import check_written
@@ -96,7 +98,6 @@ def load_sets(config: UnlearnConfig, model_dir: Path) -> tuple[dict[str, Sequenc
     model_config = load_config(model_dir)
     vocab_size = model_config.vocab_size
     context = getattr(model_config, "max_position_embeddings", None)
-    need = max(11, config.extract_k + 1)  # EL_10 and k-extractability must be defined
     files = {"forget": config.forget, "retain": config.retain, "holdout": config.holdout}
     files["audit_holdout"] = config.audit_holdout  # issue 13: the end-of-run audit's non-members
     rows = {name: read_rows(path, f"--{name}") for name, path in files.items() if path}
@@ -117,12 +118,18 @@ def load_sets(config: UnlearnConfig, model_dir: Path) -> tuple[dict[str, Sequenc
             max_length=config.max_length,
             vocab_size=vocab_size,
             option=f"--{name}",
+            **prompt_options(config),
         )
-        short = next((i for i, s in enumerate(data.sequences) if len(s) < need), None)
+        # EL_10 and k-extractability must be defined (on the response, for rows with a prompt).
+        needs = [min_length((10,), (config.extract_k,), p) for p in data.prompts()]
+        short = next((i for i, (s, need) in enumerate(zip(data.sequences, needs)) if len(s) < need), None)
         if short is not None:
+            prompt = data.prompts()[short]
+            count = len(data.sequences[short]) - prompt
+            what = f"{count} response tokens after its prompt" if prompt else f"{count} tokens"
             raise InputError(
-                f"--{name} row {short}: {len(data.sequences[short])} tokens, but EL_10 and "
-                f"extract_k={config.extract_k} need at least {need}"
+                f"--{name} row {short}: {what}, but EL_10 and "
+                f"extract_k={config.extract_k} need at least {needs[short] - prompt}"
             )
         check_context(data, context, f"--{name}")
         sets[name] = data

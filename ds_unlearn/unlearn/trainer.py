@@ -34,7 +34,7 @@ from ..core.errors import InputError, NonFiniteLogitsError
 from ..core.files import write_jsonl
 from ..core.memorization import MEMORIZED_MA, OVER_UNLEARNED_MA
 from ..core.passes import PAD_ID, model_device
-from ..core.scorer import score_sequences
+from ..core.scorer import score_sequences, scored_tokens
 from ..core.verdict import Thresholds, needs_membership
 from .loop import SequenceTrainer
 from .lora import AdapterEdit
@@ -94,7 +94,9 @@ class UnlearnTrainer(SequenceTrainer):
         # Retain rows (GradDiff, NPO, KL) follow the forget rows in one dataset: index >= len(forget).
         trains_retain = retain is not None and config is not None and config.uses_retain
         sequences = forget.sequences + (retain.sequences if trains_retain else [])
-        super().__init__(*args, train_sequences=sequences, **kwargs)
+        # Prompt tokens (prompt/response rows) condition each row but no loss term covers them.
+        prompts = forget.prompts() + (retain.prompts() if trains_retain else [])
+        super().__init__(*args, train_sequences=sequences, train_prompts=prompts, **kwargs)
         self.forget, self.retain, self.holdout = forget, retain, holdout
         self.n_forget = len(forget)
         self.retain_rows = list(range(self.n_forget, len(sequences)))
@@ -193,6 +195,7 @@ class UnlearnTrainer(SequenceTrainer):
             batch_size=self.args.score_batch_size,
             # band_on beyond MA and loss: the Min-K%++ / zlib scores of the same teacher-forced pass.
             membership=needs_membership(self.band_on),
+            prompt_lengths=data.prompt_lengths,  # scores of the response only, as training sees it
         )
 
     def holdout_loss(self, scores: list[dict] | None = None) -> float | None:
@@ -273,7 +276,7 @@ class UnlearnTrainer(SequenceTrainer):
         pass, kept in host memory on every rank; collective: every rank runs the same batches)."""
         if self.args.method == "npo":
             self.reference_logp = torch.tensor(
-                [-r["loss"] * (r["n_tokens"] - 1) for r in forget_scores], dtype=torch.float64
+                [-r["loss"] * scored_tokens(r) for r in forget_scores], dtype=torch.float64
             )
         if self.args.method == "kl" and self.retain_rows:
             vocab = self.model.config.vocab_size
