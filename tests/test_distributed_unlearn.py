@@ -142,7 +142,7 @@ def test_two_nodes_without_ssh(ga_zero3, unlearn_case, tmp_path):
     same_scores(ga_zero3, out)
 
 
-@pytest.mark.parametrize("method", ["graddiff", "npo", "kl"])
+@pytest.mark.parametrize("method", ["graddiff", "npo", "kl", "undial"])
 def test_zero3_retain_side_methods_match_one_process(method, unlearn_case, tmp_path):
     # 4 forget + 4 retain rows: two optimizer steps per epoch, each holding the same rows on
     # 2 ranks x 2 as on 1 process x 4 (selection.plan_epoch deals to steps first).

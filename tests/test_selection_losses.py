@@ -274,3 +274,17 @@ def test_collapse_is_reaching_a_uniform_guess_on_the_holdout_from_below():
     assert not collapsed(3.0, 0.95 * uniform, 64)  # much worse, still better than knowing nothing
     assert not collapsed(8.0, 9.0, 64)  # never better than uniform on this holdout: not judged
     assert not collapsed(None, 9.0, 64) and not collapsed(3.0, None, 64)
+
+
+def test_undial_targets_lower_only_the_true_token_by_hand():
+    from ds_unlearn.unlearn.losses import undial_targets
+
+    logits = torch.tensor([[2.0, 1.0, 0.0], [0.0, 0.0, 3.0]], dtype=torch.float64)
+    tokens = torch.tensor([0, 2])
+    out = undial_targets(torch.log_softmax(logits, -1), tokens, gamma=2.0)
+    # By hand: softmax of the logits with the true token's lowered by 2.
+    expected = torch.log_softmax(torch.tensor([[0.0, 1.0, 0.0], [0.0, 0.0, 1.0]], dtype=torch.float64), -1)
+    assert torch.allclose(out, expected)
+    # Every other token keeps its relative probability.
+    p = out.exp()
+    assert p[0, 1] / p[0, 2] == pytest.approx(math.e) and p[1, 0] / p[1, 1] == pytest.approx(1.0)

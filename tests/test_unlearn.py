@@ -38,7 +38,7 @@ def tensorboard_tags(output_dir):
     return scalars, histograms
 
 
-@pytest.mark.parametrize("method", ["ga", "sga", "ta", "tau", "graddiff", "npo", "kl"])
+@pytest.mark.parametrize("method", ["ga", "sga", "ta", "tau", "graddiff", "npo", "kl", "undial"])
 def test_each_method_forgets_every_sequence(method, unlearn_case, tmp_path):
     out = tmp_path / method
     # TA switches to the task vector at once; TAU after SGA has done part of the work (its design).
@@ -55,7 +55,7 @@ def test_each_method_forgets_every_sequence(method, unlearn_case, tmp_path):
     assert report["retain_ma"]["before"] > 0.95 and report["retain_ma"]["after"] > 0.5
     if method in ("ta", "tau"):
         assert report["switched_to_task_vector_at_epoch"] is not None
-    if method in ("sga", "graddiff", "npo", "kl"):  # the band rule, their default: nothing pushed too low
+    if method in ("sga", "graddiff", "npo", "kl", "undial"):  # the band rule, their default: nothing pushed too low
         assert report["settings"]["stop_rule"] == "band" and report["after"]["over_unlearned"] == 0
     # The output is the best judged epoch's model, and the report says which and why.
     assert report["best_epoch"]["epoch"] == report["epochs"] and "stop rule holds" in report["best_epoch"]["why"]

@@ -16,7 +16,10 @@ PLOTS = {
     "epoch_curves.png": "Per-epoch curves: forget-set mean MA, memorized records, holdout perplexity",
     "tradeoff.png": "Forgetting against utility: forget-set mean MA vs holdout perplexity change",
     "planting.png": "Planting: the records' MA and k-extractability per epoch",
+    "loss_vs_retrained.png": "Per-record loss after each method against the retrained model's (the diagonal: "
+    "where a perfect unlearning leaves a record)",
 }
+ATTACKS = ("loss", "zlib", "min_k++", "ref")
 COLORS = {
     "ga": "tab:red",
     "sga": "tab:blue",
@@ -25,6 +28,7 @@ COLORS = {
     "graddiff": "tab:orange",
     "npo": "tab:brown",
     "kl": "tab:cyan",
+    "undial": "tab:pink",
 }
 COLORS.update({f"{m}_lora": "tab:olive" for m in list(COLORS)})  # --lora's row (demo/run.py, LORA_*)
 
@@ -104,6 +108,7 @@ def markdown(report: dict) -> str:
             "",
         ]
     lines += summary_table(methods)
+    lines += retrained_table(methods, planting)
     for m in methods.values():
         lines += method_table(m)
     lines += planting_section(planting, settings)
@@ -137,6 +142,60 @@ def summary_table(methods: dict) -> list[str]:
             f"| {m['epochs']} | {m.get('best_epoch', {}).get('epoch', 'n/a')} | {f1(m['seconds'])} s |"
         )
     return lines + [""]
+
+
+def retrained_table(methods: dict, planting: dict) -> list[str]:
+    """Every method beside the ground truth: the model planted the same way without the forget
+    records. Attack AUCs (forget vs never-planted records; the retrained row is where unlearning
+    should land, not 0.5), PrivLeak against it, forget quality (KS p-value of per-record losses,
+    >= 0.05: cannot be told apart), TPR at 1% FPR, memorized and over-unlearned."""
+    retrained = planting.get("audit", {}).get("retrained")
+    if not retrained:
+        return []
+    r = retrained["summary"]
+    rows = [
+        "## Against the retrained model",
+        "",
+        "| model | memorized | over-unlearned | "
+        + " | ".join(f"{a} AUC" for a in ATTACKS)
+        + " | PrivLeak loss / min_k++ | forget quality | TPR @ 1% FPR (loss) | holdout ppl change | retain MA |",
+        "|---|---|---|" + "---|" * len(ATTACKS) + "---|---|---|---|---|",
+    ]
+    planted_loss = planting.get("holdout_loss", {}).get("planted")
+    own = planting.get("retrained", {})
+    ppl = None
+    if planted_loss is not None and own.get("holdout_loss", {}).get("planted") is not None:
+        ppl = (np.exp(own["holdout_loss"]["planted"] - planted_loss) - 1) * 100
+    verdicts = retrained["forget"]["verdicts"]
+    tpr = r.get("tpr_at_fpr", {}).get("loss", {}).get("0.01", {}).get("tpr")
+    rows.append(
+        f"| {RETRAINED_ROW} | {verdicts['memorized']} | {verdicts['over-unlearned']} | "
+        + " | ".join(f3(r["mia"].get(a, {}).get("auc")) for a in ATTACKS)
+        + f" | 0 / 0 (itself) | 1 (itself) | {f3(tpr)} | {pct(ppl)} | "
+        f"{f3(own.get('sets', {}).get('retain', {}).get('means', {}).get('ma'))} |"
+    )
+    for m in methods.values():
+        a = (m.get("audit") or {}).get("after")
+        if not a:
+            continue
+        leak = a.get("privleak", {})
+        rows.append(
+            f"| {m['title']} | {m['after']['memorized']} | {m['after']['over_unlearned']} | "
+            + " | ".join(f3(a["auc"].get(s)) for s in ATTACKS)
+            + f" | {f1(leak.get('loss'))} / {f1(leak.get('min_k++'))} | {f3(a.get('forget_quality'))} "
+            f"| {f3(a['tpr_at_1pct_fpr'].get('loss'))} | {pct(m['holdout_perplexity']['change_pct'])} "
+            f"| {f3(m['retain_ma']['after'])} |"
+        )
+    return rows + [
+        "",
+        "PrivLeak = (AUC - AUC_retrained) / AUC_retrained x 100 (MUSE): near 0 is the goal; positive: still "
+        "member-like, negative: pushed past where the retrained model leaves the records. Holdout perplexity "
+        "change against the planted model.",
+        "",
+    ]
+
+
+RETRAINED_ROW = "retrained (ground truth)"
 
 
 def audit_cells(audit: dict | None, count: int) -> str:
@@ -301,6 +360,7 @@ def write_plots(out: Path, report: dict) -> None:
     import matplotlib.pyplot as plt
 
     for name, draw in (
+        ("loss_vs_retrained.png", plot_loss_vs_retrained),
         ("ma_per_sequence.png", plot_ma_per_sequence),
         ("epoch_curves.png", plot_epoch_curves),
         ("tradeoff.png", plot_tradeoff),
@@ -325,6 +385,23 @@ def _threshold_lines(ax, report: dict) -> None:
     unseen = report["planting"]["sets"].get("unseen", {}).get("means", {}).get("ma")
     if unseen is not None:
         ax.axhline(unseen, color="tab:olive", lw=1, label="never-seen records (mean MA)")
+
+
+def plot_loss_vs_retrained(plt, report: dict):
+    retrained = report["planting"].get("audit", {}).get("retrained", {}).get("forget_loss", {})
+    fig, ax = plt.subplots(figsize=(5.5, 4.5))
+    for key, m in report["methods"].items():
+        after = dict(zip(m["ma"]["ids"], m.get("loss", {}).get("after", [])))
+        ids = [i for i in after if i in retrained]
+        ax.scatter([retrained[i] for i in ids], [after[i] for i in ids], s=14, color=COLORS.get(key), label=m["title"])
+    if retrained:
+        lo, hi = min(retrained.values()), max(retrained.values())
+        ax.plot([lo, hi], [lo, hi], color="black", lw=1, label="= retrained")
+    ax.set_xlabel("loss under the retrained model (nats/token)")
+    ax.set_ylabel("loss after unlearning (nats/token)")
+    ax.set_title("forget records: after unlearning vs never planted")
+    ax.legend(fontsize=7)
+    return fig
 
 
 def plot_ma_per_sequence(plt, report: dict):

@@ -96,7 +96,7 @@ from ..core.summary import Thresholds, calibrate_thresholds, summarize_scores
 from ..core.verdict import quantile_for
 from ..unlearn.loop import SequenceTrainer
 
-METHODS = ("ga", "sga", "ta", "tau", "graddiff", "npo", "kl")
+METHODS = ("ga", "sga", "ta", "tau", "graddiff", "npo", "kl", "undial")
 METHOD_TITLES = {
     "ga": "GA (baseline)",
     "sga": "SGA",
@@ -105,7 +105,9 @@ METHOD_TITLES = {
     "graddiff": "GradDiff",
     "npo": "NPO",
     "kl": "GA+KL",
+    "undial": "UNDIAL",
 }
+RETRAINED_TITLE = "retrained without the forget records (ground truth)"
 BASELINE_RULE = {"ga": "per_sequence"}  # GA runs as the papers do; every other method uses the band
 # --lora: the best method the demo ran, again with LoRA adapters (issue 15), in DIR/<method>_lora.
 LORA_PREFERENCE = ("tau", "sga", "npo", "graddiff", "kl", "ta", "ga")
@@ -115,6 +117,8 @@ WILD_MA = MEMORIZED_MA  # the ICML code's "memorized" verdict, used for the wild
 OWN_ENTRIES = (
     "data",
     "planted",
+    "retrained",
+    "loss_vs_retrained.png",
     "report.md",
     "report.json",
     "ma_per_sequence.png",
@@ -126,10 +130,10 @@ OWN_ENTRIES = (
 
 @dataclass(frozen=True)
 class DemoSettings:
-    forget: int = 16
+    forget: int = 32
     retain: int = 8
     holdout: int = 24
-    unseen: int = 16
+    unseen: int = 48
     ordinary_per_epoch: int = 16  # fresh KJV verses / stdlib prose rows per planting epoch (in no other set)
     famous: int | None = None  # famous KJV verses to scan (None: all of demo_data.FAMOUS_PASSAGES)
     max_length: int = 32
@@ -144,7 +148,7 @@ class DemoSettings:
     tv_switch_ma: float | None = None  # TAU's default (0.5): the ascent epochs are the cheap ones
     score_batch_size: int = 128
     wild_top: int = 5  # verses listed (and given EL_10) even if none crosses WILD_MA
-    methods: tuple[str, ...] = ("ga", "sga", "tau", "graddiff", "npo", "kl")
+    methods: tuple[str, ...] = ("ga", "sga", "tau", "undial")
     seed: int = 0
     quick: bool = False
     lora_r: int = 0  # --lora: also run lora_method() with adapters of this rank (0: not)
@@ -167,7 +171,7 @@ QUICK = DemoSettings(
     unlearn_max_epochs=2,
     tv_switch_ma=1.0,
     wild_top=2,
-    methods=("ga", "sga", "tau", "npo"),
+    methods=("ga", "sga", "tau", "undial"),
     quick=True,
 )  # TAU: task vector at once
 
@@ -229,14 +233,39 @@ def run_demo(output_dir: str | Path, settings: DemoSettings, overwrite: bool = F
     planting, planted_scores = clock.run(
         "plant", plant, model_info["checkpoint"], tokenizer, data, tokens, settings, out / "planted"
     )
+    # The ground truth every method is judged against: planted the same way (seed, retain records,
+    # ordinary rows, epochs) without the forget records.
+    retrained, _ = clock.run(
+        "plant retrained",
+        plant,
+        model_info["checkpoint"],
+        tokenizer,
+        {**data, "forget": []},
+        {**tokens, "forget": []},
+        settings,
+        out / "retrained",
+        epochs=planting["epochs"],
+    )
+    planting["retrained"] = {k: retrained[k] for k in ("epochs", "records", "sets", "holdout_loss", "checkpoint")}
     thresholds = {name: calibrated_thresholds(planted_scores[name]) for name in ("unseen", "holdout")}
     planting["thresholds"] = {name: t.summary() for name, t in thresholds.items()}
     # Every method starts from the planted checkpoint: its audit (the "before" of every method) runs once.
-    planting["audit"] = clock.run("audit planted", audit_planted, out, settings, thresholds["unseen"])
+    planting["audit"] = clock.run(
+        "audit planted", audit_planted, out, settings, thresholds["unseen"], model_info["checkpoint"]
+    )
     methods = {}
+    reference = model_info["checkpoint"]
     for method in settings.methods:
         methods[method] = clock.run(
-            f"unlearn {method}", unlearn, method, out, settings, overwrite, thresholds["unseen"], planting["audit"]
+            f"unlearn {method}",
+            unlearn,
+            method,
+            out,
+            settings,
+            overwrite,
+            thresholds["unseen"],
+            planting["audit"],
+            reference=reference,
         )
     if settings.lora_r:
         method = lora_method(settings)
@@ -250,6 +279,7 @@ def run_demo(output_dir: str | Path, settings: DemoSettings, overwrite: bool = F
             thresholds["unseen"],
             planting["audit"],
             lora=True,
+            reference=reference,
         )
     report = {
         "demo": {"quick": settings.quick, "settings": asdict(settings), "output_dir": str(out)},
@@ -432,10 +462,13 @@ def _mean(values) -> float | None:
 # -- 4. planting ----------------------------------------------------------------------------------
 
 
-def plant(checkpoint, tokenizer, data: dict, tokens: dict, settings: DemoSettings, out: Path) -> dict:
+def plant(
+    checkpoint, tokenizer, data: dict, tokens: dict, settings: DemoSettings, out: Path, epochs: int | None = None
+) -> dict:
     """Fine-tune on forget + retain records, mixed with ordinary text (as pretraining would
     have them), until every record is k-extractable; save the model, and score every set with it
-    (the shared "before" of all methods)."""
+    (the shared "before" of all methods). ``epochs``: train exactly this many instead (the
+    retrained model: the planted run's epochs, without the forget records)."""
     from transformers import TrainingArguments
 
     from ..core.models import load_causal_lm
@@ -450,7 +483,7 @@ def plant(checkpoint, tokenizer, data: dict, tokens: dict, settings: DemoSetting
         learning_rate=settings.plant_lr,
         adam_beta2=0.98,
         lr_scheduler_type="linear",
-        num_train_epochs=settings.plant_max_epochs,
+        num_train_epochs=epochs or settings.plant_max_epochs,
         per_device_train_batch_size=settings.plant_batch_size,
         logging_steps=1,
         save_strategy="no",
@@ -466,7 +499,7 @@ def plant(checkpoint, tokenizer, data: dict, tokens: dict, settings: DemoSetting
         records=len(planted),
         per_epoch=settings.ordinary_per_epoch,
     )
-    monitor = PlantingMonitor(trainer, planted, k, settings.score_batch_size)
+    monitor = PlantingMonitor(trainer, planted, k, settings.score_batch_size, stop_early=epochs is None)
     trainer.add_callback(monitor)
     monitor.record()  # epoch 0: the pretrained model on the records
     trainer.train()
@@ -505,7 +538,7 @@ def plant(checkpoint, tokenizer, data: dict, tokens: dict, settings: DemoSetting
             "pretrained": _mean([s["loss"] for s in pretrained_holdout]),
             "planted": summary["holdout"]["means"]["loss"] if "holdout" in summary else None,
         },
-        "checkpoint": "planted/model",
+        "checkpoint": f"{out.name}/model",
     }
     del trainer, model
     gc.collect()
@@ -544,8 +577,9 @@ class PlantingTrainer(SequenceTrainer):
 class PlantingMonitor(TrainerCallback):
     """Epoch-end check of the planting criterion: teacher-forced only, one cheap forward pass."""
 
-    def __init__(self, trainer, sequences: list[list[int]], k: int, batch_size: int):
+    def __init__(self, trainer, sequences: list[list[int]], k: int, batch_size: int, stop_early: bool = True):
         self.trainer, self.sequences, self.k, self.batch_size = trainer, sequences, k, batch_size
+        self.stop_early = stop_early
         self.history: list[dict] = []
 
     def record(self) -> bool:
@@ -564,7 +598,7 @@ class PlantingMonitor(TrainerCallback):
         return done == len(scores)
 
     def on_epoch_end(self, args, state, control, **kwargs):
-        if self.record():
+        if self.record() and self.stop_early:
             control.should_training_stop = True
 
 
@@ -576,7 +610,9 @@ def lora_method(settings: DemoSettings) -> str:
     return next(m for m in LORA_PREFERENCE if m in settings.methods)
 
 
-def unlearn_config(method: str, out: Path, settings: DemoSettings, overwrite: bool, thresholds, lora: bool = False):
+def unlearn_config(
+    method: str, out: Path, settings: DemoSettings, overwrite: bool, thresholds, lora: bool = False, reference=None
+):
     """One ``ds-unlearn unlearn`` job's settings, from the planted checkpoint (``lora``: with
     adapters of rank settings.lora_r, in DIR/<method>_lora)."""
     from ..unlearn.config import UnlearnConfig
@@ -593,6 +629,10 @@ def unlearn_config(method: str, out: Path, settings: DemoSettings, overwrite: bo
         holdout=str(data / "holdout.jsonl"),
         # Membership inference needs non-members like the records: the never-planted ones (issue 13).
         audit_holdout=str(data / "unseen.jsonl"),
+        # The checkpoint before planting never saw the records (the ref attack), and the retrained
+        # model is where a perfect unlearning would leave them (PrivLeak, forget quality).
+        reference=str(reference) if reference else None,
+        retrained=str(out / "retrained" / "model"),
         method=method,
         stop_rule=BASELINE_RULE.get(method, "band"),
         # The verdicts are the ones calibrated on the never-planted records, given to the run whole;
@@ -625,12 +665,13 @@ def unlearn(
     thresholds: Thresholds,
     planted_audit: dict,
     lora: bool = False,
+    reference=None,
 ) -> dict:
     """Run one method to completion; its summary from the run's own in-memory result, with the
     planted checkpoint's audit as the "before" of its own (``--audit after``)."""
     from ..unlearn.run import run_unlearning
 
-    config = unlearn_config(method, out, settings, overwrite, thresholds, lora)
+    config = unlearn_config(method, out, settings, overwrite, thresholds, lora, reference)
     result = run_unlearning(config, thresholds=thresholds)
     gc.collect()
     audit = result.report.get("audit", {})
@@ -639,33 +680,55 @@ def unlearn(
     return method_summary(Path(config.output_dir), result)
 
 
-def audit_planted(out: Path, settings: DemoSettings, thresholds: Thresholds) -> dict:
-    """The end-of-run audit of an unlearning run, on the planted checkpoint itself: the sets,
-    settings and thresholds every method's run uses (``planted/audit.jsonl``, per record id)."""
+def audit_planted(out: Path, settings: DemoSettings, thresholds: Thresholds, reference_dir) -> dict:
+    """The end-of-run audit of an unlearning run, on the planted checkpoint itself (the sets,
+    settings and thresholds every method's run uses: ``planted/audit.jsonl``, per record id), and
+    on the retrained model, the ground truth (``retrained/audit.jsonl``), both with the ref attack
+    against the checkpoint before planting; the planted one also against the retrained model."""
     import torch
 
-    from ..core.audit import audit
+    from ..core.audit import audit, sequence_losses
     from ..core.models import load_for_inference
     from ..unlearn.audit import audit_settings, summary_entry, with_ids
     from ..unlearn.run import load_sets
 
-    config = unlearn_config("ga", out, settings, overwrite=False, thresholds=thresholds)
+    config = unlearn_config("ga", out, settings, overwrite=False, thresholds=thresholds, reference=reference_dir)
     model_dir = out / "planted" / "model"
     sets, tokenizer = load_sets(config, model_dir)
-    model = load_for_inference(model_dir, torch.float32, None)
     forget, nonmember = sets["forget"], sets["audit_holdout"]
-    result = audit(
-        model,
-        forget.sequences,
-        nonmember.sequences,
-        settings=audit_settings(config),
-        thresholds=thresholds,
-        tokenizer=tokenizer or _tokenizer(model_dir),
-    )
+    kwargs = {
+        "settings": audit_settings(config),
+        "thresholds": thresholds,
+        "tokenizer": tokenizer or _tokenizer(model_dir),
+    }
+    # One model in memory at a time: the reference's losses, then the retrained audit, then the planted one.
+    model = load_for_inference(reference_dir, torch.float32, None)
+    kwargs["reference"] = sequence_losses(model, forget.sequences + nonmember.sequences, settings.score_batch_size)
+    del model
+    model = load_for_inference(out / "retrained" / "model", torch.float32, None)
+    # With greedy scoring too: the retrained row's memorized / over-unlearned counts need its MA.
+    greedy = replace(kwargs["settings"], greedy=True, extract_k=(settings.extract_k,))
+    retrained = audit(model, forget.sequences, nonmember.sequences, **{**kwargs, "settings": greedy})
+    del model
+    model = load_for_inference(model_dir, torch.float32, None)
+    result = audit(model, forget.sequences, nonmember.sequences, retrained=retrained, **kwargs)
     del model
     gc.collect()
     write_jsonl(out / "planted" / "audit.jsonl", with_ids(result, forget.ids, nonmember.ids))
-    return {"file": "planted/audit.jsonl", "summary": summary_entry(result)}
+    write_jsonl(out / "retrained" / "audit.jsonl", with_ids(retrained, forget.ids, nonmember.ids))
+    return {
+        "file": "planted/audit.jsonl",
+        "summary": summary_entry(result),
+        "retrained": {
+            "file": "retrained/audit.jsonl",
+            "summary": summary_entry(retrained),
+            "forget": {k: retrained.summary["forget"][k] for k in ("verdicts", "greedy")},
+            # Per record: where a perfect unlearning would leave its loss (the report's plot).
+            "forget_loss": {
+                r["id"]: r["loss"] for r in with_ids(retrained, forget.ids, nonmember.ids) if r["set"] == "forget"
+            },
+        },
+    }
 
 
 def calibrated_thresholds(scores: list[dict]) -> Thresholds:
@@ -676,18 +739,30 @@ def calibrated_thresholds(scores: list[dict]) -> Thresholds:
 
 
 def audit_figures(audit: dict) -> dict | None:
-    """From the run's end-of-run audit (issue 13): the MIA AUC forget vs never-planted records
-    (loss and min_k++) and the records discoverable under sampling, before and after."""
+    """From the run's end-of-run audit: per attack the AUC forget vs never-planted records with its
+    interval and two-sided reading, PrivLeak against the retrained model and TPR at 1% FPR; the
+    forget quality (KS p-value against the retrained model) and the records discoverable under
+    sampling, before and after."""
     if not audit or "skipped" in audit:
         return None
+    return {when: entry_figures(audit[when]) for when in ("before", "after")}
+
+
+def entry_figures(entry: dict) -> dict:
+    """The demo's figures of one ``unlearn.audit.summary_entry``."""
+    mia, privleak, tpr = entry["mia"], entry.get("privleak", {}), entry.get("tpr_at_fpr", {})
     return {
-        when: {
-            "auc_loss": audit[when]["mia"]["loss"]["auc"],
-            "auc_loss_ci95": audit[when]["mia"]["loss"]["ci95"],
-            "auc_min_k++": audit[when]["mia"]["min_k++"]["auc"],
-            "discoverable": audit[when]["forget"]["discoverable"],
-        }
-        for when in ("before", "after")
+        "auc": {s: mia[s]["auc"] for s in mia},
+        "auc_ci95": {s: mia[s]["ci95"] for s in mia},
+        "distinguishable": {s: mia[s].get("distinguishable") for s in mia},
+        "privleak": privleak,
+        "tpr_at_1pct_fpr": {s: tpr.get(s, {}).get("0.01", {}).get("tpr") for s in mia},
+        "forget_quality": entry.get("forget_quality"),
+        "discoverable": entry["forget"]["discoverable"],
+        # The old keys of the report's table.
+        "auc_loss": mia["loss"]["auc"],
+        "auc_loss_ci95": mia["loss"]["ci95"],
+        "auc_min_k++": mia["min_k++"]["auc"],
     }
 
 
@@ -725,5 +800,6 @@ def method_summary(method_dir: Path, result) -> dict:
             "before": [r["ma"] for r in result.scores_before],
             "after": [r["ma"] for r in result.scores_after],
         },
+        "loss": {"after": [r["loss"] for r in result.scores_after]},
         "report": {k: v for k, v in report.items() if k != "history"},
     }

@@ -22,7 +22,7 @@ from ..core.memorization import MEMORIZED_MA, OVER_UNLEARNED_MA
 from ..core.scorer import DEFAULT_BATCH_SIZE, DEFAULT_EXTRACT_K
 from ..core.verdict import CALIBRATION_QUANTILE, MAX_QUANTILE, check_holdout_size, parse_band_on
 
-METHODS = ("ga", "sga", "ta", "tau", "graddiff", "npo", "kl")
+METHODS = ("ga", "sga", "ta", "tau", "graddiff", "npo", "kl", "undial")
 STOP_RULES = ("band", "per_sequence", "mean")
 AUDIT_CHOICES = ("both", "after", "none")  # which models the end-of-run audit covers
 # Methods that train on the retain set too (GradDiff and KL need it; NPO uses it when given).
@@ -93,9 +93,15 @@ class UnlearnConfig(TrainingArguments):
     npo_beta: float = _help(
         "npo: beta of (2/beta) log(1 + (pi_theta/pi_ref)^beta) (Zhang et al. 2024: 0.1).", default=0.1
     )
+    undial_gamma: float = _help(
+        "undial: how far the true token's logit is lowered in the original model's distribution the forget "
+        "rows are distilled toward (Dong et al. 2024); larger forgets harder.",
+        default=10.0,
+    )
     kl_reference_max_gib: float = _help(
-        "kl: the original model's retain-set log-probabilities are computed once and kept in host memory "
-        "(retain rows x tokens x vocabulary x 4 bytes, on every rank); refuse to start above this size.",
+        "kl / undial: the original model's log-probabilities over the retain (kl) or forget (undial) rows are "
+        "computed once and kept in host memory (rows x tokens x vocabulary x 4 bytes, on every rank); refuse "
+        "to start above this size.",
         default=8.0,
     )
     min_lr_fraction: float = _help(
@@ -312,7 +318,7 @@ class UnlearnConfig(TrainingArguments):
         if self.select_on == "el10" and self.score_refresh == "step":
             bad("select_on", "el10 needs score_refresh=epoch (a training pass gives MA only)")
         if self.stop_rule is None:
-            self.stop_rule = "band" if self.method in ("sga", *RETAIN_METHODS) else "per_sequence"
+            self.stop_rule = "band" if self.method in ("sga", "undial", *RETAIN_METHODS) else "per_sequence"
         if self.stop_rule not in STOP_RULES:
             bad("stop_rule", f"must be one of {', '.join(STOP_RULES)}, got {self.stop_rule!r}")
         # SGA's selection (and TAU's ascent) reads gamma and its score only outside the band rule: the band
@@ -341,7 +347,9 @@ class UnlearnConfig(TrainingArguments):
         if self.npo_beta <= 0:
             bad("npo_beta", f"must be positive, got {self.npo_beta}")
         # A setting the method never reads is a mistake the run would hide (report.json shows them as null).
-        for name, methods in (("npo_beta", ("npo",)), ("retain_weight", RETAIN_METHODS)):
+        if not self.undial_gamma > 0:
+            bad("undial_gamma", f"must be positive, got {self.undial_gamma}")
+        for name, methods in (("npo_beta", ("npo",)), ("undial_gamma", ("undial",)), ("retain_weight", RETAIN_METHODS)):
             if self.method not in methods and getattr(self, name) != type(self).__dataclass_fields__[name].default:
                 bad(name, f"only applies to {'/'.join(methods)}, not {self.method}")
         if not 0.0 < self.min_lr_fraction <= 1.0:

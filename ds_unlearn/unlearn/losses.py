@@ -9,8 +9,9 @@ the optimizer step, see ``selection.plan_epoch``); the step's objective is
 - ``ascend``: minus the row's mean NLL (gradient ascent: GA, SGA, GradDiff's forget side).
 - ``npo``: Negative Preference Optimization (Zhang et al. 2024, arXiv 2404.05868) on the forget
   row, against reference log-likelihoods computed once before training.
-- ``kl``: KL(reference || model) on a retain row, averaged over its positions, against the
-  reference's log-probabilities computed once before training.
+- ``kl``: KL(reference || model) on a row, averaged over its positions, against target
+  log-probabilities computed once before training: the original model's on a retain row (KL), or
+  UNDIAL's adjusted ones on a forget row (``undial_targets``).
 """
 
 from __future__ import annotations
@@ -72,6 +73,22 @@ def per_sequence_kl(logits: torch.Tensor, ref_logprobs: torch.Tensor, labels: to
     token_kl = (ref.exp() * (ref - logp)).sum(-1)  # [B, T-1]
     valid = labels[:, 1:] != IGNORE
     return (token_kl * valid).sum(-1) / valid.sum(-1).clamp(min=1)
+
+
+def undial_targets(logprobs: torch.Tensor, tokens: torch.Tensor, gamma: float) -> torch.Tensor:
+    """UNDIAL's distillation targets (Dong et al. 2024, "UNDIAL: Self-Distillation with Adjusted
+    Logits for Robust Unlearning"): the original model's next-token distribution with the true
+    token's logit lowered by ``gamma``, renormalised.
+
+    ``logprobs`` [T-1, V] float: the original model's log-softmax at the positions predicting
+    ``tokens`` [T-1] long (a sequence's ids from position 1). Returns [T-1, V] log-probabilities in
+    ``logprobs``' dtype. Log-softmax is shift-invariant, so lowering the logit equals lowering the
+    log-probability before renormalising. Every other token keeps its relative probability, so a
+    forget sequence is drawn toward what the model would predict if it had not seen that token,
+    never below it (the true token's new probability is p e^-gamma / (1 - p + p e^-gamma))."""
+    adjusted = logprobs.clone()
+    adjusted[torch.arange(tokens.shape[0]), tokens] -= gamma
+    return torch.log_softmax(adjusted, dim=-1)
 
 
 def row_losses(

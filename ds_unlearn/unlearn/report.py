@@ -28,6 +28,7 @@ def build_report(config, trainer, after: list[dict], holdout_after, retain_after
             "max_over_unlearned": config.max_over_unlearned,
             "retain_weight": config.retain_weight if config.method in ("graddiff", "npo", "kl") else None,
             "npo_beta": config.npo_beta if config.method == "npo" else None,
+            "undial_gamma": config.undial_gamma if config.method == "undial" else None,
             "min_lr_fraction": config.min_lr_fraction,
             "per_device_train_batch_size": config.per_device_train_batch_size,
             "max_epochs": config.num_train_epochs,

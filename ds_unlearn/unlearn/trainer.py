@@ -38,7 +38,7 @@ from ..core.scorer import score_sequences, scored_tokens
 from ..core.verdict import Thresholds, needs_membership
 from .loop import SequenceTrainer
 from .lora import AdapterEdit
-from .losses import TERM_CODE, npo_loss, per_sequence_kl, predicted_tokens
+from .losses import TERM_CODE, npo_loss, per_sequence_kl, predicted_tokens, undial_targets
 from .reporting import log_histograms
 from .selection import (
     ASCEND,
@@ -105,7 +105,8 @@ class UnlearnTrainer(SequenceTrainer):
         self.best: list[torch.Tensor] | None = None  # the best judged epoch's own fp32 elements
         self.previous: list[torch.Tensor] | None = None  # score_refresh=step: the weights its scores describe
         self.reference_logp: torch.Tensor | None = None  # npo: [n_forget] log pi_ref(y), float64
-        self.reference_logprobs: list[torch.Tensor] | None = None  # kl: per retain row [T-1, V] fp32
+        # kl / undial: per dataset row (retain rows / forget rows) its target log-probs [T-1, V] fp32
+        self.reference_logprobs: dict[int, torch.Tensor] | None = None
         self.weights: OwnedWeights | None = None  # built once the engine and its optimizer exist
         # TA/TAU on LoRA adapters: the edit is made by the adapters' scales (unlearn/lora.py).
         self.adapter_edit = (
@@ -131,7 +132,7 @@ class UnlearnTrainer(SequenceTrainer):
         ``retain_weight``. Fine-tuning (TA/TAU) descends on every forget row."""
         if self.run.phase != "ascent":
             return ["descend"] * len(rows), [1.0] * len(rows)
-        forget_term = "npo" if self.args.method == "npo" else "ascend"
+        forget_term = {"npo": "npo", "undial": "kl"}.get(self.args.method, "ascend")
         retain_term = "kl" if self.args.method == "kl" else "descend"
         pulled = set(self.run.pulled_back)
         terms, scales = [], []
@@ -159,7 +160,7 @@ class UnlearnTrainer(SequenceTrainer):
         batch = torch.zeros(logits.shape[0], logits.shape[1] - 1, logits.shape[2], dtype=torch.float32)
         for i, (row, term) in enumerate(zip(rows.tolist(), terms.tolist())):
             if term == TERM_CODE["kl"]:
-                ref = self.reference_logprobs[row - self.n_forget]
+                ref = self.reference_logprobs[row]
                 batch[i, : ref.shape[0]] = ref
         return batch.to(logits.device)
 
@@ -278,16 +279,22 @@ class UnlearnTrainer(SequenceTrainer):
             self.reference_logp = torch.tensor(
                 [-r["loss"] * scored_tokens(r) for r in forget_scores], dtype=torch.float64
             )
-        if self.args.method == "kl" and self.retain_rows:
+        kl_rows = {"kl": self.retain_rows, "undial": list(range(self.n_forget))}.get(self.args.method, [])
+        if kl_rows:
             vocab = self.model.config.vocab_size
-            sequences = self.retain.sequences
+            sequences = self.retain.sequences if self.args.method == "kl" else self.forget.sequences
             gib = sum(len(s) - 1 for s in sequences) * vocab * 4 / 2**30
             if gib > self.args.kl_reference_max_gib:
+                which = "retain" if self.args.method == "kl" else "forget"
                 raise InputError(
-                    f"kl_reference_max_gib: the original model's retain log-probabilities need {gib:.1f} GiB "
-                    f"per rank (limit {self.args.kl_reference_max_gib}); use a smaller retain set or raise the limit"
+                    f"kl_reference_max_gib: the original model's {which} log-probabilities need {gib:.1f} GiB "
+                    f"per rank (limit {self.args.kl_reference_max_gib}); use a smaller {which} set or raise the limit"
                 )
-            self.reference_logprobs = reference_logprobs(self.model, sequences, self.args.score_batch_size)
+            targets = reference_logprobs(self.model, sequences, self.args.score_batch_size)
+            if self.args.method == "undial":
+                gamma = self.args.undial_gamma
+                targets = [undial_targets(t, torch.as_tensor(s[1:]), gamma) for t, s in zip(targets, sequences)]
+            self.reference_logprobs = dict(zip(kl_rows, targets))
 
     def end_epoch(self, control) -> None:
         """Judge the epoch's weights per sequence and decide: stop, restore, switch or go on.
