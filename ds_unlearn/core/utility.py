@@ -9,7 +9,9 @@ in each forward call) and the results are those of rank 0.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import io
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager, redirect_stderr
 from pathlib import Path
 
 from .errors import InputError
@@ -36,10 +38,20 @@ def task_manager(include_path: str | Path | None = None, include_defaults: bool 
     return TaskManager(include_path=str(include_path) if include_path else None, include_defaults=include_defaults)
 
 
-def check_eval_request(tasks: Sequence[str], include_path: str | Path | None, tokenizer) -> object:
+def check_eval_request(
+    tasks: Sequence[str],
+    include_path: str | Path | None,
+    tokenizer,
+    *,
+    model_config=None,
+    limit: int | float | None = None,
+) -> object:
     """Every task resolvable, its documents loadable (a task YAML's relative ``data_files`` are
-    relative to the working directory) and a tokenizer present; returns the TaskManager for
-    ``run_eval``. Raises InputError (one line) otherwise, before any model loads."""
+    relative to the working directory) and a tokenizer present; with ``model_config`` (the
+    checkpoint's config) also every request lm-eval will send, built as it builds them (``limit``
+    documents per task, lm-eval's meaning), fits this tokenizer and model (``check_requests``).
+    Returns the TaskManager for ``run_eval``. Raises InputError (one line) otherwise, before any
+    model loads."""
     if include_path and not tasks:
         raise InputError("--eval_include_path given without --eval_tasks")
     manager = None
@@ -56,11 +68,98 @@ def check_eval_request(tasks: Sequence[str], include_path: str | Path | None, to
     from lm_eval.tasks import get_task_dict
 
     try:  # build the tasks now (their documents load and are cached): a missing data file is input
-        get_task_dict(list(tasks), manager)
+        with _quiet():
+            task_dict = get_task_dict(list(tasks), manager)
     except Exception as err:  # noqa: BLE001 - any failure here is the task's data or YAML, said in one line
-        first = str(err).strip().splitlines()[0] if str(err).strip() else ""
-        raise InputError(f"--eval_tasks: cannot load the task data ({type(err).__name__}: {first})") from None
+        raise InputError(f"--eval_tasks: cannot load the task data ({_first_line(err)})") from None
+    if model_config is not None:
+        check_requests(task_dict, tokenizer, model_config, limit)
     return manager
+
+
+@contextmanager
+def _quiet() -> Iterator[None]:
+    """No progress bars (datasets', lm-eval's tqdm) on stderr while checking: a refusal is one line."""
+    with redirect_stderr(io.StringIO()):
+        yield
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return f"{type(err).__name__}: {text.splitlines()[0]}" if text else type(err).__name__
+
+
+def _leaf_tasks(task_dict: dict) -> Iterator[tuple[str, object]]:
+    """(name, Task) of every task in lm-eval's (possibly nested, for groups) task dict."""
+    for key, value in task_dict.items():
+        if isinstance(value, dict):
+            yield from _leaf_tasks(value)
+        else:
+            yield str(key), value
+
+
+def check_requests(task_dict: dict, tokenizer, model_config, limit: int | float | None = None) -> None:
+    """What lm-eval's ``HFLM`` would otherwise fail on after the whole audit, checked on the
+    requests as lm-eval builds them (``Task.build_all_requests``, the first ``limit`` documents):
+
+    - the tokenizer has more tokens than the model's embedding (ids with no row);
+    - a ``generate_until`` task without the tokenizer's EOS (HFLM stops generation and pads at it),
+      or one asking to generate ``max_gen_toks`` tokens, no fewer than the model's context;
+    - an empty context (``loglikelihood_rolling``, or an empty ``doc_to_text``) without a BOS or EOS
+      token to condition on;
+    - a target that tokenizes to nothing, or is longer than the model's context by itself.
+
+    The context length is lm-eval's own (``resolve_max_length`` on the config and tokenizer).
+    Raises InputError naming the task and document."""
+    from lm_eval.evaluator_utils import get_sample_size
+    from lm_eval.models.utils import resolve_max_length
+
+    vocab = getattr(model_config, "vocab_size", None)
+    if vocab is not None and len(tokenizer) > vocab:
+        raise InputError(
+            f"--eval_tasks: the tokenizer has {len(tokenizer)} tokens but the model's embedding only {vocab} rows"
+        )
+    context = resolve_max_length(model_config, tokenizer)
+    prefix = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+
+    def encode(text: str) -> list[int]:  # HFLM.tok_encode of a causal model
+        return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    for name, task in _leaf_tasks(task_dict):
+        try:
+            with _quiet():
+                task.build_all_requests(limit=get_sample_size(task, limit))
+        except Exception as err:  # noqa: BLE001 - a task's prompt templates or few-shot split, said in one line
+            raise InputError(f"--eval_tasks: {name}: cannot build its requests ({_first_line(err)})") from None
+        for instance in task.instances:
+            where = f"--eval_tasks: {name} document {instance.doc_id}"
+            kind, args = instance.request_type, instance.arguments
+            if kind == "generate_until":
+                if tokenizer.eos_token_id is None:
+                    raise InputError(f"{where}: generate_until needs the tokenizer's EOS token, and it has none")
+                wanted = int((args[1] or {}).get("max_gen_toks", 256))
+                if wanted >= context:
+                    raise InputError(
+                        f"{where}: asks for {wanted} generated tokens, no fewer than the model's context of {context}"
+                    )
+                continue
+            text, target = (args[0], "") if kind == "loglikelihood_rolling" else (args[0], args[1])
+            if kind == "loglikelihood_rolling" or text == "":
+                if prefix is None:
+                    raise InputError(f"{where}: an empty context needs a BOS or EOS token to start from; it has none")
+                if kind == "loglikelihood_rolling":
+                    continue
+                target_ids = encode(target)
+            else:
+                spaces = len(text) - len(text.rstrip())  # HFLM moves them into the target
+                text, target = (text[:-spaces], text[-spaces:] + target) if spaces else (text, target)
+                target_ids = encode(text + target)[len(encode(text)) :]
+            if not target_ids:
+                raise InputError(f"{where}: its target {target!r} is no token at all with this tokenizer")
+            if len(target_ids) > context:
+                raise InputError(
+                    f"{where}: its target is {len(target_ids)} tokens, more than the model's context of {context}"
+                )
 
 
 def run_eval(
