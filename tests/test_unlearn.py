@@ -357,3 +357,14 @@ def test_a_repeated_forget_row_is_noted_once_by_id_and_trained_as_its_own(unlear
     after = read_jsonl(out / "scores_after.jsonl")
     assert [r["id"] for r in after] == ["forget-0", "forget-1", "forget-2", "forget-3", "again"]
     assert after[4]["ma"] == after[1]["ma"]  # the same tokens, scored again
+
+
+def test_undial_with_lora_adapters_forgets_and_writes_only_the_adapter(unlearn_case, tmp_path):
+    out = tmp_path / "undial_lora"
+    args = unlearn_args(unlearn_case, out, "--method", "undial", "--lora_r", 8, "--learning_rate", "3e-2")
+    assert main(["unlearn", *args]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["settings"]["lora"]["r"] == 8 and report["settings"]["undial_gamma"] == 10.0
+    assert report["before"]["memorized"] == 4 and report["after"]["memorized"] == 0
+    assert "stop rule holds" in report["stop_reason"] and report["guard"]["ok"]
+    assert (out / "adapter" / "adapter_model.safetensors").exists() and not (out / "model").exists()
