@@ -85,6 +85,7 @@ def _one_pair_audit_argv(verse_model, tmp_path, task: str) -> list[str]:
     argv = ["audit", "--model", path, "--forget", forget, "--holdout", holdout, "--out", tmp_path / "out"]
     argv += ["--prefix_length", 10, "--suffix_length", 20, "--extract_k", 10]
     argv += ["--memorized_threshold", 0.6, "--over_unlearned_threshold", 0.15]  # one holdout row calibrates none
+    argv += ["--bootstrap", 0]  # nor bounds an AUC
     argv += ["--eval_tasks", task, "--eval_include_path", TASK_DIR]
     return list(map(str, argv))
 

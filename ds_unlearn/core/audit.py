@@ -155,13 +155,20 @@ def check_sets(
     prompts: tuple[Sequence[int] | None, Sequence[int] | None] = (None, None),
     settings: AuditSettings | None = None,
 ) -> None:
-    """The forget and holdout sets can be audited against each other: both non-empty, no id in
-    both (when ids are given), no sequence in both, every sequence long enough (a row with a
-    prompt: ``settings.min_tokens(P)``) and inside the vocabulary. Raises InputError naming the
+    """The forget and holdout sets can be audited against each other: both non-empty, at least 2
+    rows each when ``settings.bootstrap`` asks for AUC intervals (each set is resampled within
+    itself: every resample of a one-row set is that row, an interval blind to its sampling error),
+    no id in both (when ids are given), no sequence in both, every sequence long enough (a row with
+    a prompt: ``settings.min_tokens(P)``) and inside the vocabulary. Raises InputError naming the
     first offending row."""
     for name, seqs, lengths in (("--forget", forget, prompts[0]), ("--holdout", holdout, prompts[1])):
         if not seqs:
             raise InputError(f"{name}: the set is empty")
+        if settings is not None and settings.bootstrap > 0 and len(seqs) < 2:
+            raise InputError(
+                f"{name}: 1 row, but the AUCs' bootstrap intervals (--bootstrap {settings.bootstrap}) resample "
+                "each set within itself, and every resample of one row is that row (give 2 or more, or --bootstrap 0)"
+            )
         for i, seq in enumerate(seqs):
             prompt = lengths[i] if lengths is not None else 0
             if prompt and settings is not None and len(seq) < settings.min_tokens(prompt):
