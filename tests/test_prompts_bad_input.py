@@ -1,8 +1,8 @@
 """The prompt/chat refusals at the CLI (issue 27), under ``unlearn`` and ``audit``: a prompt field
 that is not a string, ``messages`` without an assistant turn, ``--chat_template`` on a tokenizer
-with no chat template, rows with and without a prompt in one file. Each exits 2 with one line on
-stderr and no traceback, writes nothing, and leaves the inputs byte-identical (test_bad_input.py's
-``check``)."""
+with no chat template, rows with and without a prompt in one file, a prompt that leaves no response
+token within ``--max_length``. Each exits 2 with one line on stderr and no traceback, writes nothing,
+and leaves the inputs byte-identical (test_bad_input.py's ``check``)."""
 
 import shutil
 
@@ -96,6 +96,18 @@ CASES = {  # name: (flag, file, extra flags, model, expected text in the error l
     ),
 }
 
+# unlearn refuses so short a --max_length before reading any row (it must leave room for EL_10).
+AUDIT_CASES = {
+    **CASES,
+    "a prompt leaving no response token within max_length": (
+        "--forget",
+        "forget",
+        ["--max_length", "6"],
+        "model",
+        "--forget row 0: its prompt of 6 tokens leaves no response token within --max_length 6",
+    ),
+}
+
 
 def _replace(argv, flag, value):
     argv = list(argv)
@@ -120,9 +132,9 @@ def test_unlearn_refuses_bad_prompt_rows(name, prompt_case, tmp_path, capsys):
     check(capsys, code, message, _watched(prompt_case), before, out)
 
 
-@pytest.mark.parametrize("name", list(CASES))
+@pytest.mark.parametrize("name", list(AUDIT_CASES))
 def test_audit_refuses_bad_prompt_rows(name, prompt_case, tmp_path, capsys):
-    flag, file, extra, model, message = CASES[name]
+    flag, file, extra, model, message = AUDIT_CASES[name]
     out = tmp_path / "audit"
     c = prompt_case
     argv = ["--model", c[model], "--forget", c["forget"], "--holdout", c["holdout"], "--out", out]
