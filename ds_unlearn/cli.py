@@ -102,6 +102,12 @@ def main(argv: list[str] | None = None) -> int:
         D.report_error(f"ds-unlearn {name}: error: {err}")
         D.abandon()
         D.release_shared_memory()
+        if D.launched_by_launcher():
+            # A ZeRO-3 rank's C++ teardown aborts (code 250) unless the job ends with a final
+            # barrier, which bad input must not wait on: leave now, with the bad-input code.
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(2)
         return 2
     except BaseException as err:
         if isinstance(err, KeyboardInterrupt) and not D.launched_by_launcher():
