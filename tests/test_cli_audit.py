@@ -136,8 +136,10 @@ def _bad_cases(tmp_path, forget, holdout, model_dir):
     for directory, prefix in ((with_tok, "t"), (other_tok, "u")):
         shutil.copytree(model_dir, directory)
         word_tokenizer(prefix).save_pretrained(directory)
-    overlap_id = write_jsonl(tmp_path / "oid.jsonl", [{"id": "f1", "input_ids": list(range(1, 41))}])
-    same_text = write_jsonl(tmp_path / "same.jsonl", [{"id": "new", "input_ids": rows[2]["input_ids"]}])
+    # Two rows each: a one-row holdout is refused first (its AUC bootstrap cannot vary).
+    other = {"id": "other", "input_ids": list(range(41, 1, -1))}
+    overlap_id = write_jsonl(tmp_path / "oid.jsonl", [{"id": "f1", "input_ids": list(range(1, 41))}, other])
+    same_text = write_jsonl(tmp_path / "same.jsonl", [{"id": "new", "input_ids": rows[2]["input_ids"]}, other])
     base = [str(model_dir), str(forget), str(holdout)]
     a_file = tmp_path / "a_file"
     a_file.write_text("not a folder")
