@@ -15,6 +15,7 @@ pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 
 ARGS = ["--prefix_length", 8, "--suffix_length", 16, "--extract_k", 8, "--el_n", 5, "--top_p", 0.9, "--top_k", 30]
 ARGS += ["--batch_size", 2, "--bootstrap", 200]
+ARGS += ["--memorized_threshold", 0.6, "--over_unlearned_threshold", 0.15]  # 3 holdout rows calibrate none
 
 
 def test_zero3_two_ranks_give_the_same_audit(model_dir, token_sets, tmp_path):
