@@ -114,3 +114,48 @@ def test_seed_makes_two_two_rank_runs_bit_identical(unlearn_case, tmp_path, stag
     assert (a / "scores_after.jsonl").read_text() == (b / "scores_after.jsonl").read_text()
     report = json.loads((a / "report.json").read_text())
     assert report["settings"]["world_size"] == 2 and report["guard"]["ok"]
+
+
+def embedding_adapter(case, tmp_path):
+    from .test_written_model import make_adapter
+
+    return make_adapter(
+        tmp_path / "in_adapter",
+        case["model"],
+        r=4,
+        lora_alpha=8,
+        target_modules=["embed_tokens", "q_proj", "v_proj"],
+        modules_to_save=["lm_head"],
+    )
+
+
+def test_zero2_embedding_lora_and_modules_to_save_are_written_whole(unlearn_case, tmp_path):
+    """Kind 1 on 2 ZeRO-2 ranks: the embedding adapter and the trained lm_head copy are written
+    whole; the guard (every rank's shard) and a peft reload agree with the run's judgement."""
+    from safetensors.torch import load_file
+
+    from .test_written_model import assert_written_is_judged
+
+    adapter, out = embedding_adapter(unlearn_case, tmp_path), tmp_path / "out"
+    run_ok(*ds_args(unlearn_case, out, "zero2", "--adapter", adapter, "--method", "ga", "--num_train_epochs", 3))
+    report = json.loads((out / "report.json").read_text())
+    assert report["settings"]["world_size"] == 2 and report["guard"]["ok"], report["guard"]
+    state = load_file(out / "adapter" / "adapter_model.safetensors")
+    given = load_file(adapter / "adapter_model.safetensors")
+    assert set(state) == {k for k in given if ".base_layer." not in k}
+    for key in ("base_model.model.lm_head.weight", "base_model.model.model.embed_tokens.lora_embedding_A"):
+        assert state[key].shape == given[key].shape and not (state[key] == given[key]).all(), key  # trained, whole
+    assert_written_is_judged(unlearn_case, out)
+
+
+def test_zero3_refuses_adapters_peft_builds_from_partitioned_weights(unlearn_case, tmp_path):
+    # ZeRO-3 loads the base partitioned before the adapter exists: peft cannot build an embedding
+    # adapter or a modules_to_save copy from it. One line per rank, exit 2, before any weight loads.
+    adapter, out = embedding_adapter(unlearn_case, tmp_path), tmp_path / "out"
+    result = deepspeed_run(
+        "launch/unlearn.py", *ds_args(unlearn_case, out, "zero3", "--adapter", adapter, "--method", "ga"), timeout=300
+    )
+    assert result.returncode == 2 and "Traceback" not in result.stdout + result.stderr, tail(result)
+    lines = one_line_per_rank(result.stdout + result.stderr, "which peft cannot build on ZeRO-3's partitioned weights")
+    assert len(lines) == 2, tail(result)
+    assert not out.exists()

@@ -73,6 +73,23 @@ def check_fits(model_config, config) -> None:
         add_lora(model_class(model_config), copy.deepcopy(config))
 
 
+def whole_module_targets(model_config, config) -> list[str]:
+    """The modules a LoRA ``config`` would build from a base weight's full shape rather than wrap
+    as a linear layer: embeddings it targets (``lora_embedding_A/B``) and ``modules_to_save`` copies.
+    Found on a weightless copy (as ``check_fits``); [] for custom-code models."""
+    from peft.tuners.lora import Embedding
+    from peft.utils import ModulesToSaveWrapper
+    from transformers import AutoModelForCausalLM
+
+    try:
+        model_class = AutoModelForCausalLM._model_mapping[type(model_config)]
+    except KeyError:
+        return []
+    with torch.device("meta"):
+        model = add_lora(model_class(model_config), copy.deepcopy(config))
+    return [name for name, m in model.named_modules() if isinstance(m, (Embedding, ModulesToSaveWrapper))]
+
+
 def check_adapter_fits(model_config, config, adapter_dir: str | Path) -> None:
     """Before any weight loads: every tensor of the adapter in ``adapter_dir`` is one this model
     would have, in the same shape (on a weightless copy, as ``check_fits``). InputError naming

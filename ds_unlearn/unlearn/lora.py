@@ -25,7 +25,17 @@ from pathlib import Path
 import torch
 
 from ..core import distributed as D
-from ..core.adapters import ADAPTER_WEIGHTS, add_lora, check_adapter_fits, check_fits, load_adapter, lora_config
+from ..core.adapters import (
+    ADAPTER_WEIGHTS,
+    add_lora,
+    check_adapter_fits,
+    check_fits,
+    load_adapter,
+    lora_config,
+    whole_module_targets,
+)
+from ..core.ds_config import load_ds_config, zero_stage
+from ..core.errors import InputError
 from ..core.files import atomic_directory
 
 TRAINED = "default"  # peft's name for the adapter get_peft_model / from_pretrained creates
@@ -97,6 +107,16 @@ def check_lora(model_config, config) -> None:
     check_fits(model_config, adapter_config)
     if config.adapter:
         check_adapter_fits(model_config, adapter_config, config.adapter)
+    if config.deepspeed and zero_stage(load_ds_config(config.deepspeed)) == 3:
+        # ZeRO-3 loads the base partitioned (empty outside a gather) before the adapter is built, and
+        # peft builds these from the base weight's full shape: the adapter would not load or train.
+        whole = whole_module_targets(model_config, adapter_config)
+        if whole:
+            raise InputError(
+                f"{'--adapter' if config.adapter else 'lora_target_modules'}: {whole[0]} is an embedding adapter or a "
+                "modules_to_save copy, which peft cannot build on ZeRO-3's partitioned weights; use ZeRO-2 or "
+                "target linear layers only"
+            )
 
 
 def prepare_model(model, config):
