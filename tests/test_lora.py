@@ -145,8 +145,11 @@ def test_adapter_edit_under_zero(stage, precision, tmp_path):
 
 def test_demo_lora_reruns_the_best_method_with_adapters(tmp_path):
     from ds_unlearn.core.summary import Thresholds
+    from ds_unlearn.core.toy import tiny_config
     from ds_unlearn.demo.run import lora_method, settings_for, unlearn_config
 
+    for name in ("planted", "retrained"):  # the configs name both checkpoints (checked when built)
+        tiny_config("llama", vocab_size=64).save_pretrained(tmp_path / name / "model")
     settings = settings_for(True, lora_r=8, methods=("ga", "sga"))
     assert lora_method(settings) == "sga" and lora_method(settings_for(True, lora_r=8)) == "tau"
     config = unlearn_config("sga", tmp_path, settings, False, Thresholds(), lora=True)
