@@ -133,7 +133,8 @@ def prompted_cases(draw):
     rows, prompts = [], []
     for _ in range(draw(st.integers(1, 4))):
         prompt = draw(st.integers(0, CONTEXT - n - 1))
-        length = draw(st.integers(max(prompt, 1) + n, CONTEXT))
+        # EL_n needs n tokens after the first prefix; extract_k=1 one token after prompt + 1 (min_length).
+        length = draw(st.integers(max(max(prompt, 1) + n, prompt + 2), CONTEXT))
         if trained and draw(st.booleans()):  # part of the trained text, one token changed
             row = list(trained[0][:length])
             row[draw(st.integers(0, length - 1))] = draw(st.integers(0, VOCAB - 1))
