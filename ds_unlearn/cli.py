@@ -110,19 +110,17 @@ def main(argv: list[str] | None = None) -> int:
             sys.stderr.flush()
             os._exit(2)
         return 2
-    except OSError as err:
-        if err.errno not in (errno.ENOSPC, errno.EDQUOT):
-            raise
-        # A full disk while saving: the write was undone (core.files.write_error says what); one
-        # line and exit 1, no traceback, on one process and on every rank alike.
-        D.report_error(f"ds-unlearn {name}: error: {err.strerror or err}")
-        sys.stdout.flush()
-        sys.stderr.flush()
-        D.release_shared_memory()
-        if D.launched_by_launcher():
-            os._exit(1)
-        return 1
     except BaseException as err:
+        if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT):
+            # A full disk while saving: the write was undone (core.files.write_error says what);
+            # one line and exit 1, no traceback, on one process and on every rank alike.
+            D.report_error(f"ds-unlearn {name}: error: {err.strerror or err}")
+            sys.stdout.flush()
+            sys.stderr.flush()
+            D.release_shared_memory()
+            if D.launched_by_launcher():
+                os._exit(1)
+            return 1
         if isinstance(err, KeyboardInterrupt) and not D.launched_by_launcher():
             # Ctrl-C on one process: one line and the shell's code for SIGINT, not a traceback.
             # What a command writes at its end was not written; unlearn's checkpoints stay resumable.
