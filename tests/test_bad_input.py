@@ -57,6 +57,10 @@ def case(unlearn_case, tmp_path_factory):
     )
     write_jsonl(files["short"], [{"id": "a", "input_ids": [1, 2, 3]}])
     write_jsonl(files["long"], [{"id": "a", "input_ids": [1 + i % 60 for i in range(300)]}])  # context is 256
+    files["one_row"] = root / "one_row.jsonl"
+    write_jsonl(files["one_row"], good[:1])
+    files["one_unseen"] = root / "one_unseen.jsonl"
+    write_jsonl(files["one_unseen"], [json.loads(Path(unlearn_case["holdout"]).read_text().splitlines()[0])])
     files["badext"].write_text("x")
     files["bad_ds"].write_text("{ not json")
     files["bad_yaml_value"].write_text("sga_gamma: high\n")
@@ -159,6 +163,15 @@ UNLEARN_CASES = {
     "missing forget file": (lambda c: ["--forget", c["root"] / "nope.jsonl"], "--forget: no such file"),
     "truncated weights": (lambda c: ["--model", c["truncated"]], "cannot load the weights"),
     "sequence past the context": (lambda c: ["--forget", c["long"]], "--forget row 0: 300 tokens"),
+    # The end-of-run audit's AUC intervals need 2 rows a side: refused before training, not after.
+    "one-row forget set with the audit on": (
+        lambda c: ["--forget", c["one_row"], "--audit", "after"],
+        "--forget: 1 row, but the AUCs' bootstrap intervals",
+    ),
+    "one-row audit holdout": (
+        lambda c: ["--audit_holdout", c["one_unseen"], "--audit", "after"],
+        "--audit_holdout: 1 row, but the AUCs' bootstrap intervals",
+    ),
     "unknown reporter": (["--report_to", "bogus"], "report_to: unknown reporter 'bogus'"),
     "a setting the method never reads": (
         ["--method", "ga", "--npo_beta", "0.5"],

@@ -154,14 +154,15 @@ def check_sets(
     vocab_size: int | None = None,
     prompts: tuple[Sequence[int] | None, Sequence[int] | None] = (None, None),
     settings: AuditSettings | None = None,
+    names: tuple[str, str] = ("--forget", "--holdout"),
 ) -> None:
     """The forget and holdout sets can be audited against each other: both non-empty, at least 2
     rows each when ``settings.bootstrap`` asks for AUC intervals (each set is resampled within
     itself: every resample of a one-row set is that row, an interval blind to its sampling error),
     no id in both (when ids are given), no sequence in both, every sequence long enough (a row with
     a prompt: ``settings.min_tokens(P)``) and inside the vocabulary. Raises InputError naming the
-    first offending row."""
-    for name, seqs, lengths in (("--forget", forget, prompts[0]), ("--holdout", holdout, prompts[1])):
+    first offending row of the set as ``names`` (forget, holdout) call them."""
+    for name, seqs, lengths in ((names[0], forget, prompts[0]), (names[1], holdout, prompts[1])):
         if not seqs:
             raise InputError(f"{name}: the set is empty")
         if settings is not None and settings.bootstrap > 0 and len(seqs) < 2:
@@ -194,7 +195,7 @@ def check_sets(
         for j, row_id in enumerate(holdout_ids):
             if row_id in first:
                 raise InputError(
-                    f"--holdout row {j}: id {row_id!r} is also --forget row {first[row_id]} "
+                    f"{names[1]} row {j}: id {row_id!r} is also {names[0]} row {first[row_id]} "
                     "(the holdout must be text the model never saw)"
                 )
     seen = {}
@@ -203,7 +204,7 @@ def check_sets(
     for j, seq in enumerate(holdout):
         if tuple(seq) in seen:
             raise InputError(
-                f"--holdout row {j}: same text as --forget row {seen[tuple(seq)]} "
+                f"{names[1]} row {j}: same text as {names[0]} row {seen[tuple(seq)]} "
                 "(a sequence cannot be both forgotten and never seen)"
             )
 

@@ -68,6 +68,34 @@ def audit_settings(config) -> AuditSettings:
     )
 
 
+def nonmember_set(sets: dict) -> tuple[str, object | None]:
+    """The end-of-run audit's non-members: ``audit_holdout`` when given, else ``holdout``, as
+    (field name, SequenceSet or None)."""
+    name = "audit_holdout" if sets.get("audit_holdout") is not None else "holdout"
+    return name, sets.get(name)
+
+
+def check_audit_sets(config, sets: dict) -> None:
+    """The end-of-run audit can run on these sets (``core.audit.check_sets``: at least 2 rows
+    each for the AUCs' intervals, every row long enough for sampling extraction): checked in
+    ``load_sets`` so that a set too small for the audit is refused before training, not found
+    after it. Raises InputError naming the field and row; a no-op with ``audit none`` or without
+    non-members (the audit is then skipped, said so in the report)."""
+    name, nonmember = nonmember_set(sets)
+    if config.audit == "none" or nonmember is None:
+        return
+    settings = audit_settings(config)
+    forget = sets["forget"]
+    check_sets(
+        forget.sequences,
+        nonmember.sequences,
+        min_tokens=settings.min_tokens(),
+        prompts=(forget.prompt_lengths, nonmember.prompt_lengths),
+        settings=settings,
+        names=("--forget", f"--{name}"),
+    )
+
+
 def with_ids(result, forget_ids, nonmember_ids) -> list[dict]:
     """An audit's per-sequence rows, each named by its row id instead of its index in its set."""
     ids = {"forget": list(forget_ids), "holdout": list(nonmember_ids)}
@@ -97,12 +125,12 @@ def summary_entry(result) -> dict:
 def audit_run(config, model_dir, trainer, sets: dict) -> dict:
     """Audit the unlearned model (``trainer.model``) and the input checkpoint on the forget set
     against the non-members; collective (every rank calls it). Returns the ``audit`` entry of
-    ``report.json``. A problem with the sets (e.g. a non-member identical to a forget sequence)
-    skips the audit with the reason in the report rather than losing a finished run."""
+    ``report.json``. The sets were checked before training (``check_audit_sets``); a problem
+    found only here still skips the audit with the reason in the report rather than losing a
+    finished run."""
     if config.audit == "none":
         return {"skipped": "--audit none"}
-    name = "audit_holdout" if sets.get("audit_holdout") is not None else "holdout"
-    nonmember = sets.get(name)
+    name, nonmember = nonmember_set(sets)
     if nonmember is None:
         return {"skipped": "no holdout set: membership inference needs text the model never saw"}
     settings = audit_settings(config)
@@ -125,14 +153,6 @@ def audit_run(config, model_dir, trainer, sets: dict) -> dict:
     )
     try:
         if config.reference or config.retrained:
-            # A problem with the sets shows before any other model loads.
-            check_sets(
-                forget.sequences,
-                nonmember.sequences,
-                min_tokens=settings.min_tokens(),
-                prompts=(forget.prompt_lengths, nonmember.prompt_lengths),
-                settings=settings,
-            )
             if config.reference:
                 reference_model = load(resolve_model_dir(config.reference, "reference"))
                 sequences, prompts = forget.sequences + nonmember.sequences, forget.prompts() + nonmember.prompts()

@@ -40,7 +40,7 @@ from ..core.files import (
 )
 from ..core.models import load_causal_lm, load_config, load_tokenizer, report_partition, resolve_model_dir
 from ..core.scorer import min_length
-from .audit import audit_run
+from .audit import audit_run, check_audit_sets
 from .config import UnlearnConfig
 from .guard import check_written
 from .lora import (
@@ -138,6 +138,7 @@ def load_sets(config: UnlearnConfig, model_dir: Path) -> tuple[dict[str, Sequenc
             check_disjoint(sets["forget"], sets[other], ("forget", other))
     if sets["holdout"] is not None:
         config.check_holdout(len(sets["holdout"]))
+    check_audit_sets(config, sets)
     return sets, tokenizer
 
 
