@@ -1,7 +1,11 @@
-"""Prompt/response rows end to end on the bundled SmolLM2-135M-Instruct (issue 27): a TOFU-shaped
-file (``--prompt_field question --text_field answer``) and a ``messages`` file (``--chat_template``)
+"""Prompt/response rows end to end on the bundled SmolLM2-135M-Instruct: a TOFU-shaped file
+(``--prompt_field question --text_field answer``) and a ``messages`` file (``--chat_template``)
 through ``ds-unlearn score``, ``unlearn`` and ``audit`` (the real CLI), every figure checked against
-a plain forward pass of the model on prompt + response that counts the response positions only."""
+a plain forward pass of the model on prompt + response that counts the response positions only.
+
+Sizes are the least each command accepts, as the test runs on a shared 2-core machine: 2 forget
+rows (the chat one with an earlier exchange, the other without), 2 non-members (the audit's AUC
+intervals need 2 per set), one GA epoch with no holdout (its perplexity is not what is tested)."""
 
 import json
 import time
@@ -15,9 +19,9 @@ from ds_unlearn.core.files import read_jsonl
 from .conftest import write_jsonl
 
 # Made-up people and phone numbers: short answers the model has never seen.
-PEOPLE = [("Ada Brown", "555-0142"), ("Ben Cole", "555-0199"), ("Cy Dunn", "555-7731")]
+PEOPLE = [("Ada Brown", "555-0142"), ("Ben Cole", "555-0199")]
 UNSEEN = [("Dee Ford", "555-3306"), ("Eli Grant", "555-8824")]
-# The ICML code's fixed MA verdicts: a 3-row holdout is too small to calibrate a band on.
+# The ICML code's fixed MA verdicts: 2 non-members are too few to calibrate a band on.
 LEVELS = ["--memorized_threshold", "0.4", "--over_unlearned_threshold", "0.05"]
 # EL_10 over a 13-15 token response: a few prefixes only (EL_2 would decode from every one).
 FAST = ["--el_n", "10", "--extract_k", "2"]
@@ -116,7 +120,7 @@ LAYOUTS = {
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(900)
+@pytest.mark.timeout(600)
 def test_tofu_and_chat_files_through_score_unlearn_and_audit_on_smollm2(smollm2, tmp_path, capsys):
     path, tokenizer = smollm2
     torch.set_num_threads(2)
@@ -141,13 +145,13 @@ def test_tofu_and_chat_files_through_score_unlearn_and_audit_on_smollm2(smollm2,
         scored = read_jsonl(scores)
         _assert_masked(scored, base, tokenizer, forget_rows, layout)
 
-        # unlearn: GA on the responses; its before/after files are the masked scores of each model
+        # unlearn: one GA step on the responses; its before/after files are the masked scores of each model
         out = root / "run"
-        run_flags = ["--method", "ga", "--num_train_epochs", "2", "--learning_rate", "1e-4"]
-        run_flags += ["--per_device_train_batch_size", "3", "--score_batch_size", "8", "--extract_k", "2"]
+        run_flags = ["--method", "ga", "--num_train_epochs", "1", "--learning_rate", "2e-4"]
+        run_flags += ["--per_device_train_batch_size", "2", "--score_batch_size", "8", "--extract_k", "2"]
         run_flags += ["--save_strategy", "no", "--save_resumable", "false", "--audit", "none", "--seed", "0"]
         run_flags += ["--report_to", "none", *LEVELS, *flags]
-        argv = ["unlearn", "--model", "smollm2", "--forget", str(forget), "--holdout", str(holdout)]
+        argv = ["unlearn", "--model", "smollm2", "--forget", str(forget)]
         assert main([*argv, "--output_dir", str(out), *run_flags]) == 0, capsys.readouterr().err
         phases.append(f"unlearn {time.perf_counter() - start:.0f} s")
         report = json.loads((out / "report.json").read_text())
