@@ -1,4 +1,4 @@
-"""Issue 24 section 2 through ``ds_unlearn.audit``: the reference-model attack, TPR at low FPR,
+"""Through ``ds_unlearn.audit``: the reference-model attack, TPR at low FPR,
 the two-sided reading, and the figures against a retrained model, each held equal to an
 independent computation (plain forward passes, scikit-learn, scipy)."""
 

@@ -1,4 +1,4 @@
-"""``ds-unlearn audit`` with a forget or holdout set too small for what is asked (issue 26): a
+"""``ds-unlearn audit`` with a forget or holdout set too small for what is asked: a
 bootstrap interval of an AUC from a one-row set is one line, exit 2, nothing written, before any
 model loads; ``--bootstrap 0`` (the AUC alone) lets the same sets through."""
 

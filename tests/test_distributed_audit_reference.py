@@ -1,5 +1,5 @@
 """The real deepspeed launcher, 2 CPU ranks, ZeRO-3: ``--reference`` and ``--retrained`` give the
-same ref attack, TPR at FPR, PrivLeak and forget quality as one process (issue 24 section 2)."""
+same ref attack, TPR at FPR, PrivLeak and forget quality as one process."""
 
 import json
 import math

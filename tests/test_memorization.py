@@ -1,4 +1,4 @@
-"""The metric math against hand-computed values (REFERENCE §2)."""
+"""The metric math against hand-computed values (the definitions in core/memorization.py)."""
 
 import pytest
 

@@ -259,7 +259,7 @@ def test_bad_settings_and_sets_are_input_errors(case):
     assert AuditSettings(prefix_length=10, suffix_length=None, el_n=(5,), extract_k=(4,)).min_tokens() == 11
 
 
-# -- issue 24 section 2: TPR at low FPR, two-sided reading, PrivLeak, forget quality, fp32 scores ----
+# -- TPR at low FPR, two-sided reading, PrivLeak, forget quality, fp32 scores ----
 
 
 def sklearn_tpr_at(member, nonmember, fpr):

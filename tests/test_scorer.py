@@ -111,7 +111,7 @@ def test_a_2d_tensor_and_bare_ints_score_like_lists(memorized_model, token_sets)
     assert score_sequences(memorized_model, torch.tensor(seqs), el_n=5, extract_k=4) == as_lists
 
 
-# -- sequences as long as the model's context (issue 10, item 3) -----------------------------------
+# -- sequences as long as the model's context --------------------------------------------------
 CONTEXT = 64
 
 

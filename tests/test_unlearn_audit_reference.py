@@ -1,5 +1,5 @@
 """The end-of-run audit of ``ds-unlearn unlearn`` takes ``--reference`` and ``--retrained`` as
-``ds-unlearn audit`` does (issue 24 section 2): the ref attack, TPR at low FPR, PrivLeak and
+``ds-unlearn audit`` does: the ref attack, TPR at low FPR, PrivLeak and
 forget quality in report.json and TensorBoard; bad companions are one line, exit 2, nothing written."""
 
 import json

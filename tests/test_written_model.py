@@ -1,4 +1,4 @@
-"""Issue 26: the model a run writes is the model it judged (the end-of-run guard), whatever the
+"""The model a run writes is the model it judged (the end-of-run guard), whatever the
 adapter, and no fault loses a byte. Every test runs the real ``ds-unlearn unlearn`` command."""
 
 import json
