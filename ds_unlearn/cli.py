@@ -11,7 +11,7 @@ Every command also takes ``--dist_timeout_s S`` (default 300): under a launcher,
 collective may wait before the job ends with an error.
 
 What a failure looks like (the same for every command, on one process or many ranks):
-bad input -> one line naming the field / row / file, exit code 2, nothing written; any other
+bad input -> one line naming the flag / row / file, exit code 2, nothing written; any other
 error -> the failing rank prints its traceback (each line prefixed with its rank) and exits
 non-zero at once, without entering another collective, so the launcher stops the other ranks.
 The barrier and ``destroy_process_group`` that end a run belong to the success path only.
@@ -25,7 +25,7 @@ import os
 import sys
 
 from .core import distributed as D
-from .core.errors import InputError
+from .core.errors import InputError, flag
 
 SUBCOMMANDS = {
     "score": "per-sequence memorization of a model on a data file",
@@ -100,7 +100,8 @@ def main(argv: list[str] | None = None) -> int:
         D.start_launcher_watchdog()
         code = run_command(name, rest)
     except InputError as err:
-        D.report_error(f"ds-unlearn {name}: error: {err}")
+        # The library names parameters; on the command line each one is its flag.
+        D.report_error(f"ds-unlearn {name}: error: {err.render(flag)}")
         D.abandon()
         D.release_shared_memory()
         if D.launched_by_launcher():

@@ -46,13 +46,13 @@ def test_good_rows_with_and_without_ids(tokenizer):
 def test_id_must_be_a_string_or_an_integer(tokenizer, value, kind):
     rows = [{"id": "a", "text": "t1"}, {"id": value, "text": SECRET}]
     message = error(rows, tokenizer)
-    assert message.startswith("--data row 1: field 'id' must be a string or an integer")
+    assert message.startswith("data row 1: field 'id' must be a string or an integer")
     assert kind in message and SECRET not in message and "private" not in message
 
 
 def test_null_id_is_named(tokenizer):
     message = error([{"id": "a", "text": "t1"}, {"id": None, "text": SECRET}], tokenizer)
-    assert message.startswith("--data row 1: field 'id' is missing") and "null" in message
+    assert message.startswith("data row 1: field 'id' is missing") and "null" in message
     assert SECRET not in message
 
 
@@ -70,34 +70,34 @@ def test_text_with_an_unpaired_surrogate(tokenizer, tmp_path):
 
 def test_id_with_an_unpaired_surrogate(tokenizer):
     message = error([{"id": "x\udc00y", "text": "t1"}], tokenizer)
-    assert message.startswith("--data row 0: field 'id' is not valid Unicode")
+    assert message.startswith("data row 0: field 'id' is not valid Unicode")
 
 
 def test_id_field_on_later_rows_only_must_be_on_every_row(tokenizer):
     rows = [{"text": "t1"}, {"id": "b", "text": "t2"}, {"id": "c", "text": "t3"}]
     message = error(rows, tokenizer)
-    assert message.startswith("--data row 0: field 'id' is missing") and "row 1 has it" in message
+    assert message.startswith("data row 0: field 'id' is missing") and "row 1 has it" in message
     rows = [{"id": "a", "text": "t1"}, {"text": "t2"}]
-    assert error(rows, tokenizer).startswith("--data row 1: field 'id' is missing")
+    assert error(rows, tokenizer).startswith("data row 1: field 'id' is missing")
     custom = [{"text": "t1"}, {"text": "t2", "key": 3}]
-    assert error(custom, tokenizer, id_field="key").startswith("--data row 0: field 'key' is missing")
+    assert error(custom, tokenizer, id_field="key").startswith("data row 0: field 'key' is missing")
 
 
 @pytest.mark.parametrize(("value", "kind"), [(12345, "an integer"), ([SECRET], "an array"), (False, "a boolean")])
 def test_text_present_but_not_a_string(tokenizer, value, kind):
     message = error([{"id": "a", "text": value}], tokenizer)
-    assert message == f"--data row 0: field 'text' is {kind}, not a string (and no input_ids)"
+    assert message == f"data row 0: field 'text' is {kind}, not a string (and no input_ids)"
 
 
 def test_null_text_says_null(tokenizer):
     message = error([{"id": "a", "text": None}], tokenizer)
-    assert message.startswith("--data row 0: field 'text' is missing") and "null, not a string" in message
+    assert message.startswith("data row 0: field 'text' is missing") and "null, not a string" in message
 
 
 def test_absent_text_is_still_missing(tokenizer):
     assert error([{"id": "a", "body": "x"}], tokenizer) == (
-        "--data row 0: field 'text' is missing (and no input_ids); the row has 'id', 'body': name the text with "
-        "--text_field"
+        "data row 0: field 'text' is missing (and no input_ids); the row has 'id', 'body': name the text with "
+        "text_field"
     )
 
 
@@ -114,7 +114,7 @@ def test_a_named_id_field_must_exist(tokenizer):
     # The default field may be absent (rows are numbered); one the user named may not.
     assert to_sequence_set([{"text": "t1"}], tokenizer=tokenizer).ids == [0]
     message = error([{"id": "a", "text": "t1"}], tokenizer, id_field="key", option="--forget")
-    assert message == "--forget: no row has the id field 'key' (--id_field; without it rows are numbered)"
+    assert message == "--forget: no row has the id field 'key' (id_field; without it rows are numbered)"
 
 
 def test_jsonl_is_always_one_object_per_line_and_json_may_be_an_array(tmp_path):

@@ -12,12 +12,13 @@ import torch
 import yaml
 
 from ds_unlearn.cli import main
+from ds_unlearn.commands.memorize import parse_config
 from ds_unlearn.core.data import load_sequence_set
 from ds_unlearn.core.errors import InputError
 from ds_unlearn.core.files import read_jsonl
 from ds_unlearn.core.toy import save_model, tiny_model
 from ds_unlearn.lab import dynamics as dyn
-from ds_unlearn.lab.config import LabConfig, parse_config
+from ds_unlearn.lab.config import LabConfig
 from ds_unlearn.lab.results import (
     exposure_phases,
     median_epoch,

@@ -6,7 +6,8 @@ import sys
 import pytest
 
 from ds_unlearn.core.errors import InputError
-from ds_unlearn.unlearn.config import UnlearnConfig, parse_config
+from ds_unlearn.commands.unlearn import parse_config
+from ds_unlearn.unlearn.config import UnlearnConfig
 
 from .conftest import REPO
 
@@ -153,7 +154,7 @@ def test_a_checkpoint_resumes_only_under_the_launch_that_wrote_it(tmp_path):
 
 
 def test_yaml_values_are_checked_against_the_field_types(tmp_path):
-    from ds_unlearn.lab.config import parse_config as parse_lab
+    from ds_unlearn.commands.memorize import parse_config as parse_lab
 
     config = tmp_path / "lab.yaml"
     for text, message in [

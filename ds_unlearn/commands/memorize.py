@@ -24,8 +24,11 @@ from pathlib import Path
 from ..core import distributed as D
 from ..core.files import check_output, clear_outputs, write_json
 from ..core.models import load_config, load_tokenizer, resolve_model_dir
-from ..lab.config import LabConfig, build_parser, parse_config
+from ..lab.config import LabConfig
+from .parsing import parse_config as parse_dataclass_config
+from .parsing import print_help
 
+PROG = "ds-unlearn memorize"
 RESULTS = "dynamics.json"
 # What a run writes; --overwrite removes only these, never anything else in output_dir.
 LAB_OUTPUTS = (RESULTS, "canaries.jsonl", "model", "tensorboard", "unlearn")
@@ -33,13 +36,24 @@ LAB_OUTPUTS = (RESULTS, "canaries.jsonl", "model", "tensorboard", "unlearn")
 
 def main(argv: list[str]) -> int:
     if any(a in ("-h", "--help") for a in argv):
-        print(__doc__)
-        build_parser().print_help()
+        print_help(LabConfig, PROG, __doc__)
         return 0
     config = parse_config(argv)
     if config.deepspeed:  # DeepSpeed on CPU: accelerate's gloo state, before any Trainer
         D.prepare_accelerate_for_deepspeed()
     return run(config)
+
+
+def parse_config(argv: list[str]) -> LabConfig:
+    """``[--config FILE.yaml] [--flag value ...]`` into a validated LabConfig (a YAML
+    ``experiment: NAME`` is a list of one)."""
+    return parse_dataclass_config(LabConfig, argv, prog=PROG, adjust_yaml=_one_experiment_is_a_list)
+
+
+def _one_experiment_is_a_list(data: dict) -> dict:
+    if isinstance(data.get("experiment"), str):
+        data["experiment"] = [data["experiment"]]
+    return data
 
 
 def run(config: LabConfig) -> int:

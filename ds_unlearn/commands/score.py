@@ -6,24 +6,15 @@ One process: ``ds-unlearn score --model DIR --data FILE --out FILE.jsonl``. Many
 
 from __future__ import annotations
 
-import argparse
+from dataclasses import dataclass
 from pathlib import Path
 
 from ..core import distributed as D
 from ..core.adapters import check_adapter_dir
-from ..core.config_parsing import one_line_errors
-from ..core.data import (
-    DEFAULT_ID_FIELD,
-    add_prompt_flags,
-    check_context,
-    needs_tokenizer,
-    prompt_options,
-    read_rows,
-    to_sequence_set,
-)
+from ..core.data import check_context, needs_tokenizer, prompt_options, read_rows, to_sequence_set
 from ..core.ds_config import load_ds_config
-from ..core.errors import InputError
-from ..core.files import OVERWRITE_FLAG, check_output, write_json, write_jsonl
+from ..core.errors import InputError, param
+from ..core.files import check_output, write_json, write_jsonl
 from ..core.models import DTYPES, load_config, load_for_inference, load_tokenizer, resolve_model_dir
 from ..core.scorer import (
     AUTO,
@@ -34,75 +25,57 @@ from ..core.scorer import (
     score_sequences,
     validate_request,
 )
-from ..core.summary import add_threshold_flags, summarize_scores, summary_lines, thresholds_from
+from ..core.summary import summarize_scores, summary_lines
+from .options import DataOptions, ModelOptions, ThresholdOptions
+from .parsing import option, parse_config, print_help
+
+PROG = "ds-unlearn score"
+GATHER = {"auto": None, "once": True, "per_forward": False}  # --zero3_gather: gather_params of score_sequences
 
 
-class _Help(argparse.RawDescriptionHelpFormatter):
-    """The description as written, and each flag's default (when it has one) after its help."""
+@dataclass(frozen=True, kw_only=True)
+class ScoreConfig(DataOptions, ModelOptions, ThresholdOptions):
+    """Every setting of ``ds-unlearn score``; each field is a flag of the same name."""
 
-    def _get_help_string(self, action):
-        if action.default in (None, False, argparse.SUPPRESS) or action.required:
-            return action.help
-        default = " ".join(map(str, action.default)) if isinstance(action.default, list) else action.default
-        return f"{action.help} (default: {default})"
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="ds-unlearn score", description=__doc__.replace("``", ""), formatter_class=_Help
-    )
-    add_arguments(parser)
-    return one_line_errors(parser)
-
-
-def main(argv: list[str]) -> int:
-    return run(build_parser().parse_args(argv))
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", required=True, help="Hugging Face checkpoint directory, Hub model id, or 'smollm2'")
-    parser.add_argument("--adapter", default=None, help="a peft LoRA adapter directory to put on --model")
-    parser.add_argument("--data", required=True, help="JSONL, CSV or Parquet file of sequences")
-    parser.add_argument("--out", required=True, help="output JSONL, one line per input row")
-    parser.add_argument("--el_n", type=int, nargs="+", default=[DEFAULT_EL_N], help="n of EL_n (several allowed)")
-    parser.add_argument("--extract_k", type=int, nargs="+", default=[DEFAULT_EXTRACT_K], help="K of k-extractability")
-    parser.add_argument("--max_length", type=int, default=None, help="truncate sequences to this many tokens")
-    parser.add_argument(
-        "--batch_size",
-        type=_batch_size,
-        default=AUTO,
-        help="sequences / continuations per forward, or 'auto' (sized from free memory)",
-    )
-    parser.add_argument("--text_field", default="text", help="field holding the text of a row")
-    parser.add_argument(
-        "--id_field", default=DEFAULT_ID_FIELD, help="field holding a row's id (rows without 'id' are numbered)"
-    )
-    add_prompt_flags(parser.add_argument)
-    parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="dtype to load the model in")
-    parser.add_argument("--method", choices=["fast", "reference"], default="fast", help="EL_n algorithm")
-    parser.add_argument("--deepspeed", default=None, help="DeepSpeed JSON config (ZeRO-3 loads partitioned)")
-    parser.add_argument(
-        "--zero3_gather",
-        choices=["auto", "once", "per_forward"],
-        default="auto",
-        help="ZeRO-3: gather the full model once for scoring, or every layer on each forward; "
+    model: str = option(help="Hugging Face checkpoint directory, Hub model id, or 'smollm2'")
+    adapter: str | None = option(None, "a peft LoRA adapter directory to put on --model")
+    data: str = option(help="JSONL, CSV or Parquet file of sequences")
+    out: str = option(help="output JSONL, one line per input row")
+    el_n: list[int] = option([DEFAULT_EL_N], "n of EL_n (several allowed)")
+    extract_k: list[int] = option([DEFAULT_EXTRACT_K], "K of k-extractability")
+    batch_size: int | str = option(AUTO, "sequences / continuations per forward, or 'auto' (sized from free memory)")
+    method: str = option("fast", "EL_n algorithm", choices=["fast", "reference"])
+    zero3_gather: str = option(
+        "auto",
+        "ZeRO-3: gather the full model once for scoring, or every layer on each forward; "
         "auto gathers once when the model fits in a quarter of free memory",
+        choices=list(GATHER),
     )
-    add_threshold_flags(parser.add_argument)
-    parser.add_argument(OVERWRITE_FLAG, action="store_true", help="replace existing output files")
-    parser.add_argument("--local_rank", type=int, default=-1, help=argparse.SUPPRESS)  # set by launchers
+    overwrite: bool = option(False, "replace existing output files")
+
+    def __post_init__(self):
+        object.__setattr__(self, "batch_size", _batch_size(self.batch_size))
+        self.thresholds()  # raises InputError naming the setting
 
 
-def _batch_size(value: str) -> int | str:
+def _batch_size(value: int | str) -> int | str:
+    """``--batch_size``: a positive integer, or ``auto``; InputError (argparse's wording) otherwise."""
     if value == AUTO:
         return AUTO
     try:
-        size = int(value)
+        size = int(value) if not isinstance(value, bool | float) else 0
     except ValueError:
         size = 0
     if size < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer or 'auto', got {value!r}")
+        raise InputError(f"argument --batch_size: expected a positive integer or 'auto', got {str(value)!r}")
     return size
+
+
+def main(argv: list[str]) -> int:
+    if any(a in ("-h", "--help") for a in argv):
+        print_help(ScoreConfig, PROG, __doc__)
+        return 0
+    return run(parse_config(ScoreConfig, argv, prog=PROG))
 
 
 def summary_path(out: str | Path) -> Path:
@@ -111,63 +84,63 @@ def summary_path(out: str | Path) -> Path:
     return out.with_name(f"{stem}.summary.json")
 
 
-def run(args: argparse.Namespace) -> int:
+def run(config: ScoreConfig) -> int:
     # The process entry (cli.main) owns the process group and the failure path.
     # Everything that can be wrong with the input is found here, before any weights load.
-    model_dir = resolve_model_dir(args.model)
-    inputs = (args.data, model_dir, args.adapter)
-    check_output(args.out, option="--out", overwrite=args.overwrite, inputs=inputs)  # first: "." has no name
-    check_output(summary_path(args.out), option="--out", overwrite=args.overwrite, inputs=inputs)
-    ds_config = load_ds_config(args.deepspeed) if args.deepspeed else None
-    if args.adapter is not None:
-        check_adapter_dir(args.adapter)
-    if args.max_length is not None and args.max_length < min_length(args.el_n, args.extract_k):
+    model_dir = resolve_model_dir(config.model)
+    inputs = (config.data, model_dir, config.adapter)
+    check_output(config.out, option=param("out"), overwrite=config.overwrite, inputs=inputs)  # first: "." has no name
+    check_output(summary_path(config.out), option=param("out"), overwrite=config.overwrite, inputs=inputs)
+    ds_config = load_ds_config(config.deepspeed) if config.deepspeed else None
+    if config.adapter is not None:
+        check_adapter_dir(config.adapter)
+    if config.max_length is not None and config.max_length < min_length(config.el_n, config.extract_k):
         raise InputError(
-            f"--max_length {args.max_length} is shorter than el_n/extract_k need "
-            f"({min_length(args.el_n, args.extract_k)} tokens)"
+            f"--max_length {config.max_length} is shorter than el_n/extract_k need "
+            f"({min_length(config.el_n, config.extract_k)} tokens)"
         )
-    thresholds = thresholds_from(args)
+    thresholds = config.thresholds()
     model_config = load_config(model_dir)
     vocab_size = model_config.vocab_size
-    rows = read_rows(args.data)
+    rows = read_rows(config.data)
     tokenizer = load_tokenizer(model_dir) if needs_tokenizer(rows) else None
     data = to_sequence_set(
         rows,
         tokenizer=tokenizer,
-        text_field=args.text_field,
-        id_field=args.id_field,
-        max_length=args.max_length,
+        text_field=config.text_field,
+        id_field=config.id_field,
+        max_length=config.max_length,
         vocab_size=vocab_size,
-        **prompt_options(args),
+        **prompt_options(config),
     )
     check_context(data, context_limit(model_config))
     validate_request(
         data.sequences,
-        args.el_n,
-        args.extract_k,
+        config.el_n,
+        config.extract_k,
         vocab_size,
         lambda i: f"--data row {i}",
         prompt_lengths=data.prompt_lengths,
     )
 
-    model = load_for_inference(model_dir, DTYPES[args.dtype], ds_config, adapter=args.adapter)
+    model = load_for_inference(model_dir, DTYPES[config.dtype], ds_config, adapter=config.adapter)
     scores = score_sequences(
         model,
         data.sequences,
-        el_n=args.el_n,
-        extract_k=args.extract_k,
-        batch_size=args.batch_size,
-        method=args.method,
+        el_n=config.el_n,
+        extract_k=config.extract_k,
+        batch_size=config.batch_size,
+        method=config.method,
         progress=True,
-        gather_params={"auto": None, "once": True, "per_forward": False}[args.zero3_gather],
+        gather_params=GATHER[config.zero3_gather],
         prompt_lengths=data.prompt_lengths,
     )
     if D.is_main():
-        write_scores(args.out, data.ids, scores)
+        write_scores(config.out, data.ids, scores)
         summary = summarize_scores(scores, thresholds)
-        write_json(summary_path(args.out), summary)
+        write_json(summary_path(config.out), summary)
         print("\n".join(summary_lines(summary)))
-        print(f"wrote {args.out} and {summary_path(args.out)}")
+        print(f"wrote {config.out} and {summary_path(config.out)}")
     return 0
 
 

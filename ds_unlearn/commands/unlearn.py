@@ -11,16 +11,26 @@ Any UnlearnConfig / TrainingArguments field is a flag (--method sga --learning_r
 from __future__ import annotations
 
 from ..core import distributed as D
-from ..core.config_parsing import build_parser
-from ..unlearn.config import UnlearnConfig, parse_config
+from ..unlearn.config import UnlearnConfig
 from ..unlearn.report import report_lines
 from ..unlearn.run import run_unlearning
+from .parsing import parse_config as parse_dataclass_config
+from .parsing import print_help
+
+PROG = "ds-unlearn unlearn"
+
+
+def parse_config(argv: list[str], before_build=None) -> UnlearnConfig:
+    """``[--config FILE.yaml] [--flag value ...]`` into a validated UnlearnConfig.
+
+    ``before_build(values)`` may adjust the merged settings (and the process) just before the
+    config is constructed; ``main`` uses it for DeepSpeed's process setup."""
+    return parse_dataclass_config(UnlearnConfig, argv, prog=PROG, before_build=before_build)
 
 
 def main(argv: list[str]) -> int:
     if any(a in ("-h", "--help") for a in argv):
-        print(__doc__)
-        build_parser(UnlearnConfig, prog="ds-unlearn unlearn").print_help()
+        print_help(UnlearnConfig, PROG, __doc__)
         return 0
     config = parse_config(argv, before_build=D.configure_process_for_trainer)
     result = run_unlearning(config)

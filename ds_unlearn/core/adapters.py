@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from .errors import InputError
+from .errors import InputError, param
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -104,7 +104,7 @@ def check_adapter_fits(model_config, config, adapter_dir: str | Path) -> None:
     except KeyError:  # custom code: PeftModel.from_pretrained checks it after loading instead
         return
     if not weights.is_file():
-        raise InputError(f"--adapter: {adapter_dir} has no {ADAPTER_WEIGHTS}")
+        raise InputError(f"{adapter_dir} has no {ADAPTER_WEIGHTS}", field="adapter")
     with torch.device("meta"):
         model = add_lora(model_class(model_config), copy.deepcopy(config))
     expected = {k: tuple(v.shape) for k, v in get_peft_model_state_dict(model, save_embedding_layers=False).items()}
@@ -112,15 +112,15 @@ def check_adapter_fits(model_config, config, adapter_dir: str | Path) -> None:
         saved = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
     for key, shape in saved.items():
         if key not in expected and ".base_layer." not in key and not key.endswith("embed_tokens.weight"):
-            raise InputError(f"--adapter: {adapter_dir} was made for another model: this one has no {key}")
+            raise InputError(f"{adapter_dir} was made for another model: this one has no {key}", field="adapter")
         if key in expected and expected[key] != shape:
             raise InputError(
-                f"--adapter: {adapter_dir} was made for another model: {key} is {list(shape)} there, "
+                f"{param('adapter')}: {adapter_dir} was made for another model: {key} is {list(shape)} there, "
                 f"{list(expected[key])} here"
             )
     missing = sorted(set(expected) - set(saved))
     if missing:
-        raise InputError(f"--adapter: {adapter_dir} lacks {missing[0]}, which its config asks for on this model")
+        raise InputError(f"{adapter_dir} lacks {missing[0]}, which its config asks for on this model", field="adapter")
 
 
 def load_adapter(model, adapter_dir: str | Path, trainable: bool = False):
@@ -132,17 +132,19 @@ def load_adapter(model, adapter_dir: str | Path, trainable: bool = False):
     try:
         return PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=trainable)
     except (ValueError, RuntimeError, KeyError, OSError) as err:
-        raise InputError(f"--adapter: cannot load {adapter_dir} on this model: {_first_line(err)}") from None
+        raise InputError(f"cannot load {adapter_dir} on this model: {_first_line(err)}", field="adapter") from None
 
 
 def check_adapter_dir(adapter_dir: str | Path) -> dict:
     """The adapter's config as a dict; InputError unless it is a peft LoRA adapter directory."""
     path = Path(adapter_dir)
     if not (path / ADAPTER_CONFIG).is_file():
-        raise InputError(f"--adapter: {adapter_dir} is not a peft adapter directory (no {ADAPTER_CONFIG})")
+        raise InputError(f"{adapter_dir} is not a peft adapter directory (no {ADAPTER_CONFIG})", field="adapter")
     config = json.loads((path / ADAPTER_CONFIG).read_text())
     if config.get("peft_type") != "LORA":
-        raise InputError(f"--adapter: {adapter_dir} is a {config.get('peft_type')} adapter; only LoRA is supported")
+        raise InputError(
+            f"{adapter_dir} is a {config.get('peft_type')} adapter; only LoRA is supported", field="adapter"
+        )
     return config
 
 

@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 
 from . import distributed as D
-from .errors import InputError
+from .errors import InputError, param
 from .memorization import scored_start
 from .mia import (
     DEFAULT_ATTACK_CONFIDENCE,
@@ -62,34 +62,41 @@ VERDICTS = ("memorized", "discoverable", "over-unlearned", "unseen-like")
 SETS = ("forget", "holdout")
 # Per-sequence numbers whose before/after change a --baseline audit reports.
 CHANGE_KEYS = ("loss", "ma", "zlib", "min_k", "min_k++", "log10_p")
+# The settings that set how long a sequence must be, as a too-short row's error names them.
+_LENGTHS = f"{param('suffix_length')}, {param('el_n')} and {param('extract_k')}"
+
+
+def _setting(default, help: str):
+    return field(default=default, metadata={"help": help})
 
 
 @dataclass(frozen=True)
 class AuditSettings:
     """How to audit. Decoding settings are those of ``model.generate(do_sample=True, ...)``
     (note its own default ``top_k=50``; here None means no truncation: pure sampling, as in
-    Hayes et al.). ``suffix_length`` None: the suffix is all of a sequence after its prefix."""
+    Hayes et al.). ``suffix_length`` None: the suffix is all of a sequence after its prefix.
+    Each field's help is what ``ds-unlearn audit --help`` shows for it."""
 
-    el_n: tuple[int, ...] = (DEFAULT_EL_N,)
-    extract_k: tuple[int, ...] = (DEFAULT_EXTRACT_K,)
-    min_k: float = DEFAULT_MIN_K
-    prefix_length: int = DEFAULT_PREFIX
-    suffix_length: int | None = DEFAULT_SUFFIX
-    temperature: float = 1.0
-    top_k: int | None = None
-    top_p: float | None = None
-    attack_samples: int = DEFAULT_ATTACK_SAMPLES
-    attack_confidence: float = DEFAULT_ATTACK_CONFIDENCE
-    bootstrap: int = DEFAULT_BOOTSTRAP
-    seed: int = 0
-    batch_size: int = DEFAULT_BATCH_SIZE
-    greedy: bool = True  # False: membership and sampling only (no ``score_sequences``)
+    el_n: tuple[int, ...] = _setting((DEFAULT_EL_N,), "n of EL_n (several allowed)")
+    extract_k: tuple[int, ...] = _setting((DEFAULT_EXTRACT_K,), "K of k-extractability")
+    min_k: float = _setting(DEFAULT_MIN_K, "fraction of tokens Min-K% and Min-K%++ average")
+    prefix_length: int = _setting(DEFAULT_PREFIX, "sampling extraction: prefix tokens P")
+    suffix_length: int | None = _setting(DEFAULT_SUFFIX, "suffix tokens S (None: all after P)")
+    temperature: float = _setting(1.0, "sampling temperature (> 0)")
+    top_k: int | None = _setting(None, "top-k truncation (default off; generate()'s own default is 50)")
+    top_p: float | None = _setting(None, "top-p (nucleus) truncation in (0, 1] (default off)")
+    attack_samples: int = _setting(DEFAULT_ATTACK_SAMPLES, "attacker's sample budget n")
+    attack_confidence: float = _setting(DEFAULT_ATTACK_CONFIDENCE, "success probability q")
+    bootstrap: int = _setting(DEFAULT_BOOTSTRAP, "bootstrap resamples of each AUC (0: none)")
+    seed: int = _setting(0, "seed of the bootstrap and the sampling")
+    batch_size: int = _setting(DEFAULT_BATCH_SIZE, "sequences / continuations per forward")
+    greedy: bool = _setting(True, "False: membership and sampling only (no score_sequences)")
 
     def validate(self) -> None:
-        """One line per problem, naming the option; raises InputError."""
+        """One line per problem, naming the setting (``InputError.field``); raises InputError."""
 
-        def bad(option, why):
-            raise InputError(f"--{option}: {why}")
+        def bad(name, why):
+            raise InputError(why, field=name)
 
         if not (math.isfinite(self.temperature) and self.temperature > 0):
             bad("temperature", f"must be a positive finite number, got {self.temperature}")
@@ -154,21 +161,23 @@ def check_sets(
     vocab_size: int | None = None,
     prompts: tuple[Sequence[int] | None, Sequence[int] | None] = (None, None),
     settings: AuditSettings | None = None,
-    names: tuple[str, str] = ("--forget", "--holdout"),
+    names: tuple[str, str] = ("forget", "holdout"),
 ) -> None:
     """The forget and holdout sets can be audited against each other: both non-empty, at least 2
     rows each when ``settings.bootstrap`` asks for AUC intervals (each set is resampled within
     itself: every resample of a one-row set is that row, an interval blind to its sampling error),
     no id in both (when ids are given), no sequence in both, every sequence long enough (a row with
     a prompt: ``settings.min_tokens(P)``) and inside the vocabulary. Raises InputError naming the
-    first offending row of the set as ``names`` (forget, holdout) call them."""
-    for name, seqs, lengths in ((names[0], forget, prompts[0]), (names[1], holdout, prompts[1])):
+    first offending row of the set by its parameter name, ``names`` (forget, holdout)."""
+    forget_name, holdout_name = (param(n) for n in names)
+    for name, seqs, lengths in ((forget_name, forget, prompts[0]), (holdout_name, holdout, prompts[1])):
         if not seqs:
             raise InputError(f"{name}: the set is empty")
         if settings is not None and settings.bootstrap > 0 and len(seqs) < 2:
             raise InputError(
-                f"{name}: 1 row, but the AUCs' bootstrap intervals (--bootstrap {settings.bootstrap}) resample "
-                "each set within itself, and every resample of one row is that row (give 2 or more, or --bootstrap 0)"
+                f"{name}: 1 row, but the AUCs' bootstrap intervals ({param('bootstrap')} {settings.bootstrap}) "
+                "resample each set within itself, and every resample of one row is that row (give 2 or more, or "
+                f"{param('bootstrap')} 0)"
             )
         for i, seq in enumerate(seqs):
             prompt = lengths[i] if lengths is not None else 0
@@ -176,13 +185,12 @@ def check_sets(
                 raise InputError(
                     f"{name} row {i}: its prompt of {prompt} tokens leaves {len(seq) - prompt} response tokens, "
                     f"but the audit's settings need at least {settings.min_tokens(prompt) - prompt} "
-                    "(--suffix_length, --el_n and --extract_k: lower them, or --suffix_length rest)"
+                    f"({_LENGTHS}: lower them, or {param('suffix_length')} rest)"
                 )
             if not prompt and len(seq) < min_tokens:
                 raise InputError(
                     f"{name} row {i}: {len(seq)} tokens, but the audit's settings need at least {min_tokens} "
-                    "(set by --prefix_length + --suffix_length, --el_n and --extract_k: lower them, "
-                    "or --suffix_length rest)"
+                    f"(set by {param('prefix_length')} + {_LENGTHS}: lower them, or {param('suffix_length')} rest)"
                 )
             if vocab_size is not None:
                 bad = next((t for t in seq if not 0 <= int(t) < vocab_size), None)
@@ -195,7 +203,7 @@ def check_sets(
         for j, row_id in enumerate(holdout_ids):
             if row_id in first:
                 raise InputError(
-                    f"{names[1]} row {j}: id {row_id!r} is also {names[0]} row {first[row_id]} "
+                    f"{holdout_name} row {j}: id {row_id!r} is also {forget_name} row {first[row_id]} "
                     "(the holdout must be text the model never saw)"
                 )
     seen = {}
@@ -204,7 +212,7 @@ def check_sets(
     for j, seq in enumerate(holdout):
         if tuple(seq) in seen:
             raise InputError(
-                f"{names[1]} row {j}: same text as {names[0]} row {seen[tuple(seq)]} "
+                f"{holdout_name} row {j}: same text as {forget_name} row {seen[tuple(seq)]} "
                 "(a sequence cannot be both forgotten and never seen)"
             )
 
@@ -306,14 +314,14 @@ def _check_companion(option: str, companion, model, count: int) -> None:
         mine, theirs = getattr(model.config, "vocab_size", None), getattr(companion.config, "vocab_size", None)
         if mine != theirs:
             raise InputError(
-                f"{option}: vocabulary of {theirs} tokens, but the audited model's has {mine} "
+                f"{param(option)}: vocabulary of {theirs} tokens, but the audited model's has {mine} "
                 "(it must share the audited model's tokenizer)"
             )
     elif isinstance(companion, AuditResult):
         if len(companion.rows) != count:
-            raise InputError(f"{option}: its audit covers {len(companion.rows)} sequences, this one {count}")
+            raise InputError(f"{param(option)}: its audit covers {len(companion.rows)} sequences, this one {count}")
     elif len(companion) != count:
-        raise InputError(f"{option}: {len(companion)} reference losses for {count} sequences")
+        raise InputError(f"{param(option)}: {len(companion)} reference losses for {count} sequences")
 
 
 def verdict(row: dict, thresholds: Thresholds) -> str:
@@ -469,7 +477,7 @@ def audit(
         settings,
     )
     sequences = forget_seqs + holdout_seqs
-    for option, companion in (("--reference", reference), ("--retrained", retrained)):
+    for option, companion in (("reference", reference), ("retrained", retrained)):
         if companion is not None:
             _check_companion(option, companion, model, len(sequences))
     if _is_model(reference):

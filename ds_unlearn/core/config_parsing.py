@@ -1,34 +1,17 @@
-"""YAML files and command-line flags onto a config dataclass: YAML keys must be fields, flags
-override YAML, and every problem is one InputError line."""
+"""Transitional: command-line parsing lives in ``ds_unlearn.commands.parsing``. ``commands/demo.py``
+still imports these two argparse helpers from here; this module goes once the demo's command
+parses a config dataclass with ``commands.parsing.parse_config`` like the others."""
 
 from __future__ import annotations
 
-import re
-import types
-import typing
-from collections.abc import Callable
-from dataclasses import fields
-from pathlib import Path
-from typing import TypeVar
-
-import yaml
+import argparse
 
 from .errors import InputError
-
-T = TypeVar("T")
-
-SEED_MAX = 2**32 - 1  # numpy's and torch's seeds are unsigned 32-bit (transformers.set_seed seeds both)
-
-
-def seed_problem(seed: int) -> str | None:
-    """Why ``seed`` cannot seed the run (numpy refuses it, deep inside the run), or None."""
-    return None if 0 <= seed <= SEED_MAX else f"must lie in [0, {SEED_MAX}], got {seed}"
+from .seeds import seed_problem
 
 
 def seed_arg(value: str) -> int:
     """argparse ``type=`` for ``--seed``: an integer numpy and torch accept."""
-    import argparse
-
     try:
         seed = int(value)
     except ValueError:
@@ -37,46 +20,6 @@ def seed_arg(value: str) -> int:
     if problem:
         raise argparse.ArgumentTypeError(problem)
     return seed
-
-
-def load_yaml(path: str | Path, allowed_keys: set[str]) -> dict:
-    path = Path(path)
-    if not path.is_file():
-        raise InputError(f"--config: no such file {path}")
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as err:
-        raise InputError(f"--config: {path} is not valid YAML ({str(err).splitlines()[0]})") from None
-    if not isinstance(data, dict):
-        raise InputError(f"--config: {path} must hold a mapping of settings")
-    unknown = sorted(set(data) - allowed_keys)
-    if unknown:
-        raise InputError(f"--config: {path}: unknown key '{unknown[0]}'")
-    return data
-
-
-def init_keys(cls) -> set[str]:
-    return {f.name for f in fields(cls) if f.init}
-
-
-class _ParserError(Exception):
-    """argparse's complaint, raised instead of printing the usage and exiting."""
-
-
-def build_parser(cls, prog: str | None = None):
-    """An ``HfArgumentParser`` for ``cls`` plus ``--config``; its errors raise (no usage dump)."""
-    from transformers import HfArgumentParser
-
-    parser = HfArgumentParser(cls)
-    if prog:
-        parser.prog = prog
-    parser.add_argument("--config", default=None, help=f"YAML file of {cls.__name__} fields; flags override it")
-
-    def error(message: str):
-        raise _ParserError(message)
-
-    parser.error = error
-    return parser
 
 
 def one_line_errors(parser):
@@ -88,105 +31,3 @@ def one_line_errors(parser):
 
     parser.error = error
     return parser
-
-
-def _flag_of(message: str) -> str | None:
-    match = re.match(r"argument (--[\w.-]+)", message)
-    return match.group(1) if match else None
-
-
-def parse_config(
-    cls: type[T],
-    argv: list[str],
-    prog: str | None = None,
-    adjust_yaml: Callable[[dict], dict] = lambda d: d,
-    before_build: Callable[[dict], None] | None = None,
-) -> T:
-    """``[--config FILE.yaml] [--flag value ...]`` into a validated ``cls``.
-
-    ``before_build(values)`` runs on the merged settings right before ``cls(**values)`` and may
-    change them in place. Every problem raises InputError (one line) naming the flag, or the
-    YAML file and key when the bad value came from the file."""
-    parser = build_parser(cls, prog)
-    yaml_path, from_yaml = None, {}
-    if any(a == "--config" or a.startswith("--config=") for a in argv):
-        try:
-            pre, _ = parser.parse_known_args(argv)
-        except _ParserError as err:
-            raise InputError(str(err)) from None
-        if pre.config:
-            yaml_path = pre.config
-            from_yaml = adjust_yaml(load_yaml(pre.config, init_keys(cls)))
-            parser.set_defaults(**from_yaml)
-    try:
-        namespace, unknown = parser.parse_known_args(argv)
-    except _ParserError as err:
-        message = str(err)
-        flag = _flag_of(message)
-        given = flag is not None and any(a == flag or a.startswith(flag + "=") for a in argv)
-        key = flag[2:] if flag else None
-        if yaml_path and key in from_yaml and not given:  # argparse converted the YAML value
-            message = message.split(": ", 1)[-1]
-            raise InputError(f"--config: {yaml_path}: key '{key}': {message}") from None
-        raise InputError(message) from None
-    if unknown:
-        raise InputError(f"unknown flag {unknown[0]}")
-    values = {k: v for k, v in vars(namespace).items() if k != "config"}
-    for key, value in from_yaml.items():
-        if values.get(key) is value and not isinstance(value, str):  # argparse converted the strings
-            expected = _mismatch(value, _field_types(cls).get(key))
-            if expected:
-                shown = repr(value) if len(repr(value)) <= 40 else repr(value)[:37] + "..."
-                raise InputError(f"--config: {yaml_path}: key '{key}': expected {expected}, got {shown}")
-    if before_build is not None:
-        before_build(values)
-    try:
-        return cls(**values)
-    except InputError:
-        raise
-    except (ValueError, TypeError) as err:  # upstream checks, or a YAML value of the wrong shape
-        raise InputError(str(err).strip().splitlines()[0]) from None
-
-
-def _field_types(cls) -> dict:
-    try:
-        return typing.get_type_hints(cls)
-    except Exception:  # an annotation this Python cannot evaluate: leave the values to the dataclass
-        return {}
-
-
-def _mismatch(value, hint) -> str | None:
-    """What ``hint`` expects when the YAML value ``value`` does not fit it, else None. Checks the
-    plain types config fields use (bool, int, float, str, lists of them, optionals and unions);
-    any other annotation passes, for the config's own checks."""
-    if hint is None or hint is typing.Any:
-        return None
-    origin, args = typing.get_origin(hint), typing.get_args(hint)
-    if origin in (typing.Union, types.UnionType):
-        options = [a for a in args if a is not type(None)]
-        if value is None and len(options) < len(args):
-            return None
-        if any(_mismatch(value, a) is None for a in options):
-            return None
-        return " or ".join(_mismatch(None, a) or _name(a) for a in options)
-    if origin in (list, tuple):
-        inner = args[0] if args else None
-        if not isinstance(value, list):
-            return f"a list of {_name(inner)}" if inner else "a list"
-        bad = next((v for v in value if _mismatch(v, inner)), None) if inner else None
-        return f"a list of {_name(inner)}" if bad is not None else None
-    if hint is bool:
-        return None if isinstance(value, bool) else "true or false"
-    if hint is int:
-        return None if isinstance(value, int) and not isinstance(value, bool) else "an integer"
-    if hint is float:
-        return None if isinstance(value, int | float) and not isinstance(value, bool) else "a number"
-    if hint is str:
-        return None if isinstance(value, str) else "a string"
-    return None
-
-
-def _name(hint) -> str:
-    return {bool: "true or false", int: "integers", float: "numbers", str: "strings"}.get(
-        hint, getattr(hint, "__name__", str(hint))
-    )

@@ -13,21 +13,20 @@ from __future__ import annotations
 import csv
 import io
 import json
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .errors import InputError
+from .errors import InputError, bare, param
 
 FORMATS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
 IDS_FIELD = "input_ids"
 PROMPT_IDS_FIELD = "prompt_ids"  # beside input_ids (the response): the prompt's token ids
 DEFAULT_PROMPT_FIELD = "prompt"
-MESSAGES_FIELD = "messages"  # under --chat_template: a list of {role, content}
+MESSAGES_FIELD = "messages"  # under chat_template: a list of {role, content}
 SCORE_TURNS = ("last", "all")
-MIXED_PROMPTS_FLAG = "--mixed_prompts"
-DEFAULT_ID_FIELD = "id"  # rows without it are numbered; any other --id_field must exist
+DEFAULT_ID_FIELD = "id"  # rows without it are numbered; any other id_field must exist
 
 
 @dataclass
@@ -51,13 +50,14 @@ class SequenceSet:
         return list(self.prompt_lengths) if self.prompt_lengths is not None else [0] * len(self.sequences)
 
 
-def read_rows(path: str | Path, option: str = "--data") -> list[dict]:
+def read_rows(path: str | Path, option: str = param("data")) -> list[dict]:
     """All rows of a JSONL (or JSON array), CSV or Parquet file, as dicts in file order.
 
     Read directly (the standard library, and pyarrow for Parquet) rather than through
     ``datasets``, which would leave lock and cache files behind in the user's cache for every
-    read. Raises InputError naming the file and the line or row: missing or unreadable file,
-    unknown extension, invalid JSON, a row that is not an object, no rows at all."""
+    read. Raises InputError naming the input as ``option`` (a parameter, ``param(name)``, or plain
+    words), the file and the line or row: missing or unreadable file, unknown extension, invalid
+    JSON, a row that is not an object, no rows at all."""
     path = Path(path)
     if path.is_dir():
         raise InputError(f"{option}: {path} is a directory, not a data file (give a {', '.join(FORMATS)} file)")
@@ -198,7 +198,7 @@ def _prompt_text(row: dict, where: str, field: str) -> str:
     """The row's prompt: a string (empty allowed: no prompt tokens), else InputError."""
     value = row[field]
     if not isinstance(value, str):
-        raise InputError(f"{where}: prompt field '{field}' is {_kind(value)}, not a string (--prompt_field)")
+        raise InputError(f"{where}: prompt field '{field}' is {_kind(value)}, not a string ({param('prompt_field')})")
     _check_unicode(value, where, field)
     return value
 
@@ -250,7 +250,7 @@ def to_sequence_set(
     id_field: str = DEFAULT_ID_FIELD,
     max_length: int | None = None,
     vocab_size: int | None = None,
-    option: str = "--data",
+    option: str = param("data"),
     prompt_field: str = DEFAULT_PROMPT_FIELD,
     mixed_prompts: bool = False,
     chat_template: bool = False,
@@ -269,11 +269,11 @@ def to_sequence_set(
     if not rows:
         raise InputError(f"{option}: the file holds no rows")
     if score_turns not in SCORE_TURNS:
-        raise InputError(f"--score_turns must be one of {', '.join(SCORE_TURNS)}, got {score_turns!r}")
+        raise InputError(f"{param('score_turns')} must be one of {', '.join(SCORE_TURNS)}, got {score_turns!r}")
     if chat_template and any(MESSAGES_FIELD in row for row in rows):
         if tokenizer is None or not getattr(tokenizer, "chat_template", None):
             raise InputError(
-                "--chat_template: the model's tokenizer has no chat template (give prompt/response rows instead)"
+                "the model's tokenizer has no chat template (give prompt/response rows instead)", field="chat_template"
             )
     has_ids = any(row.get(IDS_FIELD) is not None for row in rows)
     # Ids come from the id field when any row has it, and then every row must; else row indices,
@@ -281,7 +281,9 @@ def to_sequence_set(
     first_with_id = next((i for i, row in enumerate(rows) if id_field in row), None)
     has_id_field = first_with_id is not None
     if not has_id_field and id_field != DEFAULT_ID_FIELD:
-        raise InputError(f"{option}: no row has the id field '{id_field}' (--id_field; without it rows are numbered)")
+        raise InputError(
+            f"{option}: no row has the id field '{id_field}' ({param('id_field')}; without it rows are numbered)"
+        )
     ids, sequences, prompts, seen = [], [], [], {}
     with_prompt = without_prompt = None  # the first row of each kind
     for i, row in enumerate(rows):
@@ -309,10 +311,10 @@ def to_sequence_set(
             text = row.get(text_field)
             if text_field not in row:
                 fields = ", ".join(repr(k) for k in list(row)[:8]) or "none"
-                hint = " (chat rows: pass --chat_template)" if MESSAGES_FIELD in row else ""
+                hint = f" (chat rows: pass {param('chat_template')})" if MESSAGES_FIELD in row else ""
                 raise InputError(
                     f"{where}: field '{text_field}' is missing (and no {IDS_FIELD}); the row has {fields}: "
-                    f"name the text with --text_field{hint}"
+                    f"name the text with {param('text_field')}{hint}"
                 )
             if text is None:
                 raise InputError(
@@ -338,13 +340,15 @@ def to_sequence_set(
             what = f"a prompt but row {other} has none" if kind else f"no prompt but row {other} has one"
             raise InputError(
                 f"{where}: has {what} ('{prompt_field}', {PROMPT_IDS_FIELD} or {MESSAGES_FIELD}); "
-                f"pass {MIXED_PROMPTS_FLAG} to score rows without one whole"
+                f"pass {param('mixed_prompts')} to score rows without one whole"
             )
         for tokens, prompt_length, turn in parts:
             if max_length:
                 tokens = tokens[:max_length]
             if prompt_length and len(tokens) <= prompt_length:
-                cut = f" within --max_length {max_length}" if max_length and max_length <= prompt_length else ""
+                cut = (
+                    f" within {param('max_length')} {max_length}" if max_length and max_length <= prompt_length else ""
+                )
                 raise InputError(f"{where}: its prompt of {prompt_length} tokens leaves no response token{cut}")
             if vocab_size is not None:
                 bad = next((t for t in tokens if not 0 <= t < vocab_size), None)
@@ -367,15 +371,6 @@ PROMPT_HELP = {
 }
 
 
-def add_prompt_flags(add_argument) -> None:
-    """``--prompt_field``, ``--mixed_prompts``, ``--chat_template``, ``--score_turns`` (argparse's
-    ``add_argument``); ``prompt_options`` turns the parsed flags into ``to_sequence_set`` options."""
-    add_argument("--prompt_field", default=DEFAULT_PROMPT_FIELD, help=PROMPT_HELP["prompt_field"])
-    add_argument(MIXED_PROMPTS_FLAG, action="store_true", help=PROMPT_HELP["mixed_prompts"])
-    add_argument("--chat_template", action="store_true", help=PROMPT_HELP["chat_template"])
-    add_argument("--score_turns", choices=SCORE_TURNS, default="last", help=PROMPT_HELP["score_turns"])
-
-
 def prompt_options(args) -> dict:
     """The prompt settings of ``args`` (parsed flags or a config) as ``to_sequence_set`` keywords."""
     names = ("prompt_field", "mixed_prompts", "chat_template", "score_turns")
@@ -386,14 +381,14 @@ def needs_tokenizer(rows: list[dict]) -> bool:
     return any(row.get(IDS_FIELD) is None for row in rows)
 
 
-def load_sequence_set(path: str | Path, option: str = "--data", **options) -> SequenceSet:
+def load_sequence_set(path: str | Path, option: str = param("data"), **options) -> SequenceSet:
     """``read_rows`` then ``to_sequence_set`` (same keyword options)."""
     return to_sequence_set(read_rows(path, option), option=option, **options)
 
 
-def check_context(data: SequenceSet, limit: int | None, option: str = "--data") -> None:
+def check_context(data: SequenceSet, limit: int | None, option: str = param("data")) -> None:
     """Every sequence fits the model's context (``max_position_embeddings`` tokens); raises
-    InputError naming the first row that does not (``--max_length`` cuts rows on request), or whose
+    InputError naming the first row that does not (``max_length`` cuts rows on request), or whose
     prompt alone leaves no response token inside it."""
     if not limit:
         return
@@ -406,7 +401,7 @@ def check_context(data: SequenceSet, limit: int | None, option: str = "--data") 
         if len(seq) > limit:
             raise InputError(
                 f"{option} row {i}: {len(seq)} tokens, more than the model's context of {limit} "
-                f"(pass --max_length {limit} to cut rows)"
+                f"(pass {param('max_length')} {limit} to cut rows)"
             )
 
 
@@ -436,24 +431,24 @@ def duplicates_note(data: SequenceSet, option: str) -> str | None:
     )
 
 
-def duplicates_notes(sets: Mapping[str, SequenceSet | None]) -> list[str]:
-    """``duplicates_note`` of every set given (by option name without ``--``) that has repeats."""
-    notes = (duplicates_note(data, f"--{name}") for name, data in sets.items() if data is not None)
+def duplicates_notes(sets: Mapping[str, SequenceSet | None], shown: Callable[[str], str] = bare) -> list[str]:
+    """``duplicates_note`` of every set given (by parameter name) that has repeats, each set named
+    by ``shown(name)`` (``errors.flag`` in a command's line)."""
+    notes = (duplicates_note(data, shown(name)) for name, data in sets.items() if data is not None)
     return [note for note in notes if note]
 
 
 def check_disjoint(first: SequenceSet, second: SequenceSet, names: tuple[str, str]) -> None:
     """Two sets that must share nothing (forget vs holdout): no common id (when both have id
-    fields) and no identical token sequence; raises InputError naming the row."""
-    a, b = names
+    fields) and no identical token sequence; raises InputError naming the row of the set by its
+    parameter name (``names``: first, second)."""
+    a, b = (param(name) for name in names)
     seen = {tuple(seq): i for i, seq in enumerate(first.sequences)}
     for j, seq in enumerate(second.sequences):
         if tuple(seq) in seen:
-            raise InputError(
-                f"--{b} row {j}: the same tokens as --{a} row {seen[tuple(seq)]}; the sets must not overlap"
-            )
+            raise InputError(f"{b} row {j}: the same tokens as {a} row {seen[tuple(seq)]}; the sets must not overlap")
     if first.has_id_field and second.has_id_field:
         ids = {row_id: i for i, row_id in enumerate(first.ids)}
         for j, row_id in enumerate(second.ids):
             if row_id in ids:
-                raise InputError(f"--{b} row {j}: id {row_id!r} is also --{a} row {ids[row_id]}")
+                raise InputError(f"{b} row {j}: id {row_id!r} is also {a} row {ids[row_id]}")

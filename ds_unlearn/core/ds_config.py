@@ -22,9 +22,9 @@ def load_ds_config(path: str | Path | dict) -> dict:
     try:
         return json.loads(Path(path).read_text())
     except FileNotFoundError:
-        raise InputError(f"--deepspeed: no such file {path}") from None
+        raise InputError(f"no such file {path}", field="deepspeed") from None
     except json.JSONDecodeError as err:
-        raise InputError(f"--deepspeed: {path} is not valid JSON ({err})") from None
+        raise InputError(f"{path} is not valid JSON ({err})", field="deepspeed") from None
 
 
 def zero_stage(config: dict | None) -> int:

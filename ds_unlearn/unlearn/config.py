@@ -14,12 +14,11 @@ from pathlib import Path
 from transformers import TrainingArguments
 
 from ..core import distributed as D
-from ..core.config_parsing import parse_config as parse_dataclass_config
-from ..core.config_parsing import seed_problem
 from ..core.data import DEFAULT_ID_FIELD, DEFAULT_PROMPT_FIELD, PROMPT_HELP, SCORE_TURNS
 from ..core.errors import InputError
 from ..core.memorization import MEMORIZED_MA, OVER_UNLEARNED_MA
 from ..core.scorer import DEFAULT_BATCH_SIZE, DEFAULT_EXTRACT_K
+from ..core.seeds import seed_problem
 from ..core.verdict import CALIBRATION_QUANTILE, MAX_QUANTILE, check_holdout_size, parse_band_on
 
 METHODS = ("ga", "sga", "ta", "tau", "graddiff", "npo", "kl", "undial")
@@ -526,11 +525,3 @@ class UnlearnConfig(TrainingArguments):
     def uses_retain(self) -> bool:
         """Whether retain rows are trained on (GradDiff, KL; NPO when a retain set is given)."""
         return self.method in RETAIN_METHODS and bool(self.retain) and self.retain_weight > 0
-
-
-def parse_config(argv: list[str], before_build=None) -> UnlearnConfig:
-    """``[--config FILE.yaml] [--flag value ...]`` into a validated UnlearnConfig.
-
-    ``before_build(values)`` may adjust the merged settings (and the process) just before the
-    config is constructed; the command entry uses it for DeepSpeed's process setup."""
-    return parse_dataclass_config(UnlearnConfig, argv, prog="ds-unlearn unlearn", before_build=before_build)

@@ -27,7 +27,7 @@ from ..core.data import (
     to_sequence_set,
 )
 from ..core.ds_config import load_ds_config, zero_stage
-from ..core.errors import InputError
+from ..core.errors import InputError, flag, param
 from ..core.files import (
     OutputLock,
     check_output,
@@ -100,13 +100,14 @@ def load_sets(config: UnlearnConfig, model_dir: Path) -> tuple[dict[str, Sequenc
     context = getattr(model_config, "max_position_embeddings", None)
     files = {"forget": config.forget, "retain": config.retain, "holdout": config.holdout}
     files["audit_holdout"] = config.audit_holdout  # issue 13: the end-of-run audit's non-members
-    rows = {name: read_rows(path, f"--{name}") for name, path in files.items() if path}
+    rows = {name: read_rows(path, param(name)) for name, path in files.items() if path}
     tokenizer = load_tokenizer(model_dir) if any(needs_tokenizer(r) for r in rows.values()) else None
     if tokenizer is not None and len(tokenizer) > vocab_size:
         # Its ids past the embedding have no row: a lookup error (or another token's row) mid-run.
         raise InputError(
-            f"--model: its tokenizer has {len(tokenizer)} tokens but the model's embedding only {vocab_size} "
-            "rows (resize the embedding, or use the tokenizer the model was trained with)"
+            f"its tokenizer has {len(tokenizer)} tokens but the model's embedding only {vocab_size} "
+            "rows (resize the embedding, or use the tokenizer the model was trained with)",
+            field="model",
         )
     sets: dict[str, SequenceSet | None] = {name: None for name in files}
     for name, table in rows.items():
@@ -117,7 +118,7 @@ def load_sets(config: UnlearnConfig, model_dir: Path) -> tuple[dict[str, Sequenc
             id_field=config.id_field,
             max_length=config.max_length,
             vocab_size=vocab_size,
-            option=f"--{name}",
+            option=param(name),
             **prompt_options(config),
         )
         # EL_10 and k-extractability must be defined (on the response, for rows with a prompt).
@@ -128,10 +129,10 @@ def load_sets(config: UnlearnConfig, model_dir: Path) -> tuple[dict[str, Sequenc
             count = len(data.sequences[short]) - prompt
             what = f"{count} response tokens after its prompt" if prompt else f"{count} tokens"
             raise InputError(
-                f"--{name} row {short}: {what}, but EL_10 and "
+                f"{param(name)} row {short}: {what}, but EL_10 and "
                 f"extract_k={config.extract_k} need at least {needs[short] - prompt}"
             )
-        check_context(data, context, f"--{name}")
+        check_context(data, context, param(name))
         sets[name] = data
     for other in ("holdout", "audit_holdout", "retain"):
         if sets[other] is not None:
@@ -262,7 +263,8 @@ def _unlearn(lock: OutputLock, config: UnlearnConfig, thresholds=None) -> Unlear
         model = prepare_model(model, config)
         if config.merge_adapter:
             check_merge_targets(model_dir, adapted_weight_names(model))
-    for note in duplicates_notes(sets):  # after every check: bad input still ends in its one line
+    # After every check: bad input still ends in its one line. Each note is a line of the command.
+    for note in duplicates_notes(sets, flag):
         D.report_note(f"ds-unlearn unlearn: {note}")
     if config.overwrite and not config.resume_from_checkpoint and D.is_main():
         # Every check has passed: replace the earlier run now, so no file of it mixes with this one's.
