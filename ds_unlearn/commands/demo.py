@@ -50,7 +50,8 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="also plant, unlearn and audit the records as answers in chats (a user asks for the phone number, the "
         "assistant answers with the record; the model's chat template, scored on the answer only) in "
-        "output_dir/chat, with its own planted model and table in the report (about doubles the run time)",
+        "output_dir/chat, with its own planted model and table in the report (about doubles the run time; --lora "
+        "stays with the plain records)",
     )
     return one_line_errors(parser)
 
