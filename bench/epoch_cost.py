@@ -45,6 +45,7 @@ def worker(args) -> None:
     from transformers import AutoModelForCausalLM, LlamaConfig, TrainerCallback
     from transformers.trainer_callback import PrinterCallback
 
+    from ds_unlearn.commands import process
     from ds_unlearn.core import distributed as D
     from ds_unlearn.core.data import SequenceSet
     from ds_unlearn.core.toy import random_sequences
@@ -69,8 +70,8 @@ def worker(args) -> None:
         seed=0,
         **METHODS[args.method],
     )
-    D.init_distributed()
-    D.configure_process_for_trainer(settings)
+    process.init_distributed()
+    process.configure_process_for_trainer(settings)
     config = UnlearnConfig(**settings)
     torch.manual_seed(0)
     heads = max(1, args.hidden // 64)
@@ -129,7 +130,7 @@ def worker(args) -> None:
     ranks = D.all_gather_objects(mine)
     if D.is_main():
         Path(args.result).write_text(json.dumps({"params": params, "ranks": ranks}))
-    D.finalize()
+    process.finalize()
 
 
 def ds_config(stage: int, folder: Path) -> Path:

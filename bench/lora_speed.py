@@ -49,6 +49,7 @@ def worker(args) -> None:
     from transformers import AutoModelForCausalLM, LlamaConfig, TrainerCallback
     from transformers.trainer_callback import PrinterCallback
 
+    from ds_unlearn.commands import process
     from ds_unlearn.core import distributed as D
     from ds_unlearn.core.data import SequenceSet
     from ds_unlearn.core.toy import random_sequences
@@ -72,8 +73,8 @@ def worker(args) -> None:
         lora_r=args.lora_r,
         **METHOD_SETTINGS[args.method],
     )
-    D.init_distributed()
-    D.configure_process_for_trainer(settings)
+    process.init_distributed()
+    process.configure_process_for_trainer(settings)
     config = UnlearnConfig(**settings)
     baseline = rss_now_kib()
     torch.manual_seed(0)
@@ -212,13 +213,13 @@ def main() -> None:
     if not args.worker:
         run_all(args)
         return
-    from ds_unlearn.core import distributed as D
+    from ds_unlearn.commands import process
 
     args.lora_r = int(args.lora_r)
     try:
         worker(args)
     finally:
-        D.finalize()
+        process.finalize()
 
 
 if __name__ == "__main__":

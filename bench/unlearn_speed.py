@@ -135,6 +135,7 @@ def worker(args) -> None:
     from transformers import AutoModelForCausalLM, LlamaConfig, TrainerCallback
     from transformers.trainer_callback import PrinterCallback
 
+    from ds_unlearn.commands import process
     from ds_unlearn.core import distributed as D
     from ds_unlearn.core.data import SequenceSet
     from ds_unlearn.core.toy import random_sequences
@@ -159,8 +160,8 @@ def worker(args) -> None:
         seed=args.seed,
         **SETTINGS["GA"],
     )
-    D.init_distributed()
-    D.configure_process_for_trainer(settings)  # accelerate on CPU ranks, as the unlearn command does
+    process.init_distributed()
+    process.configure_process_for_trainer(settings)  # accelerate on CPU ranks, as the unlearn command does
     config = UnlearnConfig(**settings)
     baseline = rss_now_kib()
 
@@ -491,12 +492,12 @@ def main() -> None:
     args = parser.parse_args()
     args.intermediate = args.intermediate or intermediate_size(args.hidden)
     if args.worker:
-        from ds_unlearn.core import distributed as D
+        from ds_unlearn.commands import process
 
         try:
             worker(args)
         finally:
-            D.finalize()  # ZeRO-3 ranks abort at exit without it (REFERENCE §4)
+            process.finalize()  # ZeRO-3 ranks abort at exit without it (REFERENCE §4)
         return
 
     if args.only in (None, "epoch_cost"):

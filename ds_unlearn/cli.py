@@ -24,6 +24,7 @@ import importlib
 import os
 import sys
 
+from .commands import process
 from .core import distributed as D
 from .core.errors import InputError, flag
 
@@ -43,14 +44,15 @@ def usage() -> str:
     lines += [
         "",
         "ds-unlearn COMMAND --help shows a command's options.",
-        f"Every command takes {TIMEOUT_FLAG} S (default {D.DEFAULT_TIMEOUT_S}): the longest a collective may wait.",
+        f"Every command takes {TIMEOUT_FLAG} S (default {process.DEFAULT_TIMEOUT_S}): "
+        "the longest a collective may wait.",
     ]
     return "\n".join(lines)
 
 
 def pop_timeout(argv: list[str]) -> tuple[list[str], float]:
     """``argv`` without ``--dist_timeout_s S`` (or ``=S``), and S (seconds, > 0)."""
-    rest, timeout, i = [], float(D.DEFAULT_TIMEOUT_S), 0
+    rest, timeout, i = [], float(process.DEFAULT_TIMEOUT_S), 0
     while i < len(argv):
         arg = argv[i]
         if arg == TIMEOUT_FLAG or arg.startswith(TIMEOUT_FLAG + "="):
@@ -79,7 +81,7 @@ def run_command(name: str, argv: list[str]) -> int:
     except SystemExit as done:
         code = done.code or 0
     print(
-        f"\nEvery command also takes {TIMEOUT_FLAG} S (default {D.DEFAULT_TIMEOUT_S}): under a launcher, "
+        f"\nEvery command also takes {TIMEOUT_FLAG} S (default {process.DEFAULT_TIMEOUT_S}): under a launcher, "
         "the longest any collective may wait before the job ends with an error."
     )
     return code
@@ -96,14 +98,14 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         rest, timeout = pop_timeout(rest)
-        D.init_distributed(timeout)
-        D.start_launcher_watchdog()
+        process.init_distributed(timeout)
+        process.start_launcher_watchdog()
         code = run_command(name, rest)
     except InputError as err:
         # The library names parameters; on the command line each one is its flag.
-        D.report_error(f"ds-unlearn {name}: error: {err.render(flag)}")
-        D.abandon()
-        D.release_shared_memory()
+        process.report_error(f"ds-unlearn {name}: error: {err.render(flag)}")
+        process.abandon()
+        process.release_shared_memory()
         if D.launched_by_launcher():
             # A ZeRO-3 rank's C++ teardown aborts (code 250) unless the job ends with a final
             # barrier, which bad input must not wait on: leave now, with the bad-input code.
@@ -115,10 +117,10 @@ def main(argv: list[str] | None = None) -> int:
         if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT):
             # A full disk while saving: the write was undone (core.files.write_error says what);
             # one line and exit 1, no traceback, on one process and on every rank alike.
-            D.report_error(f"ds-unlearn {name}: error: {err.strerror or err}")
+            process.report_error(f"ds-unlearn {name}: error: {err.strerror or err}")
             sys.stdout.flush()
             sys.stderr.flush()
-            D.release_shared_memory()
+            process.release_shared_memory()
             if D.launched_by_launcher():
                 os._exit(1)
             return 1
@@ -126,17 +128,17 @@ def main(argv: list[str] | None = None) -> int:
             # Ctrl-C on one process: one line and the shell's code for SIGINT, not a traceback.
             # What a command writes at its end was not written; unlearn's checkpoints stay resumable.
             print(f"ds-unlearn {name}: interrupted", file=sys.stderr)
-            D.release_shared_memory()
+            process.release_shared_memory()
             return 130
         if not D.launched_by_launcher() or isinstance(err, SystemExit) and not err.code:
             raise
         # One rank failed: say so loudly and leave now. Any further collective (a barrier, the
         # final gather) would wait for ranks that are themselves waiting for us.
-        D.report_traceback()
+        process.report_traceback()
         sys.stdout.flush()
-        D.release_shared_memory()
+        process.release_shared_memory()
         os._exit(1)
-    D.finalize()
+    process.finalize()
     return code
 
 

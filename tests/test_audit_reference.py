@@ -136,8 +136,8 @@ def test_another_vocabulary_is_refused_before_any_compute(case, monkeypatch):
     calls = []
     monkeypatch.setattr(type(model), "forward", lambda *a, **k: calls.append(1))
     for option in ("reference", "retrained"):
-        with pytest.raises(ds_unlearn.InputError, match=f"--{option}: vocabulary of 80 tokens, but the audited"):
+        with pytest.raises(ds_unlearn.InputError, match=f"^{option}: vocabulary of 80 tokens, but the audited"):
             ds_unlearn.audit(model, forget, holdout, thresholds=ds_unlearn.Thresholds(), **{option: wider}, **FAST)
-    with pytest.raises(ds_unlearn.InputError, match="--reference: 3 reference losses for 28 sequences"):
+    with pytest.raises(ds_unlearn.InputError, match="^reference: 3 reference losses for 28 sequences"):
         ds_unlearn.audit(model, forget, holdout, thresholds=ds_unlearn.Thresholds(), reference=[1.0, 2.0, 3.0], **FAST)
     assert calls == []

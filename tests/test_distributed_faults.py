@@ -78,7 +78,7 @@ def test_an_io_error_on_rank_0_ends_the_job_loudly(unlearn_case, tmp_path):
     # two epochs later rank 0 cannot write its epoch-2 scores there.
     (out / "scores_epoch2.jsonl").mkdir()
     buffers = list(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_{os.getuid()}_*_{port}_0"))
-    assert buffers, "DeepSpeed's CPU all-reduce buffer of rank 0 was not where shared_memory_buffer() says"
+    assert buffers, "DeepSpeed's CPU all-reduce buffer of rank 0 was not where process.shared_memory_buffer() says"
     wait_for(out / "scores_epoch1.jsonl", proc)
     start = time.time()
     output, _ = proc.communicate(timeout=120)

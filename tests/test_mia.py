@@ -240,21 +240,21 @@ def test_summary_auc_matches_sklearn_on_the_rows(case):
 def test_bad_settings_and_sets_are_input_errors(case):
     model, forget, holdout = case
     bad = [
-        ({"temperature": 0.0}, "--temperature"),
-        ({"temperature": float("nan")}, "--temperature"),
-        ({"top_k": 0}, "--top_k"),
-        ({"top_p": 1.5}, "--top_p"),
-        ({"top_p": 0.0}, "--top_p"),
-        ({"min_k": 0.0}, "--min_k"),
-        ({"attack_confidence": 1.0}, "--attack_confidence"),
-        ({"attack_samples": 0}, "--attack_samples"),
-        ({"prefix_length": 0}, "--prefix_length"),
+        ({"temperature": 0.0}, "^temperature: "),
+        ({"temperature": float("nan")}, "^temperature: "),
+        ({"top_k": 0}, "^top_k: "),
+        ({"top_p": 1.5}, "^top_p: "),
+        ({"top_p": 0.0}, "^top_p: "),
+        ({"min_k": 0.0}, "^min_k: "),
+        ({"attack_confidence": 1.0}, "^attack_confidence: "),
+        ({"attack_samples": 0}, "^attack_samples: "),
+        ({"prefix_length": 0}, "^prefix_length: "),
         ({"prefix_length": 50}, "tokens, but the audit's settings need at least"),
     ]
     for options, message in bad:
         with pytest.raises(ds_unlearn.InputError, match=message):
             audit_fixed(model, forget, holdout, **{"extract_k": (4,), "el_n": (5,), **options})
-    with pytest.raises(ds_unlearn.InputError, match="same text as --forget row 1"):
+    with pytest.raises(ds_unlearn.InputError, match="^holdout row 1: same text as forget row 1"):
         audit_fixed(model, forget, [holdout[0], forget[1]], prefix_length=4, suffix_length=8, extract_k=(4,), el_n=(5,))
     assert AuditSettings(prefix_length=10, suffix_length=None, el_n=(5,), extract_k=(4,)).min_tokens() == 11
 

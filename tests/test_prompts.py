@@ -243,7 +243,7 @@ def test_bad_prompt_input_is_one_line_naming_the_row(tokenizer):
 
     mixed = to_sequence_set([qa, {"text": "t45 t7"}], tokenizer=tokenizer, mixed_prompts=True)
     assert mixed.prompt_lengths == [2, 0]
-    assert "row 0: its prompt of 2 tokens leaves no response token within --max_length 2" in _error(
+    assert "row 0: its prompt of 2 tokens leaves no response token within max_length 2" in _error(
         [qa], tokenizer, max_length=2
     )
     empty = [{"prompt": "t4 t5", "text": ""}]
@@ -252,9 +252,9 @@ def test_bad_prompt_input_is_one_line_naming_the_row(tokenizer):
     assert "row 0: 'messages' has no assistant turn" in _error(no_reply, tokenizer, chat_template=True)
     bad = [{"messages": [{"role": "user", "content": ["t45"]}, {"role": "assistant", "content": "t1"}]}]
     assert "row 0: message 0 has content an array, not a string" in _error(bad, tokenizer, chat_template=True)
-    assert "pass --chat_template" in _error(no_reply, tokenizer)
+    assert "pass chat_template" in _error(no_reply, tokenizer)
     untemplated = tokenizer.__class__(tokenizer_object=tokenizer.backend_tokenizer, unk_token="t0")
-    assert "--chat_template: the model's tokenizer has no chat template" in _error(
+    assert "chat_template: the model's tokenizer has no chat template" in _error(
         no_reply, untemplated, chat_template=True
     )
 

@@ -25,6 +25,7 @@ from ..core import distributed as D
 from ..core.files import check_output, clear_outputs, write_json
 from ..core.models import load_config, load_tokenizer, resolve_model_dir
 from ..lab.config import LabConfig
+from . import process
 from .parsing import parse_config as parse_dataclass_config
 from .parsing import print_help
 
@@ -40,7 +41,7 @@ def main(argv: list[str]) -> int:
         return 0
     config = parse_config(argv)
     if config.deepspeed:  # DeepSpeed on CPU: accelerate's gloo state, before any Trainer
-        D.prepare_accelerate_for_deepspeed()
+        process.prepare_accelerate_for_deepspeed()
     return run(config)
 
 

@@ -128,6 +128,11 @@ def build_parser(cls, prog: str | None = None, description: str | None = None):
         if origin in (typing.Union, types.UnionType) and str in args:  # converted by the config
             action.type = str
 
+    # --help lists the command's own fields first, then the groups it inherits.
+    own = list(vars(cls).get("__annotations__", {}))
+    rank = {name: i for i, name in enumerate(["help", *own])}
+    parser._optionals._group_actions.sort(key=lambda a: rank.get(a.dest, len(rank)))
+
     def error(message: str):
         raise _ParserError(message)
 
@@ -135,8 +140,14 @@ def build_parser(cls, prog: str | None = None, description: str | None = None):
     return parser
 
 
-class _Help(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
-    """The description as written, and each flag's default after its help."""
+class _Help(argparse.RawDescriptionHelpFormatter):
+    """The description as written, and each flag's default (when it has one) after its help."""
+
+    def _get_help_string(self, action):
+        if action.default in (None, False, argparse.SUPPRESS) or action.required or not action.help:
+            return action.help
+        default = " ".join(map(str, action.default)) if isinstance(action.default, list | tuple) else action.default
+        return f"{action.help} (default: {str(default).replace('%', '%%')})"
 
 
 def print_help(cls, prog: str, doc: str | None) -> None:

@@ -14,6 +14,7 @@ from ..core import distributed as D
 from ..unlearn.config import UnlearnConfig
 from ..unlearn.report import report_lines
 from ..unlearn.run import run_unlearning
+from . import process
 from .parsing import parse_config as parse_dataclass_config
 from .parsing import print_help
 
@@ -32,7 +33,7 @@ def main(argv: list[str]) -> int:
     if any(a in ("-h", "--help") for a in argv):
         print_help(UnlearnConfig, PROG, __doc__)
         return 0
-    config = parse_config(argv, before_build=D.configure_process_for_trainer)
+    config = parse_config(argv, before_build=process.configure_process_for_trainer)
     result = run_unlearning(config)
     if D.is_main():
         print(report_lines(result.report))

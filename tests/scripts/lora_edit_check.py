@@ -13,6 +13,7 @@ import deepspeed
 import torch
 from deepspeed.utils import safe_get_full_fp32_param
 
+from ds_unlearn.commands import process
 from ds_unlearn.core import distributed as D
 from ds_unlearn.core.adapters import lora_delta
 from ds_unlearn.core.toy import random_sequences, tiny_model
@@ -25,7 +26,7 @@ LAMBDA = 1.5
 def main() -> None:
     args = [a for a in sys.argv[1:] if not a.startswith("--local_rank")]
     stage, precision, out = int(args[0]), args[1], args[2]
-    D.init_distributed()
+    process.init_distributed()
     torch.manual_seed(0)
     config = {
         "train_micro_batch_size_per_gpu": 2,
@@ -88,7 +89,7 @@ def main() -> None:
     if D.is_main():
         with open(out, "w") as f:
             json.dump(result, f)
-    D.finalize()
+    process.finalize()
 
 
 if __name__ == "__main__":

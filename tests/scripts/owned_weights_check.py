@@ -11,6 +11,7 @@ import deepspeed
 import torch
 from deepspeed.utils import safe_get_full_fp32_param
 
+from ds_unlearn.commands import process
 from ds_unlearn.core import distributed as D
 from ds_unlearn.core.toy import random_sequences, tiny_model
 from ds_unlearn.unlearn.weights import OwnedWeights
@@ -35,7 +36,7 @@ def max_diff(a, b) -> float:
 def main() -> None:
     args = [a for a in sys.argv[1:] if not a.startswith("--local_rank")]  # the launcher adds it
     stage, precision, out = int(args[0]), args[1], args[2]
-    D.init_distributed()
+    process.init_distributed()
     torch.manual_seed(0)
     config = {
         "train_micro_batch_size_per_gpu": 2,
@@ -90,7 +91,7 @@ def main() -> None:
     if D.is_main():
         with open(out, "w") as f:
             json.dump(result, f)
-    D.finalize()
+    process.finalize()
 
 
 if __name__ == "__main__":

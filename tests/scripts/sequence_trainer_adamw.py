@@ -9,6 +9,7 @@ import sys
 
 import torch
 
+from ds_unlearn.commands import process
 from ds_unlearn.core import distributed as D
 from ds_unlearn.core.toy import random_sequences, tiny_model
 from ds_unlearn.unlearn.loop import SequenceTrainer
@@ -39,14 +40,14 @@ def training_arguments(out_dir: str, batch: int, deepspeed: str | None):
         disable_tqdm=True,
         deepspeed=deepspeed,
     )
-    D.configure_process_for_trainer(settings)
+    process.configure_process_for_trainer(settings)
     return TrainingArguments(**settings)
 
 
 def main() -> None:
     args = [a for a in sys.argv[1:] if not a.startswith("--local_rank")]
     out, batch, deepspeed = args[0], int(args[1]), (args[2] if len(args) > 2 else None)
-    D.init_distributed()
+    process.init_distributed()
     targs = training_arguments(out + ".dir", batch, deepspeed)
     model = tiny_model("llama", seed=0, vocab_size=64)
     trainer = Selection(model=model, args=targs, train_sequences=random_sequences(4, 12, 64, seed=5))
@@ -61,7 +62,7 @@ def main() -> None:
         state = {k: v.detach().clone() for k, v in trainer.model.state_dict().items()}
     if D.is_main():
         torch.save({"state": state, "steps": trainer.state.global_step}, out)
-    D.finalize()
+    process.finalize()
 
 
 if __name__ == "__main__":
