@@ -497,7 +497,7 @@ def main() -> None:
         try:
             worker(args)
         finally:
-            process.finalize()  # ZeRO-3 ranks abort at exit without it (REFERENCE §4)
+            process.finalize()  # ZeRO-3 ranks abort at exit without a clean process-group exit
         return
 
     if args.only in (None, "epoch_cost"):
@@ -509,7 +509,7 @@ def main() -> None:
         epoch_cost.run_all(cost_parser.parse_args([f"--ranks={args.ranks}"]))
         if args.only == "epoch_cost":
             return
-    if args.only in (None, "lora"):  # issue 15: LoRA vs full, same method, ZeRO-3 (bench/lora_speed.py)
+    if args.only in (None, "lora"):  # LoRA vs full, same method, ZeRO-3 (bench/lora_speed.py)
         sys.path.insert(0, str(Path(__file__).resolve().parent))
         import lora_speed
 

@@ -7,7 +7,8 @@ Each table sits between ``<!-- fields:NAME:start -->`` and ``<!-- fields:NAME:en
 the fields a config class declares itself (not those it inherits from transformers'
 ``TrainingArguments``, which transformers documents): name, type, default and the
 ``metadata["help"]`` text. A field with ``metadata["group"]`` goes under that group's heading,
-groups in the order their first field is declared; without any group the class is one table.
+groups in the order their first field is declared (headed by the class's ``GROUP_TITLES``);
+without any group the class is one table.
 The help texts are the single source: edit them in the config module, then run this script.
 """
 
@@ -96,8 +97,9 @@ def section(target: str) -> str:
     else:
         if UNGROUPED in groups:  # fields without a group come last
             groups[UNGROUPED] = groups.pop(UNGROUPED)
+        titles = getattr(cls, "GROUP_TITLES", {})  # the group's heading, as --help shows it
         for group, rows in groups.items():
-            lines += ["", f"#### {group}", ""] + table(cls, rows)
+            lines += ["", f"#### {titles.get(group, group)}", ""] + table(cls, rows)
     return "\n".join(lines)
 
 

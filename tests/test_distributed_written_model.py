@@ -1,6 +1,6 @@
-"""The written model is the judged one on 2 CPU ranks (real deepspeed launcher): the guard under ZeRO-3, a checkpoint saved
-under one ZeRO stage refused in one line when resumed under another, and the output lock: a second
-run is refused on every rank, and no rank is left waiting in its collective."""
+"""The written model is the judged one on 2 CPU ranks (real deepspeed launcher): the guard under
+ZeRO-3, a checkpoint saved under one ZeRO stage refused in one line when resumed under another,
+and the output lock: a second run is refused on every rank, and no rank is left waiting in its collective."""
 
 import json
 import signal

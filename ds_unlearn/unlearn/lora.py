@@ -127,7 +127,7 @@ def prepare_model(model, config):
         model = load_adapter(model, config.adapter, trainable=True)
     else:
         model = add_lora(model, new_adapter_config(model.config, config))
-    if config.method in ("ta", "tau"):
+    if config.declared.task_vector is not None:
         from ..core.errors import InputError
 
         cfg = model.peft_config[TRAINED]

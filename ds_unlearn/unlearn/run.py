@@ -235,6 +235,7 @@ def _unlearn(lock: OutputLock, config: UnlearnConfig, thresholds=None) -> Unlear
     are calibrated on the holdout. Raises InputError (before any output is written) for bad paths
     or data."""
     started = time.time()
+    config.check_files()  # what the settings name on disk (building the config read none of it)
     model_dir = resolve_model_dir(config.model)
     check_paths(config, model_dir)
     check_resume_settings(config)

@@ -1,4 +1,4 @@
-"""``UnlearnTrainer``: GA, SGA, TA, TAU, GradDiff, NPO and KL on DeepSpeed ranks, judged per
+"""``UnlearnTrainer``: every method of ``unlearn/methods.py`` on DeepSpeed ranks, judged per
 sequence every epoch.
 
 The training loop is the upstream Trainer's (see loop.SequenceTrainer). This class adds the
@@ -82,6 +82,29 @@ class RunState:
 
 
 class UnlearnTrainer(SequenceTrainer):
+    """A ``transformers.Trainer`` that unlearns a forget set and judges every sequence each epoch.
+
+    Each row's loss term comes from the method's declaration (``unlearn/methods.py``); the
+    training loop, DeepSpeed and ``report_to`` are the upstream Trainer's. At each epoch end
+    (``end_epoch``, driven by ``UnlearnMonitor``) the forget set is re-scored with one
+    teacher-forced pass, each sequence is judged against the thresholds (``core.verdict``), and
+    the run stops, restores the best epoch, switches TA/TAU to fine-tuning, or goes on.
+    ``self.run`` (``RunState``) holds the verdicts, history and stop reason ``report.json`` is
+    built from. Collective: every rank builds it and runs every hook in the same order.
+
+    Args:
+        forget: the forget set, as token ids (``core.data.SequenceSet``).
+        retain: rows trained on by the methods with a retain term (GradDiff, NPO, KL) and
+            measured before and after for all.
+        holdout: text the model never saw: calibrates the verdict and guards utility.
+        *args, **kwargs: ``transformers.Trainer``'s, with ``args`` an ``UnlearnConfig``.
+
+    ``run_unlearning`` (``unlearn/run.py``) builds it from an ``UnlearnConfig``, validates the
+    inputs and saves what it judged; use that rather than this class directly::
+
+        result = run_unlearning(UnlearnConfig(model="smollm2", forget="f.jsonl", output_dir="out"))
+    """
+
     def __init__(
         self,
         *args,
@@ -132,8 +155,8 @@ class UnlearnTrainer(SequenceTrainer):
         ``retain_weight``. Fine-tuning (TA/TAU) descends on every forget row."""
         if self.run.phase != "ascent":
             return ["descend"] * len(rows), [1.0] * len(rows)
-        forget_term = {"npo": "npo", "undial": "kl"}.get(self.args.method, "ascend")
-        retain_term = "kl" if self.args.method == "kl" else "descend"
+        forget_term = self.args.declared.forget_term
+        retain_term = self.args.declared.retain_term
         pulled = set(self.run.pulled_back)
         terms, scales = [], []
         for row in rows:
@@ -275,23 +298,25 @@ class UnlearnTrainer(SequenceTrainer):
         model stays in memory: NPO's sequence log-likelihoods of the forget set (from the scoring
         pass that already ran), KL's log-probabilities over the retain set (one teacher-forced
         pass, kept in host memory on every rank; collective: every rank runs the same batches)."""
-        if self.args.method == "npo":
+        reference = self.args.declared.reference
+        if reference == "forget_logp":
             self.reference_logp = torch.tensor(
                 [-r["loss"] * scored_tokens(r) for r in forget_scores], dtype=torch.float64
             )
-        kl_rows = {"kl": self.retain_rows, "undial": list(range(self.n_forget))}.get(self.args.method, [])
+        kl_rows = {"retain_logprobs": self.retain_rows, "forget_logprobs": list(range(self.n_forget))}
+        kl_rows = kl_rows.get(reference, [])
         if kl_rows:
             vocab = self.model.config.vocab_size
-            sequences = self.retain.sequences if self.args.method == "kl" else self.forget.sequences
+            which = "retain" if reference == "retain_logprobs" else "forget"
+            sequences = self.retain.sequences if which == "retain" else self.forget.sequences
             gib = sum(len(s) - 1 for s in sequences) * vocab * 4 / 2**30
             if gib > self.args.kl_reference_max_gib:
-                which = "retain" if self.args.method == "kl" else "forget"
                 raise InputError(
                     f"kl_reference_max_gib: the original model's {which} log-probabilities need {gib:.1f} GiB "
                     f"per rank (limit {self.args.kl_reference_max_gib}); use a smaller {which} set or raise the limit"
                 )
             targets = reference_logprobs(self.model, sequences, self.args.score_batch_size)
-            if self.args.method == "undial":
+            if which == "forget":  # UNDIAL: the true token's logit lowered by gamma
                 gamma = self.args.undial_gamma
                 targets = [undial_targets(t, torch.as_tensor(s[1:]), gamma) for t, s in zip(targets, sequences)]
             self.reference_logprobs = dict(zip(kl_rows, targets))
@@ -477,7 +502,7 @@ class UnlearnTrainer(SequenceTrainer):
 
     def _maybe_switch_to_finetune(self) -> None:
         """TA/TAU: once the ascent brought the mean MA below tv_switch_ma, snapshot theta_base."""
-        if self.args.method in ("ta", "tau") and self.run.phase == "ascent":
+        if self.args.declared.task_vector is not None and self.run.phase == "ascent":
             if float(np.mean(self.run.ma)) < self.args.tv_switch_ma:
                 self.base = self.weights.snapshot()
                 if self.adapter_edit is not None:
@@ -558,7 +583,7 @@ class UnlearnTrainer(SequenceTrainer):
         shards = torch.load(checkpoint_dir / f"unlearn_shards_rank{D.rank()}.pt")
         self.base, self.best, self.previous = shards["base"], shards["best"], shards["previous"]
         self.weights = OwnedWeights(self.model)
-        if self.args.method == "npo":
+        if self.args.declared.reference == "forget_logp":
             self._compute_references(self.run.scores_before)  # the input model's, kept in the run state
         self.reference_logprobs = shards.get("kl_reference")
         if self.adapter_edit is not None and self.base is not None:

@@ -3,7 +3,7 @@
 TA/TAU's theta_base, the edited weights theta_base - lambda (theta - theta_base), the best-epoch
 snapshot and its restore all go through ``OwnedWeights``. Under DeepSpeed the weights that count
 are the optimizer's fp32 master partitions (the next ``engine.step()`` copies them over the
-working copy, REFERENCE §4), so every read comes from the masters and every write goes to the
+working copy), so every read comes from the masters and every write goes to the
 masters *and* the working copy, through DeepSpeed's own accessors:
 
 - ZeRO-3: ``deepspeed.utils.safe_get_local_fp32_param`` / ``safe_set_local_fp32_param`` on each
