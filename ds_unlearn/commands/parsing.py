@@ -131,7 +131,8 @@ def build_parser(cls, prog: str | None = None, description: str | None = None):
     # --help lists the command's own fields first, then the groups it inherits.
     own = list(vars(cls).get("__annotations__", {}))
     rank = {name: i for i, name in enumerate(["help", *own])}
-    parser._optionals._group_actions.sort(key=lambda a: rank.get(a.dest, len(rank)))
+    for listed in (parser._actions, parser._optionals._group_actions):  # usage, then the options
+        listed.sort(key=lambda a: rank.get(a.dest, len(rank)))
 
     def error(message: str):
         raise _ParserError(message)

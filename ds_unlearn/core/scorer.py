@@ -16,7 +16,7 @@ import torch
 
 from . import distributed as D
 from .continuations import MAX_DRAFT, ContinuationBatch, Request, run_in_lockstep, supports
-from .errors import InputError, NonFiniteLogitsError
+from .errors import InputError, NonFiniteLogitsError, param
 from .memorization import (
     continuation_starts,
     extraction_likelihood_fast,
@@ -438,7 +438,7 @@ def score_sequences(
             f"rows {bad_rows[:10]}{' ...' if len(bad_rows) > 10 else ''}: the model's logits are NaN or inf, so "
             "their metrics are meaningless. Likely causes: non-finite weights (a diverged or corrupted "
             "checkpoint), or, in float64 with padded batches, an upstream model's padding bug (score in "
-            "float32, or with --batch_size 1)"
+            f"float32, or with {param('batch_size')} 1)"
         )
     return D.gather_shards(local, len(sequences))
 

@@ -10,7 +10,7 @@ import math
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
-from ..core.errors import InputError
+from ..core.errors import InputError, param
 from ..core.seeds import seed_problem
 from .dynamics import LETTERS
 
@@ -183,7 +183,7 @@ class LabConfig:
         defaults = {f.name: f.default for f in fields(self)}
         for name, readers in EXPERIMENT_SETTINGS.items():
             if getattr(self, name) != defaults[name] and not running & set(readers):
-                bad(name, f"only applies with --experiment {' or '.join(readers)}")
+                bad(name, f"only applies with {param('experiment')} {' or '.join(readers)}")
 
     def _check_experiments(self) -> None:
         self.experiment = [e.replace("-", "_") for e in self.experiment]
