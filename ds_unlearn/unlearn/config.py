@@ -349,7 +349,7 @@ class UnlearnConfig(TrainingArguments):
 
     def __post_init__(self):
         # No side effects here: the process entry (commands/, launch/) sets up the environment
-        # and accelerate's state before building the config (core.distributed).
+        # and accelerate's state before building the config (commands.process).
         self.validate()
         super().__post_init__()
 
