@@ -64,6 +64,7 @@ def test_yaml_settings_flags_override_them_and_special_words_work(tmp_path):
     assert parse_config(AuditConfig, [*AUDIT, "--config", str(path)]).suffix_length == 12
     # The launcher's --local_rank is not a setting of either command.
     assert parse_config(ScoreConfig, [*SCORE, "--local_rank=1"]).model == "m"
+    assert parse_config(AuditConfig, ["--local_rank", "0", *AUDIT]).model == "m"
 
 
 @pytest.mark.parametrize(

@@ -173,10 +173,19 @@ def _flag_of(message: str) -> str | None:
 
 
 def without_launcher_flag(cls, argv: list[str]) -> list[str]:
-    """``argv`` without the launcher's ``--local_rank`` when ``cls`` has no such field."""
+    """``argv`` without the launcher's ``--local_rank=N`` (or ``--local_rank N``) when ``cls`` has
+    no such field."""
     if "local_rank" in init_keys(cls):
         return list(argv)
-    return [a for a in argv if not (a == LAUNCHER_FLAG or a.startswith(LAUNCHER_FLAG + "="))]
+    out, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a == LAUNCHER_FLAG:
+            skip = True  # its value is the next word
+        elif not a.startswith(LAUNCHER_FLAG + "="):
+            out.append(a)
+    return out
 
 
 def parse_config(
