@@ -2,11 +2,8 @@
 its file row. Errors must name the row of the file the user can open (and the turn), not the
 sequence index.
 
-Checks made while reading rows (``to_sequence_set``) name the file row. Checks made afterwards on
-the ``SequenceSet`` (``check_context``, ``check_disjoint``, and the same index in
-``unlearn.run.load_sets``, ``core.audit.check_sets`` and ``score``'s ``describe_row``) still name
-the sequence index: those tests are marked xfail until ``SequenceSet`` carries each sequence's file
-row and turn (``core/data.py``, owned elsewhere).
+Checks made while reading rows (``to_sequence_set``) name the file row; checks made afterwards on
+the ``SequenceSet`` (``check_context``, ``check_disjoint``) name it through ``SequenceSet.row``.
 """
 
 import pytest
@@ -65,14 +62,12 @@ def test_errors_found_while_reading_name_the_file_row(tokenizer):
         _all_turns(tokenizer, no_reply)
 
 
-@pytest.mark.xfail(strict=True, reason="check_context names the sequence index (2), not the file row (1)")
 def test_a_prompt_filling_the_context_names_the_file_row(tokenizer):
     with pytest.raises(InputError) as caught:
         check_context(_all_turns(tokenizer), 12, "--forget")
     assert str(caught.value).startswith("--forget row 1"), str(caught.value)
 
 
-@pytest.mark.xfail(strict=True, reason="check_disjoint names the sequence index (1), not the file row (0)")
 def test_an_overlap_names_the_file_rows(tokenizer):
     # The forget row is the holdout row's conversation, scored on its last turn: the holdout's sequence 1.
     forget = to_sequence_set([{"id": "f", "messages": ROWS[0]["messages"]}], tokenizer=tokenizer, chat_template=True)

@@ -35,15 +35,24 @@ class SequenceSet:
 
     ``prompt_lengths``: None when no row has a prompt; else one int per sequence, the number of
     leading prompt tokens of ``sequences[i]`` (0: a row scored whole). The prompt conditions the
-    rest but is never scored, trained on or counted."""
+    rest but is never scored, trained on or counted.
+
+    ``rows``: None when sequence i is the file's row i; else the file row of each sequence
+    (``score_turns="all"`` makes one sequence per assistant turn of a row). Errors name the file
+    row (``row``), which is what the user can find and fix."""
 
     ids: list[Any]
     sequences: list[list[int]]
     has_id_field: bool = False  # ids come from the id field (else they are row indices)
     prompt_lengths: list[int] | None = None
+    rows: list[int] | None = None
 
     def __len__(self) -> int:
         return len(self.sequences)
+
+    def row(self, i: int) -> int:
+        """The file row (0-based, as every error names rows) that sequence ``i`` comes from."""
+        return i if self.rows is None else self.rows[i]
 
     def prompts(self) -> list[int]:
         """Each sequence's prompt length (0 for all when the set has no prompts)."""
@@ -284,7 +293,7 @@ def to_sequence_set(
         raise InputError(
             f"{option}: no row has the id field '{id_field}' ({param('id_field')}; without it rows are numbered)"
         )
-    ids, sequences, prompts, seen = [], [], [], {}
+    ids, sequences, prompts, file_rows, seen = [], [], [], [], {}
     with_prompt = without_prompt = None  # the first row of each kind
     for i, row in enumerate(rows):
         where = f"{option} row {i}"
@@ -357,8 +366,12 @@ def to_sequence_set(
             ids.append(row_id if turn is None or score_turns == "last" else f"{row_id}/{turn}")
             sequences.append(tokens)
             prompts.append(prompt_length)
+            file_rows.append(i)
     has_prompts = with_prompt is not None
-    return SequenceSet(ids, sequences, has_id_field, prompts if has_prompts else None)
+    rows_differ = file_rows != list(range(len(file_rows)))
+    return SequenceSet(
+        ids, sequences, has_id_field, prompts if has_prompts else None, file_rows if rows_differ else None
+    )
 
 
 PROMPT_HELP = {
@@ -395,12 +408,12 @@ def check_context(data: SequenceSet, limit: int | None, option: str = param("dat
     for i, (seq, prompt) in enumerate(zip(data.sequences, data.prompts())):
         if prompt >= limit:
             raise InputError(
-                f"{option} row {i}: its prompt of {prompt} tokens leaves no response token inside the model's "
-                f"context of {limit} (shorten the prompt)"
+                f"{option} row {data.row(i)}: its prompt of {prompt} tokens leaves no response token inside the "
+                f"model's context of {limit} (shorten the prompt)"
             )
         if len(seq) > limit:
             raise InputError(
-                f"{option} row {i}: {len(seq)} tokens, more than the model's context of {limit} "
+                f"{option} row {data.row(i)}: {len(seq)} tokens, more than the model's context of {limit} "
                 f"(pass {param('max_length')} {limit} to cut rows)"
             )
 
@@ -423,7 +436,9 @@ def duplicates_note(data: SequenceSet, option: str) -> str | None:
     pairs = duplicate_rows(data)
     if not pairs:
         return None
-    shown = ", ".join(f"row {i} ({data.ids[i]!r}) repeats row {j} ({data.ids[j]!r})" for j, i in pairs[:3])
+    shown = ", ".join(
+        f"row {data.row(i)} ({data.ids[i]!r}) repeats row {data.row(j)} ({data.ids[j]!r})" for j, i in pairs[:3]
+    )
     more = f" and {len(pairs) - 3} more" if len(pairs) > 3 else ""
     return (
         f"note: {option}: {len(pairs)} row(s) hold the same tokens as an earlier row: {shown}{more}; "
@@ -446,9 +461,12 @@ def check_disjoint(first: SequenceSet, second: SequenceSet, names: tuple[str, st
     seen = {tuple(seq): i for i, seq in enumerate(first.sequences)}
     for j, seq in enumerate(second.sequences):
         if tuple(seq) in seen:
-            raise InputError(f"{b} row {j}: the same tokens as {a} row {seen[tuple(seq)]}; the sets must not overlap")
+            raise InputError(
+                f"{b} row {second.row(j)}: the same tokens as {a} row {first.row(seen[tuple(seq)])}; "
+                "the sets must not overlap"
+            )
     if first.has_id_field and second.has_id_field:
         ids = {row_id: i for i, row_id in enumerate(first.ids)}
         for j, row_id in enumerate(second.ids):
             if row_id in ids:
-                raise InputError(f"{b} row {j}: id {row_id!r} is also {a} row {ids[row_id]}")
+                raise InputError(f"{b} row {second.row(j)}: id {row_id!r} is also {a} row {first.row(ids[row_id])}")

@@ -129,7 +129,7 @@ def load_sets(config: UnlearnConfig, model_dir: Path) -> tuple[dict[str, Sequenc
             count = len(data.sequences[short]) - prompt
             what = f"{count} response tokens after its prompt" if prompt else f"{count} tokens"
             raise InputError(
-                f"{param(name)} row {short}: {what}, but EL_10 and "
+                f"{param(name)} row {data.row(short)}: {what}, but EL_10 and "
                 f"extract_k={config.extract_k} need at least {needs[short] - prompt}"
             )
         check_context(data, context, param(name))
