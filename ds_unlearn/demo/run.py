@@ -92,8 +92,11 @@ Choices the issue left open, and why:
   and one more table in the report (``## Chat form``; ``report.json`` under ``chat``, its file
   paths relative to ``DIR/chat``). It skips the wild scan (a property of the pretrained model,
   already reported) and ``--lora`` (the plain records only). It about doubles the run time
-  (sequences are about 60 tokens instead of 20 in ``--quick``); without ``--chat`` nothing of it
-  runs.
+  (sequences are about 60 tokens instead of 20 in ``--quick``, 73 instead of 32 in the full run).
+  Measured with GA and TAU on one thread of a shared 2-core machine: the full run's chat form
+  took 1317 s beside the plain stages' 1648 s, its answers all extractable after 10 planting
+  epochs (the plain records: 12); with ``--quick``, about 170 s beside 115 s. Without ``--chat``
+  nothing of it runs.
 - Privacy: record text only ever lives in ``data/*.jsonl`` and ``chat/data/*.jsonl`` (the user's
   data); every report, log and TensorBoard event names records by id.
 """
