@@ -81,11 +81,22 @@ def test_planting_sees_the_records_every_epoch_and_each_ordinary_row_once(tmp_pa
 
 def test_settings_validation():
     assert settings_for(True).quick and settings_for(False, forget=8).forget == 8
-    from ds_unlearn.commands.demo import build_parser
+    from ds_unlearn.commands.demo import DemoConfig
+    from ds_unlearn.commands.parsing import parse_config
+
+    def parse(*argv):
+        return parse_config(DemoConfig, ["--output_dir", "x", *argv])
 
     # The chat form runs only when asked for.
-    assert not settings_for(True).chat and not build_parser().parse_args(["--output_dir", "x"]).chat
-    assert settings_for(True, chat=True).chat and build_parser().parse_args(["--output_dir", "x", "--chat"]).chat
+    assert not settings_for(True).chat and not parse().chat
+    assert settings_for(True, chat=True).chat and parse("--chat").chat
+    # --lora alone is rank 8; --methods takes the declared methods only; the seed is checked.
+    assert parse().lora is None and parse("--lora").lora == 8 and parse("--lora", "4").lora == 4
+    assert parse("--methods", "ga", "undial").methods == ["ga", "undial"]
+    with pytest.raises(InputError, match="invalid choice: 'foo'"):
+        parse("--methods", "foo")
+    with pytest.raises(InputError, match=r"^seed: must lie in \[0, "):
+        parse("--seed", "-1")
     with pytest.raises(InputError, match="num_records"):
         settings_for(False, forget=0)
 

