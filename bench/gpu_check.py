@@ -1,4 +1,4 @@
-"""The GPU check anyone with one GPU runs in under 8 minutes (issue: unlearning on a GPU cluster).
+"""The GPU check anyone with one GPU runs in under 8 minutes: every GPU-only path once.
 
     python3 bench/gpu_check.py                 # on a GPU node (see ../shared/gpu/README.md)
     python3 bench/gpu_check.py --tiny          # the same path on CPU with a tiny model (a smoke run)

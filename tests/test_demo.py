@@ -239,7 +239,7 @@ def test_report_numbers_match_the_score_files(quick):
         assert f"| mean EL_10 | {b['means']['el_10']:.3f} | {a['means']['el_10']:.3f} |" in section
         assert f"{ppl['change_pct']:+.1f}%" in section
         assert f"| {summary['title']} | {b['memorized']} → {a['memorized']} of {b['count']} |" in markdown
-        # Issue 13: the run's end-of-run audit, forget vs never-planted records, in the report. The
+        # The run's end-of-run audit, forget vs never-planted records, in the report. The
         # "before" is the planted checkpoint's, audited once (every run has `--audit after`).
         audit = summary["audit"]
         planted = report["planting"]["audit"]

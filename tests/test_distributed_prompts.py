@@ -1,4 +1,4 @@
-"""Prompt/response rows (issue 27) on 2 CPU ranks under ZeRO-3 with the real launcher: the
+"""Prompt/response rows on 2 CPU ranks under ZeRO-3 with the real launcher: the
 prompt-masked scores and the NPO unlearning (forget term, retain term and reference values over
 the response only) equal one process's, and the written model rescored with the prompt masked by
 hand reproduces them."""

@@ -1,4 +1,4 @@
-"""Prompt/response rows (issue 27): the prompt conditions every prediction but is never scored.
+"""Prompt/response rows: the prompt conditions every prediction but is never scored.
 
 Every figure is checked against an independent computation that masks the prompt by hand: one
 plain forward pass (no cache, no batching) for MA / loss / longest run / the membership scores,

@@ -1,4 +1,4 @@
-"""The prompt/chat refusals at the CLI (issue 27), under ``unlearn`` and ``audit``: a prompt field
+"""The prompt/chat refusals at the CLI, under ``unlearn`` and ``audit``: a prompt field
 that is not a string, ``messages`` without an assistant turn, ``--chat_template`` on a tokenizer
 with no chat template, rows with and without a prompt in one file, a prompt that leaves no response
 token within ``--max_length``. Each exits 2 with one line on stderr and no traceback, writes nothing,

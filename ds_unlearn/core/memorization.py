@@ -1,4 +1,4 @@
-"""Per-sequence memorization metrics as pure functions (REFERENCE §2).
+"""Per-sequence memorization metrics as pure functions (definitions and sources in docs/scoring.md).
 
 Everything here works on plain Python / numpy data for ONE sequence: the token ids
 ``x[0..T-1]`` and the teacher-forced ``match`` row, ``match[j] = argmax p(.|x[:j+1]) == x[j+1]``.

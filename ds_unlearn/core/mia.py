@@ -1,4 +1,4 @@
-"""Membership-inference scores and sampling-extraction probability as pure functions (REFERENCE §2).
+"""Membership-inference scores and sampling-extraction probability as pure functions (docs/audit.md).
 
 Everything here works on plain numpy data for ONE sequence, taken from one teacher-forced pass
 (``passes.token_statistics``): per position t = 1..T-1 of the tokens ``x[0..T-1]``

@@ -230,7 +230,7 @@ RETRAINED_ROW = "retrained (ground truth)"
 
 def audit_cells(audit: dict | None, count: int) -> str:
     """Loss-MIA AUC, min_k++ AUC (forget vs never-planted records; 0.5 = indistinguishable) and
-    records discoverable under sampling, before → after (issue 13)."""
+    records discoverable under sampling, before → after."""
     if not audit:
         return "n/a | n/a | n/a"
     b, a = audit["before"], audit["after"]
@@ -252,7 +252,7 @@ def method_table(m: dict) -> list[str]:
         ("holdout perplexity", f"{f1(p['before'])}", f"{f1(p['after'])} ({pct(p['change_pct'])})"),
         ("retain mean MA", f3(r["before"]), f3(r["after"])),
     ]
-    if m.get("audit"):  # issue 13: membership inference and extraction under sampling
+    if m.get("audit"):  # membership inference and extraction under sampling
         ab, aa = m["audit"]["before"], m["audit"]["after"]
         ci = aa["auc_loss_ci95"]
         rows += [

@@ -57,7 +57,7 @@ from ..unlearn.methods import METHODS
 METHOD_TITLES = {name: m.label + (" (baseline)" if name == "ga" else "") for name, m in METHODS.items()}
 RETRAINED_TITLE = "retrained without the forget records (ground truth)"
 BASELINE_RULE = {"ga": "per_sequence"}  # GA runs as the papers do; every other method uses the band
-# --lora: the best method the demo ran, again with LoRA adapters (issue 15), in DIR/<method>_lora.
+# --lora: the best method the demo ran, again with LoRA adapters, in DIR/<method>_lora.
 LORA_PREFERENCE = ("tau", "sga", "npo", "graddiff", "kl", "ta", "ga")
 LORA_DIRS = tuple(f"{m}_lora" for m in METHODS)
 WILD_MA = MEMORIZED_MA  # the ICML code's "memorized" verdict, used for the wild scan
@@ -653,7 +653,7 @@ def unlearn_config(
         forget=str(data / "forget.jsonl"),
         retain=str(data / "retain.jsonl") if settings.retain else None,
         holdout=str(data / "holdout.jsonl"),
-        # Membership inference needs non-members like the records: the never-planted ones (issue 13).
+        # Membership inference needs non-members like the records: the never-planted ones.
         audit_holdout=str(data / "unseen.jsonl"),
         # The checkpoint before planting never saw the records (the ref attack), and the retrained
         # model is where a perfect unlearning would leave them (PrivLeak, forget quality).

@@ -1,6 +1,6 @@
-"""The memorisation lab's pure parts (Speicher et al., REFERENCE §1): random strings and their
+"""The memorisation lab's pure parts (Speicher et al. 2024): random strings and their
 entropy, the character-to-token check, phase detection, and the contexts of the local-prefix and
-global-context probes. No model runs here; ``lab.py`` runs the experiments.
+global-context probes. No model runs here; ``lab/experiments.py`` runs the experiments.
 
 Conventions: a string is a list of symbol indices (0..l-1); a sequence is its token ids, with a
 BOS token in front when the run uses one. Accuracy rows come from one teacher-forced pass, so a

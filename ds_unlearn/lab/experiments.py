@@ -88,7 +88,7 @@ def training_arguments(config: LabConfig, output_dir: Path, epochs: int):
     from transformers import TrainingArguments
 
     extra = {}
-    # DeepSpeed on CPU: the command entry prepared accelerate's gloo state (REFERENCE §4).
+    # DeepSpeed on CPU: the command entry prepared accelerate's gloo state (commands/process.py).
     if config.deepspeed and D.uses_configured_state():
         extra["accelerator_config"] = {"use_configured_state": True}
     return TrainingArguments(

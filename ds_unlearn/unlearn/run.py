@@ -99,7 +99,7 @@ def load_sets(config: UnlearnConfig, model_dir: Path) -> tuple[dict[str, Sequenc
     vocab_size = model_config.vocab_size
     context = getattr(model_config, "max_position_embeddings", None)
     files = {"forget": config.forget, "retain": config.retain, "holdout": config.holdout}
-    files["audit_holdout"] = config.audit_holdout  # issue 13: the end-of-run audit's non-members
+    files["audit_holdout"] = config.audit_holdout  # the end-of-run audit's non-members
     rows = {name: read_rows(path, param(name)) for name, path in files.items() if path}
     tokenizer = load_tokenizer(model_dir) if any(needs_tokenizer(r) for r in rows.values()) else None
     if tokenizer is not None and len(tokenizer) > vocab_size:
@@ -307,13 +307,13 @@ def _unlearn(lock: OutputLock, config: UnlearnConfig, thresholds=None) -> Unlear
     )
     report = build_report(config, trainer, after, holdout_after, retain_after, time.time() - started)
     report["resumable_checkpoint"] = str(resumable) if resumable is not None else None
-    # Issue 26: what was written, loaded as a user will, scores as the run judged it (one forward).
+    # The guard: what was written, loaded as a user will, scores as the run judged it (one forward).
     D.barrier()  # rank 0's writes are complete before any rank reads them
     dtype = next(trainer.model.parameters()).dtype
     report["guard"] = check_written(config, model_dir, out, sets["forget"], after, dtype)
     if not report["guard"]["ok"]:
         D.report_note(f"ds-unlearn unlearn: error: {report['guard']['error']}")
-    # Issue 13: membership inference and sampling extraction, before and after (unlearn/audit.py).
+    # The end-of-run audit: membership inference and sampling extraction, before and after (unlearn/audit.py).
     report["audit"] = audit_run(config, model_dir, trainer, sets)
     if D.is_main():
         write_json(out / REPORT, report)
