@@ -15,7 +15,7 @@ from transformers import TrainingArguments
 
 from ..core import distributed as D
 from ..core.data import DEFAULT_ID_FIELD, DEFAULT_PROMPT_FIELD, PROMPT_HELP, SCORE_TURNS
-from ..core.errors import InputError
+from ..core.errors import InputError, param
 from ..core.memorization import MEMORIZED_MA, OVER_UNLEARNED_MA
 from ..core.scorer import DEFAULT_BATCH_SIZE, DEFAULT_EXTRACT_K
 from ..core.seeds import seed_problem
@@ -420,7 +420,7 @@ class UnlearnConfig(TrainingArguments):
         if self.select_on == "el10" and self.score_refresh == "step":
             _bad("select_on", "el10 needs score_refresh=epoch (a training pass gives MA only)")
         if declared.needs_retain and not self.retain:
-            _bad("retain", f"method {self.method} trains on the retain set: pass --retain")
+            _bad("retain", f"method {self.method} trains on the retain set: pass {param('retain')}")
         if self.retain_weight < 0:
             _bad("retain_weight", f"must be 0 or more, got {self.retain_weight}")
         if self.npo_beta <= 0:
@@ -462,7 +462,7 @@ class UnlearnConfig(TrainingArguments):
                 _bad(
                     name,
                     "not read under stop_rule band (it ascends every sequence with MA >= memorized_threshold); "
-                    "pass --stop_rule per_sequence or mean to select by it",
+                    f"pass {param('stop_rule')} per_sequence or mean to select by it",
                 )
         if self.max_over_unlearned < 0:
             _bad("max_over_unlearned", f"must be 0 or more, got {self.max_over_unlearned}")
@@ -473,7 +473,7 @@ class UnlearnConfig(TrainingArguments):
         if self.calibrate_thresholds is None:
             self.calibrate_thresholds = bool(self.holdout)
         if self.calibrate_thresholds and not self.holdout:
-            _bad("calibrate_thresholds", "needs a holdout set (--holdout)")
+            _bad("calibrate_thresholds", f"needs a holdout set ({param('holdout')})")
         if not 0.0 < self.calibration_quantile <= MAX_QUANTILE:
             _bad("calibration_quantile", f"must lie in (0, {MAX_QUANTILE}], got {self.calibration_quantile}")
         self._check_band_on()
@@ -483,7 +483,7 @@ class UnlearnConfig(TrainingArguments):
             if self.max_holdout_loss_increase <= 0:
                 _bad("max_holdout_loss_increase", "must be positive")
             if not self.holdout:
-                _bad("max_holdout_loss_increase", "the utility guard needs a holdout set (--holdout)")
+                _bad("max_holdout_loss_increase", f"the utility guard needs a holdout set ({param('holdout')})")
 
     def _check_training(self) -> None:
         if not self.num_train_epochs > 0:
@@ -580,7 +580,9 @@ class UnlearnConfig(TrainingArguments):
         if explicit and "ma" not in scores:
             _bad("memorized_threshold", "MA levels are read only when band_on includes ma")
         if scores != ("ma",) and not (self.holdout and self.calibrate_thresholds):
-            _bad("band_on", f"{self.band_on!r} is judged by position among the holdout's scores: pass --holdout")
+            _bad(
+                "band_on", f"{self.band_on!r} is judged by position among the holdout's scores: pass {param('holdout')}"
+            )
         if scores != ("ma",) and self.score_refresh == "step":
             _bad("band_on", "score_refresh=step judges MA only (a training pass gives no membership scores)")
 
@@ -605,7 +607,7 @@ class UnlearnConfig(TrainingArguments):
         if self.lora_r < 0:
             _bad("lora_r", f"must be a positive rank, or 0 for full fine-tuning, got {self.lora_r}")
         if self.adapter and self.lora_r:
-            _bad("lora_r", "--adapter trains that adapter with its own rank and targets; drop --lora_r")
+            _bad("lora_r", f"{param('adapter')} trains that adapter with its rank and targets; drop {param('lora_r')}")
         if not self.uses_lora:
             given = [
                 name
@@ -615,7 +617,7 @@ class UnlearnConfig(TrainingArguments):
             if self.lora_dropout:
                 given.append("lora_dropout")
             if given:
-                _bad(given[0], "only applies with LoRA (--lora_r R > 0, or --adapter)")
+                _bad(given[0], f"only applies with LoRA ({param('lora_r')} R > 0, or {param('adapter')})")
             return
         if self.lora_r:
             self.lora_alpha = 2.0 * self.lora_r if self.lora_alpha is None else self.lora_alpha

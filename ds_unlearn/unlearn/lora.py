@@ -35,7 +35,7 @@ from ..core.adapters import (
     whole_module_targets,
 )
 from ..core.ds_config import load_ds_config, zero_stage
-from ..core.errors import InputError
+from ..core.errors import InputError, param
 from ..core.files import atomic_directory
 
 TRAINED = "default"  # peft's name for the adapter get_peft_model / from_pretrained creates
@@ -113,9 +113,9 @@ def check_lora(model_config, config) -> None:
         whole = whole_module_targets(model_config, adapter_config)
         if whole:
             raise InputError(
-                f"{'--adapter' if config.adapter else 'lora_target_modules'}: {whole[0]} is an embedding adapter or a "
-                "modules_to_save copy, which peft cannot build on ZeRO-3's partitioned weights; use ZeRO-2 or "
-                "target linear layers only"
+                f"{param('adapter') if config.adapter else 'lora_target_modules'}: {whole[0]} is an embedding "
+                "adapter or a modules_to_save copy, which peft cannot build on ZeRO-3's partitioned weights; "
+                "use ZeRO-2 or target linear layers only"
             )
 
 
@@ -128,8 +128,6 @@ def prepare_model(model, config):
     else:
         model = add_lora(model, new_adapter_config(model.config, config))
     if config.declared.task_vector is not None:
-        from ..core.errors import InputError
-
         cfg = model.peft_config[TRAINED]
         if cfg.use_dora or cfg.rank_pattern or cfg.alpha_pattern:
             raise InputError("adapter: TA/TAU on adapters needs plain LoRA (no DoRA, no per-layer rank/alpha)")
