@@ -75,3 +75,35 @@ def test_an_overlap_names_the_file_rows(tokenizer):
     with pytest.raises(InputError) as caught:
         check_disjoint(forget, holdout, ("forget", "holdout"))
     assert "holdout row 0:" in str(caught.value), str(caught.value)
+
+
+def test_the_audit_set_checks_name_the_file_rows(tokenizer):
+    # The audit's own checks (too few response tokens, a shared sequence) take the sets' file rows.
+    from ds_unlearn.core.audit import AuditSettings, check_sets
+
+    data = _all_turns(tokenizer)  # sequences a/1, a/3, b/1 from file rows 0, 0, 1
+    forget = to_sequence_set([{"id": "f", "messages": ROWS[1]["messages"]}], tokenizer=tokenizer, chat_template=True)
+    settings = AuditSettings(prefix_length=1, suffix_length=None, el_n=(1,), extract_k=(1,), bootstrap=0)
+    with pytest.raises(InputError, match=r"^holdout row 1: same text as forget row 0"):
+        check_sets(
+            forget.sequences,
+            data.sequences,
+            prompts=(forget.prompt_lengths, data.prompt_lengths),
+            settings=settings,
+            rows=(forget.rows, data.rows),
+        )
+    # Suffix 3: a/1 (3 response tokens) passes, a/3 (2) does not: file row 0, sequence 1.
+    strict = AuditSettings(prefix_length=1, suffix_length=3, el_n=(1,), extract_k=(1,), bootstrap=0)
+    long = to_sequence_set(
+        [{"id": "g", "messages": [_user("t4"), _assistant("t11 t12 t13 t14 t15")]}],
+        tokenizer=tokenizer,
+        chat_template=True,
+    )
+    with pytest.raises(InputError, match=r"^holdout row 0: its prompt of 9 tokens leaves 2 response tokens"):
+        check_sets(
+            long.sequences,
+            data.sequences,
+            prompts=(long.prompt_lengths, data.prompt_lengths),
+            settings=strict,
+            rows=(long.rows, data.rows),
+        )

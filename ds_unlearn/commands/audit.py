@@ -132,6 +132,7 @@ def load_sets(config: AuditConfig, model_dir, vocab_size, settings: AuditSetting
         settings.min_tokens(),
         prompts=(f.prompt_lengths, h.prompt_lengths),
         settings=settings,
+        rows=(f.rows, h.rows),
     )
     return sets, tokenizer, explicit
 

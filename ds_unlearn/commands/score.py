@@ -119,7 +119,7 @@ def run(config: ScoreConfig) -> int:
         config.el_n,
         config.extract_k,
         vocab_size,
-        lambda i: f"{param('data')} row {i}",
+        lambda i: f"{param('data')} row {data.row(i)}",
         prompt_lengths=data.prompt_lengths,
     )
 

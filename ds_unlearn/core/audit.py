@@ -162,15 +162,21 @@ def check_sets(
     prompts: tuple[Sequence[int] | None, Sequence[int] | None] = (None, None),
     settings: AuditSettings | None = None,
     names: tuple[str, str] = ("forget", "holdout"),
+    rows: tuple[Sequence[int] | None, Sequence[int] | None] = (None, None),
 ) -> None:
     """The forget and holdout sets can be audited against each other: both non-empty, at least 2
     rows each when ``settings.bootstrap`` asks for AUC intervals (each set is resampled within
     itself: every resample of a one-row set is that row, an interval blind to its sampling error),
     no id in both (when ids are given), no sequence in both, every sequence long enough (a row with
     a prompt: ``settings.min_tokens(P)``) and inside the vocabulary. Raises InputError naming the
-    first offending row of the set by its parameter name, ``names`` (forget, holdout)."""
+    first offending row of the set by its parameter name, ``names`` (forget, holdout), and its file
+    row: ``rows`` (``SequenceSet.rows``) when a set's sequences are not its file's rows one to one."""
+
+    def row(k: int, i: int) -> int:
+        return i if rows[k] is None else rows[k][i]
+
     forget_name, holdout_name = (param(n) for n in names)
-    for name, seqs, lengths in ((forget_name, forget, prompts[0]), (holdout_name, holdout, prompts[1])):
+    for k, (name, seqs, lengths) in enumerate(((forget_name, forget, prompts[0]), (holdout_name, holdout, prompts[1]))):
         if not seqs:
             raise InputError(f"{name}: the set is empty")
         if settings is not None and settings.bootstrap > 0 and len(seqs) < 2:
@@ -183,19 +189,21 @@ def check_sets(
             prompt = lengths[i] if lengths is not None else 0
             if prompt and settings is not None and len(seq) < settings.min_tokens(prompt):
                 raise InputError(
-                    f"{name} row {i}: its prompt of {prompt} tokens leaves {len(seq) - prompt} response tokens, "
-                    f"but the audit's settings need at least {settings.min_tokens(prompt) - prompt} "
+                    f"{name} row {row(k, i)}: its prompt of {prompt} tokens leaves {len(seq) - prompt} response "
+                    f"tokens, but the audit's settings need at least {settings.min_tokens(prompt) - prompt} "
                     f"({_LENGTHS}: lower them, or {param('suffix_length')} rest)"
                 )
             if not prompt and len(seq) < min_tokens:
                 raise InputError(
-                    f"{name} row {i}: {len(seq)} tokens, but the audit's settings need at least {min_tokens} "
+                    f"{name} row {row(k, i)}: {len(seq)} tokens, but the audit's settings need at least {min_tokens} "
                     f"(set by {param('prefix_length')} + {_LENGTHS}: lower them, or {param('suffix_length')} rest)"
                 )
             if vocab_size is not None:
                 bad = next((t for t in seq if not 0 <= int(t) < vocab_size), None)
                 if bad is not None:
-                    raise InputError(f"{name} row {i}: token id {bad} is outside the vocabulary [0, {vocab_size})")
+                    raise InputError(
+                        f"{name} row {row(k, i)}: token id {bad} is outside the vocabulary [0, {vocab_size})"
+                    )
     if forget_ids is not None and holdout_ids is not None:
         first = {}
         for i, row_id in enumerate(forget_ids):
@@ -203,7 +211,7 @@ def check_sets(
         for j, row_id in enumerate(holdout_ids):
             if row_id in first:
                 raise InputError(
-                    f"{holdout_name} row {j}: id {row_id!r} is also {forget_name} row {first[row_id]} "
+                    f"{holdout_name} row {row(1, j)}: id {row_id!r} is also {forget_name} row {row(0, first[row_id])} "
                     "(the holdout must be text the model never saw)"
                 )
     seen = {}
@@ -212,7 +220,7 @@ def check_sets(
     for j, seq in enumerate(holdout):
         if tuple(seq) in seen:
             raise InputError(
-                f"{holdout_name} row {j}: same text as {forget_name} row {seen[tuple(seq)]} "
+                f"{holdout_name} row {row(1, j)}: same text as {forget_name} row {row(0, seen[tuple(seq)])} "
                 "(a sequence cannot be both forgotten and never seen)"
             )
 

@@ -94,6 +94,7 @@ def check_audit_sets(config, sets: dict) -> None:
         prompts=(forget.prompt_lengths, nonmember.prompt_lengths),
         settings=settings,
         names=("forget", name),
+        rows=(forget.rows, nonmember.rows),
     )
 
 
