@@ -37,6 +37,7 @@ from ..core.adapters import (
 from ..core.ds_config import load_ds_config, zero_stage
 from ..core.errors import InputError, param
 from ..core.files import atomic_directory
+from .methods import METHODS
 
 TRAINED = "default"  # peft's name for the adapter get_peft_model / from_pretrained creates
 # Module names under which peft keeps an adapter's own tensors, each followed by the adapter's name:
@@ -127,7 +128,7 @@ def prepare_model(model, config):
         model = load_adapter(model, config.adapter, trainable=True)
     else:
         model = add_lora(model, new_adapter_config(model.config, config))
-    if config.declared.task_vector is not None:
+    if METHODS[config.method].task_vector is not None:  # any config with a method name (tests pass a namespace)
         cfg = model.peft_config[TRAINED]
         if cfg.use_dora or cfg.rank_pattern or cfg.alpha_pattern:
             raise InputError("adapter: TA/TAU on adapters needs plain LoRA (no DoRA, no per-layer rank/alpha)")
