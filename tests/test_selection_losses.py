@@ -2,8 +2,11 @@
 
 import math
 
+import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from ds_unlearn.core.summary import Thresholds, calibrate_thresholds
 from ds_unlearn.unlearn.losses import (
@@ -23,7 +26,9 @@ from ds_unlearn.unlearn.selection import (
     Slot,
     band_directions,
     epoch_rank,
+    match_plan,
     plan_epoch,
+    rank_matched_targets,
     sga_selection,
     step_scale,
     stop_satisfied,
@@ -288,3 +293,51 @@ def test_undial_targets_lower_only_the_true_token_by_hand():
     # Every other token keeps its relative probability.
     p = out.exp()
     assert p[0, 1] / p[0, 2] == pytest.approx(math.e) and p[1, 0] / p[1, 1] == pytest.approx(1.0)
+
+
+losses_list = st.lists(st.floats(0.0, 20.0, allow_nan=False), min_size=1, max_size=40)
+
+
+@settings(max_examples=200, deadline=None)
+@given(forget=losses_list, nonmember=losses_list)
+def test_rank_matched_targets_follow_the_forget_order_and_the_nonmember_quantiles(forget, nonmember):
+    targets = rank_matched_targets(forget, nonmember)
+    order = np.argsort(forget, kind="stable")
+    # The r-th lowest forget loss gets the non-members' (r + 0.5)/n quantile: the same order, inside their range.
+    assert np.all(np.diff(targets[order]) >= -1e-12)
+    assert min(nonmember) - 1e-12 <= targets.min() and targets.max() <= max(nonmember) + 1e-12
+    expected = np.quantile(nonmember, (np.arange(len(forget)) + 0.5) / len(forget))
+    assert np.allclose(targets[order], expected)
+
+
+def test_rank_matched_targets_by_hand():
+    # Two forget rows against non-members 1..5: the lower row gets the 25% quantile (2.0), the other the 75% (4.0).
+    assert rank_matched_targets([0.3, 0.1], [5.0, 1.0, 3.0, 2.0, 4.0]).tolist() == [4.0, 2.0]
+    assert rank_matched_targets([7.0], [1.0, 2.0, 6.0]).tolist() == [2.0]  # one row: the median
+    with pytest.raises(ValueError):
+        rank_matched_targets([], [1.0])
+
+
+def test_match_plan_is_the_gradient_of_the_squared_gap_to_the_targets():
+    nll = torch.tensor([0.5, 4.0, 2.0, 3.0], dtype=torch.float64, requires_grad=True)
+    targets = [2.5, 3.0, 2.0, 3.5]
+    ascend, descend, scales = match_plan(nll.tolist(), targets)
+    assert (ascend, descend) == ([0, 3], [1]) and scales == pytest.approx([2.0, 1.0, 0.0, 0.5])
+    # As the trainer writes it: the row terms, each weighted by its distance (plan_epoch's scales).
+    terms = torch.tensor([TERM_CODE["ascend" if i in ascend else "descend"] for i in range(4)])
+    weighted_objective(row_losses(terms, nll), torch.tensor(scales, dtype=torch.float64)).backward()
+    squared = nll.detach().clone().requires_grad_(True)
+    (0.5 * (squared - torch.tensor(targets, dtype=torch.float64)) ** 2).sum().backward()
+    assert torch.allclose(nll.grad, squared.grad)
+
+
+def test_match_stop_rule_needs_the_band_and_an_auc_near_one_half():
+    rows = ma_rows([0.3, 0.4, 0.25])
+    assert stop_satisfied(rows, "match", BAND, match_auc=0.53, match_margin=0.05)
+    assert not stop_satisfied(rows, "match", BAND, match_auc=0.58, match_margin=0.05)  # still member-like
+    assert not stop_satisfied(rows, "match", BAND, match_auc=0.40, match_margin=0.05)  # pushed past unseen text
+    assert not stop_satisfied(ma_rows([0.3, 0.55]), "match", BAND, match_auc=0.5)  # one still memorized
+    with pytest.raises(ValueError, match="match_auc"):
+        stop_satisfied(rows, "match", BAND)
+    # The distance to AUC 0.5 ranks epochs after the outlier count and before the holdout loss.
+    assert epoch_rank(0, 0, False, 3.0, 0.02) < epoch_rank(0, 0, False, 2.0, 0.2) < epoch_rank(0, 1, False, 2.0, 0.0)

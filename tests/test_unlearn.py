@@ -368,3 +368,31 @@ def test_undial_with_lora_adapters_forgets_and_writes_only_the_adapter(unlearn_c
     assert report["before"]["memorized"] == 4 and report["after"]["memorized"] == 0
     assert "stop rule holds" in report["stop_reason"] and report["guard"]["ok"]
     assert (out / "adapter" / "adapter_model.safetensors").exists() and not (out / "model").exists()
+
+
+def test_match_drives_the_forget_losses_to_the_holdouts_and_stops_on_their_auc(unlearn_case, tmp_path):
+    from ds_unlearn.core.mia import roc_auc
+
+    out = tmp_path / "match"
+    # The tiny model's random holdout scores MA near 0, so the fixed over-unlearned level (0.15) flags rows
+    # that sit where the holdout does: the test judges the AUC, with the band's lower side tolerated.
+    args = unlearn_args(unlearn_case, out, "--method", "match", "--match_margin", "0.2", "--max_over_unlearned", "4")
+    assert main(["unlearn", *args]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["settings"]["stop_rule"] == "match" and "stop rule holds" in report["stop_reason"]
+    assert report["before"]["memorized"] == 4 and report["after"]["memorized"] == 0
+    history, best = report["history"], report["best_epoch"]["epoch"]
+    assert history[0]["match/auc"] == history[0]["match/auc_current"] == 1.0  # memorized: all more likely
+    assert abs(history[best]["match/auc"] - 0.5) <= 0.2
+    # The logged current AUC is the loss attack's on the saved model: forget rows against the holdout (the
+    # match set); the judged one is against the holdout's losses under the input model (the targets).
+    forget, holdout = ([r["input_ids"] for r in read_jsonl(unlearn_case[n])] for n in ("forget", "holdout"))
+    score = lambda model, rows: [r["loss"] for r in score_sequences(model, rows, el_n=(), extract_k=(8,))]
+    model = load_causal_lm(out / "model")
+    assert roc_auc(score(model, forget), score(model, holdout)) == pytest.approx(history[best]["match/auc_current"])
+    before = score(load_causal_lm(unlearn_case["model"]), holdout)
+    assert roc_auc(score(model, forget), before) == pytest.approx(history[best]["match/auc"])
+    # Retain rows descend beside the matched forget rows: their memorization stays.
+    assert report["retain_ma"]["after"] > 0.9
+    scalars, _ = tensorboard_tags(out)
+    assert {"match/auc", "match/auc_current", "match/descended", "match/mean_gap"} <= scalars

@@ -81,6 +81,14 @@ def test_band_is_the_default_rule_of_sga_and_the_retain_methods_and_holdouts_cal
         ("forget: f\n", [], "model: required"),
         ("model: m\nforget: f\nmethod: ga\ntv_coefficient: 2\n", [], "tv_coefficient: only applies to ta/tau"),
         ("- just\n- a list\n", [], "must hold a mapping"),
+        ("model: m\nforget: f\nmethod: match\n", [], "match_holdout: method match drives the forget set"),
+        ("model: m\nforget: f\nholdout: h\nmethod: match\nmatch_margin: 0.5\n", [], "match_margin: must lie in"),
+        ("model: m\nforget: f\nstop_rule: match\n", [], "stop_rule: 'match' judges the match method's targets"),
+        (
+            "model: m\nforget: f\nholdout: h\nmethod: match\n",
+            ["--score_refresh", "step"],
+            "score_refresh: method match plans each epoch",
+        ),
     ],
 )
 def test_bad_configs_fail_with_one_line(tmp_path, yaml_text, flags, message):
@@ -224,7 +232,9 @@ def test_every_method_is_declared_once_and_the_config_follows_its_declaration(tm
         assert method.forget_term in TERMS and method.retain_term in (*TERMS, None), method.name
         assert set(method.settings) <= names, method.name
         assert all(hasattr(losses, f) for f in method.loss.split(" + ")), method.loss
-        config = UnlearnConfig(model="m", forget="f", retain="r", output_dir=str(tmp_path / "o"), method=method.name)
+        config = UnlearnConfig(
+            model="m", forget="f", retain="r", holdout="h", output_dir=str(tmp_path / "o"), method=method.name
+        )
         assert config.stop_rule == method.stop_rule and config.selects == method.selects
         assert config.uses_retain == (method.retain_term is not None)
         if method.task_vector is not None:
@@ -240,6 +250,7 @@ def test_every_method_is_declared_once_and_the_config_follows_its_declaration(tm
                     model="m",
                     forget="f",
                     retain="r",
+                    holdout="h",
                     output_dir=str(tmp_path / "o"),
                     method=method.name,
                     **{setting: value},

@@ -11,7 +11,8 @@ Stages, each timed and written under DIR:
 2. data     ``data/forget.jsonl`` and ``data/retain.jsonl``: synthetic personal records (Faker,
             fixed seed; two disjoint slices of one record stream); ``data/holdout.jsonl``: KJV
             verses the model is never trained on; ``data/unseen.jsonl``: more records, never
-            planted (they calibrate the thresholds); ``data/famous.jsonl``.
+            planted (they calibrate the thresholds and are the audit's non-members);
+            ``data/calibration.jsonl``: more still, the match method's targets; ``data/famous.jsonl``.
 3. wild     the *pretrained* model scanned for memorization it already had: famous KJV passages
             and the holdout verses, teacher-forced; EL_10 for the verses it flags.
 4. plant    fine-tune on forget + retain records mixed with ordinary text (``data/ordinary.jsonl``:
@@ -76,7 +77,8 @@ OWN_ENTRIES = (
     "chat",  # --chat: the chat-form variant's own data, models and method runs (CHAT_DIR)
 )
 CHAT_DIR = "chat"
-CHAT_SETS = ("forget", "retain", "unseen")  # the record sets --chat renders as chats (the holdout stays KJV)
+# The record sets --chat renders as chats (the holdout stays KJV).
+CHAT_SETS = ("forget", "retain", "unseen", "calibration")
 
 
 @dataclass(frozen=True)
@@ -85,6 +87,7 @@ class DemoSettings:
     retain: int = 8
     holdout: int = 24
     unseen: int = 48
+    calibration: int = 48  # more never-planted records: the match method's targets (never audited)
     ordinary_per_epoch: int = 16  # fresh KJV verses / stdlib prose rows per planting epoch (in no other set)
     famous: int | None = None  # famous KJV verses to scan (None: all of demo_data.FAMOUS_PASSAGES)
     max_length: int = 32
@@ -112,6 +115,7 @@ QUICK = DemoSettings(
     retain=2,
     holdout=4,
     unseen=4,
+    calibration=4,
     ordinary_per_epoch=4,
     famous=3,
     max_length=20,
@@ -319,12 +323,14 @@ def demo_sets(settings: DemoSettings) -> dict[str, list[dict]]:
     from .data import kjv_famous, kjv_holdout, personal_records
 
     n_f, n_r, n_u = settings.forget, settings.retain, settings.unseen
-    stream = personal_records(n_f + n_r + n_u, seed=settings.seed)
+    stream = personal_records(n_f + n_r + n_u + settings.calibration, seed=settings.seed)
     records = lambda rows: [{"id": r["id"], "text": r["text"]} for r in rows]
     return {
         "forget": records(stream[:n_f]),
         "retain": records(stream[n_f : n_f + n_r]),
-        "unseen": records(stream[n_f + n_r :]),
+        "unseen": records(stream[n_f + n_r : n_f + n_r + n_u]),
+        # The match method aims at these; the unseen ones stay the audit's non-members, never a target.
+        "calibration": records(stream[n_f + n_r + n_u :]),
         "holdout": kjv_holdout(settings.holdout, seed=settings.seed),
         "famous": kjv_famous(settings.famous),
     }
@@ -646,6 +652,7 @@ def unlearn_config(
     declared = METHODS[method]
     extra = {"tv_switch_ma": settings.tv_switch_ma} if declared.task_vector and settings.tv_switch_ma else {}
     retain_rows = settings.retain if declared.uses_retain_set else 0
+    match_rows = settings.calibration if declared.matches else 0
     if lora:
         extra.update(lora_r=settings.lora_r, learning_rate=settings.unlearn_lr * settings.lora_lr_factor)
     fields = dict(
@@ -660,7 +667,9 @@ def unlearn_config(
         reference=str(reference) if reference else None,
         retrained=str(out / "retrained" / "model"),
         method=method,
-        stop_rule=BASELINE_RULE.get(method, "band"),
+        stop_rule=BASELINE_RULE.get(method, "match" if declared.matches else "band"),
+        # match: the never-planted records it aims at, not the audit's (which no run trains toward).
+        **({"match_holdout": str(data / "calibration.jsonl")} if declared.matches else {}),
         # The verdicts are the ones calibrated on the never-planted records, given to the run whole;
         # the KJV holdout measures utility only.
         calibrate_thresholds=False,
@@ -671,7 +680,8 @@ def unlearn_config(
         extract_k=settings.extract_k,
         score_batch_size=settings.score_batch_size,
         num_train_epochs=settings.unlearn_max_epochs,
-        per_device_train_batch_size=max(settings.forget + retain_rows, 1),  # one optimizer step per epoch
+        # One optimizer step per epoch (match also trains its never-planted records, toward the input model).
+        per_device_train_batch_size=max(settings.forget + retain_rows + match_rows, 1),
         save_strategy="no",
         save_resumable=False,  # a demo is not continued: ~2 GB per method that hits its epoch limit
         report_to="tensorboard",
@@ -846,7 +856,7 @@ def method_summary(method_dir: Path, result) -> dict:
 
 
 def chat_sets(settings: DemoSettings, tokenizer) -> dict[str, list[dict]]:
-    """The chat form of the demo's sets: the forget, retain and unseen records of ``demo_sets``
+    """The chat form of the demo's sets: the forget, retain, unseen and calibration records of ``demo_sets``
     (same ids, same people) as ``messages`` rows, a user asking for the person's phone number and
     the assistant answering with the record's sentence (``data.chat_record``), each cut at a word
     boundary so that the turn as the chat template renders it (end-of-turn tokens included) fits
@@ -854,14 +864,15 @@ def chat_sets(settings: DemoSettings, tokenizer) -> dict[str, list[dict]]:
     from .data import chat_record, kjv_holdout, personal_records
 
     n_f, n_r, n_u = settings.forget, settings.retain, settings.unseen
-    stream = personal_records(n_f + n_r + n_u, seed=settings.seed)
+    stream = personal_records(n_f + n_r + n_u + settings.calibration, seed=settings.seed)
     budget = settings.max_length - _end_of_turn_tokens(tokenizer)
     fits = lambda answer: len(tokenizer(answer, add_special_tokens=False)["input_ids"]) <= budget
     chats = [chat_record(record, fits) for record in stream]
     return {
         "forget": chats[:n_f],
         "retain": chats[n_f : n_f + n_r],
-        "unseen": chats[n_f + n_r :],
+        "unseen": chats[n_f + n_r : n_f + n_r + n_u],
+        "calibration": chats[n_f + n_r + n_u :],
         "holdout": kjv_holdout(settings.holdout, seed=settings.seed),
     }
 

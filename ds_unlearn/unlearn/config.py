@@ -23,7 +23,7 @@ from ..core.verdict import CALIBRATION_QUANTILE, MAX_QUANTILE, check_holdout_siz
 from .audit import COMPANIONS
 from .methods import METHOD_SETTINGS, METHODS, Method, method_help, methods_reading
 
-STOP_RULES = ("band", "per_sequence", "mean")
+STOP_RULES = ("band", "per_sequence", "mean", "match")
 AUDIT_CHOICES = ("both", "after", "none")  # which models the end-of-run audit covers
 # Method settings with their own rule: the selection's (not read under the band rule) and the
 # task vector's (None means "the method's default").
@@ -105,6 +105,13 @@ class UnlearnConfig(TrainingArguments):
         "never saw (default: holdout).",
         default=None,
     )
+    match_holdout: str | None = _help(
+        "data",
+        "match: non-members drawn like the forget set (never trained on; best not the audit's own), scored under "
+        "the current weights every epoch: each forget row's loss is driven to theirs at its own rank "
+        "(default: holdout).",
+        default=None,
+    )
     audit: str = _help(
         "data",
         "What the end-of-run audit covers: 'both' (the input checkpoint and the unlearned model), 'after' (the "
@@ -156,9 +163,23 @@ class UnlearnConfig(TrainingArguments):
         "rows are distilled toward (Dong et al. 2024); larger forgets harder.",
         default=10.0,
     )
+    match_margin: float = _help(
+        "method",
+        "match: its stop rule holds once the loss attack's AUC, forget set against match_holdout under the "
+        "current weights, is within this of 0.5 (a model that never saw either) and the band rule holds.",
+        default=0.05,
+    )
+    match_weight: float = _help(
+        "method",
+        "match: weight of the KL term that keeps each match_holdout row at the input model's token "
+        "distributions (ascending the forget set lowers the likelihood of all text like it; this holds the "
+        "non-members where a model that never saw the forget set would); 0: no such term.",
+        default=1.0,
+    )
     kl_reference_max_gib: float = _help(
         "method",
-        "kl / undial: the original model's log-probabilities over the retain (kl) or forget (undial) rows are "
+        "kl / undial / match: the original model's log-probabilities over the retain (kl), forget (undial) or "
+        "match_holdout (match) rows are "
         "computed once and kept in host memory (rows x tokens x vocabulary x 4 bytes, on every rank); refuse "
         "to start above this size.",
         default=8.0,
@@ -236,7 +257,8 @@ class UnlearnConfig(TrainingArguments):
         "over-unlearned ones back, and stop when none is memorized and at most max_over_unlearned are "
         f"over-unlearned (default for {', '.join(_defaulting_to('band'))}); 'per_sequence': stop when no forget "
         f"sequence is memorized (default for {', '.join(_defaulting_to('per_sequence'))}); 'mean': when the mean "
-        "MA is below mean_threshold.",
+        "MA is below mean_threshold; 'match' (match only, its default): the band rule holds and the forget set's "
+        "loss is as likely as match_holdout's (AUC within match_margin of 0.5).",
         default=None,
     )
     max_over_unlearned: int = _help(
@@ -417,6 +439,11 @@ class UnlearnConfig(TrainingArguments):
             _bad("select_on", f"must be 'ma' or 'el10', got {self.select_on!r}")
         if self.score_refresh not in ("epoch", "step"):
             _bad("score_refresh", f"must be 'epoch' or 'step', got {self.score_refresh!r}")
+        if declared.matches and self.score_refresh == "step":
+            _bad(
+                "score_refresh",
+                f"method {self.method} plans each epoch from its rows' losses: needs score_refresh=epoch",
+            )
         if self.select_on == "el10" and self.score_refresh == "step":
             _bad("select_on", "el10 needs score_refresh=epoch (a training pass gives MA only)")
         if declared.needs_retain and not self.retain:
@@ -427,6 +454,16 @@ class UnlearnConfig(TrainingArguments):
             _bad("npo_beta", f"must be positive, got {self.npo_beta}")
         if not self.undial_gamma > 0:
             _bad("undial_gamma", f"must be positive, got {self.undial_gamma}")
+        if declared.matches and self.match_weight < 0:
+            _bad("match_weight", f"must be 0 or more, got {self.match_weight}")
+        if declared.matches and not 0.0 < self.match_margin < 0.5:
+            _bad("match_margin", f"must lie in (0, 0.5), got {self.match_margin}")
+        if declared.matches and not (self.match_holdout or self.holdout):
+            _bad(
+                "match_holdout",
+                f"method {self.method} drives the forget set to non-members' losses: pass {param('match_holdout')} "
+                f"(text drawn like the forget set that the model never saw) or {param('holdout')}",
+            )
         # A setting the method never reads is a mistake the run would hide (report.json shows them as null).
         for name in METHOD_SETTINGS:
             if name in _CHECKED_ELSEWHERE or name in declared.settings:
@@ -451,6 +488,8 @@ class UnlearnConfig(TrainingArguments):
             self.stop_rule = self.declared.stop_rule
         if self.stop_rule not in STOP_RULES:
             _bad("stop_rule", f"must be one of {', '.join(STOP_RULES)}, got {self.stop_rule!r}")
+        if self.stop_rule == "match" and not self.declared.matches:
+            _bad("stop_rule", f"'match' judges the match method's targets; {self.method} has none")
         # SGA's selection (and TAU's ascent) reads gamma and its score only outside the band rule: the band
         # ascends every sequence at or above memorized_threshold. A setting nothing reads is an error.
         for name in ("sga_gamma", "select_on"):
@@ -525,7 +564,7 @@ class UnlearnConfig(TrainingArguments):
                 problem = companion_problem(self, getattr(self, name), name)
                 if problem:
                     _bad(name, problem)
-        for name in ("holdout", "retain", "audit_holdout"):
+        for name in ("holdout", "retain", "audit_holdout", "match_holdout"):
             other = getattr(self, name, None)
             if other and Path(other).resolve() == Path(self.forget).resolve():
                 _bad(name, f"is the forget set's own file ({other}); it must hold other sequences")

@@ -45,6 +45,12 @@ class Method:
             non-default value of one under another method is an error.
         loss: the functions of ``losses.py`` that compute its terms, as ``name`` or
             ``name1 + name2`` (forget term first).
+        matches: whether the forget rows are driven to rank-matched target losses
+            (``selection.rank_matched_targets``) of non-members (``match_holdout``) as the input
+            model scores them, ascending or descending by their distance, instead of ascending
+            whatever is memorized; those non-members train beside them with KL to the input
+            model's distributions (``match_weight``), so what the model knows of text like the
+            forget set stays.
         reference: which rows need values from the input model, computed once before training:
             ``"forget_logp"`` (NPO's sequence log-likelihoods), ``"retain_logprobs"`` (KL's
             token distributions on retain rows), ``"forget_logprobs"`` (UNDIAL's adjusted
@@ -62,6 +68,7 @@ class Method:
     stop_rule: str = "band"
     settings: tuple[str, ...] = ()
     loss: str = "per_sequence_nll"
+    matches: bool = False
     reference: str | None = None
 
     @property
@@ -142,6 +149,18 @@ METHODS: dict[str, Method] = {
             settings=("undial_gamma",),
             loss="per_sequence_kl + undial_targets",
             reference="forget_logprobs",
+        ),
+        Method(
+            "match",
+            "Match",
+            "ds_unlearn: each forget row's loss driven to the loss a never-seen row of its rank gets under the "
+            "input model (a retrained model's distribution), those non-members kept at the input model's "
+            "distributions by KL, + descent on retain when given",
+            retain_term="descend",
+            stop_rule="match",
+            settings=("retain_weight", "match_holdout", "match_margin", "match_weight"),
+            loss="per_sequence_nll + per_sequence_kl",
+            matches=True,
         ),
     )
 }

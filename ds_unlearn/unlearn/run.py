@@ -87,7 +87,7 @@ def check_paths(config: UnlearnConfig, model_dir: Path) -> None:
         config.output_dir,
         option="output_dir",
         overwrite=config.overwrite or bool(config.resume_from_checkpoint),
-        inputs=(model_dir, config.forget, config.retain, config.holdout, config.adapter),
+        inputs=(model_dir, config.forget, config.retain, config.holdout, config.match_holdout, config.adapter),
         directory=True,
         owned=RUN_OUTPUTS,
     )
@@ -100,6 +100,7 @@ def load_sets(config: UnlearnConfig, model_dir: Path) -> tuple[dict[str, Sequenc
     context = getattr(model_config, "max_position_embeddings", None)
     files = {"forget": config.forget, "retain": config.retain, "holdout": config.holdout}
     files["audit_holdout"] = config.audit_holdout  # the end-of-run audit's non-members
+    files["match_holdout"] = config.match_holdout  # the match method's non-members (default: holdout)
     rows = {name: read_rows(path, param(name)) for name, path in files.items() if path}
     tokenizer = load_tokenizer(model_dir) if any(needs_tokenizer(r) for r in rows.values()) else None
     if tokenizer is not None and len(tokenizer) > vocab_size:
@@ -134,7 +135,7 @@ def load_sets(config: UnlearnConfig, model_dir: Path) -> tuple[dict[str, Sequenc
             )
         check_context(data, context, param(name))
         sets[name] = data
-    for other in ("holdout", "audit_holdout", "retain"):
+    for other in ("holdout", "audit_holdout", "match_holdout", "retain"):
         if sets[other] is not None:
             check_disjoint(sets["forget"], sets[other], ("forget", other))
     if sets["holdout"] is not None:
@@ -277,6 +278,7 @@ def _unlearn(lock: OutputLock, config: UnlearnConfig, thresholds=None) -> Unlear
         forget=sets["forget"],
         retain=sets["retain"],
         holdout=sets["holdout"],
+        match=(sets["match_holdout"] or sets["holdout"]) if config.declared.matches else None,
     )
     trainer.given_thresholds = thresholds
     trainer.train(resume_from_checkpoint=config.resume_from_checkpoint)

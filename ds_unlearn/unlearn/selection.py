@@ -114,30 +114,78 @@ def plan_epoch(
     return plan
 
 
+def rank_matched_targets(losses: Sequence[float], nonmember_losses: Sequence[float]) -> np.ndarray:
+    """Each forget sequence's target loss for the ``match`` method: the non-members' loss at the
+    sequence's own rank.
+
+    ``losses``: [n] the forget set's mean token NLLs (nats) under the current weights;
+    ``nonmember_losses``: [m] those of text drawn like the forget set that the model never saw,
+    under the same weights. The forget sequence of mid-rank ``r`` (0-based, ties broken by index)
+    gets the non-members' ``(r + 0.5) / n`` quantile (``numpy.quantile``, linear). So a forget
+    set that reaches its targets has the non-members' loss distribution, where a loss attack reads
+    AUC 0.5 (a retrained model's, which never saw either), while each sequence moves as little as
+    its place in the order allows: the hardest-to-predict record goes to the hardest non-member's
+    level, not into one common band. Returns float64 [n]. Raises ValueError on an empty set."""
+    losses = np.asarray(losses, dtype=np.float64)
+    reference = np.asarray(nonmember_losses, dtype=np.float64)
+    if losses.size == 0 or reference.size == 0:
+        raise ValueError("rank_matched_targets needs forget and non-member losses")
+    ranks = np.empty(losses.size)
+    ranks[np.argsort(losses, kind="stable")] = (np.arange(losses.size) + 0.5) / losses.size
+    return np.quantile(reference, ranks)
+
+
+def match_plan(losses: Sequence[float], targets: Sequence[float]) -> tuple[list[int], list[int], list[float]]:
+    """The ``match`` method's epoch: the gradient of ``sum_i (loss_i - target_i)^2 / 2`` written as
+    the trainer's row terms. A sequence below its target (still more likely than text the model
+    never saw) ascends, one above it descends, each weighted by its distance ``|loss_i - target_i|``
+    (nats), so sequences near their target barely move and none is pushed past it the way GA
+    pushes the last memorized one. Returns (ascend rows, descend rows, per-row scale [n])."""
+    gap = np.asarray(targets, dtype=np.float64) - np.asarray(losses, dtype=np.float64)
+    ascend = [int(i) for i in np.flatnonzero(gap > 0)]
+    descend = [int(i) for i in np.flatnonzero(gap < 0)]
+    return ascend, descend, np.abs(gap).tolist()
+
+
 def stop_satisfied(
-    rows: Sequence[Mapping[str, float]], rule: str, thresholds: Thresholds, max_over_unlearned: int = 0
+    rows: Sequence[Mapping[str, float]],
+    rule: str,
+    thresholds: Thresholds,
+    max_over_unlearned: int = 0,
+    match_auc: float | None = None,
+    match_margin: float = 0.05,
 ) -> bool:
     """``band``: no sequence is memorized and at most ``max_over_unlearned`` are over-unlearned
     (the ICML paper counts both as failures). ``per_sequence``: no sequence is memorized any more.
     ``mean``: the forget set's mean MA fell below the threshold (the papers' baseline rule, which
-    can leave sequences extractable). ``rows``: per-sequence score dicts (``ma`` and every
+    can leave sequences extractable). ``match``: the band rule holds and the loss attack's AUC,
+    forget set against the match non-members under the current weights (``match_auc``), is
+    within ``match_margin`` of 0.5. ``rows``: per-sequence score dicts (``ma`` and every
     ``band_on`` score)."""
     if rule == "mean":
         return bool(np.mean([float(r["ma"]) for r in rows]) < thresholds.mean_ma)
-    if rule not in ("band", "per_sequence"):
+    if rule not in ("band", "per_sequence", "match"):
         raise ValueError(f"unknown stop rule {rule!r}")
     sides = thresholds.sides(rows)
+    if rule == "match":
+        if match_auc is None:
+            raise ValueError("the match stop rule needs match_auc")
+        in_band = bool(np.all(sides != MEMORIZED)) and int(np.sum(sides == OVER_UNLEARNED)) <= max_over_unlearned
+        return in_band and abs(match_auc - 0.5) <= match_margin
     if rule == "band":
         return bool(np.all(sides != MEMORIZED)) and int(np.sum(sides == OVER_UNLEARNED)) <= max_over_unlearned
     return bool(np.all(sides != MEMORIZED))
 
 
-def epoch_rank(memorized: int, over_unlearned: int, stop_holds: bool, holdout_loss: float | None) -> tuple:
+def epoch_rank(
+    memorized: int, over_unlearned: int, stop_holds: bool, holdout_loss: float | None, distance: float = 0.0
+) -> tuple:
     """Sort key of a judged epoch, smaller is better: one where the stop rule holds first, then
-    the fewest outliers (memorized + over-unlearned), then the lowest holdout loss (NaN or
-    unknown last). The run outputs the weights of its best epoch, not of its last."""
+    the fewest outliers (memorized + over-unlearned), then the smallest ``distance`` (the match
+    method's |AUC - 0.5|; 0 for every other method), then the lowest holdout loss (NaN or unknown
+    last). The run outputs the weights of its best epoch, not of its last."""
     loss = float("inf") if holdout_loss is None or not np.isfinite(holdout_loss) else float(holdout_loss)
-    return (not stop_holds, memorized + over_unlearned, loss)
+    return (not stop_holds, memorized + over_unlearned, float(distance), loss)
 
 
 def step_scale(ascending_rows: int, forget_size: int, floor: float) -> float:

@@ -33,6 +33,7 @@ from ..core.data import SequenceSet
 from ..core.errors import InputError, NonFiniteLogitsError
 from ..core.files import write_jsonl
 from ..core.memorization import MEMORIZED_MA, OVER_UNLEARNED_MA
+from ..core.mia import roc_auc
 from ..core.passes import PAD_ID, model_device
 from ..core.scorer import score_sequences, scored_tokens
 from ..core.verdict import Thresholds, needs_membership
@@ -46,6 +47,8 @@ from .selection import (
     band_directions,
     collapsed,
     epoch_rank,
+    match_plan,
+    rank_matched_targets,
     sga_selection,
     step_scale,
     stop_satisfied,
@@ -65,6 +68,10 @@ class RunState:
     el10: list[float] | None = None
     selected: list[int] = field(default_factory=list)  # forget rows the next epoch trains on
     pulled_back: list[int] = field(default_factory=list)  # band rule: over-unlearned rows descended back
+    match_scales: list[float] = field(default_factory=list)  # match: per forget row |loss - target| (nats)
+    match_reference: list[float] | None = None  # match: match_holdout's per-sequence losses under the input model
+    match_auc: float | None = None  # match: loss-attack AUC, forget set now vs match_reference
+    match_auc_current: float | None = None  # ... and vs match_holdout's losses under the current weights
     epochs: int = 0
     stop_reason: str | None = None
     switched_at_epoch: int | None = None
@@ -111,6 +118,7 @@ class UnlearnTrainer(SequenceTrainer):
         forget: SequenceSet,
         retain: SequenceSet | None = None,
         holdout: SequenceSet | None = None,
+        match: SequenceSet | None = None,
         **kwargs,
     ):
         config = kwargs.get("args")
@@ -119,10 +127,16 @@ class UnlearnTrainer(SequenceTrainer):
         sequences = forget.sequences + (retain.sequences if trains_retain else [])
         # Prompt tokens (prompt/response rows) condition each row but no loss term covers them.
         prompts = forget.prompts() + (retain.prompts() if trains_retain else [])
+        n_train = len(sequences)
+        # match: its non-members follow, kept at the input model's distributions (match_weight > 0).
+        if match is not None and config is not None and config.match_weight > 0:
+            sequences, prompts = sequences + match.sequences, prompts + match.prompts()
         super().__init__(*args, train_sequences=sequences, train_prompts=prompts, **kwargs)
         self.forget, self.retain, self.holdout = forget, retain, holdout
+        self.match = match  # the match method's non-members, scored every epoch under the current weights
         self.n_forget = len(forget)
-        self.retain_rows = list(range(self.n_forget, len(sequences)))
+        self.retain_rows = list(range(self.n_forget, n_train))
+        self.match_rows = list(range(n_train, len(sequences)))
         self.run = RunState()
         self.base: list[torch.Tensor] | None = None  # theta_base, this rank's own fp32 elements
         self.best: list[torch.Tensor] | None = None  # the best judged epoch's own fp32 elements
@@ -147,7 +161,7 @@ class UnlearnTrainer(SequenceTrainer):
             return []
         if self.run.phase == "finetune":
             return self.run.selected
-        return self.run.selected + self.run.pulled_back + self.retain_rows
+        return self.run.selected + self.run.pulled_back + self.retain_rows + self.match_rows
 
     def row_terms(self, rows: list[int]) -> tuple[list[str], list[float]]:
         """Ascent: selected forget rows take the method's forget term (NPO's loss, else minus
@@ -160,12 +174,16 @@ class UnlearnTrainer(SequenceTrainer):
         pulled = set(self.run.pulled_back)
         terms, scales = [], []
         for row in rows:
-            if row >= self.n_forget:
+            if self.match_rows and row >= self.match_rows[0]:
+                terms.append("kl")
+                scales.append(self.args.match_weight)
+            elif row >= self.n_forget:
                 terms.append(retain_term)
                 scales.append(self.args.retain_weight)
             else:
                 terms.append("descend" if row in pulled else forget_term)
-                scales.append(1.0)
+                # match: each row weighted by its distance to its target (the squared gap's gradient)
+                scales.append(self.run.match_scales[row] if self.args.declared.matches else 1.0)
         return terms, scales
 
     def extra_row_losses(self, rows, terms, logits, labels, nll) -> dict:
@@ -189,8 +207,8 @@ class UnlearnTrainer(SequenceTrainer):
 
     def lr_factor(self) -> float:
         """Ascent steps shrink with the share of the forget set still ascended (``min_lr_fraction``)."""
-        if self.run.phase != "ascent" or self.args.min_lr_fraction >= 1.0:
-            return 1.0
+        if self.run.phase != "ascent" or self.args.min_lr_fraction >= 1.0 or self.args.declared.matches:
+            return 1.0  # match: its rows' weights already shrink with their distance to the targets
         return step_scale(len(self.run.selected), self.n_forget, self.args.min_lr_fraction)
 
     def train(self, resume_from_checkpoint=None, trial=None, ignore_keys_for_eval=None, **kwargs):
@@ -228,6 +246,12 @@ class UnlearnTrainer(SequenceTrainer):
             return None
         scores = self.score_set(self.holdout, el=False) if scores is None else scores
         return float(np.mean([r["loss"] for r in scores]))
+
+    def match_losses(self) -> list[float] | None:
+        """The match non-members' per-sequence NLLs under the current weights (None: no match set)."""
+        if self.match is None:
+            return None
+        return [float(r["loss"]) for r in self.score_set(self.match, el=False)]
 
     def el_due(self) -> bool:
         """Whether this epoch's judging also computes EL_10 (generation): every epoch when SGA
@@ -281,7 +305,7 @@ class UnlearnTrainer(SequenceTrainer):
         self.best = self.weights.snapshot()
         if args.score_refresh == "step":
             self.previous = self.weights.snapshot()
-        self._absorb_scores(scores)
+        self._absorb_scores(scores, self.match_losses())
         self._log_epoch(holdout_loss=self.run.holdout_loss_before, trained=0)
         holds = self._stop_holds()
         self._consider_best(0, holds, self.run.holdout_loss_before, candidate=None)
@@ -291,7 +315,14 @@ class UnlearnTrainer(SequenceTrainer):
             self._maybe_switch_to_finetune()
 
     def _stop_holds(self) -> bool:
-        return stop_satisfied(self.run.judged, self.args.stop_rule, self.thresholds, self.args.max_over_unlearned)
+        return stop_satisfied(
+            self.run.judged,
+            self.args.stop_rule,
+            self.thresholds,
+            self.args.max_over_unlearned,
+            match_auc=self.run.match_auc,
+            match_margin=self.args.match_margin,
+        )
 
     def _compute_references(self, forget_scores: list[dict]) -> None:
         """What NPO and KL compare against, computed once from the input model so that no second
@@ -304,11 +335,11 @@ class UnlearnTrainer(SequenceTrainer):
                 [-r["loss"] * scored_tokens(r) for r in forget_scores], dtype=torch.float64
             )
         kl_rows = {"retain_logprobs": self.retain_rows, "forget_logprobs": list(range(self.n_forget))}
-        kl_rows = kl_rows.get(reference, [])
+        kl_rows = kl_rows.get(reference, []) or self.match_rows
         if kl_rows:
             vocab = self.model.config.vocab_size
-            which = "retain" if reference == "retain_logprobs" else "forget"
-            sequences = self.retain.sequences if which == "retain" else self.forget.sequences
+            which = {"retain_logprobs": "retain", "forget_logprobs": "forget"}.get(reference, "match")
+            sequences = {"retain": self.retain, "forget": self.forget, "match": self.match}[which].sequences
             gib = sum(len(s) - 1 for s in sequences) * vocab * 4 / 2**30
             if gib > self.args.kl_reference_max_gib:
                 raise InputError(
@@ -342,6 +373,7 @@ class UnlearnTrainer(SequenceTrainer):
         try:
             scores = self._epoch_scores(fresh=editing)
             holdout_loss = self.holdout_loss()
+            match_losses = self.match_losses()
         except NonFiniteLogitsError:
             # Raised on every rank alike (the bad rows are gathered before the raise). From the
             # weights this run made, it is divergence, not bad input: keep the best good epoch.
@@ -350,7 +382,7 @@ class UnlearnTrainer(SequenceTrainer):
             control.should_training_stop = True
             return
         self.clock.end_judging()
-        self._absorb_scores(scores)
+        self._absorb_scores(scores, match_losses)
         self.write_scores(f"scores_epoch{self.run.epochs}.jsonl", scores)
         self._log_epoch(holdout_loss, trained)
 
@@ -438,7 +470,8 @@ class UnlearnTrainer(SequenceTrainer):
     def _consider_best(self, epoch: int, holds: bool, holdout_loss: float | None, candidate) -> None:
         """Keep ``candidate`` (a snapshot; None: the current weights) if it beats the best so far."""
         counts = self.thresholds.counts(self.run.judged)
-        rank = list(epoch_rank(counts["memorized"], counts["over_unlearned"], holds, holdout_loss))
+        distance = abs(self.run.match_auc - 0.5) if self.run.match_auc is not None else 0.0
+        rank = list(epoch_rank(counts["memorized"], counts["over_unlearned"], holds, holdout_loss, distance))
         if self.run.best_rank is not None and tuple(rank) >= tuple(self.run.best_rank):
             return
         if candidate is None:
@@ -463,7 +496,9 @@ class UnlearnTrainer(SequenceTrainer):
             seen.update(part)
         return [{"ma": seen.get(i, self.run.ma[i])} for i in range(len(self.forget))]
 
-    def _absorb_scores(self, scores: list[dict]) -> None:
+    def _absorb_scores(self, scores: list[dict], match_losses: list[float] | None = None) -> None:
+        """Take an epoch's forget scores (and the match non-members' losses) into the run state and
+        plan the next epoch's rows from them."""
         self.run.ma = [float(r["ma"]) for r in scores]
         keys = dict.fromkeys(("ma", *self.band_on))
         self.run.judged = [{k: float(r[k]) for k in keys} for r in scores]
@@ -471,8 +506,21 @@ class UnlearnTrainer(SequenceTrainer):
         self.run.el10 = [float(r["el_10"]) for r in scores] if "el_10" in scores[0] else None
         key = self.run.el10 if self.args.select_on == "el10" else self.run.ma
         self.run.pulled_back = []
+        if match_losses is not None:
+            # The targets stay where the input model puts text it never saw. Under the current weights
+            # the non-members' losses rise with the forget set's (they share its templates): chasing
+            # them would erase what the model knows of every such text, not just of the forget set.
+            if self.run.match_reference is None:
+                self.run.match_reference = match_losses
+            losses = [float(r["loss"]) for r in scores]
+            self.run.match_auc = roc_auc(losses, self.run.match_reference)
+            self.run.match_auc_current = roc_auc(losses, match_losses)
         if self.run.phase != "ascent":
             self.run.selected = list(range(self.n_forget))
+        elif self.args.declared.matches:
+            losses = [float(r["loss"]) for r in scores]
+            targets = rank_matched_targets(losses, self.run.match_reference)
+            self.run.selected, self.run.pulled_back, self.run.match_scales = match_plan(losses, targets)
         elif self.args.stop_rule == "band":
             # Two-sided control: ascend the memorized, leave the band, pull the over-unlearned back.
             directions = band_directions(self.run.judged, self.thresholds)
@@ -538,6 +586,11 @@ class UnlearnTrainer(SequenceTrainer):
         }
         if self.args.stop_rule == "band" and self.run.phase == "ascent":
             metrics["band/pulled_back"] = len(self.run.pulled_back)
+        if self.run.match_auc is not None:
+            metrics["match/auc"] = self.run.match_auc
+            metrics["match/auc_current"] = self.run.match_auc_current
+            metrics["match/descended"] = len(self.run.pulled_back)
+            metrics["match/mean_gap"] = float(np.mean(self.run.match_scales)) if self.run.match_scales else 0.0
         if self.run.el10 is not None:
             metrics["forget/el10_mean"] = float(np.mean(self.run.el10))
         if holdout_loss is not None:
