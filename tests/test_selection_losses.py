@@ -13,6 +13,7 @@ from ds_unlearn.unlearn.losses import (
     TERM_CODE,
     negated_task_vector,
     npo_loss,
+    per_sequence_capped_nll,
     per_sequence_kl,
     per_sequence_nll,
     predicted_tokens,
@@ -341,3 +342,22 @@ def test_match_stop_rule_needs_the_band_and_an_auc_near_one_half():
         stop_satisfied(rows, "match", BAND)
     # The distance to AUC 0.5 ranks epochs after the outlier count and before the holdout loss.
     assert epoch_rank(0, 0, False, 3.0, 0.02) < epoch_rank(0, 0, False, 2.0, 0.2) < epoch_rank(0, 1, False, 2.0, 0.0)
+
+
+def test_capped_nll_counts_only_tokens_below_the_cap_and_moves_only_them():
+    # One row of 4 tokens over a vocabulary of 3 (position j predicts labels[j + 1]).
+    logits = torch.tensor([[[3.0, 0.0, 0.0], [0.0, 2.0, 0.0], [0.0, 0.0, 1.0], [0.0, 0.0, 0.0]]], requires_grad=True)
+    labels = torch.tensor([[9, 0, 0, 2]])
+    token_nll = -torch.log_softmax(logits[0, :3].detach(), -1)[torch.arange(3), labels[0, 1:]]
+    cap = float(token_nll[1]) - 1e-3  # positions 0 and 2 are below it, position 1 (a missed token) is not
+    assert token_nll[0] < cap and token_nll[2] < cap
+    capped = per_sequence_capped_nll(logits, labels, cap)
+    assert capped.item() == pytest.approx((token_nll[0] + token_nll[2]).item() / 3)
+    nll, _ = per_sequence_nll(logits, labels)
+    assert per_sequence_capped_nll(logits, labels, math.inf).item() == pytest.approx(nll.item())
+    # Ascending it (the ascend_capped term) leaves the position at the cap untouched.
+    row_losses(torch.tensor([TERM_CODE["ascend_capped"]]), nll, capped=capped).sum().backward()
+    assert torch.all(logits.grad[0, 1] == 0) and torch.all(logits.grad[0, 3] == 0)
+    assert logits.grad[0, 0, 0] > 0  # a step against the gradient lowers the true token's logit
+    with pytest.raises(ValueError, match="ascend_capped"):
+        row_losses(torch.tensor([TERM_CODE["ascend_capped"]]), nll)

@@ -176,6 +176,13 @@ class UnlearnConfig(TrainingArguments):
         "non-members where a model that never saw the forget set would); 0: no such term.",
         default=1.0,
     )
+    match_token_quantile: float = _help(
+        "method",
+        "match: a forget token is ascended only while its NLL is below this quantile of the match_holdout "
+        "rows' token NLLs under the input model, so no token ends less likely than unseen text makes it "
+        "(1: the whole NLL).",
+        default=0.95,
+    )
     kl_reference_max_gib: float = _help(
         "method",
         "kl / undial / match: the original model's log-probabilities over the retain (kl), forget (undial) or "
@@ -454,6 +461,8 @@ class UnlearnConfig(TrainingArguments):
             _bad("npo_beta", f"must be positive, got {self.npo_beta}")
         if not self.undial_gamma > 0:
             _bad("undial_gamma", f"must be positive, got {self.undial_gamma}")
+        if declared.matches and not 0.0 < self.match_token_quantile <= 1.0:
+            _bad("match_token_quantile", f"must lie in (0, 1], got {self.match_token_quantile}")
         if declared.matches and self.match_weight < 0:
             _bad("match_weight", f"must be 0 or more, got {self.match_weight}")
         if declared.matches and not 0.0 < self.match_margin < 0.5:

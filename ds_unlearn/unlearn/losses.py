@@ -12,6 +12,8 @@ the optimizer step, see ``selection.plan_epoch``); the step's objective is
 - ``kl``: KL(reference || model) on a row, averaged over its positions, against target
   log-probabilities computed once before training: the original model's on a retain row (KL), or
   UNDIAL's adjusted ones on a forget row (``undial_targets``).
+- ``ascend_capped``: minus the row's NLL over the positions whose token NLL is still below a cap
+  (``per_sequence_capped_nll``; the match method's forget rows below their target).
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 IGNORE = -100
-TERMS = ("descend", "ascend", "npo", "kl")
+TERMS = ("descend", "ascend", "npo", "kl", "ascend_capped")
 TERM_CODE = {name: code for code, name in enumerate(TERMS)}
 
 
@@ -42,6 +44,25 @@ def per_sequence_nll(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.
     nll = (token_nll * valid).sum(-1) / counts
     hits = ((logits.argmax(-1) == targets) & valid).sum(-1)
     return nll, hits.float().detach() / counts
+
+
+def per_sequence_capped_nll(logits: torch.Tensor, labels: torch.Tensor, cap: float) -> torch.Tensor:
+    """Each row's NLL summed over the positions whose token NLL is below ``cap`` (nats), divided
+    by all its predicted positions.
+
+    ``logits`` [B, T, V], ``labels`` [B, T] long (IGNORE at padding). Returns [B]. Ascending it
+    raises a token's loss up to the cap and no further, so tokens already as unlikely as unseen
+    text gets them are left where they are. Ascending the whole NLL instead pushes those furthest,
+    since the gradient of -log p grows as p falls, until the row's worst tokens sit below
+    anything unseen (what the Min-K%++ attack reads). ``cap`` = inf is the whole NLL."""
+    logits = logits[:, :-1].float() if logits.dtype in (torch.float16, torch.bfloat16) else logits[:, :-1]
+    targets = labels[:, 1:]
+    valid = targets != IGNORE
+    token_nll = F.cross_entropy(
+        logits.reshape(-1, logits.size(-1)), targets.clamp(min=0).reshape(-1), reduction="none"
+    ).view_as(targets)
+    below = (token_nll.detach() < cap) & valid
+    return (token_nll * below).sum(-1) / valid.sum(-1).clamp(min=1)
 
 
 def predicted_tokens(labels: torch.Tensor) -> torch.Tensor:
@@ -96,11 +117,13 @@ def row_losses(
     nll: torch.Tensor,
     npo: torch.Tensor | None = None,
     kl: torch.Tensor | None = None,
+    capped: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Each row's loss by its term code (``TERM_CODE``): ``nll`` for descend, ``-nll`` for ascend,
-    ``npo`` / ``kl`` (both [B], needed only when some row has that term). All [B]."""
+    ``npo`` / ``kl`` / ``-capped`` for ascend_capped (each [B], needed only when some row has that
+    term). All [B]."""
     out = torch.where(terms == TERM_CODE["ascend"], -nll, nll)
-    for name, values in (("npo", npo), ("kl", kl)):
+    for name, values in (("npo", npo), ("kl", kl), ("ascend_capped", None if capped is None else -capped)):
         rows = terms == TERM_CODE[name]
         if bool(rows.any()):
             if values is None:

@@ -11,6 +11,8 @@ Loss terms (``losses.TERMS``), per row:
     ascend   minus the mean token NLL (gradient ascent).
     npo      NPO's (2/beta) log(1 + (pi_theta / pi_ref)^beta) against the input model's sequence
              log-likelihood (Zhang et al. 2024).
+    ascend_capped  minus the NLL of the tokens still below match_token_quantile of the non-members'
+             token NLLs (match's rows below their target).
     kl       KL(target || model) per token toward log-probabilities computed once from the input
              model: its own (retain rows of ``kl``), or with the true token's logit lowered by
              ``undial_gamma`` (forget rows of ``undial``; Dong et al. 2024).
@@ -156,10 +158,11 @@ METHODS: dict[str, Method] = {
             "ds_unlearn: each forget row's loss driven to the loss a never-seen row of its rank gets under the "
             "input model (a retrained model's distribution), those non-members kept at the input model's "
             "distributions by KL, + descent on retain when given",
+            forget_term="ascend_capped",
             retain_term="descend",
             stop_rule="match",
-            settings=("retain_weight", "match_holdout", "match_margin", "match_weight"),
-            loss="per_sequence_nll + per_sequence_kl",
+            settings=("retain_weight", "match_holdout", "match_margin", "match_weight", "match_token_quantile"),
+            loss="per_sequence_capped_nll + per_sequence_kl",
             matches=True,
         ),
     )

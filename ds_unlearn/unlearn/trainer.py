@@ -39,7 +39,7 @@ from ..core.scorer import score_sequences, scored_tokens
 from ..core.verdict import Thresholds, needs_membership
 from .loop import SequenceTrainer
 from .lora import AdapterEdit
-from .losses import TERM_CODE, npo_loss, per_sequence_kl, predicted_tokens, undial_targets
+from .losses import TERM_CODE, npo_loss, per_sequence_capped_nll, per_sequence_kl, predicted_tokens, undial_targets
 from .reporting import log_histograms
 from .selection import (
     ASCEND,
@@ -71,6 +71,7 @@ class RunState:
     match_scales: list[float] = field(default_factory=list)  # match: per forget row |loss - target| (nats)
     match_reference: list[float] | None = None  # match: match_holdout's per-sequence losses under the input model
     match_auc: float | None = None  # match: loss-attack AUC, forget set now vs match_reference
+    token_cap: float = float("inf")  # match: a forget token ascends only while its NLL is below this (nats)
     match_auc_current: float | None = None  # ... and vs match_holdout's losses under the current weights
     epochs: int = 0
     stop_reason: str | None = None
@@ -194,6 +195,8 @@ class UnlearnTrainer(SequenceTrainer):
             extra["npo"] = npo_loss(seq_logp, reference, self.args.npo_beta)
         if bool((terms == TERM_CODE["kl"]).any()):
             extra["kl"] = per_sequence_kl(logits, self._reference_batch(rows, terms, logits), labels)
+        if bool((terms == TERM_CODE["ascend_capped"]).any()):
+            extra["capped"] = per_sequence_capped_nll(logits, labels, self.run.token_cap)
         return extra
 
     def _reference_batch(self, rows, terms, logits) -> torch.Tensor:
@@ -347,6 +350,9 @@ class UnlearnTrainer(SequenceTrainer):
                     f"per rank (limit {self.args.kl_reference_max_gib}); use a smaller {which} set or raise the limit"
                 )
             targets = reference_logprobs(self.model, sequences, self.args.score_batch_size)
+            if which == "match":  # the cap: the non-members' token NLL quantile, as the input model has them
+                token_nll = [-t[torch.arange(len(s) - 1), torch.as_tensor(s[1:])] for t, s in zip(targets, sequences)]
+                self.run.token_cap = float(np.quantile(torch.cat(token_nll).numpy(), self.args.match_token_quantile))
             if which == "forget":  # UNDIAL: the true token's logit lowered by gamma
                 gamma = self.args.undial_gamma
                 targets = [undial_targets(t, torch.as_tensor(s[1:]), gamma) for t, s in zip(targets, sequences)]
