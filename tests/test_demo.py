@@ -80,6 +80,16 @@ def test_planting_sees_the_records_every_epoch_and_each_ordinary_row_once(tmp_pa
     assert trainer.epoch_rows() == [0, 1, 2]  # the pool is spent: the records alone
 
 
+def test_every_declared_method_has_a_title_and_a_plot_colour():
+    from ds_unlearn.demo.report import COLORS
+    from ds_unlearn.demo.run import METHOD_TITLES
+    from ds_unlearn.unlearn.methods import METHODS
+
+    # --methods accepts every declared method, so the report must be able to draw each one.
+    assert set(METHODS) <= set(COLORS) and set(METHODS) <= set(METHOD_TITLES)
+    assert len({COLORS[m] for m in METHODS}) == len(METHODS)  # each its own colour
+
+
 def test_settings_validation():
     assert settings_for(True).quick and settings_for(False, forget=8).forget == 8
     from ds_unlearn.commands.demo import DemoConfig

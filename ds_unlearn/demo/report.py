@@ -29,6 +29,7 @@ COLORS = {
     "npo": "tab:brown",
     "kl": "tab:cyan",
     "undial": "tab:pink",
+    "match": "tab:gray",
 }
 COLORS.update({f"{m}_lora": "tab:olive" for m in list(COLORS)})  # --lora's row (demo/run.py, LORA_*)
 
