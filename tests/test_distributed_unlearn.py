@@ -30,12 +30,12 @@ def run_ok(*args, **kwargs):
     return result
 
 
-def same_scores(a_dir, b_dir, name="scores_after.jsonl"):
+def same_scores(a_dir, b_dir, name="scores_after.jsonl", rel=2e-3):
     a, b = read_jsonl(a_dir / name), read_jsonl(b_dir / name)
     assert [r["id"] for r in a] == [r["id"] for r in b]
     for ra, rb in zip(a, b):
         assert rb["ma"] == pytest.approx(ra["ma"], abs=0.05), ra["id"]
-        assert rb["loss"] == pytest.approx(ra["loss"], rel=2e-3), ra["id"]
+        assert rb["loss"] == pytest.approx(ra["loss"], rel=rel), ra["id"]
 
 
 @pytest.fixture(scope="module")
@@ -157,6 +157,12 @@ def test_zero3_retain_side_methods_match_one_process(method, unlearn_case, tmp_p
     assert main(["unlearn", *unlearn_args(unlearn_case, one, "--method", method, *extra)]) == 0
     single = json.loads((one / "report.json").read_text())
     assert single["epochs"] == report["epochs"] and single["best_epoch"]["epoch"] == report["best_epoch"]["epoch"]
+    # match weighs each row by its distance to its target, so the ranks' different reduction order
+    # feeds back into the next epoch's weights: 0.5% apart after 7 epochs of the tiny model at lr 3e-3
+    # (the same epochs, verdicts and AUCs every epoch; 0.03% after the first).
+    rel = 1e-2 if method == "match" else 2e-3
+    if method == "match":
+        assert [h["match/auc"] for h in single["history"]] == [h["match/auc"] for h in report["history"]]
     for epoch in range(1, report["epochs"] + 1):  # every judged epoch's per-sequence losses agree
-        same_scores(one, out, f"scores_epoch{epoch}.jsonl")
-    same_scores(one, out)
+        same_scores(one, out, f"scores_epoch{epoch}.jsonl", rel=rel)
+    same_scores(one, out, rel=rel)

@@ -396,3 +396,16 @@ def test_match_drives_the_forget_losses_to_the_holdouts_and_stops_on_their_auc(u
     assert report["retain_ma"]["after"] > 0.9
     scalars, _ = tensorboard_tags(out)
     assert {"match/auc", "match/auc_current", "match/descended", "match/mean_gap"} <= scalars
+
+
+def test_match_with_lora_adapters_reaches_its_stop_rule_and_writes_only_the_adapter(unlearn_case, tmp_path):
+    out = tmp_path / "match_lora"
+    extra = ("--method", "match", "--lora_r", 8, "--learning_rate", "3e-2", "--match_margin", "0.2")
+    args = unlearn_args(unlearn_case, out, *extra, "--max_over_unlearned", "4")
+    assert main(["unlearn", *args]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["settings"]["lora"]["r"] == 8 and report["settings"]["match_token_quantile"] == 0.95
+    assert report["before"]["memorized"] == 4 and report["after"]["memorized"] == 0
+    assert "match stop rule holds" in report["stop_reason"]
+    assert abs(report["history"][report["best_epoch"]["epoch"]]["match/auc"] - 0.5) <= 0.2
+    assert (out / "adapter" / "adapter_model.safetensors").exists() and not (out / "model").exists()
