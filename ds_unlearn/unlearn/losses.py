@@ -26,6 +26,17 @@ TERMS = ("descend", "ascend", "npo", "kl", "ascend_capped")
 TERM_CODE = {name: code for code, name in enumerate(TERMS)}
 
 
+def _token_nll(logits: torch.Tensor, labels: torch.Tensor):
+    """The positions that predict ``labels[:, 1:]``: their logits [B, T-1, V] (half precision
+    upcast), targets [B, T-1], validity mask and token NLLs [B, T-1]."""
+    logits = logits[:, :-1].float() if logits.dtype in (torch.float16, torch.bfloat16) else logits[:, :-1]
+    targets = labels[:, 1:]
+    token_nll = F.cross_entropy(
+        logits.reshape(-1, logits.size(-1)), targets.clamp(min=0).reshape(-1), reduction="none"
+    ).view_as(targets)
+    return logits, targets, targets != IGNORE, token_nll
+
+
 def per_sequence_nll(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Mean next-token NLL of each row, and each row's teacher-forced accuracy (MA).
 
@@ -34,12 +45,7 @@ def per_sequence_nll(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.
     tensors (NLL in the logits' upcast dtype, MA as float). Every sequence counts once, whatever
     its length (unlearning is judged per sequence).
     """
-    logits = logits[:, :-1].float() if logits.dtype in (torch.float16, torch.bfloat16) else logits[:, :-1]
-    targets = labels[:, 1:]
-    valid = targets != IGNORE
-    token_nll = F.cross_entropy(
-        logits.reshape(-1, logits.size(-1)), targets.clamp(min=0).reshape(-1), reduction="none"
-    ).view_as(targets)
+    logits, targets, valid, token_nll = _token_nll(logits, labels)
     counts = valid.sum(-1).clamp(min=1)
     nll = (token_nll * valid).sum(-1) / counts
     hits = ((logits.argmax(-1) == targets) & valid).sum(-1)
@@ -55,12 +61,7 @@ def per_sequence_capped_nll(logits: torch.Tensor, labels: torch.Tensor, cap: flo
     text gets them are left where they are. Ascending the whole NLL instead pushes those furthest,
     since the gradient of -log p grows as p falls, until the row's worst tokens sit below
     anything unseen (what the Min-K%++ attack reads). ``cap`` = inf is the whole NLL."""
-    logits = logits[:, :-1].float() if logits.dtype in (torch.float16, torch.bfloat16) else logits[:, :-1]
-    targets = labels[:, 1:]
-    valid = targets != IGNORE
-    token_nll = F.cross_entropy(
-        logits.reshape(-1, logits.size(-1)), targets.clamp(min=0).reshape(-1), reduction="none"
-    ).view_as(targets)
+    _, _, valid, token_nll = _token_nll(logits, labels)
     below = (token_nll.detach() < cap) & valid
     return (token_nll * below).sum(-1) / valid.sum(-1).clamp(min=1)
 
