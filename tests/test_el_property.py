@@ -55,4 +55,9 @@ def test_fast_equals_reference_on_random_models_and_sequences(case):
     kwargs = dict(el_n=(n,), extract_k=(1,), batch_size=batch)
     fast = score_sequences(model, sequences, **kwargs)
     ref = score_sequences(model, sequences, method="reference", **kwargs)
-    assert fast == ref
+    # Every count is exact. The loss is a float mean, and the two paths batch rows differently, so
+    # their kernels may round differently: 1.8e-11 apart on two all-zero rows of a GPT-Neo (batch 3).
+    assert [{k: v for k, v in r.items() if k != "loss"} for r in fast] == [
+        {k: v for k, v in r.items() if k != "loss"} for r in ref
+    ]
+    assert [r["loss"] for r in fast] == pytest.approx([r["loss"] for r in ref], rel=1e-9, abs=1e-12)
