@@ -22,6 +22,7 @@ from ds_unlearn import cli
 from ds_unlearn.core import smollm2
 from ds_unlearn.core.errors import InputError
 from ds_unlearn.core.files import read_jsonl
+from ds_unlearn.core.verdict import IN_BAND, MEMORIZED, OVER_UNLEARNED, Thresholds, quantile_for
 from ds_unlearn.demo.data import personal_records
 from ds_unlearn.demo.run import OWN_ENTRIES, QUICK, DemoSettings, demo_sets, prepare_output_dir, settings_for
 
@@ -276,7 +277,37 @@ def test_report_numbers_match_the_score_files(quick):
         mine = [r["loss"] for r in read_jsonl(out / method / "audit_after.jsonl") if r["set"] == "forget"]
         truth = [r["loss"] for r in read_jsonl(out / "retrained" / "audit.jsonl") if r["set"] == "forget"]
         assert audit["after"]["forget_quality"] == pytest.approx(ks_2samp(mine, truth).pvalue)
-    assert "| retrained (ground truth) |" in markdown
+        # Its audit judges the unlearned model's records among its own scores of the never-planted
+        # records (the run's verdict is calibrated on the planted model's): recounted from the file.
+        counts, band = judged_among_own(read_jsonl(out / method / "audit_after.jsonl"))
+        assert own["audit"]["after"]["thresholds"]["calibrated_on_audit"]
+        assert own["audit"]["after"]["thresholds"]["band"] == band and audit["after"]["verdicts"] == counts
+        v = audit["after"]["verdicts"]
+        assert f"| {summary['title']} | {v['memorized']} | {v['over-unlearned']} | " in markdown
+    # The ground truth is judged the same way, among its own scores.
+    retrained = planted["retrained"]
+    counts, band = judged_among_own(read_jsonl(out / "retrained" / "audit.jsonl"))
+    assert retrained["forget"]["verdicts"] == retrained["summary"]["verdicts"] == counts
+    assert retrained["summary"]["thresholds"]["band"] == band
+    v = retrained["forget"]["verdicts"]
+    assert f"| retrained (ground truth) | {v['memorized']} | {v['over-unlearned']} | " in markdown
+
+
+OTHER = {OVER_UNLEARNED: "over-unlearned", IN_BAND: "unseen-like"}
+
+
+def judged_among_own(rows: list[dict]) -> tuple[dict, dict]:
+    """An audit file's forget records judged by hand among its own never-planted records (MA by
+    mid-rank position at the quick run's quantile; first that holds: memorized, discoverable,
+    over-unlearned, unseen-like): (verdict counts, MA band)."""
+    holdout = [r for r in rows if r["set"] == "holdout"]
+    forget = [r for r in rows if r["set"] == "forget"]
+    t = Thresholds(None, None, quantile=quantile_for(len(holdout))).calibrated(holdout)
+    names = [
+        "memorized" if s == MEMORIZED else "discoverable" if r["discoverable"] else OTHER[s]
+        for r, s in zip(forget, t.sides(forget))
+    ]
+    return {v: names.count(v) for v in ("memorized", "discoverable", "over-unlearned", "unseen-like")}, t.band()
 
 
 @pytest.mark.slow
@@ -327,3 +358,74 @@ def test_second_run_reuses_the_cached_conversion(quick, monkeypatch, tmp_path):
     # Without --chat nothing of the chat form runs.
     assert "chat" not in report and not (tmp_path / "again" / "chat").exists()
     assert not any(stage.startswith("chat") for stage in report["timing"])
+
+
+def seed_report(seed: int, truth: dict, match: dict, over: int) -> dict:
+    """A minimal demo report.json: the retrained audit and one method's, with AUCs per attack."""
+    audit = lambda aucs: {a: {"auc": v} for a, v in aucs.items()}
+    return {
+        "demo": {"settings": {"seed": seed}, "output_dir": f"/x/seed{seed}"},
+        "planting": {
+            "holdout_loss": {"planted": 2.0},
+            "retrained": {"holdout_loss": {"planted": 2.0 + np.log(1.01)}, "sets": {"retain": {"means": {"ma": 0.9}}}},
+            "audit": {
+                "retrained": {
+                    "summary": {"mia": audit(truth), "tpr_at_fpr": {}},
+                    "forget": {"verdicts": {"memorized": 1, "over-unlearned": over}},
+                }
+            },
+        },
+        "methods": {
+            "match": {
+                "title": "Match",
+                "audit": {
+                    "after": {
+                        "verdicts": {"memorized": seed, "over-unlearned": 0},
+                        "auc": match,
+                        "privleak": {},
+                        "forget_quality": 0.2 * (seed + 1),
+                        "tpr_at_1pct_fpr": {"loss": 0.0},
+                    }
+                },
+                "holdout_perplexity": {"change_pct": 3.0 + seed},
+                "retain_ma": {"after": 0.95},
+            }
+        },
+    }
+
+
+def test_the_seeds_table_is_each_models_mean_and_range_with_the_gap_to_its_own_retrained_model():
+    from ds_unlearn.demo.report import RETRAINED_ROW
+    from ds_unlearn.demo.seeds import seed_figures, spread_table
+
+    reports = [
+        seed_report(
+            0,
+            {"loss": 0.50, "zlib": 0.55, "min_k++": 0.45, "ref": 0.53},
+            {"loss": 0.52, "zlib": 0.52, "min_k++": 0.08, "ref": 0.53},
+            1,
+        ),
+        seed_report(
+            1,
+            {"loss": 0.60, "zlib": 0.50, "min_k++": 0.50, "ref": 0.50},
+            {"loss": 0.50, "zlib": 0.51, "min_k++": 0.40, "ref": 0.49},
+            3,
+        ),
+    ]
+    figures = seed_figures(reports)
+    assert list(figures) == [RETRAINED_ROW, "match"]
+    # The gap is against the same seed's retrained model: 0.37 on seed 0 (min_k++), 0.10 on seed 1 (loss).
+    assert [r["gap"] for r in figures["match"]] == pytest.approx([0.37, 0.10])
+    assert [r["gap"] for r in figures[RETRAINED_ROW]] == [0.0, 0.0]
+    assert [r["ppl_change"] for r in figures[RETRAINED_ROW]] == pytest.approx([1.0, 1.0])
+    table = spread_table(reports)
+    assert table[0] == "Over seeds 0, 1: mean (min to max)."
+    match = next(line for line in table if line.startswith("| Match |")).split(" | ")
+    assert match[1:3] == ["0.5 (0.0 to 1.0)", "0.0 (0.0 to 0.0)"]  # memorized, over-unlearned
+    assert match[3] == "0.510 (0.500 to 0.520)"  # loss AUC
+    assert match[7] == "0.235 (0.100 to 0.370)"  # the gap
+    assert match[9] == "+3.5 (+3.0 to +4.0)"  # holdout perplexity change
+    truth = next(line for line in table if line.startswith(f"| {RETRAINED_ROW} |")).split(" | ")
+    assert truth[2] == "2.0 (1.0 to 3.0)" and truth[8] == "1.000 (1.000 to 1.000)"
+    with pytest.raises(ValueError, match="/x/seed0: no retrained audit"):
+        seed_figures([{**reports[0], "planting": {}}])

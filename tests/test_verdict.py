@@ -209,3 +209,34 @@ def test_unlearn_judges_band_on_scores_from_its_one_teacher_forced_pass(random_c
         over += 1 not in sides and -1 in sides
     assert (report["after"]["memorized"], report["after"]["over_unlearned"]) == (memorized, over)
     assert report["history"][0]["forget/memorized"] == 12
+
+
+def test_recalibrate_judges_each_model_among_its_own_scores_of_unseen_text(random_case):
+    """``audit(recalibrate=True)``: thresholds calibrated under another model (one that scores unseen
+    text MA 0.5..0.96) are re-placed among this model's own non-members, so unseen text reads
+    unseen-like; without it every row reads over-unlearned against the other model's band."""
+    from ds_unlearn.core.audit import audit
+
+    model = AutoModelForCausalLM.from_pretrained(random_case / "model").eval()
+    sets = {name: [r["input_ids"] for r in read_jsonl(random_case / f"{name}.jsonl")] for name in ("unseen", "holdout")}
+    other = Thresholds(None, None).calibrated([{"ma": 0.5 + i / 50} for i in range(24)])
+    options = dict(extract_k=(8,), el_n=(5,), prefix_length=8, suffix_length=16, bootstrap=20, greedy=True)
+    given = audit(model, sets["unseen"], sets["holdout"], thresholds=other, **options)
+    own = audit(model, sets["unseen"], sets["holdout"], thresholds=other, recalibrate=True, **options)
+    name = {MEMORIZED: "memorized", OVER_UNLEARNED: "over-unlearned", IN_BAND: "unseen-like"}
+    for result, thresholds, here in (
+        (given, other, False),
+        (own, other.calibrated(own.set_rows("holdout")), True),
+    ):
+        forget = result.set_rows("forget")
+        assert not any(r["discoverable"] for r in forget)  # so the MA verdict is each row's verdict
+        assert [r["verdict"] for r in forget] == [name[int(s)] for s in thresholds.sides(forget)]
+        assert result.summary["thresholds"]["calibrated_on_audit"] is here
+        assert result.summary["thresholds"]["band"] == thresholds.band()
+    assert given.summary["forget"]["verdicts"]["over-unlearned"] == 24
+    assert own.summary["forget"]["verdicts"]["over-unlearned"] + own.summary["forget"]["verdicts"]["memorized"] <= 3
+    # The same scores: recalibration changes the verdicts only.
+    assert [r["ma"] for r in given.rows] == [r["ma"] for r in own.rows]
+    with pytest.raises(InputError, match="recalibrate: judging MA by holdout position needs greedy"):
+        options["greedy"] = False
+        audit(model, sets["unseen"], sets["holdout"], thresholds=other, recalibrate=True, **options)

@@ -433,6 +433,7 @@ def audit(
     reference=None,
     retrained=None,
     prompt_lengths: tuple[Sequence[int] | None, Sequence[int] | None] = (None, None),
+    recalibrate: bool = False,
     **options,
 ) -> AuditResult:
     """Audit ``model`` (any Hugging Face causal LM) on a forget set against a holdout set.
@@ -455,6 +456,13 @@ def audit(
     ``retrained_figures`` to the summary (``mia_retrained``, ``privleak``, ``forget_quality``).
     Passing figures instead of models lets a caller load one model at a time.
 
+    Verdicts judged by holdout position (``Thresholds.positional``) are placed among this audit's
+    own non-members when ``thresholds`` holds no holdout values yet. ``recalibrate``: also when it
+    does (thresholds calibrated under another model, e.g. the one before unlearning), so that the
+    verdict reads "scores as this model scores text it never saw", the same question the AUCs
+    ask. The summary's ``thresholds.calibrated_on_audit`` says whether the positions came from this
+    audit's non-members. Judging MA by position this way needs ``greedy``.
+
     Returns an ``AuditResult``: per sequence (forget rows, then holdout rows) ``id``, ``set``,
     every ``score_sequences`` metric, ``zlib``, ``min_k``, ``min_k++``, their percentiles within
     the holdout (``{score}_pct``, 0-100), ``log10_p`` (float, ``-inf`` when p = 0),
@@ -471,7 +479,11 @@ def audit(
     holdout_ids, holdout_seqs, holdout_prompts = _as_sequences(holdout, prompt_lengths[1])
     prompts = forget_prompts + holdout_prompts
     with_prompts = any(prompts) or any(p is not None for p in prompt_lengths) or _has_prompts(forget, holdout)
-    if any(s not in thresholds.holdout and (s != "ma" or settings.greedy) for s in thresholds.positional()):
+    if recalibrate and "ma" in thresholds.positional() and not settings.greedy:
+        raise InputError("recalibrate: judging MA by holdout position needs greedy scoring (greedy=True)")
+    if any(
+        (recalibrate or s not in thresholds.holdout) and (s != "ma" or settings.greedy) for s in thresholds.positional()
+    ):
         check_holdout_size(len(holdout_seqs), thresholds.score_quantile)
     explicit_ids = hasattr(forget, "sequences") and hasattr(holdout, "sequences")
     check_sets(
@@ -532,14 +544,18 @@ def audit(
     holdout_scores = {s: [r[s] for r in rows if r["set"] == "holdout"] for s in scores}
     holdout_rows = [r for r in rows if r["set"] == "holdout"]
     uncalibrated = any(s not in thresholds.holdout for s in thresholds.positional())
-    if uncalibrated and all(s in holdout_rows[0] for s in thresholds.band_on):
+    recalibrated = bool(thresholds.positional()) and (uncalibrated or recalibrate)
+    if recalibrated and all(s in holdout_rows[0] for s in thresholds.band_on):
         # Verdicts by position among this audit's own non-members (explicit levels win).
         thresholds = thresholds.calibrated(holdout_rows)
+    else:
+        recalibrated = False
     for row in rows:
         for score in scores:
             row[f"{score}_pct"] = percentile_in(row[score], holdout_scores[score])
         row["verdict"] = verdict(row, thresholds)
     result = AuditResult(rows, summarize_audit(rows, settings, thresholds), settings)
+    result.summary["thresholds"]["calibrated_on_audit"] = recalibrated
     if retrained is not None:
         result.summary.update(retrained_figures(result, retrained))
     return result

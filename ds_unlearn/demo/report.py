@@ -175,15 +175,64 @@ def chat_section(chat: dict) -> list[str]:
     return lines + summary_table(chat["methods"], heading=None)
 
 
-def retrained_table(methods: dict, planting: dict) -> list[str]:
-    """Every method beside the ground truth: the model planted the same way without the forget
-    records. Attack AUCs (forget vs never-planted records; the retrained row is where unlearning
-    should land, not 0.5), PrivLeak against it, forget quality (KS p-value of per-record losses,
-    >= 0.05: cannot be told apart), TPR at 1% FPR, memorized and over-unlearned."""
+def against_retrained(methods: dict, planting: dict) -> dict[str, dict]:
+    """The figures of the "Against the retrained model" table, per row: ``RETRAINED_ROW`` (the
+    ground truth: the model planted the same way without the forget records) first, then every
+    method with an end-of-run audit, by its report key. Each: ``title``, ``memorized`` and
+    ``over_unlearned`` (the audit's verdicts: judged among that model's own scores of the
+    never-planted records), ``auc`` per attack (forget vs never-planted records), ``privleak`` per
+    attack (None for the ground truth: 0 by definition), ``forget_quality`` (KS p-value of the
+    per-record losses against the ground truth's; 1 for itself), ``tpr`` at 1% FPR (loss attack),
+    ``ppl_change`` (holdout perplexity change against the planted model, %) and ``retain_ma``.
+    Empty when the report has no retrained audit."""
     retrained = planting.get("audit", {}).get("retrained")
     if not retrained:
-        return []
+        return {}
     r = retrained["summary"]
+    planted_loss = planting.get("holdout_loss", {}).get("planted")
+    own = planting.get("retrained", {})
+    ppl = None
+    if planted_loss is not None and own.get("holdout_loss", {}).get("planted") is not None:
+        ppl = (np.exp(own["holdout_loss"]["planted"] - planted_loss) - 1) * 100
+    verdicts = retrained["forget"]["verdicts"]
+    rows = {
+        RETRAINED_ROW: {
+            "title": RETRAINED_ROW,
+            "memorized": verdicts["memorized"],
+            "over_unlearned": verdicts["over-unlearned"],
+            "auc": {a: r["mia"].get(a, {}).get("auc") for a in ATTACKS},
+            "privleak": {},
+            "forget_quality": 1.0,
+            "tpr": r.get("tpr_at_fpr", {}).get("loss", {}).get("0.01", {}).get("tpr"),
+            "ppl_change": ppl,
+            "retain_ma": own.get("sets", {}).get("retain", {}).get("means", {}).get("ma"),
+        }
+    }
+    for key, m in methods.items():
+        a = (m.get("audit") or {}).get("after")
+        if not a:
+            continue
+        rows[key] = {
+            "title": m["title"],
+            "memorized": a["verdicts"]["memorized"],
+            "over_unlearned": a["verdicts"]["over-unlearned"],
+            "auc": {s: a["auc"].get(s) for s in ATTACKS},
+            "privleak": a.get("privleak", {}),
+            "forget_quality": a.get("forget_quality"),
+            "tpr": a["tpr_at_1pct_fpr"].get("loss"),
+            "ppl_change": m["holdout_perplexity"]["change_pct"],
+            "retain_ma": m["retain_ma"]["after"],
+        }
+    return rows
+
+
+def retrained_table(methods: dict, planting: dict) -> list[str]:
+    """Every method beside the ground truth (``against_retrained``). Attack AUCs (the retrained
+    row is where unlearning should land, not 0.5), PrivLeak against it, forget quality (>= 0.05:
+    cannot be told apart), TPR at 1% FPR, memorized and over-unlearned."""
+    figures = against_retrained(methods, planting)
+    if not figures:
+        return []
     rows = [
         "## Against the retrained model",
         "",
@@ -192,32 +241,23 @@ def retrained_table(methods: dict, planting: dict) -> list[str]:
         + " | PrivLeak loss / min_k++ | forget quality | TPR @ 1% FPR (loss) | holdout ppl change | retain MA |",
         "|---|---|---|" + "---|" * len(ATTACKS) + "---|---|---|---|---|",
     ]
-    planted_loss = planting.get("holdout_loss", {}).get("planted")
-    own = planting.get("retrained", {})
-    ppl = None
-    if planted_loss is not None and own.get("holdout_loss", {}).get("planted") is not None:
-        ppl = (np.exp(own["holdout_loss"]["planted"] - planted_loss) - 1) * 100
-    verdicts = retrained["forget"]["verdicts"]
-    tpr = r.get("tpr_at_fpr", {}).get("loss", {}).get("0.01", {}).get("tpr")
-    rows.append(
-        f"| {RETRAINED_ROW} | {verdicts['memorized']} | {verdicts['over-unlearned']} | "
-        + " | ".join(f3(r["mia"].get(a, {}).get("auc")) for a in ATTACKS)
-        + f" | 0 / 0 (itself) | 1 (itself) | {f3(tpr)} | {pct(ppl)} | "
-        f"{f3(own.get('sets', {}).get('retain', {}).get('means', {}).get('ma'))} |"
-    )
-    for m in methods.values():
-        a = (m.get("audit") or {}).get("after")
-        if not a:
-            continue
-        leak = a.get("privleak", {})
+    for key, f in figures.items():
+        leak = (
+            "0 / 0 (itself)"
+            if key == RETRAINED_ROW
+            else f"{f1(f['privleak'].get('loss'))} / {f1(f['privleak'].get('min_k++'))}"
+        )
+        quality = "1 (itself)" if key == RETRAINED_ROW else f3(f["forget_quality"])
         rows.append(
-            f"| {m['title']} | {m['after']['memorized']} | {m['after']['over_unlearned']} | "
-            + " | ".join(f3(a["auc"].get(s)) for s in ATTACKS)
-            + f" | {f1(leak.get('loss'))} / {f1(leak.get('min_k++'))} | {f3(a.get('forget_quality'))} "
-            f"| {f3(a['tpr_at_1pct_fpr'].get('loss'))} | {pct(m['holdout_perplexity']['change_pct'])} "
-            f"| {f3(m['retain_ma']['after'])} |"
+            f"| {f['title']} | {f['memorized']} | {f['over_unlearned']} | "
+            + " | ".join(f3(f["auc"][a]) for a in ATTACKS)
+            + f" | {leak} | {quality} | {f3(f['tpr'])} | {pct(f['ppl_change'])} | {f3(f['retain_ma'])} |"
         )
     return rows + [
+        "",
+        "Memorized and over-unlearned here: each model's records judged among its own scores of the never-planted "
+        "records (the question the AUCs ask), at the run's quantile; the table above judges them as the stop rule "
+        "does, against the planted model's.",
         "",
         "PrivLeak = (AUC - AUC_retrained) / AUC_retrained x 100 (MUSE): near 0 is the goal; positive: still "
         "member-like, negative: pushed past where the retrained model leaves the records. Holdout perplexity "

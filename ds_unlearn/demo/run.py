@@ -88,6 +88,9 @@ class DemoSettings:
     holdout: int = 24
     unseen: int = 48
     calibration: int = 48  # more never-planted records: the match method's targets (never audited)
+    # match's retain term: 4x the forget rows' (the measured best on seed 0: loss/zlib/ref AUC within
+    # 0.04 of the retrained model with retain MA 0.964; at 1x, 0.67 on loss and retain MA 0.93).
+    match_retain_weight: float = 4.0
     ordinary_per_epoch: int = 16  # fresh KJV verses / stdlib prose rows per planting epoch (in no other set)
     famous: int | None = None  # famous KJV verses to scan (None: all of demo_data.FAMOUS_PASSAGES)
     max_length: int = 32
@@ -651,6 +654,8 @@ def unlearn_config(
     data = out / "data"
     declared = METHODS[method]
     extra = {"tv_switch_ma": settings.tv_switch_ma} if declared.task_vector and settings.tv_switch_ma else {}
+    if declared.matches:
+        extra["retain_weight"] = settings.match_retain_weight
     retain_rows = settings.retain if declared.uses_retain_set else 0
     match_rows = settings.calibration if declared.matches else 0
     if lora:
@@ -755,7 +760,10 @@ def audit_planted(
     model = load_for_inference(out / "retrained" / "model", torch.float32, None)
     # With greedy scoring too: the retrained row's memorized / over-unlearned counts need its MA.
     greedy = replace(kwargs["settings"], greedy=True, extract_k=(settings.extract_k,))
-    retrained = audit(model, forget.sequences, nonmember.sequences, **{**kwargs, "settings": greedy})
+    # Its verdicts among its own scores of the never-planted records (as every method's audit
+    # judges its model): under the planted model's they would read the template's weaker hold as
+    # "over-unlearned" (11 of 32 on seed 0).
+    retrained = audit(model, forget.sequences, nonmember.sequences, **{**kwargs, "settings": greedy}, recalibrate=True)
     del model
     model = load_for_inference(model_dir, torch.float32, None)
     result = audit(model, forget.sequences, nonmember.sequences, retrained=retrained, **kwargs)
@@ -803,6 +811,8 @@ def entry_figures(entry: dict) -> dict:
         "auc_ci95": {s: mia[s]["ci95"] for s in mia},
         "distinguishable": {s: mia[s].get("distinguishable") for s in mia},
         "privleak": privleak,
+        # Judged among the audited model's own scores of the never-planted records.
+        "verdicts": entry["verdicts"],
         "tpr_at_1pct_fpr": {s: tpr.get(s, {}).get("0.01", {}).get("tpr") for s in mia},
         "forget_quality": entry.get("forget_quality"),
         "discoverable": entry["forget"]["discoverable"],

@@ -15,6 +15,12 @@ skipped (said so in the report). Sampling extraction uses the first ``extract_k`
 prefix and the rest of each sequence as the suffix (the sampling counterpart of
 k-extractability), pure sampling (temperature 1, no truncation), 1000 samples, 50% confidence.
 
+Verdicts: each audited model's records are judged by position among that model's own scores
+of the non-members (``audit(recalibrate=True)``), the question the AUCs ask, where the run's
+verdict is positional and the non-members are enough for its quantile (else by the run's
+thresholds, calibrated under the input model, as its stop rule judges). The summaries carry the
+forget set's verdict counts and the thresholds they came from.
+
 ``reference`` adds the reference-model attack (``ref``) and ``retrained`` the figures against a
 model trained without the forget set (AUCs under it, PrivLeak, forget quality), as
 ``ds-unlearn audit --reference / --retrained`` computes them; each is loaded, used once and freed
@@ -34,6 +40,7 @@ from ..core.ds_config import load_ds_config, zero_stage
 from ..core.errors import InputError, param
 from ..core.files import write_jsonl
 from ..core.models import load_config, load_for_inference, load_tokenizer, resolve_model_dir
+from ..core.verdict import min_holdout_rows
 
 COMPANIONS = ("reference", "retrained")  # the config fields naming the audit's extra models
 RETRAINED_KEYS = ("mia_retrained", "privleak", "forget_quality", "forget_quality_ks")
@@ -59,13 +66,33 @@ def companion_problem(config, path: str, name: str) -> str | None:
     return None
 
 
-def audit_settings(config) -> AuditSettings:
+def audit_settings(config, greedy: bool = False) -> AuditSettings:
+    """The end-of-run audit's settings from an ``UnlearnConfig``. ``greedy``: also the greedy
+    metrics (the run's own scores_before/after hold the forget set's; the non-members' MA is
+    needed to judge the records by position among them), as the run scores them between epochs:
+    k-extractability at ``extract_k``, no EL_n (greedy generation the verdict does not read)."""
     return AuditSettings(
         prefix_length=config.extract_k,
         suffix_length=None,
         batch_size=config.score_batch_size,
         seed=config.seed,
-        greedy=False,  # the run's own scores_before/after hold the greedy metrics
+        greedy=greedy,
+        el_n=(),
+        extract_k=(config.extract_k,),
+    )
+
+
+def own_verdicts(config, thresholds, nonmember) -> bool:
+    """Whether the end-of-run audit judges each model's records among its own scores of the
+    non-members (``audit(recalibrate=True)``): the verdict is positional, the non-members
+    (a ``SequenceSet``) are enough rows to place a record at its quantile
+    (``verdict.min_holdout_rows``), and each is long enough for the greedy metrics (MA by position
+    needs theirs). Otherwise the audit judges by the run's thresholds."""
+    greedy = audit_settings(config, greedy=True)
+    return (
+        bool(thresholds.positional())
+        and len(nonmember.sequences) >= min_holdout_rows(thresholds.score_quantile)
+        and all(len(seq) >= greedy.min_tokens(p) for seq, p in zip(nonmember.sequences, nonmember.prompts()))
     )
 
 
@@ -106,12 +133,15 @@ def with_ids(result, forget_ids, nonmember_ids) -> list[dict]:
 
 def summary_entry(result) -> dict:
     """An audit's summary as report.json keeps it under ``audit.before`` / ``audit.after``:
-    MIA AUCs (with their intervals and two-sided reading), TPR at low FPR, discoverable counts /
-    log10 p under sampling, and with a retrained model ``RETRAINED_KEYS``."""
+    MIA AUCs (with their intervals and two-sided reading), TPR at low FPR, the forget set's verdict
+    counts with the thresholds they used, discoverable counts / log10 p under sampling, and with a
+    retrained model ``RETRAINED_KEYS``."""
     s = result.summary
     return {
         "mia": s["mia"],
         "tpr_at_fpr": s["tpr_at_fpr"],
+        "verdicts": s["forget"]["verdicts"],
+        "thresholds": s["thresholds"],
         **{k: s[k] for k in RETRAINED_KEYS if k in s},
         "forget": {
             "discoverable": s["forget"]["sampling"]["discoverable"],
@@ -135,7 +165,9 @@ def audit_run(config, model_dir, trainer, sets: dict) -> dict:
     name, nonmember = nonmember_set(sets)
     if nonmember is None:
         return {"skipped": "no holdout set: membership inference needs text the model never saw"}
-    settings = audit_settings(config)
+    thresholds = trainer.thresholds
+    recalibrate = own_verdicts(config, thresholds, nonmember)
+    settings = audit_settings(config, greedy=recalibrate and "ma" in thresholds.positional())
     forget = sets["forget"]
     tokenizer = trainer.processing_class or load_tokenizer(model_dir)  # decodes tokens for zlib, as `audit` does
     ds_config = load_ds_config(config.deepspeed) if config.deepspeed else None
@@ -148,9 +180,10 @@ def audit_run(config, model_dir, trainer, sets: dict) -> dict:
         forget.sequences,
         nonmember.sequences,
         settings=settings,
-        thresholds=trainer.thresholds,
+        thresholds=thresholds,
         tokenizer=tokenizer,
         prompt_lengths=(forget.prompt_lengths, nonmember.prompt_lengths),
+        recalibrate=recalibrate,
         **companions,
     )
     try:
