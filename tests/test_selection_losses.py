@@ -16,6 +16,7 @@ from ds_unlearn.unlearn.losses import (
     per_sequence_capped_nll,
     per_sequence_kl,
     per_sequence_nll,
+    per_sequence_profile_gap,
     predicted_tokens,
     row_losses,
     weighted_objective,
@@ -29,6 +30,8 @@ from ds_unlearn.unlearn.selection import (
     epoch_rank,
     match_plan,
     plan_epoch,
+    profile_targets,
+    rank_matched_sources,
     rank_matched_targets,
     sga_selection,
     step_scale,
@@ -361,3 +364,68 @@ def test_capped_nll_counts_only_tokens_below_the_cap_and_moves_only_them():
     assert logits.grad[0, 0, 0] > 0  # a step against the gradient lowers the true token's logit
     with pytest.raises(ValueError, match="ascend_capped"):
         row_losses(torch.tensor([TERM_CODE["ascend_capped"]]), nll)
+
+
+@settings(max_examples=200, deadline=None)
+@given(forget=losses_list, nonmember=losses_list)
+def test_rank_matched_sources_give_higher_forget_losses_higher_nonmembers(forget, nonmember):
+    sources = rank_matched_sources(forget, nonmember)
+    assert sources.dtype == np.int64 and np.all((0 <= sources) & (sources < len(nonmember)))
+    # In forget-loss order, the sources' losses never fall: the same order as rank_matched_targets.
+    order = np.argsort(forget, kind="stable")
+    assert np.all(np.diff(np.asarray(nonmember)[sources[order]]) >= 0)
+
+
+def test_rank_matched_sources_and_profile_targets_by_hand():
+    # Non-members by loss: 1.0 (index 1), 2.0 (3), 3.0 (2), 4.0 (4), 5.0 (0). Forget row 1 is the lower:
+    # position 0.25 of 5 -> the 2nd lowest (index 3); row 0 at 0.75 -> the 4th (index 4).
+    assert rank_matched_sources([0.3, 0.1], [5.0, 1.0, 3.0, 2.0, 4.0]).tolist() == [4, 3]
+    assert rank_matched_sources([7.0], [1.0, 2.0, 6.0]).tolist() == [1]  # one row: the median non-member
+    # A profile resampled to n positions: its (j + 0.5)/n quantiles, ascending.
+    assert profile_targets([3.0, 1.0, 2.0], 3).tolist() == pytest.approx([1 + 1 / 3, 2.0, 3 - 1 / 3])
+    assert profile_targets([0.0, 4.0], 1).tolist() == [2.0]
+    assert profile_targets([5.0] * 4, 7).tolist() == [5.0] * 7
+    with pytest.raises(ValueError):
+        rank_matched_sources([], [1.0])
+    with pytest.raises(ValueError):
+        profile_targets([], 3)
+
+
+def test_profile_gap_matches_sorted_token_nlls_to_the_profile_and_moves_each_token_toward_its_place():
+    torch.manual_seed(0)
+    logits = torch.randn(2, 6, 11, dtype=torch.float64, requires_grad=True)
+    labels = torch.tensor([[1, 4, 2, 7, 3, 9], [5, 6, 8, -100, -100, -100]])  # row 1: 2 predicted positions
+    token_nll = -torch.log_softmax(logits[:, :-1].detach(), -1).gather(-1, labels[:, 1:].clamp(min=0)[..., None])[
+        ..., 0
+    ]
+    profile = torch.zeros(2, 5, dtype=torch.float64)
+    profile[0] = torch.tensor([0.5, 1.0, 2.0, 3.0, 8.0])
+    profile[1, :2] = torch.tensor([1.0, 9.0])
+    gap = per_sequence_profile_gap(logits, labels, profile)
+    rows = [np.sort(token_nll[0].numpy()), np.sort(token_nll[1, :2].numpy())]
+    expected = [
+        0.5 * np.mean((rows[0] - profile[0].numpy()) ** 2),
+        0.5 * np.mean((rows[1] - profile[1, :2].numpy()) ** 2),
+    ]
+    assert gap.tolist() == pytest.approx(expected)
+    # Its gradient on each token's NLL is (nll - its profile place) / n: descending the gap raises
+    # the row's highest token toward 8 / 9 nats and never touches the padding.
+    nll = token_nll.clone().requires_grad_(True)
+    per_row = [
+        0.5 * ((torch.sort(nll[0]).values - profile[0]) ** 2).mean(),
+        0.5 * ((torch.sort(nll[1, :2]).values - profile[1, :2]) ** 2).mean(),
+    ]
+    sum(per_row).backward()
+    assert torch.all(nll.grad[1, 2:] == 0)
+    gap.sum().backward()
+    assert torch.all(logits.grad[1, 2:-1] == 0) and torch.all(logits.grad[1, -1] == 0)
+    top = int(token_nll[0].argmax())
+    assert nll.grad[0, top] < 0  # below 8 nats: the step raises it
+    # At its own sorted NLLs the gap is 0: a row already on its profile is left where it is.
+    own = torch.zeros(2, 5, dtype=torch.float64)
+    own[0], own[1, :2] = torch.tensor(rows[0]), torch.tensor(rows[1])
+    assert per_sequence_profile_gap(logits, labels, own).tolist() == pytest.approx([0.0, 0.0], abs=1e-12)
+    terms = torch.tensor([TERM_CODE["match_profile"]] * 2)
+    assert row_losses(terms, gap, profile=gap).tolist() == gap.tolist()
+    with pytest.raises(ValueError, match="match_profile"):
+        row_losses(terms, gap)

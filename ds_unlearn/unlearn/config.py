@@ -183,6 +183,14 @@ class UnlearnConfig(TrainingArguments):
         "(1: the whole NLL).",
         default=0.95,
     )
+    match_target: str = _help(
+        "method",
+        "match: what each forget row is driven to. 'loss': the non-members' loss at its rank (its tokens ascended up "
+        "to match_token_quantile); 'tokens': the sorted token NLLs of the non-member at its rank (each row's "
+        "token-loss profile, so as many of its tokens end mispredicted and as few far below unseen text as that "
+        "non-member's).",
+        default="loss",
+    )
     kl_reference_max_gib: float = _help(
         "method",
         "kl / undial / match: the original model's log-probabilities over the retain (kl), forget (undial) or "
@@ -461,6 +469,8 @@ class UnlearnConfig(TrainingArguments):
             _bad("npo_beta", f"must be positive, got {self.npo_beta}")
         if not self.undial_gamma > 0:
             _bad("undial_gamma", f"must be positive, got {self.undial_gamma}")
+        if declared.matches and self.match_target not in ("loss", "tokens"):
+            _bad("match_target", f"must be 'loss' or 'tokens', got {self.match_target!r}")
         if declared.matches and not 0.0 < self.match_token_quantile <= 1.0:
             _bad("match_token_quantile", f"must lie in (0, 1], got {self.match_token_quantile}")
         if declared.matches and self.match_weight < 0:

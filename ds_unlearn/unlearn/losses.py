@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 IGNORE = -100
-TERMS = ("descend", "ascend", "npo", "kl", "ascend_capped")
+TERMS = ("descend", "ascend", "npo", "kl", "ascend_capped", "match_profile")
 TERM_CODE = {name: code for code, name in enumerate(TERMS)}
 
 
@@ -64,6 +64,24 @@ def per_sequence_capped_nll(logits: torch.Tensor, labels: torch.Tensor, cap: flo
     _, _, valid, token_nll = _token_nll(logits, labels)
     below = (token_nll.detach() < cap) & valid
     return (token_nll * below).sum(-1) / valid.sum(-1).clamp(min=1)
+
+
+def per_sequence_profile_gap(logits: torch.Tensor, labels: torch.Tensor, profile: torch.Tensor) -> torch.Tensor:
+    """Half the mean squared gap between each row's sorted token NLLs and a target profile.
+
+    ``logits`` [B, T, V], ``labels`` [B, T] long (IGNORE at padding and prompts); ``profile``
+    [B, T-1] float: per row, its ``n`` predicted positions' target NLLs (nats) ascending in the
+    first ``n`` entries (``selection.profile_targets``), anything after. Returns [B]:
+    ``0.5 * mean_j (sort(nll)_j - profile_j)^2`` over the row's positions. Its gradient raises
+    each token below its place in the profile and lowers each above it, matched by rank: the row
+    ends with the profile's share of unlikely tokens (what MA and Min-K%++ read) and its mean
+    (what the loss attack reads), whichever tokens carry them."""
+    _, _, valid, token_nll = _token_nll(logits, labels)
+    n = valid.sum(-1)
+    ordered = torch.sort(token_nll.masked_fill(~valid, float("inf")), dim=-1).values  # predicted positions first
+    first = torch.arange(ordered.shape[-1], device=ordered.device) < n.unsqueeze(-1)
+    gap = torch.where(first, ordered - profile.to(ordered.device, ordered.dtype), torch.zeros_like(ordered))
+    return 0.5 * (gap**2).sum(-1) / n.clamp(min=1)
 
 
 def predicted_tokens(labels: torch.Tensor) -> torch.Tensor:
@@ -119,12 +137,14 @@ def row_losses(
     npo: torch.Tensor | None = None,
     kl: torch.Tensor | None = None,
     capped: torch.Tensor | None = None,
+    profile: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Each row's loss by its term code (``TERM_CODE``): ``nll`` for descend, ``-nll`` for ascend,
-    ``npo`` / ``kl`` / ``-capped`` for ascend_capped (each [B], needed only when some row has that
-    term). All [B]."""
+    ``npo`` / ``kl`` / ``-capped`` for ascend_capped / ``profile`` for match_profile (each [B],
+    needed only when some row has that term). All [B]."""
     out = torch.where(terms == TERM_CODE["ascend"], -nll, nll)
-    for name, values in (("npo", npo), ("kl", kl), ("ascend_capped", None if capped is None else -capped)):
+    negated = None if capped is None else -capped
+    for name, values in (("npo", npo), ("kl", kl), ("ascend_capped", negated), ("match_profile", profile)):
         rows = terms == TERM_CODE[name]
         if bool(rows.any()):
             if values is None:

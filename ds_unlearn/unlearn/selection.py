@@ -135,6 +135,33 @@ def rank_matched_targets(losses: Sequence[float], nonmember_losses: Sequence[flo
     return np.quantile(reference, ranks)
 
 
+def rank_matched_sources(losses: Sequence[float], nonmember_losses: Sequence[float]) -> np.ndarray:
+    """For ``match_target tokens``: the non-member each forget sequence takes its token-loss profile
+    from, by rank. The forget sequence of mid-rank ``r`` among ``n`` (ties broken by index, as
+    ``rank_matched_targets``) gets the non-member at the ``(r + 0.5) / n`` position of the
+    non-members ordered by loss (the nearest below it: int(position * m)). ``losses`` [n],
+    ``nonmember_losses`` [m]: mean token NLLs (nats). Returns int64 [n] indices into the
+    non-members. Raises ValueError on an empty set."""
+    losses = np.asarray(losses, dtype=np.float64)
+    reference = np.asarray(nonmember_losses, dtype=np.float64)
+    if losses.size == 0 or reference.size == 0:
+        raise ValueError("rank_matched_sources needs forget and non-member losses")
+    ranks = np.empty(losses.size)
+    ranks[np.argsort(losses, kind="stable")] = (np.arange(losses.size) + 0.5) / losses.size
+    order = np.argsort(reference, kind="stable")
+    return order[np.minimum((ranks * reference.size).astype(np.int64), reference.size - 1)]
+
+
+def profile_targets(profile: Sequence[float], n: int) -> np.ndarray:
+    """A token-loss profile resampled to ``n`` positions: the ``(j + 0.5) / n`` quantiles
+    (``numpy.quantile``, linear) of ``profile`` (one non-member's token NLLs, nats), ascending.
+    float64 [n]; the mean stays close to the profile's mean. Raises ValueError on an empty profile."""
+    values = np.asarray(profile, dtype=np.float64)
+    if values.size == 0:
+        raise ValueError("profile_targets needs a non-empty profile")
+    return np.quantile(values, (np.arange(n) + 0.5) / n)
+
+
 def match_plan(losses: Sequence[float], targets: Sequence[float]) -> tuple[list[int], list[int], list[float]]:
     """The ``match`` method's epoch: the gradient of ``sum_i (loss_i - target_i)^2 / 2`` written as
     the trainer's row terms. A sequence below its target (still more likely than text the model

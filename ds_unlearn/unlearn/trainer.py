@@ -39,7 +39,16 @@ from ..core.scorer import score_sequences, scored_tokens
 from ..core.verdict import Thresholds, needs_membership
 from .loop import SequenceTrainer
 from .lora import AdapterEdit
-from .losses import TERM_CODE, npo_loss, per_sequence_capped_nll, per_sequence_kl, predicted_tokens, undial_targets
+from .losses import (
+    IGNORE,
+    TERM_CODE,
+    npo_loss,
+    per_sequence_capped_nll,
+    per_sequence_kl,
+    per_sequence_profile_gap,
+    predicted_tokens,
+    undial_targets,
+)
 from .reporting import log_histograms
 from .selection import (
     ASCEND,
@@ -48,6 +57,8 @@ from .selection import (
     collapsed,
     epoch_rank,
     match_plan,
+    profile_targets,
+    rank_matched_sources,
     rank_matched_targets,
     sga_selection,
     step_scale,
@@ -73,6 +84,7 @@ class RunState:
     match_auc: float | None = None  # match: loss-attack AUC, forget set now vs match_reference
     token_cap: float = float("inf")  # match: a forget token ascends only while its NLL is below this (nats)
     match_auc_current: float | None = None  # ... and vs match_holdout's losses under the current weights
+    match_sources: list[int] = field(default_factory=list)  # match_target tokens: per forget row, its non-member
     epochs: int = 0
     stop_reason: str | None = None
     switched_at_epoch: int | None = None
@@ -145,6 +157,8 @@ class UnlearnTrainer(SequenceTrainer):
         self.reference_logp: torch.Tensor | None = None  # npo: [n_forget] log pi_ref(y), float64
         # kl / undial: per dataset row (retain rows / forget rows) its target log-probs [T-1, V] fp32
         self.reference_logprobs: dict[int, torch.Tensor] | None = None
+        # match: each non-member's sorted token NLLs under the input model, float64 (tensors: a resume's torch.load)
+        self.match_profiles: list[torch.Tensor] = []
         self.weights: OwnedWeights | None = None  # built once the engine and its optimizer exist
         # TA/TAU on LoRA adapters: the edit is made by the adapters' scales (unlearn/lora.py).
         self.adapter_edit = (
@@ -181,6 +195,9 @@ class UnlearnTrainer(SequenceTrainer):
             elif row >= self.n_forget:
                 terms.append(retain_term)
                 scales.append(self.args.retain_weight)
+            elif self.args.declared.matches and self.args.match_target == "tokens":
+                terms.append("match_profile")  # its own gradient is the gap, token by token
+                scales.append(1.0)
             else:
                 terms.append("descend" if row in pulled else forget_term)
                 # match: each row weighted by its distance to its target (the squared gap's gradient)
@@ -197,7 +214,21 @@ class UnlearnTrainer(SequenceTrainer):
             extra["kl"] = per_sequence_kl(logits, self._reference_batch(rows, terms, logits), labels)
         if bool((terms == TERM_CODE["ascend_capped"]).any()):
             extra["capped"] = per_sequence_capped_nll(logits, labels, self.run.token_cap)
+        if bool((terms == TERM_CODE["match_profile"]).any()):
+            extra["profile"] = per_sequence_profile_gap(logits, labels, self._profile_batch(rows, terms, labels))
         return extra
+
+    def _profile_batch(self, rows, terms, labels) -> torch.Tensor:
+        """[B, T-1] target token NLLs of the batch's match_profile rows: the profile of the row's
+        non-member (``run.match_sources``) resampled to the row's predicted positions, ascending
+        (zeros elsewhere). Host-side, a few hundred numbers per step."""
+        counts = (labels[:, 1:] != IGNORE).sum(-1).tolist()
+        batch = torch.zeros(labels.shape[0], labels.shape[1] - 1, dtype=torch.float32)
+        for i, (row, term, n) in enumerate(zip(rows.tolist(), terms.tolist(), counts)):
+            if term == TERM_CODE["match_profile"] and n:
+                profile = self.match_profiles[self.run.match_sources[row]]
+                batch[i, :n] = torch.from_numpy(profile_targets(profile.numpy(), n))
+        return batch.to(labels.device)
 
     def _reference_batch(self, rows, terms, logits) -> torch.Tensor:
         """[B, T-1, V] reference log-probabilities for the batch's KL rows (zeros elsewhere)."""
@@ -350,9 +381,16 @@ class UnlearnTrainer(SequenceTrainer):
                     f"per rank (limit {self.args.kl_reference_max_gib}); use a smaller {which} set or raise the limit"
                 )
             targets = reference_logprobs(self.model, sequences, self.args.score_batch_size)
-            if which == "match":  # the cap: the non-members' token NLL quantile, as the input model has them
-                token_nll = [-t[torch.arange(len(s) - 1), torch.as_tensor(s[1:])] for t, s in zip(targets, sequences)]
+            if which == "match":
+                # The non-members' token NLLs under the input model, over what is scored (a prompt's
+                # positions are not): the cap is their quantile, and each is a token_profile target.
+                starts = [max(p - 1, 0) for p in self.match.prompts()]
+                token_nll = [
+                    -t[torch.arange(len(s) - 1), torch.as_tensor(s[1:])][start:]
+                    for t, s, start in zip(targets, sequences, starts)
+                ]
                 self.run.token_cap = float(np.quantile(torch.cat(token_nll).numpy(), self.args.match_token_quantile))
+                self.match_profiles = [torch.sort(t.double()).values for t in token_nll]
             if which == "forget":  # UNDIAL: the true token's logit lowered by gamma
                 gamma = self.args.undial_gamma
                 targets = [undial_targets(t, torch.as_tensor(s[1:]), gamma) for t, s in zip(targets, sequences)]
@@ -527,6 +565,9 @@ class UnlearnTrainer(SequenceTrainer):
             losses = [float(r["loss"]) for r in scores]
             targets = rank_matched_targets(losses, self.run.match_reference)
             self.run.selected, self.run.pulled_back, self.run.match_scales = match_plan(losses, targets)
+            if self.args.match_target == "tokens":  # every row trains toward its non-member's token profile
+                self.run.match_sources = rank_matched_sources(losses, self.run.match_reference).tolist()
+                self.run.selected, self.run.pulled_back = list(range(self.n_forget)), []
         elif self.args.stop_rule == "band":
             # Two-sided control: ascend the memorized, leave the band, pull the over-unlearned back.
             directions = band_directions(self.run.judged, self.thresholds)
@@ -631,7 +672,13 @@ class UnlearnTrainer(SequenceTrainer):
 
     def save_run_state(self, checkpoint_dir: Path) -> None:
         torch.save(
-            {"base": self.base, "best": self.best, "previous": self.previous, "kl_reference": self.reference_logprobs},
+            {
+                "base": self.base,
+                "best": self.best,
+                "previous": self.previous,
+                "kl_reference": self.reference_logprobs,
+                "match_profiles": self.match_profiles,
+            },
             checkpoint_dir / f"unlearn_shards_rank{D.rank()}.pt",
         )
         if D.is_main():
@@ -645,6 +692,7 @@ class UnlearnTrainer(SequenceTrainer):
         if self.args.declared.reference == "forget_logp":
             self._compute_references(self.run.scores_before)  # the input model's, kept in the run state
         self.reference_logprobs = shards.get("kl_reference")
+        self.match_profiles = shards.get("match_profiles") or []
         if self.adapter_edit is not None and self.base is not None:
             self.adapter_edit.set_base(self.weights, self.base)  # frozen, so not in the Trainer's checkpoint
             if self.run.phase == "done" and self.run.best_edited:
