@@ -19,6 +19,7 @@ from ds_unlearn.unlearn.losses import (
     per_sequence_profile_gap,
     predicted_tokens,
     row_losses,
+    token_surprise,
     weighted_objective,
 )
 from ds_unlearn.unlearn.selection import (
@@ -429,3 +430,24 @@ def test_profile_gap_matches_sorted_token_nlls_to_the_profile_and_moves_each_tok
     assert row_losses(terms, gap, profile=gap).tolist() == gap.tolist()
     with pytest.raises(ValueError, match="match_profile"):
         row_losses(terms, gap)
+
+
+def test_token_surprise_z_is_minus_min_k_plus_plus_token_score_and_its_lowest_fraction_the_attack():
+    from ds_unlearn.core.mia import min_k_plus_plus_score
+
+    torch.manual_seed(1)
+    logits = torch.randn(1, 9, 13, dtype=torch.float64)
+    labels = torch.randint(0, 13, (1, 9))
+    valid, z = token_surprise(logits, labels, "z")
+    p = torch.softmax(logits[0, :-1], -1).numpy()
+    logp = np.log(p)
+    true = logp[np.arange(8), labels[0, 1:].numpy()]
+    mu = (p * logp).sum(-1)
+    sigma = np.sqrt((p * logp**2).sum(-1) - mu**2)
+    assert valid.all() and z[0].numpy() == pytest.approx(-(true - mu) / sigma)
+    # Min-K%++ (k = 0.25: the 2 lowest of 8 token scores) is the mean of the 2 highest surprises.
+    assert min_k_plus_plus_score(true, mu, sigma, 0.25) == pytest.approx(np.sort(z[0].numpy())[-2:].mean())
+    _, nll = token_surprise(logits, labels, "nll")
+    assert nll[0].numpy() == pytest.approx(-true)
+    with pytest.raises(ValueError, match="unknown token statistic"):
+        token_surprise(logits, labels, "entropy")

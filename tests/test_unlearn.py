@@ -422,14 +422,15 @@ def profile_gap(nll: list[np.ndarray], nonmember_nll: list[np.ndarray]) -> float
     return float(np.mean(gaps))
 
 
-def test_match_tokens_drives_each_forget_rows_token_profile_to_its_nonmembers(unlearn_case, tmp_path):
+@pytest.mark.parametrize("target", ["tokens", "tokens_z"])
+def test_match_tokens_drives_each_forget_rows_token_profile_to_its_nonmembers(target, unlearn_case, tmp_path):
     from ds_unlearn.core.mia import roc_auc
 
     out = tmp_path / "match_tokens"
-    extra = ("--method", "match", "--match_target", "tokens", "--match_margin", "0.2", "--max_over_unlearned", "4")
+    extra = ("--method", "match", "--match_target", target, "--match_margin", "0.2", "--max_over_unlearned", "4")
     assert main(["unlearn", *unlearn_args(unlearn_case, out, *extra)]) == 0
     report = json.loads((out / "report.json").read_text())
-    assert report["settings"]["match_target"] == "tokens" and "match stop rule holds" in report["stop_reason"]
+    assert report["settings"]["match_target"] == target and "match stop rule holds" in report["stop_reason"]
     assert report["before"]["memorized"] == 4 and report["after"]["memorized"] == 0
     forget, holdout = ([r["input_ids"] for r in read_jsonl(unlearn_case[n])] for n in ("forget", "holdout"))
     before, after = load_causal_lm(unlearn_case["model"]).eval(), load_causal_lm(out / "model").eval()

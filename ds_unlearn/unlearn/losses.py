@@ -21,6 +21,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ..core.mia import SIGMA_FLOOR
+from ..core.passes import logprob_moments
+
 IGNORE = -100
 TERMS = ("descend", "ascend", "npo", "kl", "ascend_capped", "match_profile")
 TERM_CODE = {name: code for code, name in enumerate(TERMS)}
@@ -66,17 +69,38 @@ def per_sequence_capped_nll(logits: torch.Tensor, labels: torch.Tensor, cap: flo
     return (token_nll * below).sum(-1) / valid.sum(-1).clamp(min=1)
 
 
-def per_sequence_profile_gap(logits: torch.Tensor, labels: torch.Tensor, profile: torch.Tensor) -> torch.Tensor:
-    """Half the mean squared gap between each row's sorted token NLLs and a target profile.
+def token_surprise(logits: torch.Tensor, labels: torch.Tensor, statistic: str = "nll"):
+    """Per predicted position, how unlikely the true token is, as a membership attack reads it.
+    ``nll``: -log p(x_t) (nats; the loss attack's token term). ``z``: minus Min-K%++'s token score
+    (Zhang et al. 2024), ``-(log p(x_t) - mu_t) / sigma_t`` with mu_t, sigma_t the mean and
+    standard deviation of log p(.) under the model's own next-token distribution
+    (``passes.logprob_moments``; sigma floored at ``mia.SIGMA_FLOOR``): high where the true token
+    is unlikely for how peaked the distribution is. ``logits`` [B, T, V], ``labels`` [B, T].
+    Returns (validity mask, statistic), both [B, T-1]; differentiable in the logits."""
+    logits, targets, valid, token_nll = _token_nll(logits, labels)
+    if statistic == "nll":
+        return valid, token_nll
+    if statistic != "z":
+        raise ValueError(f"unknown token statistic {statistic!r}")
+    logprobs = F.log_softmax(logits, dim=-1)
+    mu, sigma = logprob_moments(logprobs)
+    return valid, (token_nll + mu) / sigma.clamp(min=SIGMA_FLOOR)
+
+
+def per_sequence_profile_gap(
+    logits: torch.Tensor, labels: torch.Tensor, profile: torch.Tensor, statistic: str = "nll"
+) -> torch.Tensor:
+    """Half the mean squared gap between each row's sorted token statistics (``token_surprise``:
+    NLL, or Min-K%++'s negated z) and a target profile.
 
     ``logits`` [B, T, V], ``labels`` [B, T] long (IGNORE at padding and prompts); ``profile``
-    [B, T-1] float: per row, its ``n`` predicted positions' target NLLs (nats) ascending in the
-    first ``n`` entries (``selection.profile_targets``), anything after. Returns [B]:
-    ``0.5 * mean_j (sort(nll)_j - profile_j)^2`` over the row's positions. Its gradient raises
-    each token below its place in the profile and lowers each above it, matched by rank: the row
-    ends with the profile's share of unlikely tokens (what MA and Min-K%++ read) and its mean
+    [B, T-1] float: per row, its ``n`` predicted positions' targets ascending in the first ``n``
+    entries (``selection.profile_targets``), anything after. Returns [B]:
+    ``0.5 * mean_j (sort(s)_j - profile_j)^2`` over the row's positions. Its gradient raises each
+    token below its place in the profile and lowers each above it, matched by rank: the row ends
+    with the profile's share of unlikely tokens (what MA, Min-K% and Min-K%++ read) and its mean
     (what the loss attack reads), whichever tokens carry them."""
-    _, _, valid, token_nll = _token_nll(logits, labels)
+    valid, token_nll = token_surprise(logits, labels, statistic)
     n = valid.sum(-1)
     ordered = torch.sort(token_nll.masked_fill(~valid, float("inf")), dim=-1).values  # predicted positions first
     first = torch.arange(ordered.shape[-1], device=ordered.device) < n.unsqueeze(-1)

@@ -33,8 +33,8 @@ from ..core.data import SequenceSet
 from ..core.errors import InputError, NonFiniteLogitsError
 from ..core.files import write_jsonl
 from ..core.memorization import MEMORIZED_MA, OVER_UNLEARNED_MA
-from ..core.mia import roc_auc
-from ..core.passes import PAD_ID, model_device
+from ..core.mia import SIGMA_FLOOR, roc_auc
+from ..core.passes import PAD_ID, logprob_moments, model_device
 from ..core.scorer import score_sequences, scored_tokens
 from ..core.verdict import Thresholds, needs_membership
 from .loop import SequenceTrainer
@@ -67,6 +67,8 @@ from .selection import (
 from .weights import OwnedWeights
 
 STATE_FILE = "unlearn_state.json"
+# match_target: the token statistics whose profiles a forget row is driven to (losses.token_surprise)
+PROFILE_STATISTICS = {"loss": (), "tokens": ("nll",), "tokens_z": ("nll", "z")}
 
 
 @dataclass
@@ -157,8 +159,9 @@ class UnlearnTrainer(SequenceTrainer):
         self.reference_logp: torch.Tensor | None = None  # npo: [n_forget] log pi_ref(y), float64
         # kl / undial: per dataset row (retain rows / forget rows) its target log-probs [T-1, V] fp32
         self.reference_logprobs: dict[int, torch.Tensor] | None = None
-        # match: each non-member's sorted token NLLs under the input model, float64 (tensors: a resume's torch.load)
-        self.match_profiles: list[torch.Tensor] = []
+        # match tokens: per token statistic, each non-member's sorted values under the input model, float64
+        # (tensors, so a resume's torch.load reads them back)
+        self.match_profiles: dict[str, list[torch.Tensor]] = {}
         self.weights: OwnedWeights | None = None  # built once the engine and its optimizer exist
         # TA/TAU on LoRA adapters: the edit is made by the adapters' scales (unlearn/lora.py).
         self.adapter_edit = (
@@ -195,7 +198,7 @@ class UnlearnTrainer(SequenceTrainer):
             elif row >= self.n_forget:
                 terms.append(retain_term)
                 scales.append(self.args.retain_weight)
-            elif self.args.declared.matches and self.args.match_target == "tokens":
+            elif self.args.declared.matches and self.args.match_target != "loss":
                 terms.append("match_profile")  # its own gradient is the gap, token by token
                 scales.append(1.0)
             else:
@@ -215,18 +218,21 @@ class UnlearnTrainer(SequenceTrainer):
         if bool((terms == TERM_CODE["ascend_capped"]).any()):
             extra["capped"] = per_sequence_capped_nll(logits, labels, self.run.token_cap)
         if bool((terms == TERM_CODE["match_profile"]).any()):
-            extra["profile"] = per_sequence_profile_gap(logits, labels, self._profile_batch(rows, terms, labels))
+            extra["profile"] = sum(
+                per_sequence_profile_gap(logits, labels, self._profile_batch(rows, terms, labels, stat), stat)
+                for stat in PROFILE_STATISTICS[self.args.match_target]
+            )
         return extra
 
-    def _profile_batch(self, rows, terms, labels) -> torch.Tensor:
-        """[B, T-1] target token NLLs of the batch's match_profile rows: the profile of the row's
-        non-member (``run.match_sources``) resampled to the row's predicted positions, ascending
-        (zeros elsewhere). Host-side, a few hundred numbers per step."""
+    def _profile_batch(self, rows, terms, labels, statistic: str) -> torch.Tensor:
+        """[B, T-1] targets of the batch's match_profile rows for one token statistic: the profile
+        of the row's non-member (``run.match_sources``) resampled to the row's predicted positions,
+        ascending (zeros elsewhere). Host-side, a few hundred numbers per step."""
         counts = (labels[:, 1:] != IGNORE).sum(-1).tolist()
         batch = torch.zeros(labels.shape[0], labels.shape[1] - 1, dtype=torch.float32)
         for i, (row, term, n) in enumerate(zip(rows.tolist(), terms.tolist(), counts)):
             if term == TERM_CODE["match_profile"] and n:
-                profile = self.match_profiles[self.run.match_sources[row]]
+                profile = self.match_profiles[statistic][self.run.match_sources[row]]
                 batch[i, :n] = torch.from_numpy(profile_targets(profile.numpy(), n))
         return batch.to(labels.device)
 
@@ -390,7 +396,13 @@ class UnlearnTrainer(SequenceTrainer):
                     for t, s, start in zip(targets, sequences, starts)
                 ]
                 self.run.token_cap = float(np.quantile(torch.cat(token_nll).numpy(), self.args.match_token_quantile))
-                self.match_profiles = [torch.sort(t.double()).values for t in token_nll]
+                self.match_profiles = {"nll": [torch.sort(t.double()).values for t in token_nll]}
+                if "z" in PROFILE_STATISTICS[self.args.match_target]:
+                    z = []
+                    for t, nll, start in zip(targets, token_nll, starts):
+                        mu, sigma = logprob_moments(t[start:].double())
+                        z.append(torch.sort((nll.double() + mu) / sigma.clamp(min=SIGMA_FLOOR)).values)
+                    self.match_profiles["z"] = z
             if which == "forget":  # UNDIAL: the true token's logit lowered by gamma
                 gamma = self.args.undial_gamma
                 targets = [undial_targets(t, torch.as_tensor(s[1:]), gamma) for t, s in zip(targets, sequences)]
@@ -565,7 +577,7 @@ class UnlearnTrainer(SequenceTrainer):
             losses = [float(r["loss"]) for r in scores]
             targets = rank_matched_targets(losses, self.run.match_reference)
             self.run.selected, self.run.pulled_back, self.run.match_scales = match_plan(losses, targets)
-            if self.args.match_target == "tokens":  # every row trains toward its non-member's token profile
+            if self.args.match_target != "loss":  # every row trains toward its non-member's token profile
                 self.run.match_sources = rank_matched_sources(losses, self.run.match_reference).tolist()
                 self.run.selected, self.run.pulled_back = list(range(self.n_forget)), []
         elif self.args.stop_rule == "band":
@@ -692,7 +704,7 @@ class UnlearnTrainer(SequenceTrainer):
         if self.args.declared.reference == "forget_logp":
             self._compute_references(self.run.scores_before)  # the input model's, kept in the run state
         self.reference_logprobs = shards.get("kl_reference")
-        self.match_profiles = shards.get("match_profiles") or []
+        self.match_profiles = shards.get("match_profiles") or {}
         if self.adapter_edit is not None and self.base is not None:
             self.adapter_edit.set_base(self.weights, self.base)  # frozen, so not in the Trainer's checkpoint
             if self.run.phase == "done" and self.run.best_edited:
