@@ -217,21 +217,30 @@ class UnlearnTrainer(SequenceTrainer):
             extra["kl"] = per_sequence_kl(logits, self._reference_batch(rows, terms, logits), labels)
         if bool((terms == TERM_CODE["ascend_capped"]).any()):
             extra["capped"] = per_sequence_capped_nll(logits, labels, self.run.token_cap)
-        if bool((terms == TERM_CODE["match_profile"]).any()):
-            extra["profile"] = sum(
-                per_sequence_profile_gap(logits, labels, self._profile_batch(rows, terms, labels, stat), stat)
+        # One read-back per step (which rows, and below their lengths): the targets are built on the host.
+        profiled = (terms == TERM_CODE["match_profile"]).nonzero()[:, 0]
+        if len(profiled):
+            # On those rows only: the z statistic keeps a few [rows, T, V] tensors for the backward pass.
+            index = profiled.to(logits.device)
+            part_logits, part_labels = logits.index_select(0, index), labels.index_select(0, index)
+            gap = sum(
+                per_sequence_profile_gap(
+                    part_logits, part_labels, self._profile_batch(rows[profiled], part_labels, stat), stat
+                )
                 for stat in PROFILE_STATISTICS[self.args.match_target]
             )
+            extra["profile"] = torch.zeros(len(terms), dtype=gap.dtype, device=gap.device).index_copy(0, index, gap)
         return extra
 
-    def _profile_batch(self, rows, terms, labels, statistic: str) -> torch.Tensor:
-        """[B, T-1] targets of the batch's match_profile rows for one token statistic: the profile
-        of the row's non-member (``run.match_sources``) resampled to the row's predicted positions,
-        ascending (zeros elsewhere). Host-side, a few hundred numbers per step."""
+    def _profile_batch(self, rows, labels, statistic: str) -> torch.Tensor:
+        """[B, T-1] targets of match_profile rows (forget rows ``rows``, their ``labels``) for one
+        token statistic: the profile of the row's non-member (``run.match_sources``) resampled to
+        the row's predicted positions, ascending (zeros after). Host-side, a few hundred numbers
+        per step (the count of predicted positions is read back once per batch)."""
         counts = (labels[:, 1:] != IGNORE).sum(-1).tolist()
         batch = torch.zeros(labels.shape[0], labels.shape[1] - 1, dtype=torch.float32)
-        for i, (row, term, n) in enumerate(zip(rows.tolist(), terms.tolist(), counts)):
-            if term == TERM_CODE["match_profile"] and n:
+        for i, (row, n) in enumerate(zip(rows.tolist(), counts)):
+            if n:
                 profile = self.match_profiles[statistic][self.run.match_sources[row]]
                 batch[i, :n] = torch.from_numpy(profile_targets(profile.numpy(), n))
         return batch.to(labels.device)
