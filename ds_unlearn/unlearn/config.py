@@ -189,7 +189,8 @@ class UnlearnConfig(TrainingArguments):
         "to match_token_quantile); 'tokens': the sorted token NLLs of the non-member at its rank (each row's "
         "token-loss profile, so as many of its tokens end mispredicted and as few far below unseen text as that "
         "non-member's); 'tokens_z': those and the profile of its Min-K%++ token scores too (how unlikely each "
-        "token is for how peaked the model's next-token distribution is there).",
+        "token is for how peaked the model's next-token distribution is there); 'reference': KL toward --reference's "
+        "distributions (a model that never saw the forget set, e.g. the checkpoint before fine-tuning).",
         default="loss",
     )
     kl_reference_max_gib: float = _help(
@@ -470,8 +471,13 @@ class UnlearnConfig(TrainingArguments):
             _bad("npo_beta", f"must be positive, got {self.npo_beta}")
         if not self.undial_gamma > 0:
             _bad("undial_gamma", f"must be positive, got {self.undial_gamma}")
-        if declared.matches and self.match_target not in ("loss", "tokens", "tokens_z"):
-            _bad("match_target", f"must be 'loss', 'tokens' or 'tokens_z', got {self.match_target!r}")
+        if declared.matches and self.match_target not in ("loss", "tokens", "tokens_z", "reference"):
+            _bad("match_target", f"must be 'loss', 'tokens', 'tokens_z' or 'reference', got {self.match_target!r}")
+        if declared.matches and self.match_target == "reference" and not self.reference:
+            _bad(
+                "match_target",
+                f"'reference' distils the forget rows toward a model that never saw them: pass {param('reference')}",
+            )
         if declared.matches and not 0.0 < self.match_token_quantile <= 1.0:
             _bad("match_token_quantile", f"must lie in (0, 1], got {self.match_token_quantile}")
         if declared.matches and self.match_weight < 0:

@@ -68,7 +68,7 @@ from .weights import OwnedWeights
 
 STATE_FILE = "unlearn_state.json"
 # match_target: the token statistics whose profiles a forget row is driven to (losses.token_surprise)
-PROFILE_STATISTICS = {"loss": (), "tokens": ("nll",), "tokens_z": ("nll", "z")}
+PROFILE_STATISTICS = {"loss": (), "tokens": ("nll",), "tokens_z": ("nll", "z"), "reference": ()}
 
 
 @dataclass
@@ -198,6 +198,9 @@ class UnlearnTrainer(SequenceTrainer):
             elif row >= self.n_forget:
                 terms.append(retain_term)
                 scales.append(self.args.retain_weight)
+            elif self.args.declared.matches and self.args.match_target == "reference":
+                terms.append("kl")  # toward the reference model's distributions (_compute_references)
+                scales.append(1.0)
             elif self.args.declared.matches and self.args.match_target != "loss":
                 terms.append("match_profile")  # its own gradient is the gap, token by token
                 scales.append(1.0)
@@ -416,6 +419,30 @@ class UnlearnTrainer(SequenceTrainer):
                 gamma = self.args.undial_gamma
                 targets = [undial_targets(t, torch.as_tensor(s[1:]), gamma) for t, s in zip(targets, sequences)]
             self.reference_logprobs = dict(zip(kl_rows, targets))
+            if which == "match" and self.args.match_target == "reference":
+                self.reference_logprobs.update(enumerate(self._reference_model_logprobs(self.forget.sequences)))
+
+    def _reference_model_logprobs(self, sequences) -> list[torch.Tensor]:
+        """``reference_logprobs`` of ``--reference`` (a model that never saw the forget set, e.g.
+        the checkpoint before fine-tuning) over ``sequences``: loaded, used once and freed, like
+        the audit's (partitioned under ZeRO-3); collective."""
+        import gc
+
+        from ..core.ds_config import load_ds_config, zero_stage
+        from ..core.models import load_for_inference, resolve_model_dir
+
+        ds_config = load_ds_config(self.args.deepspeed) if self.args.deepspeed else None
+        model = load_for_inference(
+            resolve_model_dir(self.args.reference, "reference"),
+            torch.float32,
+            ds_config if zero_stage(ds_config) == 3 else None,
+        )
+        if zero_stage(ds_config) != 3:
+            model.to(model_device(self.model))
+        targets = reference_logprobs(model, sequences, self.args.score_batch_size)
+        del model
+        gc.collect()
+        return targets
 
     def end_epoch(self, control) -> None:
         """Judge the epoch's weights per sequence and decide: stop, restore, switch or go on.
