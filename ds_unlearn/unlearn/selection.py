@@ -126,13 +126,20 @@ def rank_matched_targets(losses: Sequence[float], nonmember_losses: Sequence[flo
     AUC 0.5 (a retrained model's, which never saw either), while each sequence moves as little as
     its place in the order allows: the hardest-to-predict record goes to the hardest non-member's
     level, not into one common band. Returns float64 [n]. Raises ValueError on an empty set."""
+    ranks, reference = _rank_positions(losses, nonmember_losses, "rank_matched_targets")
+    return np.quantile(reference, ranks)
+
+
+def _rank_positions(losses, nonmember_losses, caller: str) -> tuple[np.ndarray, np.ndarray]:
+    """Each forget sequence's mid-rank position ``(r + 0.5) / n`` (ties broken by index), and the
+    non-members' losses, both float64. Raises ValueError naming ``caller`` on an empty set."""
     losses = np.asarray(losses, dtype=np.float64)
     reference = np.asarray(nonmember_losses, dtype=np.float64)
     if losses.size == 0 or reference.size == 0:
-        raise ValueError("rank_matched_targets needs forget and non-member losses")
+        raise ValueError(f"{caller} needs forget and non-member losses")
     ranks = np.empty(losses.size)
     ranks[np.argsort(losses, kind="stable")] = (np.arange(losses.size) + 0.5) / losses.size
-    return np.quantile(reference, ranks)
+    return ranks, reference
 
 
 def rank_matched_sources(losses: Sequence[float], nonmember_losses: Sequence[float]) -> np.ndarray:
@@ -142,12 +149,7 @@ def rank_matched_sources(losses: Sequence[float], nonmember_losses: Sequence[flo
     non-members ordered by loss (the nearest below it: int(position * m)). ``losses`` [n],
     ``nonmember_losses`` [m]: mean token NLLs (nats). Returns int64 [n] indices into the
     non-members. Raises ValueError on an empty set."""
-    losses = np.asarray(losses, dtype=np.float64)
-    reference = np.asarray(nonmember_losses, dtype=np.float64)
-    if losses.size == 0 or reference.size == 0:
-        raise ValueError("rank_matched_sources needs forget and non-member losses")
-    ranks = np.empty(losses.size)
-    ranks[np.argsort(losses, kind="stable")] = (np.arange(losses.size) + 0.5) / losses.size
+    ranks, reference = _rank_positions(losses, nonmember_losses, "rank_matched_sources")
     order = np.argsort(reference, kind="stable")
     return order[np.minimum((ranks * reference.size).astype(np.int64), reference.size - 1)]
 
