@@ -40,14 +40,22 @@ def report_error(line: str) -> None:
     """One line to stderr; under a launcher, ranks other than 0 prefix theirs with the rank so a
     failure on one rank names where it happened."""
     prefix = f"[rank {rank_from_env()}] " if launched_by_launcher() and rank_from_env() != 0 else ""
-    print(prefix + line, file=sys.stderr, flush=True)
+    write_stderr(prefix + line + "\n")
+
+
+def write_stderr(text: str) -> None:
+    """``text`` to stderr in one write. The ranks share the launcher's stderr: ``print`` writes the
+    line and its newline separately, so two ranks failing together could run into one line
+    (seen in CI). One write of under PIPE_BUF (4096) bytes to a pipe is never interleaved."""
+    sys.stderr.write(text)
+    sys.stderr.flush()
 
 
 def report_traceback() -> None:
     """The current exception's traceback, every line prefixed with this rank."""
     tag = f"[rank {rank_from_env()}] "
     text = "".join(traceback.format_exc())
-    print("".join(tag + line + "\n" for line in text.rstrip().splitlines()), file=sys.stderr, flush=True)
+    write_stderr("".join(tag + line + "\n" for line in text.rstrip().splitlines()))
 
 
 def abandon() -> None:
