@@ -102,3 +102,32 @@ def test_library_errors_name_the_parameter_and_the_cli_renders_its_flag():
     assert caught.value.field == "temperature" and str(caught.value).startswith("temperature: must be")
     plain = InputError(f"see {param('max_length')}")
     assert plain.field is None and str(plain) == "see max_length" and plain.render(flag) == "see --max_length"
+
+
+class _Writes:
+    """A stderr that records each write call."""
+
+    def __init__(self):
+        self.calls: list[str] = []
+
+    def write(self, text: str) -> int:
+        self.calls.append(text)
+        return len(text)
+
+    def flush(self) -> None:
+        pass
+
+
+@pytest.mark.parametrize("rank, prefix", [("0", ""), ("1", "[rank 1] ")])
+def test_an_error_line_is_one_write_with_its_newline(rank, prefix, monkeypatch):
+    """Ranks share the launcher's stderr: a line written in two parts (text, then newline) can run
+    into another rank's line, so each error line, prefix and newline included, is one write."""
+    from ds_unlearn.commands import process
+
+    monkeypatch.setenv("LOCAL_RANK", rank)
+    monkeypatch.setenv("RANK", rank)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    stderr = _Writes()
+    monkeypatch.setattr("sys.stderr", stderr)
+    process.report_error("ds-unlearn unlearn: error: output_dir: in use")
+    assert stderr.calls == [f"{prefix}ds-unlearn unlearn: error: output_dir: in use\n"]
