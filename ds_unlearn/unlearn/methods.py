@@ -157,9 +157,9 @@ METHODS: dict[str, Method] = {
             "Match",
             "ds_unlearn: each forget row's loss driven to the loss a never-seen row of its rank gets under the "
             "input model (a retrained model's distribution), those non-members kept at the input model's "
-            "distributions by KL, + descent on retain when given",
+            "distributions by KL, as are the retain rows when given",
             forget_term="ascend_capped",
-            retain_term="descend",
+            retain_term="kl",
             stop_rule="match",
             settings=(
                 "retain_weight",

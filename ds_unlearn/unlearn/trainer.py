@@ -183,8 +183,8 @@ class UnlearnTrainer(SequenceTrainer):
 
     def row_terms(self, rows: list[int]) -> tuple[list[str], list[float]]:
         """Ascent: selected forget rows take the method's forget term (NPO's loss, else minus
-        NLL), pulled-back ones descend, retain rows descend (KL: match the original model) at
-        ``retain_weight``. Fine-tuning (TA/TAU) descends on every forget row."""
+        NLL), pulled-back ones descend, retain rows take the method's retain term (descend, or KL
+        toward the input model: KL, match) at ``retain_weight``. Fine-tuning (TA/TAU) descends on every forget row."""
         if self.run.phase != "ascent":
             return ["descend"] * len(rows), [1.0] * len(rows)
         forget_term = self.args.declared.forget_term
@@ -386,18 +386,25 @@ class UnlearnTrainer(SequenceTrainer):
             self.reference_logp = torch.tensor(
                 [-r["loss"] * scored_tokens(r) for r in forget_scores], dtype=torch.float64
             )
-        kl_rows = {"retain_logprobs": self.retain_rows, "forget_logprobs": list(range(self.n_forget))}
-        kl_rows = kl_rows.get(reference, []) or self.match_rows
-        if kl_rows:
-            vocab = self.model.config.vocab_size
-            which = {"retain_logprobs": "retain", "forget_logprobs": "forget"}.get(reference, "match")
-            sequences = {"retain": self.retain, "forget": self.forget, "match": self.match}[which].sequences
-            gib = sum(len(s) - 1 for s in sequences) * vocab * 4 / 2**30
-            if gib > self.args.kl_reference_max_gib:
-                raise InputError(
-                    f"kl_reference_max_gib: the original model's {which} log-probabilities need {gib:.1f} GiB "
-                    f"per rank (limit {self.args.kl_reference_max_gib}); use a smaller {which} set or raise the limit"
-                )
+        # Which rows take a KL term toward the input model: retain rows under a method whose retain
+        # term is KL (KL, match), forget rows under UNDIAL, match's non-members.
+        blocks = []
+        if self.retain_rows and self.args.declared.retain_term == "kl":
+            blocks.append(("retain", self.retain_rows, self.retain.sequences))
+        if reference == "forget_logprobs":
+            blocks.append(("forget", list(range(self.n_forget)), self.forget.sequences))
+        if self.match_rows:
+            blocks.append(("match", self.match_rows, self.match.sequences))
+        vocab = self.model.config.vocab_size
+        gib = sum(len(s) - 1 for _, _, sequences in blocks for s in sequences) * vocab * 4 / 2**30
+        if gib > self.args.kl_reference_max_gib:
+            which = " + ".join(name for name, _, _ in blocks)
+            raise InputError(
+                f"kl_reference_max_gib: the original model's {which} log-probabilities need {gib:.1f} GiB "
+                f"per rank (limit {self.args.kl_reference_max_gib}); use smaller sets or raise the limit"
+            )
+        self.reference_logprobs = {} if blocks else None
+        for which, kl_rows, sequences in blocks:
             targets = reference_logprobs(self.model, sequences, self.args.score_batch_size)
             if which == "match":
                 # The non-members' token NLLs under the input model, over what is scored (a prompt's
@@ -418,9 +425,9 @@ class UnlearnTrainer(SequenceTrainer):
             if which == "forget":  # UNDIAL: the true token's logit lowered by gamma
                 gamma = self.args.undial_gamma
                 targets = [undial_targets(t, torch.as_tensor(s[1:]), gamma) for t, s in zip(targets, sequences)]
-            self.reference_logprobs = dict(zip(kl_rows, targets))
-            if which == "match" and self.args.match_target == "reference":
-                self.reference_logprobs.update(enumerate(self._reference_model_logprobs(self.forget.sequences)))
+            self.reference_logprobs.update(zip(kl_rows, targets))
+        if self.match_rows and self.args.match_target == "reference":
+            self.reference_logprobs.update(enumerate(self._reference_model_logprobs(self.forget.sequences)))
 
     def _reference_model_logprobs(self, sequences) -> list[torch.Tensor]:
         """``reference_logprobs`` of ``--reference`` (a model that never saw the forget set, e.g.
