@@ -408,7 +408,22 @@ def test_match_drives_the_forget_losses_to_the_holdouts_and_stops_on_their_auc(u
     }
     assert moved["retain"] < 0.1 * moved["forget"], moved
     scalars, _ = tensorboard_tags(out)
-    assert {"match/auc", "match/auc_current", "match/descended", "match/mean_gap"} <= scalars
+    assert {"match/auc", "match/auc_current", "match/descended", "match/mean_gap", "match/token_cap"} <= scalars
+    # The cap: the holdout's (the match set here) 0.95 quantile of token NLLs under the input model.
+    cap = np.quantile(np.concatenate(token_nlls(input_model.eval(), holdout)), 0.95)
+    assert history[0]["match/token_cap"] == pytest.approx(cap, rel=1e-4)
+
+
+def test_match_weight_0_trains_no_nonmember_rows_and_keeps_the_token_cap(unlearn_case, tmp_path):
+    """Without the non-members' KL rows the cap still comes from their token NLLs under the input
+    model (it once fell to infinity, which made match's ascent plain GA on every token)."""
+    out = tmp_path / "match_w0"
+    args = unlearn_args(unlearn_case, out, "--method", "match", "--match_weight", "0", "--num_train_epochs", "1")
+    assert main(["unlearn", *args]) == 0
+    report = json.loads((out / "report.json").read_text())
+    holdout = [r["input_ids"] for r in read_jsonl(unlearn_case["holdout"])]
+    cap = np.quantile(np.concatenate(token_nlls(load_causal_lm(unlearn_case["model"]).eval(), holdout)), 0.95)
+    assert report["history"][0]["match/token_cap"] == pytest.approx(cap, rel=1e-4)
 
 
 def token_nlls(model, rows: list[list[int]]) -> list[np.ndarray]:

@@ -393,7 +393,8 @@ class UnlearnTrainer(SequenceTrainer):
             blocks.append(("retain", self.retain_rows, self.retain.sequences))
         if reference == "forget_logprobs":
             blocks.append(("forget", list(range(self.n_forget)), self.forget.sequences))
-        if self.match_rows:
+        if self.args.declared.matches and self.match is not None:
+            # Also at match_weight 0 (no KL rows): the non-members' token NLLs set the cap and profiles.
             blocks.append(("match", self.match_rows, self.match.sequences))
         vocab = self.model.config.vocab_size
         gib = sum(len(s) - 1 for _, _, sequences in blocks for s in sequences) * vocab * 4 / 2**30
@@ -426,7 +427,7 @@ class UnlearnTrainer(SequenceTrainer):
                 gamma = self.args.undial_gamma
                 targets = [undial_targets(t, torch.as_tensor(s[1:]), gamma) for t, s in zip(targets, sequences)]
             self.reference_logprobs.update(zip(kl_rows, targets))
-        if self.match_rows and self.args.match_target == "reference":
+        if self.args.declared.matches and self.args.match_target == "reference":
             self.reference_logprobs.update(enumerate(self._reference_model_logprobs(self.forget.sequences)))
 
     def _reference_model_logprobs(self, sequences) -> list[torch.Tensor]:
@@ -693,6 +694,7 @@ class UnlearnTrainer(SequenceTrainer):
             metrics["match/auc_current"] = self.run.match_auc_current
             metrics["match/descended"] = len(self.run.pulled_back)
             metrics["match/mean_gap"] = float(np.mean(self.run.match_scales)) if self.run.match_scales else 0.0
+            metrics["match/token_cap"] = self.run.token_cap
         if self.run.el10 is not None:
             metrics["forget/el10_mean"] = float(np.mean(self.run.el10))
         if holdout_loss is not None:
