@@ -85,6 +85,12 @@ def test_band_is_the_default_rule_of_sga_and_the_retain_methods_and_holdouts_cal
         ("model: m\nforget: f\nholdout: h\nmethod: match\nmatch_margin: 0.5\n", [], "match_margin: must lie in"),
         ("model: m\nforget: f\nholdout: h\nmethod: match\nmatch_target: logits\n", [], "match_target: must be 'loss'"),
         (
+            "model: m\nforget: f\nholdout: h\nmethod: match\nmatch_retain: ascend\n",
+            [],
+            "match_retain: must be 'descend'",
+        ),
+        ("model: m\nforget: f\nholdout: h\nmethod: ga\nmatch_retain: kl\n", [], "match_retain"),
+        (
             "model: m\nforget: f\nholdout: h\nmethod: match\nmatch_target: reference\n",
             [],
             "match_target: .reference. distils the forget rows toward a model that never saw them: pass (--)?reference",

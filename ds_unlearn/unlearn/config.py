@@ -193,10 +193,17 @@ class UnlearnConfig(TrainingArguments):
         "distributions (a model that never saw the forget set, e.g. the checkpoint before fine-tuning).",
         default="loss",
     )
+    match_retain: str = _help(
+        "method",
+        "match: the retain rows' term. 'descend': their NLL (a retrained model was trained on them; keeps "
+        "memorized records the model should keep, as the demo's are); 'kl': held at the input model's token "
+        "distributions (for general text: descending it would fine-tune the model on it).",
+        default="descend",
+    )
     kl_reference_max_gib: float = _help(
         "method",
-        "kl / undial / match: the original model's log-probabilities over the retain (kl), forget (undial) or "
-        "match_holdout (match) rows are "
+        "kl / undial / match: the original model's log-probabilities over the retain (kl; match with "
+        "match_retain kl), forget (undial) or match_holdout (match) rows are "
         "computed once and kept in host memory (rows x tokens x vocabulary x 4 bytes, on every rank); refuse "
         "to start above this size.",
         default=8.0,
@@ -478,6 +485,8 @@ class UnlearnConfig(TrainingArguments):
                 "match_target",
                 f"'reference' distils the forget rows toward a model that never saw them: pass {param('reference')}",
             )
+        if declared.matches and self.match_retain not in ("descend", "kl"):
+            _bad("match_retain", f"must be 'descend' or 'kl', got {self.match_retain!r}")
         if declared.matches and not 0.0 < self.match_token_quantile <= 1.0:
             _bad("match_token_quantile", f"must lie in (0, 1], got {self.match_token_quantile}")
         if declared.matches and self.match_weight < 0:
@@ -725,6 +734,12 @@ class UnlearnConfig(TrainingArguments):
     def selects(self) -> bool:
         """Whether the ascent trains on a selection (SGA, and TAU's ascent) or on everything."""
         return self.declared.selects
+
+    @property
+    def retain_term(self) -> str | None:
+        """The loss term of a retain row: the method's (``Method.retain_term``), or match's
+        ``match_retain``."""
+        return self.match_retain if self.declared.matches else self.declared.retain_term
 
     @property
     def uses_retain(self) -> bool:

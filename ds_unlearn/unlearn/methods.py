@@ -157,9 +157,9 @@ METHODS: dict[str, Method] = {
             "Match",
             "ds_unlearn: each forget row's loss driven to the loss a never-seen row of its rank gets under the "
             "input model (a retrained model's distribution), those non-members kept at the input model's "
-            "distributions by KL, as are the retain rows when given",
+            "distributions by KL, + descent on retain (or KL: match_retain) when given",
             forget_term="ascend_capped",
-            retain_term="kl",
+            retain_term="descend",
             stop_rule="match",
             settings=(
                 "retain_weight",
@@ -168,6 +168,7 @@ METHODS: dict[str, Method] = {
                 "match_weight",
                 "match_token_quantile",
                 "match_target",
+                "match_retain",
             ),
             loss="per_sequence_capped_nll + per_sequence_kl",
             matches=True,

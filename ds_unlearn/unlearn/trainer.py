@@ -188,7 +188,7 @@ class UnlearnTrainer(SequenceTrainer):
         if self.run.phase != "ascent":
             return ["descend"] * len(rows), [1.0] * len(rows)
         forget_term = self.args.declared.forget_term
-        retain_term = self.args.declared.retain_term
+        retain_term = self.args.retain_term
         pulled = set(self.run.pulled_back)
         terms, scales = [], []
         for row in rows:
@@ -386,10 +386,10 @@ class UnlearnTrainer(SequenceTrainer):
             self.reference_logp = torch.tensor(
                 [-r["loss"] * scored_tokens(r) for r in forget_scores], dtype=torch.float64
             )
-        # Which rows take a KL term toward the input model: retain rows under a method whose retain
-        # term is KL (KL, match), forget rows under UNDIAL, match's non-members.
+        # Which rows take a KL term toward the input model: retain rows whose term is KL (KL; match
+        # with match_retain kl), forget rows under UNDIAL, match's non-members.
         blocks = []
-        if self.retain_rows and self.args.declared.retain_term == "kl":
+        if self.retain_rows and self.args.retain_term == "kl":
             blocks.append(("retain", self.retain_rows, self.retain.sequences))
         if reference == "forget_logprobs":
             blocks.append(("forget", list(range(self.n_forget)), self.forget.sequences))
