@@ -221,9 +221,12 @@ def test_report_numbers_match_the_score_files(quick):
     out, report, _ = quick
     markdown = (out / "report.md").read_text()
     forget_ids = [r["id"] for r in read_jsonl(out / "data" / "forget.jsonl")]
-    for method, summary in report["methods"].items():
+    for i, (method, summary) in enumerate(report["methods"].items()):
         own = json.loads((out / method / "report.json").read_text())  # what `ds-unlearn unlearn` wrote
         assert summary["thresholds"] == own["thresholds"] == report["planting"]["thresholds"]["unseen"]
+        # The methods' audits ask the same of the reference and retrained models: the first computes.
+        how = "computed" if i == 0 else "reused"
+        assert own["audit"]["companions"] == {"reference": how, "retrained": how}, method
         for when in ("before", "after"):
             rows = read_jsonl(out / method / f"scores_{when}.jsonl")
             assert [r["id"] for r in rows] == forget_ids

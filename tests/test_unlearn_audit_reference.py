@@ -96,3 +96,37 @@ def test_bad_companion_is_one_line_exit_2_nothing_written(case, unlearn_case, no
     lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
     assert len(lines) == 1 and message in lines[0], lines
     assert not (tmp_path / "out").exists()
+
+
+def test_runs_sharing_a_companion_cache_reuse_what_their_audit_would_compute(unlearn_case, nonmembers, tmp_path):
+    """The demo's methods share one CompanionCache: a later run's audit reuses the reference losses and
+    the retrained audit (no model loaded again) and reads the same figures as if computed by hand; a run
+    whose audit asks something else (other non-members) computes its own."""
+    from ds_unlearn.commands.unlearn import parse_config
+    from ds_unlearn.unlearn.audit import CompanionCache
+    from ds_unlearn.unlearn.run import run_unlearning
+
+    reference = save_model(tiny_model("llama", seed=8, vocab_size=VOCAB), tmp_path / "reference")
+    retrained = save_model(tiny_model("llama", seed=9, vocab_size=VOCAB), tmp_path / "retrained")
+    other = write_jsonl(
+        tmp_path / "other.jsonl",
+        [{"id": f"o{i}", "input_ids": s} for i, s in enumerate(random_sequences(6, 24, VOCAB, seed=24))],
+    )
+    cache, audits = CompanionCache(), {}
+    for name, method, holdout in (("ga", "ga", nonmembers), ("sga", "sga", nonmembers), ("other", "ga", other)):
+        extra = ["--audit_holdout", holdout, "--reference", reference, "--retrained", retrained, "--audit", "after"]
+        argv = unlearn_args(unlearn_case, tmp_path / name, *extra, "--method", method, "--num_train_epochs", 1)
+        audits[name] = run_unlearning(parse_config([str(a) for a in argv]), audit_cache=cache).report["audit"]
+    assert audits["ga"]["companions"] == {"reference": "computed", "retrained": "computed"}
+    assert audits["sga"]["companions"] == {"reference": "reused", "retrained": "reused"}
+    assert audits["other"]["companions"] == {"reference": "computed", "retrained": "computed"}
+    # The reused figures are the ones computed by hand for the sga run's model.
+    rows = read_jsonl(tmp_path / "sga" / "audit_after.jsonl")
+    forget = [r["input_ids"] for r in read_jsonl(unlearn_case["forget"])]
+    sequences = forget + [r["input_ids"] for r in read_jsonl(nonmembers)]
+    loss = np.asarray([r["loss"] for r in rows])
+    ref_loss, retrained_loss = hand_losses(reference, sequences), hand_losses(retrained, sequences)
+    assert [r["ref"] for r in rows] == pytest.approx(list(loss - ref_loss), rel=1e-5, abs=1e-5)
+    after, labels = audits["sga"]["after"], np.r_[np.ones(4), np.zeros(6)]
+    assert after["mia_retrained"]["loss"]["auc"] == pytest.approx(roc_auc_score(labels, -retrained_loss))
+    assert after["forget_quality"] == pytest.approx(ks_2samp(loss[:4], retrained_loss[:4]).pvalue)

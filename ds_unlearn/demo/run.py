@@ -261,6 +261,10 @@ def plant_and_unlearn(
         f"{label}audit planted", audit_planted, out, settings, thresholds["unseen"], checkpoint, options=options
     )
     methods = {}
+    # Every method's audit asks the same of the reference and retrained models: computed by the first.
+    from ..unlearn.audit import CompanionCache
+
+    audit_cache = CompanionCache()
     runs = [(method, method, False) for method in settings.methods]
     if lora and settings.lora_r:
         method = lora_method(settings)
@@ -278,6 +282,7 @@ def plant_and_unlearn(
             lora=with_lora,
             reference=checkpoint,
             options=options,
+            audit_cache=audit_cache,
         )
     return planting, methods
 
@@ -709,13 +714,15 @@ def unlearn(
     lora: bool = False,
     reference=None,
     options: dict | None = None,
+    audit_cache=None,
 ) -> dict:
     """Run one method to completion; its summary from the run's own in-memory result, with the
-    planted checkpoint's audit as the "before" of its own (``--audit after``)."""
+    planted checkpoint's audit as the "before" of its own (``--audit after``). ``audit_cache``: an
+    ``unlearn.audit.CompanionCache`` the demo's methods share."""
     from ..unlearn.run import run_unlearning
 
     config = unlearn_config(method, out, settings, overwrite, thresholds, lora, reference, options)
-    result = run_unlearning(config, thresholds=thresholds)
+    result = run_unlearning(config, thresholds=thresholds, audit_cache=audit_cache)
     gc.collect()
     audit = result.report.get("audit", {})
     if "after" in audit and "summary" in planted_audit:

@@ -24,7 +24,10 @@ forget set's verdict counts and the thresholds they came from.
 ``reference`` adds the reference-model attack (``ref``) and ``retrained`` the figures against a
 model trained without the forget set (AUCs under it, PrivLeak, forget quality), as
 ``ds-unlearn audit --reference / --retrained`` computes them; each is loaded, used once and freed
-before the audits, so at most one more model than the trainer's is alive at a time.
+before the audits, so at most one more model than the trainer's is alive at a time. Runs in one
+process that audit against the same companions (the demo's methods) can share a
+``CompanionCache``: each companion is computed by the first run and reused by every run whose
+audit asks exactly the same of it.
 """
 
 from __future__ import annotations
@@ -154,12 +157,31 @@ def summary_entry(result) -> dict:
     }
 
 
-def audit_run(config, model_dir, trainer, sets: dict) -> dict:
+class CompanionCache:
+    """The companion models' figures (the reference model's losses, the retrained model's audit),
+    kept for the runs of one process that audit against them. An entry is reused only by an audit
+    with the same companion model path, settings, thresholds, verdict placement and sequences (its
+    key), so a reused figure is the one that audit would compute. Per process: every rank of a
+    launched job holds its own, filled and read in the same order."""
+
+    def __init__(self):
+        self._entries: list[tuple[tuple, object]] = []
+
+    def get(self, key: tuple):
+        """The figure computed under ``key``, or None."""
+        return next((value for k, value in self._entries if k == key), None)
+
+    def put(self, key: tuple, value) -> None:
+        self._entries.append((key, value))
+
+
+def audit_run(config, model_dir, trainer, sets: dict, cache: CompanionCache | None = None) -> dict:
     """Audit the unlearned model (``trainer.model``) and the input checkpoint on the forget set
     against the non-members; collective (every rank calls it). Returns the ``audit`` entry of
     ``report.json``. The sets were checked before training (``check_audit_sets``); a problem
     found only here still skips the audit with the reason in the report rather than losing a
-    finished run."""
+    finished run. ``cache``: companion figures shared with earlier runs of this process (the
+    entry's ``companions`` says per companion whether it was computed or reused)."""
     if config.audit == "none":
         return {"skipped": "--audit none"}
     name, nonmember = nonmember_set(sets)
@@ -186,19 +208,36 @@ def audit_run(config, model_dir, trainer, sets: dict) -> dict:
         recalibrate=recalibrate,
         **companions,
     )
+    # What a companion's figure depends on besides its model: a cached one is reused only under all of it.
+    asked = (settings, thresholds, recalibrate, forget.sequences, nonmember.sequences)
+    asked += (forget.prompt_lengths, nonmember.prompt_lengths)
+    how = {}
     try:
-        if config.reference or config.retrained:
-            if config.reference:
+        if config.reference:
+            key = ("reference", str(config.reference), *asked)
+            companions["reference"] = cache.get(key) if cache is not None else None
+            how["reference"] = "reused" if companions["reference"] is not None else "computed"
+            if companions["reference"] is None:
                 reference_model = load(resolve_model_dir(config.reference, "reference"))
                 sequences, prompts = forget.sequences + nonmember.sequences, forget.prompts() + nonmember.prompts()
                 companions["reference"] = sequence_losses(reference_model, sequences, settings.batch_size, prompts)
                 del reference_model
                 gc.collect()
-            if config.retrained:
+                if cache is not None:
+                    cache.put(key, companions["reference"])
+        if config.retrained:
+            # Its audit reads the reference losses too: they are part of what it depends on.
+            key = ("retrained", str(config.retrained), str(config.reference), *asked)
+            cached = cache.get(key) if cache is not None else None
+            how["retrained"] = "reused" if cached is not None else "computed"
+            if cached is None:
                 retrained_model = load(resolve_model_dir(config.retrained, "retrained"))
-                companions["retrained"] = run(retrained_model)
+                cached = run(retrained_model)
                 del retrained_model
                 gc.collect()
+                if cache is not None:
+                    cache.put(key, cached)
+            companions["retrained"] = cached
         after = run(trainer.model)
     except InputError as err:
         return {"skipped": str(err)}
@@ -217,6 +256,7 @@ def audit_run(config, model_dir, trainer, sets: dict) -> dict:
     entry = {
         "nonmembers": name,
         **{f"{c}_model": getattr(config, c) for c in COMPANIONS if getattr(config, c)},
+        **({"companions": how} if how else {}),
         "settings": {k: v for k, v in after.summary["settings"].items() if k not in ("el_n", "extract_k", "greedy")},
         **{when: summary_entry(results[when]) for when in ("before", "after") if when in results},
         "files": list(files.values()),

@@ -228,12 +228,14 @@ def lock_output(lock: OutputLock, config: UnlearnConfig) -> None:
         D.report_note(f"ds-unlearn unlearn: note: {config.output_dir} cannot be locked ({lock.unsupported})")
 
 
-def _unlearn(lock: OutputLock, config: UnlearnConfig, thresholds=None) -> UnlearnResult:
+def _unlearn(lock: OutputLock, config: UnlearnConfig, thresholds=None, audit_cache=None) -> UnlearnResult:
     """Unlearn ``config.forget`` from ``config.model``; collective (every rank calls it).
 
     ``thresholds``: a ``core.verdict.Thresholds`` to judge by instead of the config's (the demo
     gives the one calibrated on its never-planted records); positional scores it lacks values for
-    are calibrated on the holdout. Raises InputError (before any output is written) for bad paths
+    are calibrated on the holdout. ``audit_cache``: an ``unlearn.audit.CompanionCache`` shared
+    by the runs of one process that audit against the same reference / retrained models (the
+    demo's methods). Raises InputError (before any output is written) for bad paths
     or data."""
     started = time.time()
     config.check_files()  # what the settings name on disk (building the config read none of it)
@@ -316,7 +318,7 @@ def _unlearn(lock: OutputLock, config: UnlearnConfig, thresholds=None) -> Unlear
     if not report["guard"]["ok"]:
         D.report_note(f"ds-unlearn unlearn: error: {report['guard']['error']}")
     # The end-of-run audit: membership inference and sampling extraction, before and after (unlearn/audit.py).
-    report["audit"] = audit_run(config, model_dir, trainer, sets)
+    report["audit"] = audit_run(config, model_dir, trainer, sets, cache=audit_cache)
     if D.is_main():
         write_json(out / REPORT, report)
     return UnlearnResult(report, list(sets["forget"].ids), trainer.run.scores_before, after)
