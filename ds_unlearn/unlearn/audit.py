@@ -160,8 +160,8 @@ def summary_entry(result) -> dict:
 class CompanionCache:
     """The companion models' figures (the reference model's losses, the retrained model's audit),
     kept for the runs of one process that audit against them. An entry is reused only by an audit
-    with the same companion model path, settings, thresholds, verdict placement and sequences (its
-    key), so a reused figure is the one that audit would compute. Per process: every rank of a
+    with the same companion model path, input checkpoint, settings, thresholds, verdict placement
+    and sequences (its key), so a reused figure is the one that audit would compute. Per process: every rank of a
     launched job holds its own, filled and read in the same order."""
 
     def __init__(self):
@@ -208,8 +208,10 @@ def audit_run(config, model_dir, trainer, sets: dict, cache: CompanionCache | No
         recalibrate=recalibrate,
         **companions,
     )
-    # What a companion's figure depends on besides its model: a cached one is reused only under all of it.
-    asked = (settings, thresholds, recalibrate, forget.sequences, nonmember.sequences)
+    # What a companion's figure depends on besides its model (the input checkpoint: its tokenizer
+    # decodes for zlib): a cached one is reused only under all of it. A path's model is taken to
+    # stay as it is between the runs of one process.
+    asked = (str(model_dir), settings, thresholds, recalibrate, forget.sequences, nonmember.sequences)
     asked += (forget.prompt_lengths, nonmember.prompt_lengths)
     how = {}
     try:
