@@ -113,6 +113,19 @@ def test_settings_validation():
         settings_for(False, forget=0)
 
 
+def test_the_demos_match_runs_with_its_measured_settings_and_the_others_without_them(tmp_path):
+    from ds_unlearn.demo.run import unlearn_config
+
+    settings = DemoSettings()
+    match = unlearn_config("match", tmp_path, settings, False, Thresholds())
+    assert match.retain_weight == settings.match_retain_weight == 4.0
+    assert match.match_token_quantile == settings.match_token_quantile == 0.7
+    assert match.match_holdout == str(tmp_path / "data" / "calibration.jsonl") and match.stop_rule == "match"
+    # Every other method keeps the library's defaults for what only match reads.
+    sga = unlearn_config("sga", tmp_path, settings, False, Thresholds())
+    assert sga.match_token_quantile == 0.95 and sga.match_holdout is None
+
+
 def test_an_earlier_run_is_kept_unless_overwrite(tmp_path, capsys):
     out = tmp_path / "demo"
     out.mkdir()
