@@ -451,3 +451,49 @@ def test_token_surprise_z_is_minus_min_k_plus_plus_token_score_and_its_lowest_fr
     assert nll[0].numpy() == pytest.approx(-true)
     with pytest.raises(ValueError, match="unknown token statistic"):
         token_surprise(logits, labels, "entropy")
+
+
+def _score_after_lowering(logprobs, tokens, gamma):
+    """Min-K%++'s token score of the true tokens, from the lowered distribution itself."""
+    from ds_unlearn.core.passes import logprob_moments
+    from ds_unlearn.unlearn.losses import undial_targets
+
+    lowered = undial_targets(logprobs, tokens, gamma)
+    mu, sigma = logprob_moments(lowered)
+    return (lowered[torch.arange(len(tokens)), tokens] - mu) / sigma
+
+
+@settings(max_examples=60, deadline=None)
+@given(seed=st.integers(0, 2**31 - 1), scale=st.floats(0.5, 12.0), peak=st.floats(0.0, 25.0))
+def test_lowered_logit_z_equals_the_score_of_the_lowered_distribution(seed, scale, peak):
+    from ds_unlearn.unlearn.losses import lowered_logit_z
+
+    generator = torch.Generator().manual_seed(seed)
+    logits = torch.randn(6, 40, generator=generator, dtype=torch.float64) * scale
+    tokens = torch.randint(0, 40, (6,), generator=generator)
+    logits[torch.arange(6), tokens] += peak  # up to near one-hot on the true token (a memorized one)
+    logprobs = torch.log_softmax(logits, -1)
+    gamma = torch.rand(6, generator=generator, dtype=torch.float64) * 40
+    expected = _score_after_lowering(logprobs, tokens, gamma)
+    assert torch.allclose(lowered_logit_z(logprobs, tokens, gamma), expected, rtol=1e-6, atol=1e-6)
+
+
+def test_z_matched_gamma_lowers_each_true_token_to_its_target_score_and_never_raises_one():
+    from ds_unlearn.unlearn.losses import lowered_logit_z, z_matched_gamma
+
+    generator = torch.Generator().manual_seed(0)
+    logits = torch.randn(4, 30, generator=generator, dtype=torch.float64) * 2
+    tokens = torch.tensor([0, 1, 2, 3])
+    logits[0, 0] += 20.0  # memorized: far above the target
+    logits[1, 1] -= 8.0  # already unlikely: below the target
+    logits[3, 3] += 20.0  # memorized, with a target no lowering within reach can meet
+    logprobs = torch.log_softmax(logits, -1)
+    start = lowered_logit_z(logprobs, tokens, torch.zeros(4, dtype=torch.float64))
+    assert start[1] < -1.0 < start[0]
+    target = torch.tensor([-1.0, -1.0, float(start[2]) - 0.5, -1e6], dtype=torch.float64)
+    gamma = z_matched_gamma(logprobs, tokens, target, max_gamma=60.0)
+    reached = lowered_logit_z(logprobs, tokens, gamma)
+    assert reached[0] == pytest.approx(-1.0, abs=1e-6) and reached[2] == pytest.approx(float(target[2]), abs=1e-6)
+    assert gamma[0] > 10.0 and 0 < gamma[2] < gamma[0]
+    assert gamma[1] == 0.0  # already at or below its target: left as the input model has it
+    assert gamma[3] == pytest.approx(60.0)  # out of reach: lowered as far as allowed

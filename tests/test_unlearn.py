@@ -503,6 +503,137 @@ def test_match_reference_distils_the_forget_rows_toward_a_model_that_never_saw_t
     assert report["retain_ma"]["after"] > 0.9
 
 
+def token_scores(model, rows: list[list[int]]) -> list[np.ndarray]:
+    """Each row's Min-K%++ token scores ``(log p(x_t) - mu_t) / sigma_t`` (Zhang et al. 2024) under
+    ``model``, float64, written out here from the logits (independent of the library's passes)."""
+    out = []
+    with torch.no_grad():
+        for seq in rows:
+            ids = torch.tensor([seq])
+            logp = torch.log_softmax(model(ids).logits[0, :-1].double(), -1)
+            mu = (logp.exp() * logp).sum(-1)
+            sigma = ((logp.exp() * (logp - mu[:, None]) ** 2).sum(-1)).sqrt()
+            out.append(((logp[torch.arange(len(seq) - 1), ids[0, 1:]] - mu) / sigma).numpy())
+    return out
+
+
+def test_match_undial_z_brings_each_forget_rows_min_k_scores_to_its_nonmembers(unlearn_case, tmp_path):
+    from ds_unlearn.unlearn.selection import profile_targets, rank_matched_sources
+
+    out = tmp_path / "match_undial_z"
+    extra = ("--method", "match", "--match_target", "undial_z", "--match_margin", "0.2", "--max_over_unlearned", "4")
+    assert main(["unlearn", *unlearn_args(unlearn_case, out, *extra)]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["settings"]["match_target"] == "undial_z" and report["before"]["memorized"] == 4
+    forget, holdout = ([r["input_ids"] for r in read_jsonl(unlearn_case[n])] for n in ("forget", "holdout"))
+    before, after = load_causal_lm(unlearn_case["model"]).eval(), load_causal_lm(out / "model").eval()
+    # Each forget row's target profile: the sorted token scores of its non-member (rank-matched by
+    # loss under the input model), as the trainer builds them.
+    sources = rank_matched_sources(
+        [x.mean() for x in token_nlls(before, forget)], [x.mean() for x in token_nlls(before, holdout)]
+    )
+    nonmember = token_scores(before, holdout)
+
+    def gap(model) -> float:
+        rows = token_scores(model, forget)
+        return float(
+            np.mean(
+                [
+                    np.mean(np.abs(np.sort(x) - np.sort(profile_targets(nonmember[j], len(x)))))
+                    for x, j in zip(rows, sources)
+                ]
+            )
+        )
+
+    start, end = gap(before), gap(after)
+    assert end < 0.3 * start, (start, end)
+    assert report["after"]["memorized"] == 0 and report["retain_ma"]["after"] > 0.9
+    best = report["history"][report["best_epoch"]["epoch"]]
+    assert best["match/gamma_lowered"] > 0.5 and best["match/gamma_mean"] > 1.0  # memorized: most tokens lowered
+
+
+def test_match_judge_current_judges_each_epoch_among_the_models_own_nonmember_scores(random_case, tmp_path):
+    from ds_unlearn.core.mia import roc_auc
+    from ds_unlearn.core.scorer import score_sequences
+    from ds_unlearn.core.summary import calibrate_thresholds
+
+    out = tmp_path / "judge_current"
+    argv = ["unlearn", "--model", str(random_case / "model"), "--output_dir", str(out), "--method", "match"]
+    for name in ("forget", "retain", "holdout"):
+        argv += [f"--{name}", str(random_case / f"{name}.jsonl")]
+    argv += ["--match_holdout", str(random_case / "unseen.jsonl"), "--match_judge", "current"]
+    argv += [
+        "--band_on",
+        "ma,loss",
+        "--calibration_quantile",
+        "0.1",
+        "--match_margin",
+        "0.2",
+        "--max_over_unlearned",
+        "12",
+    ]
+    argv += ["--extract_k", "8", "--learning_rate", "3e-3", "--per_device_train_batch_size", "40"]
+    argv += ["--num_train_epochs", "8", "--save_strategy", "no"]
+    assert main(argv) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["settings"]["match_judge"] == "current"
+    best = report["history"][report["best_epoch"]["epoch"]]
+    # Recomputed from an independent pass of the written (best-epoch) model: the forget rows judged among
+    # its own scores of the match non-members, and the loss AUC against their losses under it.
+    model = load_causal_lm(out / "model").eval()
+    forget, unseen = (
+        score_sequences(
+            model, [r["input_ids"] for r in read_jsonl(random_case / f"{n}.jsonl")], el_n=(), extract_k=(8,)
+        )
+        for n in ("forget", "unseen")
+    )
+    assert report["thresholds"]["score_quantile"] == pytest.approx(0.05)  # per side and score
+    own = calibrate_thresholds(unseen, quantile=0.1, band_on=("ma", "loss")).counts(forget)
+    assert (best["match/memorized_current"], best["match/over_unlearned_current"]) == (
+        own["memorized"],
+        own["over_unlearned"],
+    )
+    assert best["match/auc_current"] == pytest.approx(
+        roc_auc([r["loss"] for r in forget], [r["loss"] for r in unseen]), abs=1e-6
+    )
+    assert f"{own['memorized']} memorized + {own['over_unlearned']} over-unlearned" in report["best_epoch"]["why"]
+    # The best epoch is ranked by those counts and that AUC (no epoch meets the stop rule here: some
+    # records stay memorized), not by the input model's band and losses, which rank another epoch first.
+    history = report["history"]
+
+    def best_by(memorized, over, auc):
+        return min(
+            range(len(history)), key=lambda e: (history[e][memorized] + history[e][over], abs(history[e][auc] - 0.5))
+        )
+
+    assert "stop rule not met" in report["best_epoch"]["why"]
+    assert report["best_epoch"]["epoch"] == best_by(
+        "match/memorized_current", "match/over_unlearned_current", "match/auc_current"
+    )
+    assert report["best_epoch"]["epoch"] != best_by("forget/memorized", "forget/over_unlearned", "match/auc")
+
+
+def test_match_judge_current_refuses_a_match_holdout_too_small_to_calibrate_before_compute(
+    random_case, tmp_path, capsys
+):
+    # 24 holdout rows calibrate ma and loss at 0.05 per side and score; 12 match non-members cannot.
+    few = write_jsonl(tmp_path / "few.jsonl", read_jsonl(random_case / "unseen.jsonl")[:12])
+    out = tmp_path / "run"
+    argv = ["unlearn", "--model", str(random_case / "model"), "--output_dir", str(out), "--method", "match"]
+    for name in ("forget", "retain", "holdout"):
+        argv += [f"--{name}", str(random_case / f"{name}.jsonl")]
+    argv += ["--match_holdout", str(few), "--match_judge", "current", "--band_on", "ma,loss"]
+    argv += ["--calibration_quantile", "0.1", "--extract_k", "8"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [
+        "ds-unlearn unlearn: error: match_holdout (match_judge current): 12 row(s) cannot calibrate verdicts at "
+        "quantile 0.05 per side and score: it needs at least 20 (add rows, raise calibration_quantile, or give "
+        "memorized/over_unlearned thresholds)"
+    ]
+    assert not out.exists()
+
+
 def test_match_with_lora_adapters_reaches_its_stop_rule_and_writes_only_the_adapter(unlearn_case, tmp_path):
     out = tmp_path / "match_lora"
     extra = ("--method", "match", "--lora_r", 8, "--learning_rate", "3e-2", "--match_margin", "0.2")

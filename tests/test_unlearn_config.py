@@ -83,7 +83,11 @@ def test_band_is_the_default_rule_of_sga_and_the_retain_methods_and_holdouts_cal
         ("- just\n- a list\n", [], "must hold a mapping"),
         ("model: m\nforget: f\nmethod: match\n", [], "match_holdout: method match drives the forget set"),
         ("model: m\nforget: f\nholdout: h\nmethod: match\nmatch_margin: 0.5\n", [], "match_margin: must lie in"),
-        ("model: m\nforget: f\nholdout: h\nmethod: match\nmatch_target: logits\n", [], "match_target: must be 'loss'"),
+        (
+            "model: m\nforget: f\nholdout: h\nmethod: match\nmatch_target: logits\n",
+            [],
+            "match_target: must be one of loss, tokens",
+        ),
         (
             "model: m\nforget: f\nholdout: h\nmethod: match\nmatch_retain: ascend\n",
             [],

@@ -24,6 +24,7 @@ from .audit import COMPANIONS
 from .methods import METHOD_SETTINGS, METHODS, Method, method_help, methods_reading
 
 STOP_RULES = ("band", "per_sequence", "mean", "match")
+MATCH_TARGETS = ("loss", "tokens", "tokens_z", "undial_z", "reference")  # what match drives a forget row to
 AUDIT_CHOICES = ("both", "after", "none")  # which models the end-of-run audit covers
 # Method settings with their own rule: the selection's (not read under the band rule) and the
 # task vector's (None means "the method's default").
@@ -189,9 +190,21 @@ class UnlearnConfig(TrainingArguments):
         "to match_token_quantile); 'tokens': the sorted token NLLs of the non-member at its rank (each row's "
         "token-loss profile, so as many of its tokens end mispredicted and as few far below unseen text as that "
         "non-member's); 'tokens_z': those and the profile of its Min-K%++ token scores too (how unlikely each "
-        "token is for how peaked the model's next-token distribution is there); 'reference': KL toward --reference's "
+        "token is for how peaked the model's next-token distribution is there); 'undial_z': KL toward the input "
+        "model's distributions with each true token's logit lowered (UNDIAL, gamma per token) until its Min-K%++ "
+        "token score reaches its rank in that non-member's profile, and the token's NLL driven to the lowered "
+        "one; 'reference': KL toward --reference's "
         "distributions (a model that never saw the forget set, e.g. the checkpoint before fine-tuning).",
         default="loss",
+    )
+    match_judge: str = _help(
+        "method",
+        "match: what its stop rule and best epoch judge the forget set against. 'input': match_holdout's scores "
+        "under the input model (the run's thresholds, the loss AUC against its losses then); 'current': its scores "
+        "under each epoch's weights (thresholds recalibrated on them, the AUC against them): what the audit asks, "
+        "each record among the unlearned model's own scores of text it never saw. The targets stay the input "
+        "model's either way.",
+        default="input",
     )
     match_retain: str = _help(
         "method",
@@ -478,8 +491,10 @@ class UnlearnConfig(TrainingArguments):
             _bad("npo_beta", f"must be positive, got {self.npo_beta}")
         if not self.undial_gamma > 0:
             _bad("undial_gamma", f"must be positive, got {self.undial_gamma}")
-        if declared.matches and self.match_target not in ("loss", "tokens", "tokens_z", "reference"):
-            _bad("match_target", f"must be 'loss', 'tokens', 'tokens_z' or 'reference', got {self.match_target!r}")
+        if declared.matches and self.match_judge not in ("input", "current"):
+            _bad("match_judge", f"must be 'input' or 'current', got {self.match_judge!r}")
+        if declared.matches and self.match_target not in MATCH_TARGETS:
+            _bad("match_target", f"must be one of {', '.join(MATCH_TARGETS)}, got {self.match_target!r}")
         if declared.matches and self.match_target == "reference" and not self.reference:
             _bad(
                 "match_target",
@@ -660,11 +675,18 @@ class UnlearnConfig(TrainingArguments):
         if scores != ("ma",) and self.score_refresh == "step":
             _bad("band_on", "score_refresh=step judges MA only (a training pass gives no membership scores)")
 
-    def check_holdout(self, rows: int) -> None:
+    def check_holdout(self, rows: int, match_rows: int | None = None) -> None:
         """Before compute: a holdout that calibrates a verdict must place a sequence at the quantile
-        asked (``core.verdict.check_holdout_size``). Raises InputError naming the holdout."""
+        asked (``core.verdict.check_holdout_size``), and so must match_holdout (``match_rows``) when
+        match judges by it (``match_judge current``). Raises InputError naming the set."""
         if self.calibrate_thresholds and self.holdout and self.calibration_quantile_used:
             check_holdout_size(rows, self.calibration_quantile / len(self.band_on_scores), "holdout")
+            if self.declared.matches and self.match_judge == "current" and match_rows is not None:
+                check_holdout_size(
+                    match_rows,
+                    self.calibration_quantile / len(self.band_on_scores),
+                    "match_holdout (match_judge current)",
+                )
 
     @property
     def calibration_quantile_used(self) -> bool:

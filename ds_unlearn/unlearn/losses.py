@@ -14,6 +14,10 @@ the optimizer step, see ``selection.plan_epoch``); the step's objective is
   UNDIAL's adjusted ones on a forget row (``undial_targets``).
 - ``ascend_capped``: minus the row's NLL over the positions whose token NLL is still below a cap
   (``per_sequence_capped_nll``; the match method's forget rows below their target).
+- ``match_profile``: the gap between a row's sorted token statistics and a target profile
+  (``per_sequence_profile_gap``; match's ``tokens`` / ``tokens_z`` targets).
+- ``kl_gap``: ``kl`` plus the squared gap between each true token's NLL and its NLL under the
+  targets (``per_sequence_true_token_gap``; match's ``undial_z`` target).
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ from ..core.mia import SIGMA_FLOOR
 from ..core.passes import logprob_moments
 
 IGNORE = -100
-TERMS = ("descend", "ascend", "npo", "kl", "ascend_capped", "match_profile")
+TERMS = ("descend", "ascend", "npo", "kl", "ascend_capped", "match_profile", "kl_gap")
 TERM_CODE = {name: code for code, name in enumerate(TERMS)}
 
 
@@ -139,6 +143,23 @@ def per_sequence_kl(logits: torch.Tensor, ref_logprobs: torch.Tensor, labels: to
     return (token_kl * valid).sum(-1) / valid.sum(-1).clamp(min=1)
 
 
+def per_sequence_true_token_gap(logits: torch.Tensor, ref_logprobs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Half the mean squared gap between each true token's NLL under the model and under the
+    targets ``ref_logprobs``, over a row's predicted positions (nats^2).
+
+    ``logits`` [B, T, V]; ``ref_logprobs`` [B, T-1, V] (target log-softmax at the positions that
+    predict ``labels[:, 1:]``); ``labels`` [B, T] (IGNORE at padding). Returns [B]. Beside
+    ``per_sequence_kl`` toward the same targets: KL's pull on a true token's logit is the
+    probability gap ``p - q``, which fades as ``p`` falls, so distillation alone leaves a token
+    targeted at ``e^-5`` far above it (UNDIAL's records stay member-like); this term's pull is the
+    gap in log-probability, which does not fade."""
+    _, targets, valid, token_nll = _token_nll(logits, labels)
+    ref = ref_logprobs.to(token_nll.device, token_nll.dtype)
+    target_nll = -ref.gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    gap = torch.where(valid, token_nll - target_nll, torch.zeros_like(token_nll))
+    return 0.5 * gap.square().sum(-1) / valid.sum(-1).clamp(min=1)
+
+
 def undial_targets(logprobs: torch.Tensor, tokens: torch.Tensor, gamma: float) -> torch.Tensor:
     """UNDIAL's distillation targets (Dong et al. 2024, "UNDIAL: Self-Distillation with Adjusted
     Logits for Robust Unlearning"): the original model's next-token distribution with the true
@@ -155,6 +176,60 @@ def undial_targets(logprobs: torch.Tensor, tokens: torch.Tensor, gamma: float) -
     return torch.log_softmax(adjusted, dim=-1)
 
 
+def lowered_logit_z(logprobs: torch.Tensor, tokens: torch.Tensor, gamma: torch.Tensor) -> torch.Tensor:
+    """Min-K%++'s token score (Zhang et al. 2024) of each true token once its logit is lowered by
+    ``gamma``: ``(log q(x_t) - mu_t) / sigma_t`` under ``q = undial_targets(logprobs, tokens, gamma)``
+    (sigma floored at ``mia.SIGMA_FLOOR``), in closed form from the unlowered moments, so a search
+    over ``gamma`` never rebuilds the [T-1, V] distribution.
+
+    ``logprobs`` [T-1, V] float (a log-softmax), ``tokens`` [T-1] long, ``gamma`` [T-1] float
+    (nats, >= 0). Returns float64 [T-1]. Lowering the logit moves only the true token's mass: with
+    ``p`` its probability and ``e = p exp(-gamma)``, every other log-probability shifts by
+    ``-log(1 - p + e)``, so the new mean and variance follow from the others' first two moments."""
+    logprobs = logprobs.double()
+    gamma = gamma.to(logprobs)
+    positions = torch.arange(tokens.shape[0])
+    true = logprobs[positions, tokens]
+    others = torch.ones_like(logprobs, dtype=torch.bool)
+    others[positions, tokens] = False
+    mass = torch.where(others, logprobs.exp(), torch.zeros_like(logprobs))
+    rest = mass.sum(-1)  # their mass (not 1 - p: that rounds to 0 where p is close to 1)
+    weights = mass / rest.clamp(min=torch.finfo(torch.float64).tiny).unsqueeze(-1)
+    values = torch.where(others, logprobs, torch.zeros_like(logprobs))
+    others_mean = (weights * values).sum(-1)
+    others_var = (weights * (values - others_mean.unsqueeze(-1)).square()).sum(-1)
+    # q is a two-part mixture: the others (mass rest / norm, their moments unchanged up to a common
+    # shift, which cancels in the score) and the true token (mass e / norm, value true - gamma).
+    e = torch.exp(true - gamma)
+    norm = rest + e
+    gap = (true - gamma) - others_mean
+    var = (rest * others_var + rest * e * gap.square() / norm) / norm
+    return (rest * gap / norm) / var.sqrt().clamp(min=SIGMA_FLOOR)
+
+
+def z_matched_gamma(
+    logprobs: torch.Tensor, tokens: torch.Tensor, target: torch.Tensor, max_gamma: float = 60.0, steps: int = 48
+) -> torch.Tensor:
+    """Per position, how far to lower the true token's logit (UNDIAL's ``gamma``, nats) for its
+    Min-K%++ token score (``lowered_logit_z``) to fall to ``target``: 0 where it is already at or
+    below it (no token is made more likely), ``max_gamma`` where even that leaves it above.
+
+    ``logprobs`` [T-1, V], ``tokens`` [T-1] long, ``target`` [T-1] float (scores, as Min-K%++'s
+    ``(log p - mu) / sigma``). Bisection over [0, max_gamma] (``steps`` halvings; the score falls
+    as gamma grows). Returns float64 [T-1]. The match method's ``undial_z`` target: a forget
+    row's token scores end where its rank-matched non-member's sit, so Min-K%++ reads it as it reads
+    unseen text, while every other token keeps its relative probability (UNDIAL's property)."""
+    target = target.double()
+    low = torch.zeros_like(target)
+    high = torch.full_like(target, max_gamma)
+    for _ in range(steps):
+        mid = (low + high) / 2
+        above = lowered_logit_z(logprobs, tokens, mid) > target
+        low, high = torch.where(above, mid, low), torch.where(above, high, mid)
+    unchanged = lowered_logit_z(logprobs, tokens, torch.zeros_like(target)) <= target
+    return torch.where(unchanged, torch.zeros_like(target), high)
+
+
 def row_losses(
     terms: torch.Tensor,
     nll: torch.Tensor,
@@ -162,13 +237,20 @@ def row_losses(
     kl: torch.Tensor | None = None,
     capped: torch.Tensor | None = None,
     profile: torch.Tensor | None = None,
+    kl_gap: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Each row's loss by its term code (``TERM_CODE``): ``nll`` for descend, ``-nll`` for ascend,
-    ``npo`` / ``kl`` / ``-capped`` for ascend_capped / ``profile`` for match_profile (each [B],
+    ``npo`` / ``kl`` / ``-capped`` for ascend_capped / ``profile`` for match_profile / ``kl_gap`` (each [B],
     needed only when some row has that term). All [B]."""
     out = torch.where(terms == TERM_CODE["ascend"], -nll, nll)
     negated = None if capped is None else -capped
-    for name, values in (("npo", npo), ("kl", kl), ("ascend_capped", negated), ("match_profile", profile)):
+    for name, values in (
+        ("npo", npo),
+        ("kl", kl),
+        ("ascend_capped", negated),
+        ("match_profile", profile),
+        ("kl_gap", kl_gap),
+    ):
         rows = terms == TERM_CODE[name]
         if bool(rows.any()):
             if values is None:

@@ -139,7 +139,8 @@ def load_sets(config: UnlearnConfig, model_dir: Path) -> tuple[dict[str, Sequenc
         if sets[other] is not None:
             check_disjoint(sets["forget"], sets[other], ("forget", other))
     if sets["holdout"] is not None:
-        config.check_holdout(len(sets["holdout"]))
+        match = sets["match_holdout"] or sets["holdout"]
+        config.check_holdout(len(sets["holdout"]), len(match))
     check_audit_sets(config, sets)
     return sets, tokenizer
 

@@ -46,8 +46,10 @@ from .losses import (
     per_sequence_capped_nll,
     per_sequence_kl,
     per_sequence_profile_gap,
+    per_sequence_true_token_gap,
     predicted_tokens,
     undial_targets,
+    z_matched_gamma,
 )
 from .reporting import log_histograms
 from .selection import (
@@ -68,7 +70,9 @@ from .weights import OwnedWeights
 
 STATE_FILE = "unlearn_state.json"
 # match_target: the token statistics whose profiles a forget row is driven to (losses.token_surprise)
-PROFILE_STATISTICS = {"loss": (), "tokens": ("nll",), "tokens_z": ("nll", "z"), "reference": ()}
+PROFILE_STATISTICS = {"loss": (), "tokens": ("nll",), "tokens_z": ("nll", "z"), "reference": (), "undial_z": ("z",)}
+# match_target: those whose forget rows take a KL term toward fixed targets (_compute_references)
+KL_TARGETS = ("reference", "undial_z")
 
 
 @dataclass
@@ -87,6 +91,7 @@ class RunState:
     token_cap: float = float("inf")  # match: a forget token ascends only while its NLL is below this (nats)
     match_auc_current: float | None = None  # ... and vs match_holdout's losses under the current weights
     match_sources: list[int] = field(default_factory=list)  # match_target tokens: per forget row, its non-member
+    match_gamma: dict = field(default_factory=dict)  # undial_z: mean logit lowering (nats), share of tokens lowered
     epochs: int = 0
     stop_reason: str | None = None
     switched_at_epoch: int | None = None
@@ -162,6 +167,8 @@ class UnlearnTrainer(SequenceTrainer):
         # match tokens: per token statistic, each non-member's sorted values under the input model, float64
         # (tensors, so a resume's torch.load reads them back)
         self.match_profiles: dict[str, list[torch.Tensor]] = {}
+        # match_judge current: thresholds calibrated on match_holdout's scores under the epoch's weights
+        self.match_thresholds: Thresholds | None = None
         self.weights: OwnedWeights | None = None  # built once the engine and its optimizer exist
         # TA/TAU on LoRA adapters: the edit is made by the adapters' scales (unlearn/lora.py).
         self.adapter_edit = (
@@ -201,6 +208,9 @@ class UnlearnTrainer(SequenceTrainer):
             elif self.args.declared.matches and self.args.match_target == "reference":
                 terms.append("kl")  # toward the reference model's distributions (_compute_references)
                 scales.append(1.0)
+            elif self.args.declared.matches and self.args.match_target == "undial_z":
+                terms.append("kl_gap")  # toward the z-matched distributions, the true token in log space
+                scales.append(1.0)
             elif self.args.declared.matches and self.args.match_target != "loss":
                 terms.append("match_profile")  # its own gradient is the gap, token by token
                 scales.append(1.0)
@@ -216,8 +226,13 @@ class UnlearnTrainer(SequenceTrainer):
             seq_logp = -nll * predicted_tokens(labels).to(nll.dtype)
             reference = self.reference_logp[rows.clamp(max=self.n_forget - 1).cpu()].to(nll.device)
             extra["npo"] = npo_loss(seq_logp, reference, self.args.npo_beta)
-        if bool((terms == TERM_CODE["kl"]).any()):
-            extra["kl"] = per_sequence_kl(logits, self._reference_batch(rows, terms, logits), labels)
+        kl_rows, gap_rows = bool((terms == TERM_CODE["kl"]).any()), bool((terms == TERM_CODE["kl_gap"]).any())
+        if kl_rows or gap_rows:
+            reference = self._reference_batch(rows, terms, logits)
+            kl = per_sequence_kl(logits, reference, labels)
+            extra["kl"] = kl
+            if gap_rows:
+                extra["kl_gap"] = kl + per_sequence_true_token_gap(logits, reference, labels)
         if bool((terms == TERM_CODE["ascend_capped"]).any()):
             extra["capped"] = per_sequence_capped_nll(logits, labels, self.run.token_cap)
         # One read-back per step (which rows, and below their lengths): the targets are built on the host.
@@ -252,7 +267,7 @@ class UnlearnTrainer(SequenceTrainer):
         """[B, T-1, V] reference log-probabilities for the batch's KL rows (zeros elsewhere)."""
         batch = torch.zeros(logits.shape[0], logits.shape[1] - 1, logits.shape[2], dtype=torch.float32)
         for i, (row, term) in enumerate(zip(rows.tolist(), terms.tolist())):
-            if term == TERM_CODE["kl"]:
+            if term in (TERM_CODE["kl"], TERM_CODE["kl_gap"]):
                 ref = self.reference_logprobs[row]
                 batch[i, : ref.shape[0]] = ref
         return batch.to(logits.device)
@@ -299,11 +314,20 @@ class UnlearnTrainer(SequenceTrainer):
         scores = self.score_set(self.holdout, el=False) if scores is None else scores
         return float(np.mean([r["loss"] for r in scores]))
 
-    def match_losses(self) -> list[float] | None:
-        """The match non-members' per-sequence NLLs under the current weights (None: no match set)."""
+    def match_scores(self) -> list[dict] | None:
+        """The match non-members' per-sequence scores under the current weights (None: no match set)."""
         if self.match is None:
             return None
-        return [float(r["loss"]) for r in self.score_set(self.match, el=False)]
+        return self.score_set(self.match, el=False)
+
+    def _judge(self) -> tuple:
+        """What the stop rule and the best epoch judge the forget set by: the thresholds and the
+        match AUC. ``match_judge current``: those recalibrated on match_holdout's scores under the
+        current weights and the AUC against them; else the run's thresholds and the AUC against
+        the input model's losses."""
+        if self.args.declared.matches and self.args.match_judge == "current" and self.match_thresholds is not None:
+            return self.match_thresholds, self.run.match_auc_current
+        return self.thresholds, self.run.match_auc
 
     def el_due(self) -> bool:
         """Whether this epoch's judging also computes EL_10 (generation): every epoch when SGA
@@ -357,7 +381,7 @@ class UnlearnTrainer(SequenceTrainer):
         self.best = self.weights.snapshot()
         if args.score_refresh == "step":
             self.previous = self.weights.snapshot()
-        self._absorb_scores(scores, self.match_losses())
+        self._absorb_scores(scores, self.match_scores())
         self._log_epoch(holdout_loss=self.run.holdout_loss_before, trained=0)
         holds = self._stop_holds()
         self._consider_best(0, holds, self.run.holdout_loss_before, candidate=None)
@@ -367,12 +391,13 @@ class UnlearnTrainer(SequenceTrainer):
             self._maybe_switch_to_finetune()
 
     def _stop_holds(self) -> bool:
+        thresholds, match_auc = self._judge()
         return stop_satisfied(
             self.run.judged,
             self.args.stop_rule,
-            self.thresholds,
+            thresholds,
             self.args.max_over_unlearned,
-            match_auc=self.run.match_auc,
+            match_auc=match_auc,
             match_margin=self.args.match_margin,
         )
 
@@ -391,11 +416,12 @@ class UnlearnTrainer(SequenceTrainer):
         blocks = []
         if self.retain_rows and self.args.retain_term == "kl":
             blocks.append(("retain", self.retain_rows, self.retain.sequences))
-        if reference == "forget_logprobs":
-            blocks.append(("forget", list(range(self.n_forget)), self.forget.sequences))
         if self.args.declared.matches and self.match is not None:
             # Also at match_weight 0 (no KL rows): the non-members' token NLLs set the cap and profiles.
             blocks.append(("match", self.match_rows, self.match.sequences))
+        z_matched = self.args.declared.matches and self.args.match_target == "undial_z"
+        if reference == "forget_logprobs" or z_matched:  # after match's: undial_z reads its profiles
+            blocks.append(("forget", list(range(self.n_forget)), self.forget.sequences))
         vocab = self.model.config.vocab_size
         gib = sum(len(s) - 1 for _, _, sequences in blocks for s in sequences) * vocab * 4 / 2**30
         if gib > self.args.kl_reference_max_gib:
@@ -423,12 +449,42 @@ class UnlearnTrainer(SequenceTrainer):
                         mu, sigma = logprob_moments(t[start:].double())
                         z.append(torch.sort((nll.double() + mu) / sigma.clamp(min=SIGMA_FLOOR)).values)
                     self.match_profiles["z"] = z
-            if which == "forget":  # UNDIAL: the true token's logit lowered by gamma
+            if which == "forget" and z_matched:
+                targets = self._z_matched_targets(targets, forget_scores, token_nll)
+            elif which == "forget":  # UNDIAL: the true token's logit lowered by gamma
                 gamma = self.args.undial_gamma
                 targets = [undial_targets(t, torch.as_tensor(s[1:]), gamma) for t, s in zip(targets, sequences)]
             self.reference_logprobs.update(zip(kl_rows, targets))
         if self.args.declared.matches and self.args.match_target == "reference":
             self.reference_logprobs.update(enumerate(self._reference_model_logprobs(self.forget.sequences)))
+
+    def _z_matched_targets(self, logprobs, forget_scores, match_token_nll) -> list[torch.Tensor]:
+        """``match_target undial_z``: each forget row's targets are the input model's distributions
+        with every true token's logit lowered (``losses.z_matched_gamma``) until its Min-K%++ token
+        score reaches its rank in the profile of the row's non-member (rank-matched by loss, as
+        ``tokens``; both over the scored positions). ``logprobs``: the forget rows' input
+        log-probabilities [T-1, V]; ``match_token_nll``: the non-members' scored token NLLs.
+        Host-side, once. Sets ``run.match_sources`` and the ``match/gamma`` summary."""
+        losses = [float(r["loss"]) for r in forget_scores]
+        sources = rank_matched_sources(losses, [float(t.double().mean()) for t in match_token_nll])
+        starts = [max(p - 1, 0) for p in self.forget.prompts()]
+        targets, gammas = [], []
+        for row, (t, start) in enumerate(zip(logprobs, starts)):
+            tokens = torch.as_tensor(self.forget.sequences[row][1:])
+            mu, sigma = logprob_moments(t[start:].double())
+            scored = tokens[start:]
+            surprise = (-t[start:].double()[torch.arange(len(scored)), scored] + mu) / sigma.clamp(min=SIGMA_FLOOR)
+            profile = torch.from_numpy(profile_targets(self.match_profiles["z"][sources[row]].numpy(), len(scored)))
+            target = torch.empty_like(surprise)
+            target[torch.argsort(surprise, stable=True)] = profile  # rank j of the row gets the profile's j-th
+            gamma = torch.zeros(len(tokens), dtype=torch.float64)
+            gamma[start:] = z_matched_gamma(t[start:], scored, -target)  # a score is minus the surprise
+            targets.append(undial_targets(t, tokens, gamma.to(t.dtype)))
+            gammas.append(gamma[start:])
+        self.run.match_sources = sources.tolist()
+        every = torch.cat(gammas)
+        self.run.match_gamma = {"mean": float(every.mean()), "lowered": float((every > 0).double().mean())}
+        return targets
 
     def _reference_model_logprobs(self, sequences) -> list[torch.Tensor]:
         """``reference_logprobs`` of ``--reference`` (a model that never saw the forget set, e.g.
@@ -473,7 +529,7 @@ class UnlearnTrainer(SequenceTrainer):
         try:
             scores = self._epoch_scores(fresh=editing)
             holdout_loss = self.holdout_loss()
-            match_losses = self.match_losses()
+            match_scores = self.match_scores()
         except NonFiniteLogitsError:
             # Raised on every rank alike (the bad rows are gathered before the raise). From the
             # weights this run made, it is divergence, not bad input: keep the best good epoch.
@@ -482,7 +538,7 @@ class UnlearnTrainer(SequenceTrainer):
             control.should_training_stop = True
             return
         self.clock.end_judging()
-        self._absorb_scores(scores, match_losses)
+        self._absorb_scores(scores, match_scores)
         self.write_scores(f"scores_epoch{self.run.epochs}.jsonl", scores)
         self._log_epoch(holdout_loss, trained)
 
@@ -569,8 +625,9 @@ class UnlearnTrainer(SequenceTrainer):
 
     def _consider_best(self, epoch: int, holds: bool, holdout_loss: float | None, candidate) -> None:
         """Keep ``candidate`` (a snapshot; None: the current weights) if it beats the best so far."""
-        counts = self.thresholds.counts(self.run.judged)
-        distance = abs(self.run.match_auc - 0.5) if self.run.match_auc is not None else 0.0
+        thresholds, match_auc = self._judge()
+        counts = thresholds.counts(self.run.judged)
+        distance = abs(match_auc - 0.5) if match_auc is not None else 0.0
         rank = list(epoch_rank(counts["memorized"], counts["over_unlearned"], holds, holdout_loss, distance))
         if self.run.best_rank is not None and tuple(rank) >= tuple(self.run.best_rank):
             return
@@ -596,7 +653,7 @@ class UnlearnTrainer(SequenceTrainer):
             seen.update(part)
         return [{"ma": seen.get(i, self.run.ma[i])} for i in range(len(self.forget))]
 
-    def _absorb_scores(self, scores: list[dict], match_losses: list[float] | None = None) -> None:
+    def _absorb_scores(self, scores: list[dict], match_scores: list[dict] | None = None) -> None:
         """Take an epoch's forget scores (and the match non-members' losses) into the run state and
         plan the next epoch's rows from them."""
         self.run.ma = [float(r["ma"]) for r in scores]
@@ -606,6 +663,9 @@ class UnlearnTrainer(SequenceTrainer):
         self.run.el10 = [float(r["el_10"]) for r in scores] if "el_10" in scores[0] else None
         key = self.run.el10 if self.args.select_on == "el10" else self.run.ma
         self.run.pulled_back = []
+        match_losses = None if match_scores is None else [float(r["loss"]) for r in match_scores]
+        if match_scores is not None and self.args.match_judge == "current":
+            self.match_thresholds = self.thresholds.calibrated(match_scores)
         if match_losses is not None:
             # The targets stay where the input model puts text it never saw. Under the current weights
             # the non-members' losses rise with the forget set's (they share its templates): chasing
@@ -621,8 +681,11 @@ class UnlearnTrainer(SequenceTrainer):
             losses = [float(r["loss"]) for r in scores]
             targets = rank_matched_targets(losses, self.run.match_reference)
             self.run.selected, self.run.pulled_back, self.run.match_scales = match_plan(losses, targets)
-            if self.args.match_target != "loss":  # every row trains toward its non-member's token profile
-                self.run.match_sources = rank_matched_sources(losses, self.run.match_reference).tolist()
+            if (
+                self.args.match_target != "loss"
+            ):  # every row trains toward its fixed targets or its non-member's profile
+                if self.args.match_target not in KL_TARGETS:
+                    self.run.match_sources = rank_matched_sources(losses, self.run.match_reference).tolist()
                 self.run.selected, self.run.pulled_back = list(range(self.n_forget)), []
         elif self.args.stop_rule == "band":
             # Two-sided control: ascend the memorized, leave the band, pull the over-unlearned back.
@@ -695,6 +758,12 @@ class UnlearnTrainer(SequenceTrainer):
             metrics["match/descended"] = len(self.run.pulled_back)
             metrics["match/mean_gap"] = float(np.mean(self.run.match_scales)) if self.run.match_scales else 0.0
             metrics["match/token_cap"] = self.run.token_cap
+            if self.match_thresholds is not None:  # match_judge current: among the model's own non-members
+                own = self.match_thresholds.counts(self.run.judged)
+                metrics["match/memorized_current"] = own["memorized"]
+                metrics["match/over_unlearned_current"] = own["over_unlearned"]
+            for key, value in self.run.match_gamma.items():  # undial_z's logit lowering (fixed targets)
+                metrics[f"match/gamma_{key}"] = value
         if self.run.el10 is not None:
             metrics["forget/el10_mean"] = float(np.mean(self.run.el10))
         if holdout_loss is not None:
