@@ -497,3 +497,31 @@ def test_z_matched_gamma_lowers_each_true_token_to_its_target_score_and_never_ra
     assert gamma[0] > 10.0 and 0 < gamma[2] < gamma[0]
     assert gamma[1] == 0.0  # already at or below its target: left as the input model has it
     assert gamma[3] == pytest.approx(60.0)  # out of reach: lowered as far as allowed
+
+
+def test_entropy_shortfall_counts_only_confidently_wrong_positions_by_hand():
+    from ds_unlearn.unlearn.losses import IGNORE, per_sequence_entropy_shortfall
+
+    # One row, three predicted positions over a vocabulary of 3: right and peaked, wrong and peaked,
+    # wrong and spread; a padded fourth position.
+    logits = torch.tensor(
+        [[[9.0, 0.0, 0.0], [0.0, 9.0, 0.0], [0.0, 0.0, 0.1], [5.0, 0.0, 0.0], [0.0, 0.0, 0.0]]], dtype=torch.float64
+    )
+    labels = torch.tensor([[1, 0, 0, 0, IGNORE]])  # position j predicts labels[j + 1]
+
+    def entropy(row):
+        p = torch.softmax(row, -1)
+        return float(-(p * p.log()).sum())
+
+    floor = 0.5
+    # Position 0 predicts 0 with argmax 0 (right: free); 1 predicts 0 with argmax 1 (wrong, peaked);
+    # 2 predicts 0 with argmax 2 (wrong, spread above the floor); 3 is padding.
+    expected = max(0.0, floor - entropy(logits[0, 1])) / 3
+    assert entropy(logits[0, 2]) > floor
+    got = per_sequence_entropy_shortfall(logits, labels, floor)
+    assert got.shape == (1,) and float(got[0]) == pytest.approx(expected)
+    assert float(per_sequence_entropy_shortfall(logits, labels, 0.0)[0]) == 0.0
+    # Its gradient raises the wrong peaked position's entropy: it lowers that position's top logit.
+    leaf = logits.clone().requires_grad_(True)
+    per_sequence_entropy_shortfall(leaf, labels, floor).sum().backward()
+    assert leaf.grad[0, 1, 1] > 0 and torch.all(leaf.grad[0, 0] == 0) and torch.all(leaf.grad[0, 2] == 0)

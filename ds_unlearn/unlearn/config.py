@@ -184,6 +184,13 @@ class UnlearnConfig(TrainingArguments):
         "(1: the whole NLL).",
         default=0.95,
     )
+    match_entropy_quantile: float = _help(
+        "method",
+        "match: an ascended forget row also spreads each position where the model now guesses a wrong token "
+        "with less entropy than this quantile of the match_holdout rows' entropies at their wrong guesses under "
+        "the input model, up to it (a peaked wrong guess is what Min-K%++ reads); 0: off.",
+        default=0.0,
+    )
     match_target: str = _help(
         "method",
         "match: what each forget row is driven to. 'loss': the non-members' loss at its rank (its tokens ascended up "
@@ -491,6 +498,8 @@ class UnlearnConfig(TrainingArguments):
             _bad("npo_beta", f"must be positive, got {self.npo_beta}")
         if not self.undial_gamma > 0:
             _bad("undial_gamma", f"must be positive, got {self.undial_gamma}")
+        if declared.matches and not 0.0 <= self.match_entropy_quantile < 1.0:
+            _bad("match_entropy_quantile", f"must lie in [0, 1), got {self.match_entropy_quantile}")
         if declared.matches and self.match_judge not in ("input", "current"):
             _bad("match_judge", f"must be 'input' or 'current', got {self.match_judge!r}")
         if declared.matches and self.match_target not in MATCH_TARGETS:

@@ -73,6 +73,25 @@ def per_sequence_capped_nll(logits: torch.Tensor, labels: torch.Tensor, cap: flo
     return (token_nll * below).sum(-1) / valid.sum(-1).clamp(min=1)
 
 
+def per_sequence_entropy_shortfall(logits: torch.Tensor, labels: torch.Tensor, floor: float) -> torch.Tensor:
+    """How far each row's confidently wrong positions sit below an entropy floor: the sum over
+    positions whose argmax is not the true token of ``max(0, floor - H_t)`` (nats; ``H_t`` the
+    entropy of the next-token distribution), divided by the row's predicted positions.
+
+    ``logits`` [B, T, V], ``labels`` [B, T] long (IGNORE at padding); returns [B]. Ascending a true
+    token hands its mass to the runner-up, so an unlearned position ends peaked on a wrong token:
+    there the Min-K%++ score (``(log p - mu) / sigma``, sigma near 0) of the true token is far
+    below anything unseen text shows, which is what that attack reads. Subtracting this from the
+    ascended NLL spreads such a position's mass until its entropy reaches what unseen text gets.
+    ``floor`` = 0 gives zeros. Which positions count is decided without gradient."""
+    logits, targets, valid, _ = _token_nll(logits, labels)
+    logp = F.log_softmax(logits, dim=-1)
+    entropy = -(logp.exp() * logp).sum(-1)
+    wrong = (logits.detach().argmax(-1) != targets) & valid
+    shortfall = torch.where(wrong, (floor - entropy).clamp(min=0), torch.zeros_like(entropy))
+    return shortfall.sum(-1) / valid.sum(-1).clamp(min=1)
+
+
 def token_surprise(logits: torch.Tensor, labels: torch.Tensor, statistic: str = "nll"):
     """Per predicted position, how unlikely the true token is, as a membership attack reads it.
     ``nll``: -log p(x_t) (nats; the loss attack's token term). ``z``: minus Min-K%++'s token score

@@ -167,6 +167,7 @@ METHODS: dict[str, Method] = {
                 "match_margin",
                 "match_weight",
                 "match_token_quantile",
+                "match_entropy_quantile",
                 "match_target",
                 "match_judge",
                 "match_retain",

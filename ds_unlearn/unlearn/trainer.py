@@ -44,6 +44,7 @@ from .losses import (
     TERM_CODE,
     npo_loss,
     per_sequence_capped_nll,
+    per_sequence_entropy_shortfall,
     per_sequence_kl,
     per_sequence_profile_gap,
     per_sequence_true_token_gap,
@@ -89,6 +90,7 @@ class RunState:
     match_reference: list[float] | None = None  # match: match_holdout's per-sequence losses under the input model
     match_auc: float | None = None  # match: loss-attack AUC, forget set now vs match_reference
     token_cap: float = float("inf")  # match: a forget token ascends only while its NLL is below this (nats)
+    entropy_floor: float = 0.0  # match: confidently wrong forget positions are spread up to this entropy (nats)
     match_auc_current: float | None = None  # ... and vs match_holdout's losses under the current weights
     match_sources: list[int] = field(default_factory=list)  # match_target tokens: per forget row, its non-member
     match_gamma: dict = field(default_factory=dict)  # undial_z: mean logit lowering (nats), share of tokens lowered
@@ -235,6 +237,13 @@ class UnlearnTrainer(SequenceTrainer):
                 extra["kl_gap"] = kl + per_sequence_true_token_gap(logits, reference, labels)
         if bool((terms == TERM_CODE["ascend_capped"]).any()):
             extra["capped"] = per_sequence_capped_nll(logits, labels, self.run.token_cap)
+            if self.run.entropy_floor > 0:  # ascended with it: confidently wrong positions spread their mass
+                # On those rows only: the entropy keeps [rows, T, V] tensors for the backward pass.
+                index = (terms == TERM_CODE["ascend_capped"]).nonzero()[:, 0].to(logits.device)
+                shortfall = per_sequence_entropy_shortfall(
+                    logits.index_select(0, index), labels.index_select(0, index), self.run.entropy_floor
+                )
+                extra["capped"] = extra["capped"].index_add(0, index, -shortfall.to(extra["capped"].dtype))
         # One read-back per step (which rows, and below their lengths): the targets are built on the host.
         profiled = (terms == TERM_CODE["match_profile"]).nonzero()[:, 0]
         if len(profiled):
@@ -442,6 +451,10 @@ class UnlearnTrainer(SequenceTrainer):
                     for t, s, start in zip(targets, sequences, starts)
                 ]
                 self.run.token_cap = float(np.quantile(torch.cat(token_nll).numpy(), self.args.match_token_quantile))
+                if self.args.match_entropy_quantile > 0:
+                    self.run.entropy_floor = wrong_position_entropy_quantile(
+                        targets, sequences, starts, self.args.match_entropy_quantile
+                    )
                 self.match_profiles = {"nll": [torch.sort(t.double()).values for t in token_nll]}
                 if "z" in PROFILE_STATISTICS[self.args.match_target]:
                     z = []
@@ -758,6 +771,7 @@ class UnlearnTrainer(SequenceTrainer):
             metrics["match/descended"] = len(self.run.pulled_back)
             metrics["match/mean_gap"] = float(np.mean(self.run.match_scales)) if self.run.match_scales else 0.0
             metrics["match/token_cap"] = self.run.token_cap
+            metrics["match/entropy_floor"] = self.run.entropy_floor
             if self.match_thresholds is not None:  # match_judge current: among the model's own non-members
                 own = self.match_thresholds.counts(self.run.judged)
                 metrics["match/memorized_current"] = own["memorized"]
@@ -823,6 +837,21 @@ class UnlearnTrainer(SequenceTrainer):
             self.adapter_edit.set_base(self.weights, self.base)  # frozen, so not in the Trainer's checkpoint
             if self.run.phase == "done" and self.run.best_edited:
                 self.adapter_edit.on()
+
+
+def wrong_position_entropy_quantile(logprobs, sequences, starts, quantile: float) -> float:
+    """The ``quantile`` of the next-token entropies (nats) at the positions where the input model's
+    argmax is not the true token, over text it never saw: ``logprobs`` per sequence [T-1, V] (its
+    log-softmax), ``sequences`` the token ids, ``starts`` the first scored position of each. How
+    spread a wrong guess on unseen text is: the floor match's entropy term lifts a confidently
+    wrong forget position to. 0.0 when no position is wrong."""
+    values = []
+    for t, s, start in zip(logprobs, sequences, starts):
+        t = t[start:].double()
+        wrong = t.argmax(-1) != torch.as_tensor(s[1:])[start:]
+        values.append((-(t.exp() * t).sum(-1))[wrong])
+    every = torch.cat(values)
+    return float(np.quantile(every.numpy(), quantile)) if len(every) else 0.0
 
 
 def resolve_thresholds(args, holdout_scores: list[dict] | None) -> tuple[Thresholds, str]:
