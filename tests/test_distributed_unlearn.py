@@ -142,7 +142,9 @@ def test_two_nodes_without_ssh(ga_zero3, unlearn_case, tmp_path):
     same_scores(ga_zero3, out)
 
 
-@pytest.mark.parametrize("variant", ["graddiff", "npo", "kl", "undial", "match", "match_tokens", "match_undial_z"])
+@pytest.mark.parametrize(
+    "variant", ["graddiff", "npo", "kl", "undial", "match", "match_tokens", "match_undial_z", "match_floors"]
+)
 def test_zero3_retain_side_methods_match_one_process(variant, unlearn_case, tmp_path):
     # 4 forget + 4 retain rows: two optimizer steps per epoch, each holding the same rows on
     # 2 ranks x 2 as on 1 process x 4 (selection.plan_epoch deals to steps first).
@@ -150,7 +152,10 @@ def test_zero3_retain_side_methods_match_one_process(variant, unlearn_case, tmp_
     method, _, target = variant.partition("_")
     # match: its AUC on 4 rows against 4 moves in steps of 1/16; the tiny model's holdout sits at MA ~0.
     extra = ["--match_margin", "0.2", "--max_over_unlearned", "4"] if method == "match" else []
-    extra += ["--match_target", target] if target else []
+    if target == "floors":  # the loss target with both token floors on its ascended rows
+        extra += ["--match_entropy_quantile", "0.5", "--match_z_quantile", "0.5"]
+    elif target:
+        extra += ["--match_target", target]
     run_ok(*ds_args(unlearn_case, out, "zero3", "--method", method, *extra))
     report = json.loads((out / "report.json").read_text())
     assert report["settings"]["world_size"] == 2 and report["after"]["memorized"] == 0

@@ -525,3 +525,40 @@ def test_entropy_shortfall_counts_only_confidently_wrong_positions_by_hand():
     leaf = logits.clone().requires_grad_(True)
     per_sequence_entropy_shortfall(leaf, labels, floor).sum().backward()
     assert leaf.grad[0, 1, 1] > 0 and torch.all(leaf.grad[0, 0] == 0) and torch.all(leaf.grad[0, 2] == 0)
+
+
+def test_z_shortfall_lifts_only_tokens_scored_below_the_floor_by_hand():
+    from ds_unlearn.unlearn.losses import IGNORE, per_sequence_z_shortfall
+
+    # One row over a vocabulary of 4: the true token likely (high score), the true token unlikely under
+    # a peaked wrong guess (score far below), the true token unlikely under a spread guess; padding.
+    logits = torch.tensor(
+        [[[6.0, 0.0, 0.0, 0.0], [0.0, 8.0, 1.0, 0.0], [0.0, 0.5, 0.4, 0.3], [0.0] * 4, [0.0] * 4]],
+        dtype=torch.float64,
+    )
+    labels = torch.tensor([[1, 0, 0, 0, IGNORE]])  # position j predicts labels[j + 1]
+
+    def z(row, token):  # Min-K%++'s token score, from its definition
+        logp = torch.log_softmax(row, -1)
+        p = logp.exp()
+        mu = float((p * logp).sum())
+        sigma = float(((p * (logp - mu) ** 2).sum()).sqrt())
+        return (float(logp[token]) - mu) / sigma
+
+    scores = [z(logits[0, j], 0) for j in range(3)]
+    floor = -1.0
+    assert scores[0] > floor and scores[1] < -10 and floor > scores[2] > -2.5
+    expected = sum(np.log1p(max(0.0, floor - s)) for s in scores) / 3
+    got = per_sequence_z_shortfall(logits, labels, floor)
+    assert got.shape == (1,) and float(got[0]) == pytest.approx(expected, rel=1e-9)
+    assert float(per_sequence_z_shortfall(logits, labels, -100.0)[0]) == 0.0  # nothing below that floor
+    # Descending it raises the low scores: one small step on the peaked wrong position lifts its score,
+    # and leaves the position scored above the floor alone.
+    leaf = logits.clone().requires_grad_(True)
+    per_sequence_z_shortfall(leaf, labels, floor).sum().backward()
+    assert torch.all(leaf.grad[0, 0] == 0) and torch.all(leaf.grad[0, 3:] == 0)
+    stepped = (logits - 0.1 * leaf.grad.detach())[0]
+    assert z(stepped[1], 0) > scores[1] and z(stepped[2], 0) > scores[2]
+    # The logarithm: the peaked position's pull per unit of score is 1 / (1 + floor - z), so a token
+    # a hundred times further below than another does not pull a hundred times harder.
+    assert float(leaf.grad[0, 1].norm()) < 100 * float(leaf.grad[0, 2].norm())

@@ -84,6 +84,16 @@ def test_band_is_the_default_rule_of_sga_and_the_retain_methods_and_holdouts_cal
         ("model: m\nforget: f\nmethod: match\n", [], "match_holdout: method match drives the forget set"),
         ("model: m\nforget: f\nholdout: h\nmethod: match\nmatch_margin: 0.5\n", [], "match_margin: must lie in"),
         (
+            "model: m\nforget: f\nholdout: h\nmethod: match\n",
+            ["--match_z_quantile", "1"],
+            "match_z_quantile: must lie in",
+        ),
+        (
+            "model: m\nforget: f\nholdout: h\nmethod: match\n",
+            ["--match_entropy_quantile", "-0.1"],
+            "match_entropy_quantile",
+        ),
+        (
             "model: m\nforget: f\nholdout: h\nmethod: match\nmatch_target: logits\n",
             [],
             "match_target: must be one of loss, tokens",

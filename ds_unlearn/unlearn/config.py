@@ -191,6 +191,13 @@ class UnlearnConfig(TrainingArguments):
         "the input model, up to it (a peaked wrong guess is what Min-K%++ reads); 0: off.",
         default=0.0,
     )
+    match_z_quantile: float = _help(
+        "method",
+        "match: an ascended forget row also lifts each token whose Min-K%++ score is below this quantile of the "
+        "match_holdout rows' token scores under the input model, up to it (log-compressed; what that attack "
+        "reads is a record's lowest scores); 0: off.",
+        default=0.0,
+    )
     match_target: str = _help(
         "method",
         "match: what each forget row is driven to. 'loss': the non-members' loss at its rank (its tokens ascended up "
@@ -500,6 +507,8 @@ class UnlearnConfig(TrainingArguments):
             _bad("undial_gamma", f"must be positive, got {self.undial_gamma}")
         if declared.matches and not 0.0 <= self.match_entropy_quantile < 1.0:
             _bad("match_entropy_quantile", f"must lie in [0, 1), got {self.match_entropy_quantile}")
+        if declared.matches and not 0.0 <= self.match_z_quantile < 1.0:
+            _bad("match_z_quantile", f"must lie in [0, 1), got {self.match_z_quantile}")
         if declared.matches and self.match_judge not in ("input", "current"):
             _bad("match_judge", f"must be 'input' or 'current', got {self.match_judge!r}")
         if declared.matches and self.match_target not in MATCH_TARGETS:

@@ -92,6 +92,32 @@ def per_sequence_entropy_shortfall(logits: torch.Tensor, labels: torch.Tensor, f
     return shortfall.sum(-1) / valid.sum(-1).clamp(min=1)
 
 
+def per_sequence_z_shortfall(
+    logits: torch.Tensor, labels: torch.Tensor, floor: float, sigma_floor: float = 1e-2
+) -> torch.Tensor:
+    """How far each row's Min-K%++ token scores sit below a floor: the sum over positions of
+    ``log(1 + max(0, floor - z_t))``, divided by the row's predicted positions.
+
+    ``z_t = (log p(x_t) - mu_t) / sigma_t`` is Min-K%++'s token score (Zhang et al. 2024;
+    ``token_surprise(.., "z")`` negated), with ``sigma_t`` floored at ``sigma_floor`` here: a
+    near one-hot row's sigma cancels to noise in float32, and the floor bounds the gradient.
+    ``logits`` [B, T, V], ``labels`` [B, T] long (IGNORE at padding); ``floor`` a z value (unitless,
+    e.g. a low quantile of unseen text's token scores); returns [B]. The attack averages a
+    record's lowest scores, and unlearning by ascent leaves a few forget tokens orders of magnitude
+    below anything unseen (confidently wrong positions). The logarithm keeps one such token from
+    outweighing the rest: its pull is ``1 / (1 + floor - z)`` per unit of z."""
+    logits, _, valid, token_nll = _token_nll(logits, labels)
+    logprobs = F.log_softmax(logits, dim=-1)
+    probs = logprobs.exp()
+    mu = (probs * logprobs).sum(-1)
+    # The variance as E[(log p - mu)^2], floored before the square root: a flat or one-hot row has
+    # variance 0, where the root's gradient is infinite (and NaN through any later floor).
+    variance = (probs * (logprobs - mu.unsqueeze(-1)).square()).sum(-1)
+    z = -(token_nll + mu) / variance.clamp(min=sigma_floor**2).sqrt()
+    shortfall = torch.log1p((floor - z).clamp(min=0))
+    return (shortfall * valid).sum(-1) / valid.sum(-1).clamp(min=1)
+
+
 def token_surprise(logits: torch.Tensor, labels: torch.Tensor, statistic: str = "nll"):
     """Per predicted position, how unlikely the true token is, as a membership attack reads it.
     ``nll``: -log p(x_t) (nats; the loss attack's token term). ``z``: minus Min-K%++'s token score

@@ -168,6 +168,7 @@ METHODS: dict[str, Method] = {
                 "match_weight",
                 "match_token_quantile",
                 "match_entropy_quantile",
+                "match_z_quantile",
                 "match_target",
                 "match_judge",
                 "match_retain",

@@ -48,6 +48,7 @@ from .losses import (
     per_sequence_kl,
     per_sequence_profile_gap,
     per_sequence_true_token_gap,
+    per_sequence_z_shortfall,
     predicted_tokens,
     undial_targets,
     z_matched_gamma,
@@ -91,6 +92,7 @@ class RunState:
     match_auc: float | None = None  # match: loss-attack AUC, forget set now vs match_reference
     token_cap: float = float("inf")  # match: a forget token ascends only while its NLL is below this (nats)
     entropy_floor: float = 0.0  # match: confidently wrong forget positions are spread up to this entropy (nats)
+    z_floor: float | None = None  # match: forget tokens' Min-K%++ scores are lifted up to this (unitless)
     match_auc_current: float | None = None  # ... and vs match_holdout's losses under the current weights
     match_sources: list[int] = field(default_factory=list)  # match_target tokens: per forget row, its non-member
     match_gamma: dict = field(default_factory=dict)  # undial_z: mean logit lowering (nats), share of tokens lowered
@@ -242,6 +244,12 @@ class UnlearnTrainer(SequenceTrainer):
                 index = (terms == TERM_CODE["ascend_capped"]).nonzero()[:, 0].to(logits.device)
                 shortfall = per_sequence_entropy_shortfall(
                     logits.index_select(0, index), labels.index_select(0, index), self.run.entropy_floor
+                )
+                extra["capped"] = extra["capped"].index_add(0, index, -shortfall.to(extra["capped"].dtype))
+            if self.run.z_floor is not None:  # ... and tokens scored below unseen text's low tail are lifted
+                index = (terms == TERM_CODE["ascend_capped"]).nonzero()[:, 0].to(logits.device)
+                shortfall = per_sequence_z_shortfall(
+                    logits.index_select(0, index), labels.index_select(0, index), self.run.z_floor
                 )
                 extra["capped"] = extra["capped"].index_add(0, index, -shortfall.to(extra["capped"].dtype))
         # One read-back per step (which rows, and below their lengths): the targets are built on the host.
@@ -455,6 +463,8 @@ class UnlearnTrainer(SequenceTrainer):
                     self.run.entropy_floor = wrong_position_entropy_quantile(
                         targets, sequences, starts, self.args.match_entropy_quantile
                     )
+                if self.args.match_z_quantile > 0:
+                    self.run.z_floor = token_z_quantile(targets, token_nll, starts, self.args.match_z_quantile)
                 self.match_profiles = {"nll": [torch.sort(t.double()).values for t in token_nll]}
                 if "z" in PROFILE_STATISTICS[self.args.match_target]:
                     z = []
@@ -772,6 +782,8 @@ class UnlearnTrainer(SequenceTrainer):
             metrics["match/mean_gap"] = float(np.mean(self.run.match_scales)) if self.run.match_scales else 0.0
             metrics["match/token_cap"] = self.run.token_cap
             metrics["match/entropy_floor"] = self.run.entropy_floor
+            if self.run.z_floor is not None:
+                metrics["match/z_floor"] = self.run.z_floor
             if self.match_thresholds is not None:  # match_judge current: among the model's own non-members
                 own = self.match_thresholds.counts(self.run.judged)
                 metrics["match/memorized_current"] = own["memorized"]
@@ -852,6 +864,18 @@ def wrong_position_entropy_quantile(logprobs, sequences, starts, quantile: float
         values.append((-(t.exp() * t).sum(-1))[wrong])
     every = torch.cat(values)
     return float(np.quantile(every.numpy(), quantile)) if len(every) else 0.0
+
+
+def token_z_quantile(logprobs, token_nll, starts, quantile: float, sigma_floor: float = 1e-2) -> float:
+    """The ``quantile`` of the Min-K%++ token scores ``z_t`` (unitless; ``losses.per_sequence_z_shortfall``,
+    sigma floored as there) over text the model never saw: ``logprobs`` per sequence [T-1, V] (the
+    input model's log-softmax), ``token_nll`` per sequence its scored positions' NLLs, ``starts``
+    the first scored position of each. The floor match lifts a forget token's score to."""
+    values = []
+    for t, nll, start in zip(logprobs, token_nll, starts):
+        mu, sigma = logprob_moments(t[start:].double())
+        values.append(-(nll.double() + mu) / sigma.clamp(min=sigma_floor))
+    return float(np.quantile(torch.cat(values).numpy(), quantile))
 
 
 def resolve_thresholds(args, holdout_scores: list[dict] | None) -> tuple[Thresholds, str]:
