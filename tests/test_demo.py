@@ -120,10 +120,13 @@ def test_the_demos_match_runs_with_its_measured_settings_and_the_others_without_
     match = unlearn_config("match", tmp_path, settings, False, Thresholds())
     assert match.retain_weight == settings.match_retain_weight == 4.0
     assert match.match_token_quantile == settings.match_token_quantile == 0.7
+    assert match.match_z_quantile == settings.match_z_quantile == 0.3
+    assert match.match_judge == settings.match_judge == "current"
     assert match.match_holdout == str(tmp_path / "data" / "calibration.jsonl") and match.stop_rule == "match"
     # Every other method keeps the library's defaults for what only match reads.
     sga = unlearn_config("sga", tmp_path, settings, False, Thresholds())
     assert sga.match_token_quantile == 0.95 and sga.match_holdout is None
+    assert sga.match_z_quantile == 0.0 and sga.match_judge == "input"
 
 
 def test_an_earlier_run_is_kept_unless_overwrite(tmp_path, capsys):

@@ -95,6 +95,11 @@ class DemoSettings:
     # (measured on seeds 0, 1, 2; on seed 0: 3 records memorized instead of 11, forget quality 0.84
     # instead of 0.64, Min-K%++ AUC 0.13 instead of 0.08, the other AUCs still within 0.05, ppl +4.5%).
     match_token_quantile: float = 0.7
+    # match's z floor and judge: ascended forget tokens scored below the never-planted records' 0.3
+    # quantile of Min-K%++ token scores are lifted to it, and the epochs are judged among those records'
+    # scores under each epoch's weights (measured on seeds 0, 1, 2; docs/unlearning.md, "The z floor").
+    match_z_quantile: float = 0.3
+    match_judge: str = "current"
     ordinary_per_epoch: int = 16  # fresh KJV verses / stdlib prose rows per planting epoch (in no other set)
     famous: int | None = None  # famous KJV verses to scan (None: all of demo_data.FAMOUS_PASSAGES)
     max_length: int = 32
@@ -135,6 +140,7 @@ QUICK = DemoSettings(
     tv_switch_ma=1.0,
     wild_top=2,
     methods=("ga", "sga", "tau", "undial"),
+    match_judge="input",  # 4 never-planted records cannot calibrate a verdict (--methods match)
     quick=True,
 )  # TAU: task vector at once
 
@@ -664,7 +670,12 @@ def unlearn_config(
     declared = METHODS[method]
     extra = {"tv_switch_ma": settings.tv_switch_ma} if declared.task_vector and settings.tv_switch_ma else {}
     if declared.matches:
-        extra.update(retain_weight=settings.match_retain_weight, match_token_quantile=settings.match_token_quantile)
+        extra.update(
+            retain_weight=settings.match_retain_weight,
+            match_token_quantile=settings.match_token_quantile,
+            match_z_quantile=settings.match_z_quantile,
+            match_judge=settings.match_judge,
+        )
     retain_rows = settings.retain if declared.uses_retain_set else 0
     match_rows = settings.calibration if declared.matches else 0
     if lora:
