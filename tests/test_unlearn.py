@@ -439,43 +439,38 @@ def wrong_guesses(model, rows: list[list[int]]) -> np.ndarray:
     return np.concatenate(out)
 
 
-def test_match_entropy_floor_spreads_the_forget_rows_confidently_wrong_guesses(unlearn_case, tmp_path):
-    holdout, forget = ([r["input_ids"] for r in read_jsonl(unlearn_case[n])] for n in ("holdout", "forget"))
-    floor = np.quantile(wrong_guesses(load_causal_lm(unlearn_case["model"]).eval(), holdout), 0.5)
-    below = {}
-    for quantile in ("0", "0.5"):
-        out = tmp_path / f"entropy_{quantile}"
-        extra = ("--method", "match", "--match_entropy_quantile", quantile, "--match_margin", "0.2")
-        assert main(["unlearn", *unlearn_args(unlearn_case, out, *extra, "--max_over_unlearned", "4")]) == 0
-        report = json.loads((out / "report.json").read_text())
-        logged = report["history"][0]["match/entropy_floor"]
-        assert logged == (0.0 if quantile == "0" else pytest.approx(floor, rel=1e-4))
-        below[quantile] = float(np.mean(wrong_guesses(load_causal_lm(out / "model").eval(), forget) < floor))
-    # Without the term, ascent leaves most of the forget rows' wrong guesses peaked below the floor
-    # (0.83 of them here); with it, fewer (0.64: the run stops once its rule holds, a few epochs in).
-    assert below["0"] > 0.5 and below["0.5"] < below["0"] - 0.1, below
+def wrong_entropies(model, rows: list[list[int]]) -> np.ndarray:
+    return wrong_guesses(model.eval(), rows)
 
 
-def test_match_z_floor_lifts_the_forget_tokens_scored_below_unseen_text(unlearn_case, tmp_path):
+def z_scores(model, rows: list[list[int]]) -> np.ndarray:
+    return np.concatenate(token_scores(model.eval(), rows, sigma_floor=1e-2))
+
+
+@pytest.mark.parametrize(
+    "flag, tag, off, statistic, drop",
+    [
+        # Ascent leaves most of the forget rows' wrong guesses peaked below the non-members' median
+        # entropy at theirs (0.83 of them here); spread, fewer (0.64: the run stops once its rule holds).
+        ("--match_entropy_quantile", "match/entropy_floor", 0.0, wrong_entropies, 0.1),
+        # ... and most forget tokens scored below the non-members' median Min-K%++ score (0.71); lifted, 0.42.
+        ("--match_z_quantile", "match/z_floor", None, z_scores, 0.2),
+    ],
+)
+def test_match_floors_lift_the_forget_rows_below_unseen_text(flag, tag, off, statistic, drop, unlearn_case, tmp_path):
     holdout, forget = ([r["input_ids"] for r in read_jsonl(unlearn_case[n])] for n in ("holdout", "forget"))
-    scores = lambda model, rows: np.concatenate(token_scores(model.eval(), rows, sigma_floor=1e-2))
-    floor = np.quantile(scores(load_causal_lm(unlearn_case["model"]), holdout), 0.5)
+    floor = np.quantile(statistic(load_causal_lm(unlearn_case["model"]), holdout), 0.5)
     below = {}
     for quantile in ("0", "0.5"):
-        out = tmp_path / f"z_{quantile}"
-        extra = ("--method", "match", "--match_z_quantile", quantile, "--match_margin", "0.2")
-        assert main(["unlearn", *unlearn_args(unlearn_case, out, *extra, "--max_over_unlearned", "4")]) == 0
-        report = json.loads((out / "report.json").read_text())
-        if quantile == "0":
-            assert "match/z_floor" not in report["history"][0]
-        else:
-            assert report["history"][0]["match/z_floor"] == pytest.approx(floor, rel=1e-4)
-        below[quantile] = float(np.mean(scores(load_causal_lm(out / "model"), forget) < floor))
-    # Ascent alone leaves most forget tokens scored below the non-members' median (0.71 of them here);
-    # lifted, fewer (0.42: the run stops once its rule holds, a few epochs in).
-    assert below["0"] > 0.5 and below["0.5"] < below["0"] - 0.2, below
-    scalars, _ = tensorboard_tags(tmp_path / "z_0.5")
-    assert "match/z_floor" in scalars
+        out = tmp_path / f"floor_{quantile}"
+        extra = ("--method", "match", flag, quantile, "--match_margin", "0.2", "--max_over_unlearned", "4")
+        assert main(["unlearn", *unlearn_args(unlearn_case, out, *extra)]) == 0
+        logged = json.loads((out / "report.json").read_text())["history"][0].get(tag)
+        assert logged == (off if quantile == "0" else pytest.approx(floor, rel=1e-4))
+        below[quantile] = float(np.mean(statistic(load_causal_lm(out / "model"), forget) < floor))
+    assert below["0"] > 0.5 and below["0.5"] < below["0"] - drop, below
+    scalars, _ = tensorboard_tags(tmp_path / "floor_0.5")
+    assert tag in scalars
 
 
 def token_nlls(model, rows: list[list[int]]) -> list[np.ndarray]:
