@@ -152,8 +152,8 @@ def test_zero3_retain_side_methods_match_one_process(variant, unlearn_case, tmp_
     method, _, target = variant.partition("_")
     # match: its AUC on 4 rows against 4 moves in steps of 1/16; the tiny model's holdout sits at MA ~0.
     extra = ["--match_margin", "0.2", "--max_over_unlearned", "4"] if method == "match" else []
-    if target == "floors":  # the loss target with both token floors on its ascended rows
-        extra += ["--match_entropy_quantile", "0.5", "--match_z_quantile", "0.5"]
+    if target == "floors":  # the loss target with both token floors on its ascended rows, targets rescored
+        extra += ["--match_entropy_quantile", "0.5", "--match_z_quantile", "0.5", "--match_targets_under", "current"]
     elif target:
         extra += ["--match_target", target]
     run_ok(*ds_args(unlearn_case, out, "zero3", "--method", method, *extra))

@@ -660,6 +660,39 @@ def test_match_judge_current_judges_each_epoch_among_the_models_own_nonmember_sc
     assert report["best_epoch"]["epoch"] != best_by("forget/memorized", "forget/over_unlearned", "match/auc")
 
 
+@pytest.mark.parametrize("under", ["input", "current"])
+def test_match_targets_follow_the_nonmember_losses_of_the_model_they_are_read_under(random_case, tmp_path, under):
+    from ds_unlearn.core.scorer import score_sequences
+    from ds_unlearn.unlearn.selection import rank_matched_targets
+
+    out = tmp_path / f"targets_{under}"
+    argv = ["unlearn", "--model", str(random_case / "model"), "--output_dir", str(out), "--method", "match"]
+    for name in ("forget", "retain", "holdout"):
+        argv += [f"--{name}", str(random_case / f"{name}.jsonl")]
+    argv += ["--match_holdout", str(random_case / "unseen.jsonl"), "--match_targets_under", under]
+    argv += ["--match_margin", "0.2", "--max_over_unlearned", "12", "--extract_k", "8", "--learning_rate", "3e-3"]
+    argv += ["--per_device_train_batch_size", "40", "--num_train_epochs", "4", "--save_strategy", "no"]
+    assert main(argv) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["settings"]["match_targets_under"] == under
+    epoch = report["best_epoch"]["epoch"]
+    assert epoch > 0  # weights the ascent moved: the two references differ there
+    # The written model is the best epoch's, whose scores planned the next epoch: each forget row's
+    # distance to its rank-matched target, recomputed from independent passes of that model and of the
+    # input model (the match non-members' losses under one or the other).
+    rows = {n: [r["input_ids"] for r in read_jsonl(random_case / f"{n}.jsonl")] for n in ("forget", "unseen")}
+
+    def losses(model_dir, name):
+        model = load_causal_lm(model_dir).eval()
+        return [r["loss"] for r in score_sequences(model, rows[name], el_n=(), extract_k=(8,))]
+
+    forget = np.array(losses(out / "model", "forget"))
+    unseen = {"current": losses(out / "model", "unseen"), "input": losses(random_case / "model", "unseen")}
+    gaps = {k: float(np.mean(np.abs(rank_matched_targets(forget, v) - forget))) for k, v in unseen.items()}
+    assert abs(gaps["current"] - gaps["input"]) > 1e-3, gaps
+    assert report["history"][epoch]["match/mean_gap"] == pytest.approx(gaps[under], abs=1e-5)
+
+
 def test_match_judge_current_refuses_a_match_holdout_too_small_to_calibrate_before_compute(
     random_case, tmp_path, capsys
 ):

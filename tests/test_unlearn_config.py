@@ -90,6 +90,16 @@ def test_band_is_the_default_rule_of_sga_and_the_retain_methods_and_holdouts_cal
         ),
         (
             "model: m\nforget: f\nholdout: h\nmethod: match\n",
+            ["--match_targets_under", "retrained"],
+            "match_targets_under: must be 'input' or 'current'",
+        ),
+        (
+            "model: m\nforget: f\nholdout: h\nmethod: match\nmatch_target: tokens\n",
+            ["--match_targets_under", "current"],
+            "match_targets_under: 'current' needs match_target loss",
+        ),
+        (
+            "model: m\nforget: f\nholdout: h\nmethod: match\n",
             ["--match_entropy_quantile", "-0.1"],
             "match_entropy_quantile",
         ),

@@ -216,8 +216,16 @@ class UnlearnConfig(TrainingArguments):
         "match: what its stop rule and best epoch judge the forget set against. 'input': match_holdout's scores "
         "under the input model (the run's thresholds, the loss AUC against its losses then); 'current': its scores "
         "under each epoch's weights (thresholds recalibrated on them, the AUC against them): what the audit asks, "
-        "each record among the unlearned model's own scores of text it never saw. The targets stay the input "
-        "model's either way.",
+        "each record among the unlearned model's own scores of text it never saw. The targets follow "
+        "match_targets_under.",
+        default="input",
+    )
+    match_targets_under: str = _help(
+        "method",
+        "match (match_target loss): whose match_holdout losses the forget rows' rank-matched loss targets are "
+        "drawn from. 'input': the input model's, fixed for the run; 'current': each epoch's, rescored under the "
+        "current weights (what match_judge current and the audit compare against: when the retain rows' descent "
+        "lowers the non-members' losses, fixed targets leave the forget set above them).",
         default="input",
     )
     match_retain: str = _help(
@@ -511,6 +519,14 @@ class UnlearnConfig(TrainingArguments):
             _bad("match_z_quantile", f"must lie in [0, 1), got {self.match_z_quantile}")
         if declared.matches and self.match_judge not in ("input", "current"):
             _bad("match_judge", f"must be 'input' or 'current', got {self.match_judge!r}")
+        if declared.matches and self.match_targets_under not in ("input", "current"):
+            _bad("match_targets_under", f"must be 'input' or 'current', got {self.match_targets_under!r}")
+        if declared.matches and self.match_targets_under == "current" and self.match_target != "loss":
+            _bad(
+                "match_targets_under",
+                "'current' needs match_target loss (the token profiles are the input model's), "
+                f"got {self.match_target!r}",
+            )
         if declared.matches and self.match_target not in MATCH_TARGETS:
             _bad("match_target", f"must be one of {', '.join(MATCH_TARGETS)}, got {self.match_target!r}")
         if declared.matches and self.match_target == "reference" and not self.reference:

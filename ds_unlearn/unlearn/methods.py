@@ -171,6 +171,7 @@ METHODS: dict[str, Method] = {
                 "match_z_quantile",
                 "match_target",
                 "match_judge",
+                "match_targets_under",
                 "match_retain",
             ),
             loss="per_sequence_capped_nll + per_sequence_kl",

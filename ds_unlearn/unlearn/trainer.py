@@ -346,6 +346,13 @@ class UnlearnTrainer(SequenceTrainer):
             return self.match_thresholds, self.run.match_auc_current
         return self.thresholds, self.run.match_auc
 
+    def match_target_losses(self, current: list[float] | None) -> list[float]:
+        """The non-member losses the match targets are rank-matched to: match_holdout's under the input
+        model, or under this epoch's weights (``match_targets_under current``; ``current`` [m] nats)."""
+        if self.args.match_targets_under == "current" and current is not None:
+            return current
+        return self.run.match_reference
+
     def el_due(self) -> bool:
         """Whether this epoch's judging also computes EL_10 (generation): every epoch when SGA
         selects on it, every ``el_every`` epochs when asked, otherwise only before and after."""
@@ -690,9 +697,11 @@ class UnlearnTrainer(SequenceTrainer):
         if match_scores is not None and self.args.match_judge == "current":
             self.match_thresholds = self.thresholds.calibrated(match_scores)
         if match_losses is not None:
-            # The targets stay where the input model puts text it never saw. Under the current weights
-            # the non-members' losses rise with the forget set's (they share its templates): chasing
-            # them would erase what the model knows of every such text, not just of the forget set.
+            # By default the targets stay where the input model puts text it never saw. Under the current
+            # weights the non-members' losses rise with the forget set's when only the forget set is
+            # ascended (they share its templates): chasing them would erase what the model knows of every
+            # such text. With retain rows descended they fall instead, and fixed targets then leave the
+            # forget set above them; match_targets_under current follows them.
             if self.run.match_reference is None:
                 self.run.match_reference = match_losses
             losses = [float(r["loss"]) for r in scores]
@@ -702,7 +711,7 @@ class UnlearnTrainer(SequenceTrainer):
             self.run.selected = list(range(self.n_forget))
         elif self.args.declared.matches:
             losses = [float(r["loss"]) for r in scores]
-            targets = rank_matched_targets(losses, self.run.match_reference)
+            targets = rank_matched_targets(losses, self.match_target_losses(match_losses))
             self.run.selected, self.run.pulled_back, self.run.match_scales = match_plan(losses, targets)
             if (
                 self.args.match_target != "loss"
