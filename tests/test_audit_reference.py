@@ -102,6 +102,11 @@ def test_against_a_retrained_model(case):
         assert s["privleak"][score] == pytest.approx(leak, rel=1e-12)
         assert s["privleak"][score] > 0  # the audited model still remembers what the retrained never saw
     assert s["mia_retrained"]["loss"]["ci95"] is not None and "distinguishable" in s["mia_retrained"]["loss"]
+    # The paired difference: the same AUCs subtracted; the audited model memorized the forget set,
+    # so every attack tells it from the retrained model.
+    for score, d in s["auc_difference"].items():
+        assert d["delta"] == pytest.approx(s["mia"][score]["auc"] - s["mia_retrained"][score]["auc"], abs=1e-12)
+        assert d["ci95"][0] > 0 and d["indistinguishable"] is False, score
     ks = ks_2samp([hand_loss(model, q) for q in forget], retrained_loss[: len(forget)])
     assert s["forget_quality"] == pytest.approx(ks.pvalue, rel=1e-9)
     assert s["forget_quality_ks"]["statistic"] == pytest.approx(ks.statistic) and s["forget_quality"] < 0.05
@@ -123,6 +128,10 @@ def test_a_model_audited_against_itself_retrained_reads_zero_and_indistinguishab
         retrained, forget, holdout, thresholds=ds_unlearn.Thresholds(), retrained=retrained, **FAST
     )
     assert all(v == 0.0 for v in result.summary["privleak"].values())
+    assert all(
+        d == {"delta": 0.0, "ci95": [0.0, 0.0], "indistinguishable": True}
+        for d in result.summary["auc_difference"].values()
+    )
     assert result.summary["forget_quality"] == 1.0
     # Neither model saw forget or holdout: no attack can tell them apart.
     for score, entry in result.summary["mia"].items():

@@ -327,6 +327,14 @@ def test_reference_and_retrained_figures_in_every_output(model_dir, token_sets, 
     assert "| ref | 1.000 [1.000, 1.000] | distinguishable: members lower" in md
     assert "Cannot be estimated at 0.1%, 1% FPR: the holdout has 20 sequences" in md
     assert "### Against the retrained model" in md and "Forget quality (TOFU): KS-test p-value" in md
+    # The difference's paired interval: the audited model's forget set reads member-like by loss
+    # (AUC 1.0) where the random retrained model's does not.
+    d = summary["auc_difference"]["loss"]
+    assert d["delta"] == pytest.approx(1.0 - auc_retrained) and d["ci95"][0] > 0 and not d["indistinguishable"]
+    assert f"| loss | 1.000 | {summary['mia_retrained']['loss']['auc']:.3f} [" in md
+    assert f"| {d['delta']:.3f} [{d['ci95'][0]:.3f}, {d['ci95'][1]:.3f}] |" in md
     assert "- `roc.png`: ROC curve of every membership attack" in md
     printed = capsys.readouterr().out
     assert "ref 1.000" in printed and "PrivLeak vs the retrained model: loss " in printed
+    expected = ", ".join(s for s, v in summary["auc_difference"].items() if v["indistinguishable"]) or "none"
+    assert f"(paired 95% interval of the AUC difference holds 0): {expected}\n" in printed

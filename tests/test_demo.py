@@ -22,6 +22,7 @@ from ds_unlearn import cli
 from ds_unlearn.core import smollm2
 from ds_unlearn.core.errors import InputError
 from ds_unlearn.core.files import read_jsonl
+from ds_unlearn.core.mia import auc_difference
 from ds_unlearn.core.verdict import IN_BAND, MEMORIZED, OVER_UNLEARNED, Thresholds, quantile_for
 from ds_unlearn.demo.data import personal_records
 from ds_unlearn.demo.run import OWN_ENTRIES, QUICK, DemoSettings, demo_sets, prepare_output_dir, settings_for
@@ -296,6 +297,19 @@ def test_report_numbers_match_the_score_files(quick):
         mine = [r["loss"] for r in read_jsonl(out / method / "audit_after.jsonl") if r["set"] == "forget"]
         truth = [r["loss"] for r in read_jsonl(out / "retrained" / "audit.jsonl") if r["set"] == "forget"]
         assert audit["after"]["forget_quality"] == pytest.approx(ks_2samp(mine, truth).pvalue)
+        # And each attack's paired interval of AUC - AUC_retrained, redrawn from the two files.
+        ours, gold = (read_jsonl(f) for f in (out / method / "audit_after.jsonl", out / "retrained" / "audit.jsonl"))
+        settings = own["audit"]["settings"]
+        same = []
+        for i, attack in enumerate(own["audit"]["after"]["mia"]):
+            columns = [
+                [r[attack] for r in rows if r["set"] == s] for rows in (ours, gold) for s in ("forget", "holdout")
+            ]
+            d = auc_difference(*columns, resamples=settings["bootstrap"], seed=settings["seed"] + i)
+            got = audit["after"]["auc_difference"][attack]
+            assert got["delta"] == pytest.approx(d["delta"]) and got["ci95"] == pytest.approx(d["ci95"]), attack
+            assert got["indistinguishable"] == d["indistinguishable"], (method, attack)
+            same += [attack] if d["indistinguishable"] and attack in ("loss", "zlib", "min_k++", "ref") else []
         # Its audit judges the unlearned model's records among its own scores of the never-planted
         # records (the run's verdict is calibrated on the planted model's): recounted from the file.
         counts, band = judged_among_own(read_jsonl(out / method / "audit_after.jsonl"))
@@ -303,6 +317,9 @@ def test_report_numbers_match_the_score_files(quick):
         assert own["audit"]["after"]["thresholds"]["band"] == band and audit["after"]["verdicts"] == counts
         v = audit["after"]["verdicts"]
         assert f"| {summary['title']} | {v['memorized']} | {v['over-unlearned']} | " in markdown
+        against = markdown.split("## Against the retrained model\n", 1)[1].split("\n## ", 1)[0]
+        row = next(line for line in against.splitlines() if line.startswith(f"| {summary['title']} | "))
+        assert f" | {len(same)} of 4 | " in row, row
     # The ground truth is judged the same way, among its own scores.
     retrained = planted["retrained"]
     counts, band = judged_among_own(read_jsonl(out / "retrained" / "audit.jsonl"))
@@ -379,8 +396,9 @@ def test_second_run_reuses_the_cached_conversion(quick, monkeypatch, tmp_path):
     assert not any(stage.startswith("chat") for stage in report["timing"])
 
 
-def seed_report(seed: int, truth: dict, match: dict, over: int) -> dict:
-    """A minimal demo report.json: the retrained audit and one method's, with AUCs per attack."""
+def seed_report(seed: int, truth: dict, match: dict, over: int, same: tuple = ()) -> dict:
+    """A minimal demo report.json: the retrained audit and one method's, with AUCs per attack (and
+    ``same``: the attacks whose paired interval of the AUC difference holds 0)."""
     audit = lambda aucs: {a: {"auc": v} for a, v in aucs.items()}
     return {
         "demo": {"settings": {"seed": seed}, "output_dir": f"/x/seed{seed}"},
@@ -402,6 +420,10 @@ def seed_report(seed: int, truth: dict, match: dict, over: int) -> dict:
                         "verdicts": {"memorized": seed, "over-unlearned": 0},
                         "auc": match,
                         "privleak": {},
+                        "auc_difference": {
+                            a: {"delta": v - truth[a], "ci95": [-1.0, 1.0], "indistinguishable": a in same}
+                            for a, v in match.items()
+                        },
                         "forget_quality": 0.2 * (seed + 1),
                         "tpr_at_1pct_fpr": {"loss": 0.0},
                     }
@@ -423,12 +445,14 @@ def test_the_seeds_table_is_each_models_mean_and_range_with_the_gap_to_its_own_r
             {"loss": 0.50, "zlib": 0.55, "min_k++": 0.45, "ref": 0.53},
             {"loss": 0.52, "zlib": 0.52, "min_k++": 0.08, "ref": 0.53},
             1,
+            ("loss", "zlib", "ref"),
         ),
         seed_report(
             1,
             {"loss": 0.60, "zlib": 0.50, "min_k++": 0.50, "ref": 0.50},
             {"loss": 0.50, "zlib": 0.51, "min_k++": 0.40, "ref": 0.49},
             3,
+            ("loss", "zlib", "min_k++", "ref"),
         ),
     ]
     figures = seed_figures(reports)
@@ -436,6 +460,8 @@ def test_the_seeds_table_is_each_models_mean_and_range_with_the_gap_to_its_own_r
     # The gap is against the same seed's retrained model: 0.37 on seed 0 (min_k++), 0.10 on seed 1 (loss).
     assert [r["gap"] for r in figures["match"]] == pytest.approx([0.37, 0.10])
     assert [r["gap"] for r in figures[RETRAINED_ROW]] == [0.0, 0.0]
+    assert [r["at_retrained"] for r in figures["match"]] == [3, 4]
+    assert [r["at_retrained"] for r in figures[RETRAINED_ROW]] == [None, None]
     assert [r["ppl_change"] for r in figures[RETRAINED_ROW]] == pytest.approx([1.0, 1.0])
     table = spread_table(reports)
     assert table[0] == "Over seeds 0, 1: mean (min to max)."
@@ -443,8 +469,9 @@ def test_the_seeds_table_is_each_models_mean_and_range_with_the_gap_to_its_own_r
     assert match[1:3] == ["0.5 (0.0 to 1.0)", "0.0 (0.0 to 0.0)"]  # memorized, over-unlearned
     assert match[3] == "0.510 (0.500 to 0.520)"  # loss AUC
     assert match[7] == "0.235 (0.100 to 0.370)"  # the gap
-    assert match[9] == "+3.5 (+3.0 to +4.0)"  # holdout perplexity change
+    assert match[8] == "3.5 (3.0 to 4.0)"  # attacks whose paired interval holds 0
+    assert match[10] == "+3.5 (+3.0 to +4.0)"  # holdout perplexity change
     truth = next(line for line in table if line.startswith(f"| {RETRAINED_ROW} |")).split(" | ")
-    assert truth[2] == "2.0 (1.0 to 3.0)" and truth[8] == "1.000 (1.000 to 1.000)"
+    assert truth[2] == "2.0 (1.0 to 3.0)" and truth[8] == "n/a" and truth[9] == "1.000 (1.000 to 1.000)"
     with pytest.raises(ValueError, match="/x/seed0: no retrained audit"):
         seed_figures([{**reports[0], "planting": {}}])

@@ -53,6 +53,10 @@ def test_zero3_two_ranks_give_the_same_reference_and_retrained_figures(model_dir
     for score, leak in sa["privleak"].items():
         assert (leak is None and sb["privleak"][score] is None) or sb["privleak"][score] == pytest.approx(leak)
     assert sb["forget_quality"] == pytest.approx(sa["forget_quality"])
+    for score, d in sa["auc_difference"].items():
+        other = sb["auc_difference"][score]
+        assert other["delta"] == pytest.approx(d["delta"]) and other["ci95"] == pytest.approx(d["ci95"]), score
+        assert other["indistinguishable"] == d["indistinguishable"]
     for score, per_fpr in sa["tpr_at_fpr"].items():
         for fpr, entry in per_fpr.items():
             other = sb["tpr_at_fpr"][score][fpr]

@@ -219,6 +219,41 @@ def test_bootstrap_interval_is_the_percentiles_of_sklearn_aucs_of_the_same_resam
     assert roc_auc_interval(a, b, resamples=resamples, seed=11) == pytest.approx(tuple(expected), abs=1e-12)
 
 
+def test_auc_difference_is_the_percentiles_of_paired_sklearn_aucs_and_pairing_cancels_shared_noise():
+    from ds_unlearn.core.mia import auc_difference
+
+    rng = np.random.default_rng(5)
+    # The retrained model's scores: members and non-members drawn alike (it saw neither).
+    member_r, nonmember_r = rng.normal(0, 1, 32), rng.normal(0, 1, 48)
+    # By hand: each resample draws the same records of each set for both models.
+    shifted = member_r - 0.8  # a model that still scores every forget record 0.8 lower
+    resamples = 200
+    draw = np.random.default_rng(9)
+    m_idx, n_idx = draw.integers(0, 32, (resamples, 32)), draw.integers(0, 48, (resamples, 48))
+    deltas = [roc_auc(shifted[m], nonmember_r[n]) - roc_auc(member_r[m], nonmember_r[n]) for m, n in zip(m_idx, n_idx)]
+    got = auc_difference(shifted, nonmember_r, member_r, nonmember_r, resamples=resamples, seed=9)
+    assert got["delta"] == pytest.approx(roc_auc(shifted, nonmember_r) - roc_auc(member_r, nonmember_r), abs=1e-12)
+    assert got["ci95"] == pytest.approx(list(np.percentile(deltas, [2.5, 97.5])), abs=1e-12)
+    assert got["ci95"][0] > 0 and got["indistinguishable"] is False  # still member-like: told apart
+    # A model whose scores are the retrained model's plus small per-record noise sits at it; the
+    # paired interval is far narrower than either AUC's own (the records' luck is shared).
+    near = auc_difference(
+        member_r + rng.normal(0, 0.05, 32), nonmember_r + rng.normal(0, 0.05, 48), member_r, nonmember_r, seed=1
+    )
+    own = roc_auc_interval(member_r, nonmember_r, seed=1)
+    assert near["indistinguishable"] is True and near["ci95"][0] <= 0.0 <= near["ci95"][1]
+    assert near["ci95"][1] - near["ci95"][0] < 0.25 * (own[1] - own[0])
+    same = auc_difference(member_r, nonmember_r, member_r, nonmember_r, resamples=50)
+    assert same == {"delta": 0.0, "ci95": [0.0, 0.0], "indistinguishable": True}
+    assert auc_difference(shifted, nonmember_r, member_r, nonmember_r, resamples=0) == {
+        "delta": got["delta"],
+        "ci95": None,
+        "indistinguishable": None,
+    }
+    with pytest.raises(ValueError, match="forget 31 vs 32, holdout 48 vs 48"):
+        auc_difference(shifted[:31], nonmember_r, member_r, nonmember_r)
+
+
 def test_summary_auc_matches_sklearn_on_the_rows(case):
     from sklearn.metrics import roc_auc_score
 

@@ -278,6 +278,12 @@ def _index_ids(sets):
     return sets["forget"].sequences, sets["holdout"].sequences
 
 
+def _indistinguishable(differences: dict) -> str:
+    if any(d["ci95"] is None for d in differences.values()):
+        return "n/a (bootstrap 0: no interval)"
+    return ", ".join(s for s, d in differences.items() if d["indistinguishable"]) or "none"
+
+
 def summary_lines(summary: dict) -> list[str]:
     """A few lines for stdout (counts and AUCs only: never any text)."""
     f = summary["forget"]
@@ -292,7 +298,9 @@ def summary_lines(summary: dict) -> list[str]:
         [
             "PrivLeak vs the retrained model: "
             + ", ".join(f"{s} {'n/a' if v is None else f'{v:.1f}%'}" for s, v in summary["privleak"].items())
-            + f"; forget quality (KS p-value) {summary['forget_quality']:.3g}"
+            + f"; forget quality (KS p-value) {summary['forget_quality']:.3g}",
+            "attacks that cannot tell it from the retrained model (paired 95% interval of the AUC difference "
+            f"holds 0): {_indistinguishable(summary.get('auc_difference', {}))}",
         ]
         if "privleak" in summary
         else []

@@ -41,6 +41,7 @@ from .mia import (
     DEFAULT_SUFFIX,
     MIA_SCORES,
     REF_SCORE,
+    auc_difference,
     extraction_figures,
     forget_quality,
     mia_scores,
@@ -406,16 +407,29 @@ def retrained_figures(result: AuditResult, retrained: AuditResult) -> dict:
     """What an audit says against a model retrained without the forget set (the gold standard of
     TOFU and MUSE), both audited on the same forget and holdout sets: ``mia_retrained`` (each
     attack's AUC and interval under the retrained model), ``privleak`` (MUSE's PrivLeak per
-    attack, percent, ``mia.privleak``) and ``forget_quality`` (the KS-test p-value between the
+    attack, percent, ``mia.privleak``), ``auc_difference`` (per attack, AUC - AUC_retrained with a
+    paired bootstrap interval over the same records, ``mia.auc_difference``: whether the attack can
+    tell the two models' forget sets apart) and ``forget_quality`` (the KS-test p-value between the
     forget set's per-sequence losses under the audited and the retrained model,
     ``mia.forget_quality``; ``forget_quality_ks`` holds the statistic too)."""
     scores = [s for s in result.summary["mia"] if s in retrained.summary["mia"]]
     theirs = retrained.summary["mia"]
     losses = {name: [r["loss"] for r in res.set_rows("forget")] for name, res in (("a", result), ("r", retrained))}
     ks = forget_quality(losses["a"], losses["r"])
+    sets = {name: (result.set_rows(name), retrained.set_rows(name)) for name in ("forget", "holdout")}
+    for name, (ours, retrained_rows) in sets.items():
+        if [r["id"] for r in ours] != [r["id"] for r in retrained_rows]:
+            raise ValueError(f"retrained_figures: the {name} rows of the two audits differ (ids or order)")
+    settings = result.settings
+
+    def difference(i: int, score: str) -> dict:
+        (fa, fr), (ha, hr) = ([[r[score] for r in rows] for rows in pair] for pair in sets.values())
+        return auc_difference(fa, ha, fr, hr, settings.bootstrap, settings.seed + i)
+
     return {
         "mia_retrained": {s: theirs[s] for s in scores},
         "privleak": {s: privleak(result.summary["mia"][s]["auc"], theirs[s]["auc"]) for s in scores},
+        "auc_difference": {s: difference(i, s) for i, s in enumerate(scores)},
         "forget_quality": ks["pvalue"],
         "forget_quality_ks": {**ks, "score": "loss", "forget_count": len(losses["a"])},
     }

@@ -245,11 +245,19 @@ def retrained_section(s: dict) -> list[str]:
         "PrivLeak (MUSE) = (AUC - AUC retrained) / AUC retrained x 100: near 0 = where the retrained model "
         "sits, positive = still member-like, negative = pushed past it.",
         "",
-        "| score | AUC | AUC retrained [95% CI] | PrivLeak % |",
-        "|---|---|---|---|",
+        "The difference's interval is a paired bootstrap (the same records drawn for both models): it holds 0 "
+        "when the attack cannot tell this model's forget set from the retrained model's.",
+        "",
+        "| score | AUC | AUC retrained [95% CI] | AUC - retrained [paired 95% CI] | PrivLeak % |",
+        "|---|---|---|---|---|",
     ]
+    differences = s.get("auc_difference", {})
     for score, value in s["privleak"].items():
-        lines.append(f"| {score} | {_f(s['mia'][score]['auc'])} | {_auc(s['mia_retrained'][score])} | {_f(value, 1)} |")
+        d = differences.get(score)
+        delta = "n/a" if d is None else _auc({"auc": d["delta"], "ci95": d["ci95"]})
+        lines.append(
+            f"| {score} | {_f(s['mia'][score]['auc'])} | {_auc(s['mia_retrained'][score])} | {delta} | {_f(value, 1)} |"
+        )
     verdict = "cannot be told apart" if s["forget_quality"] >= 0.05 else "differ"
     lines += [
         "",

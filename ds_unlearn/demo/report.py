@@ -181,7 +181,9 @@ def against_retrained(methods: dict, planting: dict) -> dict[str, dict]:
     method with an end-of-run audit, by its report key. Each: ``title``, ``memorized`` and
     ``over_unlearned`` (the audit's verdicts: judged among that model's own scores of the
     never-planted records), ``auc`` per attack (forget vs never-planted records), ``privleak`` per
-    attack (None for the ground truth: 0 by definition), ``forget_quality`` (KS p-value of the
+    attack (None for the ground truth: 0 by definition), ``indistinguishable`` (the attacks whose
+    paired 95% interval of AUC - AUC_retrained holds 0, ``core.mia.auc_difference``; None for the
+    ground truth and without intervals), ``forget_quality`` (KS p-value of the
     per-record losses against the ground truth's; 1 for itself), ``tpr`` at 1% FPR (loss attack),
     ``ppl_change`` (holdout perplexity change against the planted model, %) and ``retain_ma``.
     Empty when the report has no retrained audit."""
@@ -202,6 +204,7 @@ def against_retrained(methods: dict, planting: dict) -> dict[str, dict]:
             "over_unlearned": verdicts["over-unlearned"],
             "auc": {a: r["mia"].get(a, {}).get("auc") for a in ATTACKS},
             "privleak": {},
+            "indistinguishable": None,
             "forget_quality": 1.0,
             "tpr": r.get("tpr_at_fpr", {}).get("loss", {}).get("0.01", {}).get("tpr"),
             "ppl_change": ppl,
@@ -218,12 +221,25 @@ def against_retrained(methods: dict, planting: dict) -> dict[str, dict]:
             "over_unlearned": a["verdicts"]["over-unlearned"],
             "auc": {s: a["auc"].get(s) for s in ATTACKS},
             "privleak": a.get("privleak", {}),
+            "indistinguishable": _indistinguishable(a.get("auc_difference", {})),
             "forget_quality": a.get("forget_quality"),
             "tpr": a["tpr_at_1pct_fpr"].get("loss"),
             "ppl_change": m["holdout_perplexity"]["change_pct"],
             "retain_ma": m["retain_ma"]["after"],
         }
     return rows
+
+
+def _interval(planting: dict) -> str:
+    loss = planting["audit"]["retrained"]["summary"]["mia"]["loss"]
+    ci = loss.get("ci95")
+    return f3(loss["auc"]) + (f" [{f3(ci[0])}, {f3(ci[1])}]" if ci else "")
+
+
+def _indistinguishable(differences: dict) -> list[str] | None:
+    if not differences or any(d.get("ci95") is None for d in differences.values()):
+        return None
+    return [a for a in ATTACKS if differences.get(a, {}).get("indistinguishable")]
 
 
 def retrained_table(methods: dict, planting: dict) -> list[str]:
@@ -238,8 +254,9 @@ def retrained_table(methods: dict, planting: dict) -> list[str]:
         "",
         "| model | memorized | over-unlearned | "
         + " | ".join(f"{a} AUC" for a in ATTACKS)
-        + " | PrivLeak loss / min_k++ | forget quality | TPR @ 1% FPR (loss) | holdout ppl change | retain MA |",
-        "|---|---|---|" + "---|" * len(ATTACKS) + "---|---|---|---|---|",
+        + " | attacks at the retrained model (paired 95%) | PrivLeak loss / min_k++ | forget quality "
+        "| TPR @ 1% FPR (loss) | holdout ppl change | retain MA |",
+        "|---|---|---|" + "---|" * len(ATTACKS) + "---|---|---|---|---|---|",
     ]
     for key, f in figures.items():
         leak = (
@@ -248,16 +265,23 @@ def retrained_table(methods: dict, planting: dict) -> list[str]:
             else f"{f1(f['privleak'].get('loss'))} / {f1(f['privleak'].get('min_k++'))}"
         )
         quality = "1 (itself)" if key == RETRAINED_ROW else f3(f["forget_quality"])
+        same = f["indistinguishable"]
+        at = "itself" if key == RETRAINED_ROW else "n/a" if same is None else f"{len(same)} of {len(ATTACKS)}"
         rows.append(
             f"| {f['title']} | {f['memorized']} | {f['over_unlearned']} | "
             + " | ".join(f3(f["auc"][a]) for a in ATTACKS)
-            + f" | {leak} | {quality} | {f3(f['tpr'])} | {pct(f['ppl_change'])} | {f3(f['retain_ma'])} |"
+            + f" | {at} | {leak} | {quality} | {f3(f['tpr'])} | {pct(f['ppl_change'])} | {f3(f['retain_ma'])} |"
         )
     return rows + [
         "",
         "Memorized and over-unlearned here: each model's records judged among its own scores of the never-planted "
         "records (the question the AUCs ask), at the run's quantile; the table above judges them as the stop rule "
         "does, against the planted model's.",
+        "",
+        "Attacks at the retrained model: those whose paired bootstrap interval of AUC - AUC_retrained (the same "
+        "records drawn for both models) holds 0, i.e. that cannot tell this model's forget set from the retrained "
+        f"model's at 95%. Each AUC's own interval is wide at these set sizes (the retrained model's loss AUC: "
+        f"{_interval(planting)}): a fixed tolerance on the difference sits inside that noise.",
         "",
         "PrivLeak = (AUC - AUC_retrained) / AUC_retrained x 100 (MUSE): near 0 is the goal; positive: still "
         "member-like, negative: pushed past where the retrained model leaves the records. Holdout perplexity "

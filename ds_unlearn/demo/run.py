@@ -833,6 +833,8 @@ def entry_figures(entry: dict) -> dict:
         "auc_ci95": {s: mia[s]["ci95"] for s in mia},
         "distinguishable": {s: mia[s].get("distinguishable") for s in mia},
         "privleak": privleak,
+        # Per attack: AUC - AUC_retrained with its paired bootstrap interval (core.mia.auc_difference).
+        "auc_difference": entry.get("auc_difference", {}),
         # Judged among the audited model's own scores of the never-planted records.
         "verdicts": entry["verdicts"],
         "tpr_at_1pct_fpr": {s: tpr.get(s, {}).get("0.01", {}).get("tpr") for s in mia},

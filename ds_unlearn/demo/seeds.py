@@ -18,6 +18,7 @@ COLUMNS = (
     ("over_unlearned", "over-unlearned", "{:.1f}"),
     *((f"auc_{a}", f"{a} AUC", "{:.3f}") for a in ATTACKS),
     ("gap", "max abs ΔAUC vs retrained", "{:.3f}"),
+    ("at_retrained", "attacks at the retrained model (paired 95%)", "{:.1f}"),
     ("forget_quality", "forget quality", "{:.3f}"),
     ("ppl_change", "holdout ppl change %", "{:+.1f}"),
     ("retain_ma", "retain MA", "{:.3f}"),
@@ -28,8 +29,10 @@ def seed_figures(reports: list[dict]) -> dict[str, list[dict]]:
     """Per row of ``against_retrained`` found in every report (the retrained model first, then
     the methods by report key), one flat dict per report, in order: its figures with each attack's
     AUC as ``auc_{attack}`` and ``gap``, the largest |AUC - AUC_retrained| over the attacks against
-    the same run's retrained model. ``reports``: ``DIR/report.json`` dicts of ``ds-unlearn demo``
-    runs (one per seed). Raises ValueError when a report has no retrained audit."""
+    the same run's retrained model, and ``at_retrained``, how many attacks cannot tell its forget
+    set from the retrained model's (paired 95% interval, None for the retrained row). ``reports``:
+    ``DIR/report.json`` dicts of ``ds-unlearn demo`` runs (one per seed). Raises ValueError when a
+    report has no retrained audit."""
     tables = []
     for report in reports:
         table = against_retrained(report["methods"], report["planting"])
@@ -46,7 +49,8 @@ def seed_figures(reports: list[dict]) -> dict[str, list[dict]]:
             rows.append(
                 {
                     "title": f["title"],
-                    **{k: v for k, v in f.items() if k not in ("auc", "privleak", "title", "tpr")},
+                    **{k: v for k, v in f.items() if k not in ("auc", "privleak", "title", "tpr", "indistinguishable")},
+                    "at_retrained": None if f["indistinguishable"] is None else len(f["indistinguishable"]),
                     **{f"auc_{a}": f["auc"][a] for a in ATTACKS},
                     "gap": max(gaps) if gaps else None,
                 }
