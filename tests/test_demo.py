@@ -475,3 +475,42 @@ def test_the_seeds_table_is_each_models_mean_and_range_with_the_gap_to_its_own_r
     assert truth[2] == "2.0 (1.0 to 3.0)" and truth[8] == "n/a" and truth[9] == "1.000 (1.000 to 1.000)"
     with pytest.raises(ValueError, match="/x/seed0: no retrained audit"):
         seed_figures([{**reports[0], "planting": {}}])
+
+
+def test_the_goal_checks_each_item_against_the_same_runs_retrained_model():
+    from ds_unlearn.demo.goal import goal_checks, goal_lines
+
+    report = seed_report(
+        0,
+        {"loss": 0.50, "zlib": 0.55, "min_k++": 0.45, "ref": 0.53},
+        {"loss": 0.52, "zlib": 0.62, "min_k++": 0.08, "ref": 0.53},
+        1,
+        ("loss", "zlib", "ref"),
+    )
+    match = report["methods"]["match"]
+    match["retain_ma"] = {"before": 0.97, "after": 0.94}
+    match["holdout_perplexity"]["change_pct"] = 3.4
+    match["audit"]["after"]["discoverable"] = 0
+    report["timing"] = {"total": 590.0}
+    truth = report["planting"]["audit"]["retrained"]["summary"]
+    truth["tpr_at_fpr"] = {"loss": {"0.01": {"tpr": 0.03, "ci95": [0.0, 0.09]}}}
+    checks = {c.item: c for c in goal_checks(report, "match")}
+    assert checks["memorized"].met is True and checks["over-unlearned"].met is True  # seed 0: 0 and 0
+    # The fixed tolerance: loss 0.02 off and ref 0 off meet it, zlib 0.07 and min_k++ 0.37 do not.
+    fixed = [checks[f"{a} AUC - retrained"].met for a in ("loss", "zlib", "min_k++", "ref")]
+    assert fixed == [True, False, False, True]
+    assert checks["zlib AUC - retrained"].value == "0.620 - 0.550 = 0.070"
+    # The paired reading, from auc_difference: zlib's interval holds 0, min_k++'s does not.
+    assert checks["zlib paired 95% interval"].met is True and checks["min_k++ paired 95% interval"].met is False
+    assert checks["forget quality"].met is True  # 0.2
+    assert checks["TPR @ 1% FPR (loss)"].met is True and "0.090" in checks["TPR @ 1% FPR (loss)"].goal  # 0.0 <= 0.09
+    assert checks["holdout ppl change"].met is False and checks["holdout ppl change"].value == "+3.4%"
+    assert checks["retain MA"].met is False  # dropped 0.03
+    assert checks["discoverable"].met is True and checks["demo seconds (timing.total)"].met is True
+    lines = goal_lines(report, "match")
+    assert "| zlib AUC - retrained | 0.620 - 0.550 = 0.070 | abs <= 0.05 | NO |" in lines
+    measured = [c for c in checks.values() if c.met is not None]
+    assert lines[-1] == f"{sum(c.met for c in measured)} of {len(measured)} measurable items met."
+    # Without a TPR interval (fewer than 100 never-planted records) the item is not measured.
+    del truth["tpr_at_fpr"]["loss"]
+    assert {c.item: c for c in goal_checks(report, "match")}["TPR @ 1% FPR (loss)"].met is None
