@@ -118,6 +118,9 @@ def test_against_a_retrained_model(case):
         model, forget, holdout, thresholds=ds_unlearn.Thresholds(), reference=reference, retrained=theirs, **FAST
     )
     assert again.summary["mia_retrained"] == s["mia_retrained"]
+    # The retrained model's TPR at low FPR, as its own audit reads it (the same seeds: the same draws).
+    assert s["tpr_at_fpr_retrained"] == again.summary["tpr_at_fpr_retrained"] == theirs.summary["tpr_at_fpr"]
+    assert s["tpr_at_fpr_retrained"]["loss"]["0.05"]["tpr"] < s["tpr_at_fpr"]["loss"]["0.05"]["tpr"]
     assert again.summary["privleak"] == pytest.approx(s["privleak"], rel=1e-12)
     assert again.summary["forget_quality"] == pytest.approx(s["forget_quality"], rel=1e-12)
 

@@ -406,7 +406,8 @@ def attacks(rows: list[dict]) -> tuple[str, ...]:
 def retrained_figures(result: AuditResult, retrained: AuditResult) -> dict:
     """What an audit says against a model retrained without the forget set (the gold standard of
     TOFU and MUSE), both audited on the same forget and holdout sets: ``mia_retrained`` (each
-    attack's AUC and interval under the retrained model), ``privleak`` (MUSE's PrivLeak per
+    attack's AUC and interval under the retrained model), ``tpr_at_fpr_retrained`` (its TPR at
+    each low FPR with intervals: what a TPR under the audited model is read against), ``privleak`` (MUSE's PrivLeak per
     attack, percent, ``mia.privleak``), ``auc_difference`` (per attack, AUC - AUC_retrained with a
     paired bootstrap interval over the same records, ``mia.auc_difference``: whether the attack can
     tell the two models' forget sets apart) and ``forget_quality`` (the KS-test p-value between the
@@ -428,6 +429,7 @@ def retrained_figures(result: AuditResult, retrained: AuditResult) -> dict:
 
     return {
         "mia_retrained": {s: theirs[s] for s in scores},
+        "tpr_at_fpr_retrained": {s: retrained.summary["tpr_at_fpr"][s] for s in scores},
         "privleak": {s: privleak(result.summary["mia"][s]["auc"], theirs[s]["auc"]) for s in scores},
         "auc_difference": {s: difference(i, s) for i, s in enumerate(scores)},
         "forget_quality": ks["pvalue"],

@@ -46,7 +46,14 @@ from ..core.models import load_config, load_for_inference, load_tokenizer, resol
 from ..core.verdict import min_holdout_rows
 
 COMPANIONS = ("reference", "retrained")  # the config fields naming the audit's extra models
-RETRAINED_KEYS = ("mia_retrained", "privleak", "auc_difference", "forget_quality", "forget_quality_ks")
+RETRAINED_KEYS = (
+    "mia_retrained",
+    "tpr_at_fpr_retrained",
+    "privleak",
+    "auc_difference",
+    "forget_quality",
+    "forget_quality_ks",
+)
 
 
 def companion_problem(config, path: str, name: str) -> str | None:
