@@ -15,7 +15,7 @@ from ds_unlearn.core.files import read_jsonl
 from ds_unlearn.core.toy import random_sequences, save_model, tiny_model
 
 from .conftest import VOCAB, unlearn_args, write_jsonl
-from .test_unlearn import tensorboard_tags
+from .test_unlearn import tensorboard_scalars, tensorboard_tags
 
 
 def hand_losses(directory, sequences):
@@ -65,8 +65,12 @@ def test_unlearn_audit_with_reference_and_retrained(unlearn_case, nonmembers, tm
     assert after["forget_quality"] == pytest.approx(ks_2samp(loss[:4], retrained_loss[:4]).pvalue)
     # 6 non-members: no FPR of 5% or below can be estimated, and the report says why.
     assert after["tpr_at_fpr"]["ref"]["0.05"]["reason"] == "needs at least 20 non-members (1/FPR), the holdout has 6"
+    d = after["auc_difference"]["loss"]
+    assert d["delta"] == pytest.approx(after["mia"]["loss"]["auc"] - auc_retrained) and len(d["ci95"]) == 2
     scalars, _ = tensorboard_tags(out)
     assert {"audit/auc_ref_after", "audit/privleak_loss_after", "audit/forget_quality_after"} <= scalars
+    at = sum(v["indistinguishable"] for v in after["auc_difference"].values())
+    assert [v for _, v in tensorboard_scalars(out, "audit/attacks_at_retrained_after")] == [at]
 
 
 @pytest.mark.parametrize("case", ["missing", "other vocabulary", "audit none", "no non-members"])

@@ -279,6 +279,10 @@ def audit_run(config, model_dir, trainer, sets: dict, cache: CompanionCache | No
                 metrics[f"audit/privleak_{score}_{when}"] = value
         if "forget_quality" in entry[when]:
             metrics[f"audit/forget_quality_{when}"] = entry[when]["forget_quality"]
+        differences = entry[when].get("auc_difference", {})
+        if differences and all(d["ci95"] is not None for d in differences.values()):
+            # How many attacks cannot tell the forget set from the retrained model's (paired 95%).
+            metrics[f"audit/attacks_at_retrained_{when}"] = sum(d["indistinguishable"] for d in differences.values())
         metrics[f"audit/discoverable_{when}"] = entry[when]["forget"]["discoverable"]
     trainer.log(metrics)
     return entry
