@@ -407,12 +407,14 @@ def retrained_figures(result: AuditResult, retrained: AuditResult) -> dict:
     """What an audit says against a model retrained without the forget set (the gold standard of
     TOFU and MUSE), both audited on the same forget and holdout sets: ``mia_retrained`` (each
     attack's AUC and interval under the retrained model), ``tpr_at_fpr_retrained`` (its TPR at
-    each low FPR with intervals: what a TPR under the audited model is read against), ``privleak`` (MUSE's PrivLeak per
-    attack, percent, ``mia.privleak``), ``auc_difference`` (per attack, AUC - AUC_retrained with a
-    paired bootstrap interval over the same records, ``mia.auc_difference``: whether the attack can
-    tell the two models' forget sets apart) and ``forget_quality`` (the KS-test p-value between the
+    each low FPR with intervals: what a TPR under the audited model is read against),
+    ``privleak`` (MUSE's PrivLeak per attack, percent, ``mia.privleak``), ``auc_difference``
+    (per attack, AUC - AUC_retrained with a paired bootstrap interval over the same records,
+    ``mia.auc_difference``: whether the attack can tell the two models' forget sets apart) and
+    ``forget_quality`` (the KS-test p-value between the
     forget set's per-sequence losses under the audited and the retrained model,
-    ``mia.forget_quality``; ``forget_quality_ks`` holds the statistic too)."""
+    ``mia.forget_quality``; ``forget_quality_ks`` holds the statistic too). Raises ValueError when
+    the two audits' forget or holdout rows differ (ids or order)."""
     scores = [s for s in result.summary["mia"] if s in retrained.summary["mia"]]
     theirs = retrained.summary["mia"]
     losses = {name: [r["loss"] for r in res.set_rows("forget")] for name, res in (("a", result), ("r", retrained))}
