@@ -23,6 +23,8 @@ def main() -> None:
     parser.add_argument("--method", default="match", help="the method's key in report.json's methods")
     args = parser.parse_args()
     for d in args.dirs:
+        if not (d / "report.json").is_file():
+            raise SystemExit(f"{d}: no report.json (not a ds-unlearn demo output folder)")
         report = json.loads((d / "report.json").read_text())
         if args.method not in report["methods"]:
             raise SystemExit(f"{d}: no method {args.method!r} in its report (ran: {', '.join(report['methods'])})")

@@ -337,4 +337,4 @@ def test_reference_and_retrained_figures_in_every_output(model_dir, token_sets, 
     printed = capsys.readouterr().out
     assert "ref 1.000" in printed and "PrivLeak vs the retrained model: loss " in printed
     expected = ", ".join(s for s, v in summary["auc_difference"].items() if v["indistinguishable"]) or "none"
-    assert f"(paired 95% interval of the AUC difference holds 0): {expected}\n" in printed
+    assert f"(the paired 95% interval of AUC - AUC_retrained holds 0): {expected}\n" in printed

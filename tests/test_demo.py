@@ -511,6 +511,11 @@ def test_the_goal_checks_each_item_against_the_same_runs_retrained_model():
     assert "| zlib AUC - retrained | 0.620 - 0.550 = 0.070 | abs <= 0.05 | NO |" in lines
     measured = [c for c in checks.values() if c.met is not None]
     assert lines[-1] == f"{sum(c.met for c in measured)} of {len(measured)} measurable items met."
-    # Without a TPR interval (fewer than 100 never-planted records) the item is not measured.
+    # Without a TPR interval (fewer than 100 never-planted records) the item is not measured, nor
+    # the paired intervals without auc_difference (a report from before it): one n/a row says so.
     del truth["tpr_at_fpr"]["loss"]
-    assert {c.item: c for c in goal_checks(report, "match")}["TPR @ 1% FPR (loss)"].met is None
+    del match["audit"]["after"]["auc_difference"]
+    again = {c.item: c for c in goal_checks(report, "match")}
+    assert again["TPR @ 1% FPR (loss)"].met is None and again["paired 95% intervals"].met is None
+    assert not any(item.endswith("paired 95% interval") for item in again)
+    assert "paired 95% intervals" not in checks

@@ -252,6 +252,10 @@ def test_auc_difference_is_the_percentiles_of_paired_sklearn_aucs_and_pairing_ca
     }
     with pytest.raises(ValueError, match="forget 31 vs 32, holdout 48 vs 48"):
         auc_difference(shifted[:31], nonmember_r, member_r, nonmember_r)
+    with pytest.raises(ValueError, match="non-empty 1-D"):  # not a verdict of "told apart" on nothing
+        auc_difference([], nonmember_r, [], nonmember_r)
+    with pytest.raises(ValueError, match="level must lie in"):
+        auc_difference(shifted, nonmember_r, member_r, nonmember_r, level=1.5)
 
 
 def test_summary_auc_matches_sklearn_on_the_rows(case):

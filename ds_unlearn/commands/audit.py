@@ -56,8 +56,9 @@ class AuditConfig(AuditSettings, DataOptions, ModelOptions, CalibrationOptions):
     )
     retrained: str | None = option(
         None,
-        "a model trained the same way without the forget set: AUCs under it, PrivLeak (MUSE) and forget "
-        "quality (TOFU's KS-test p-value on the forget set's losses)",
+        "a model trained the same way without the forget set: AUCs and TPRs under it, AUC - AUC_retrained with "
+        "a paired bootstrap interval, PrivLeak (MUSE) and forget quality (TOFU's KS-test p-value on the forget "
+        "set's losses)",
     )
     # Two settings read differently on the command line: a word for "all the rest", and
     # TrainingArguments' seed (unlearn's end-of-run audit uses it: the two reproduce each other).
@@ -299,8 +300,8 @@ def summary_lines(summary: dict) -> list[str]:
             "PrivLeak vs the retrained model: "
             + ", ".join(f"{s} {'n/a' if v is None else f'{v:.1f}%'}" for s, v in summary["privleak"].items())
             + f"; forget quality (KS p-value) {summary['forget_quality']:.3g}",
-            "attacks that cannot tell it from the retrained model (paired 95% interval of the AUC difference "
-            f"holds 0): {_indistinguishable(summary.get('auc_difference', {}))}",
+            "attacks whose AUC is within noise of their AUC under the retrained model (the paired 95% interval "
+            f"of AUC - AUC_retrained holds 0): {_indistinguishable(summary.get('auc_difference', {}))}",
         ]
         if "privleak" in summary
         else []

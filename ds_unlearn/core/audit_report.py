@@ -245,8 +245,8 @@ def retrained_section(s: dict) -> list[str]:
         "PrivLeak (MUSE) = (AUC - AUC retrained) / AUC retrained x 100: near 0 = where the retrained model "
         "sits, positive = still member-like, negative = pushed past it.",
         "",
-        "The difference's interval is a paired bootstrap (the same records drawn for both models): it holds 0 "
-        "when the attack cannot tell this model's forget set from the retrained model's.",
+        "The difference's interval is a paired bootstrap (the same records drawn for both models): where it "
+        "holds 0, the attack's AUC under this model is within noise of its AUC under the retrained model.",
         "",
         "| score | AUC | AUC retrained [95% CI] | AUC - retrained [paired 95% CI] | PrivLeak % |",
         "|---|---|---|---|---|",

@@ -175,15 +175,19 @@ def auc_difference(
     the audited model's forget set from the retrained model's at ``level``. A fixed tolerance on
     the difference (|delta| <= 0.05, MUSE's PrivLeak within +-10%) can be finer than the sets
     resolve: with 32 forget and 48 holdout records each AUC's own 95% interval is about 0.26 wide;
-    this interval is what they resolve. Raises ValueError when the two models' sets differ in
-    size."""
-    member, nonmember = np.asarray(member, np.float64), np.asarray(nonmember, np.float64)
-    member_r, nonmember_r = np.asarray(member_retrained, np.float64), np.asarray(nonmember_retrained, np.float64)
-    if member.shape != member_r.shape or nonmember.shape != nonmember_r.shape:
+    this interval is what they resolve. Raises ValueError when a set is empty or not 1-D, when
+    the two models' sets differ in size, or when ``level`` is not in (0, 1)."""
+    arrays = [np.asarray(x, np.float64) for x in (member, nonmember, member_retrained, nonmember_retrained)]
+    if any(a.ndim != 1 or a.size == 0 for a in arrays):
+        raise ValueError("auc_difference needs non-empty 1-D score arrays (forget and holdout, under both models)")
+    member, nonmember, member_r, nonmember_r = arrays
+    if member.size != member_r.size or nonmember.size != nonmember_r.size:
         raise ValueError(
             f"auc_difference needs the same records under both models: forget {member.size} vs "
             f"{member_r.size}, holdout {nonmember.size} vs {nonmember_r.size}"
         )
+    if not 0.0 < level < 1.0:
+        raise ValueError(f"auc_difference: level must lie in (0, 1), got {level}")
     delta = roc_auc(member, nonmember) - roc_auc(member_r, nonmember_r)
     if resamples <= 0:
         return {"delta": float(delta), "ci95": None, "indistinguishable": None}

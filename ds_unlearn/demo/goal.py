@@ -5,7 +5,9 @@ The goal (issue "Unlearning that a membership attack cannot tell from retraining
 model's records judged among its own never-planted records), every attack's AUC within 0.05 of
 the retrained model's, forget quality p >= 0.05, TPR at 1% FPR no higher than the retrained
 model's interval allows, holdout perplexity within +3% of the planted model's, retain MA within
-0.02, no record discoverable, and the whole demo within 600 s by its own clock. Beside the fixed
+0.02, no record discoverable, and the whole demo within 600 s by its own clock. The attacks are
+the four the goal names (``report.ATTACKS``: loss, zlib, min_k++, ref; Min-K% is reported
+elsewhere but is not a goal item), TPR is the loss attack's. Beside the fixed
 AUC tolerance, ``goal_checks`` reports the paired reading (``core.mia.auc_difference``): whether
 each attack's interval of AUC - AUC_retrained holds 0, which is what sets this small can resolve.
 ``bench/demo_goal.py`` prints the checks of one or more demo folders.
@@ -52,6 +54,7 @@ def goal_checks(report: dict, method: str) -> list[Check]:
         Check("over-unlearned", str(f["over_unlearned"]), "0", f["over_unlearned"] == 0),
     ]
     differences = m["audit"]["after"].get("auc_difference", {})
+    paired = bool(differences) and all(d.get("ci95") is not None for d in differences.values())
     for attack in ATTACKS:
         auc, auc_r = f["auc"][attack], truth["auc"][attack]
         gap = None if auc is None or auc_r is None else auc - auc_r
@@ -64,7 +67,7 @@ def goal_checks(report: dict, method: str) -> list[Check]:
             )
         )
         d = differences.get(attack)
-        if d is not None and d.get("ci95") is not None:
+        if paired and d is not None:
             lo, hi = d["ci95"]
             checks.append(
                 Check(
@@ -74,6 +77,8 @@ def goal_checks(report: dict, method: str) -> list[Check]:
                     bool(d["indistinguishable"]),
                 )
             )
+    if not paired:  # a report from before auc_difference, or an audit without bootstrap
+        checks.append(Check("paired 95% intervals", "n/a", "each holds 0", None))
     quality = f["forget_quality"]
     checks.append(
         Check("forget quality", _fmt(quality), f">= {MIN_FORGET_QUALITY}", None if quality is None else quality >= 0.05)
@@ -90,7 +95,8 @@ def goal_checks(report: dict, method: str) -> list[Check]:
         Check(
             "TPR @ 1% FPR (loss)",
             _fmt(tpr),
-            "<= the retrained model's upper bound " + ("(n/a)" if bound is None else f"{bound[1]:.3f}"),
+            "<= the upper end of the retrained model's 95% interval "
+            + ("(n/a)" if bound is None else f"{bound[1]:.3f}"),
             None if tpr is None or bound is None else tpr <= bound[1],
         )
     )

@@ -129,7 +129,8 @@ class UnlearnConfig(TrainingArguments):
     retrained: str | None = _help(
         "data",
         "A model trained the same way without the forget set, for the end-of-run audit: each attack's AUC under "
-        "it, PrivLeak (MUSE) and forget quality (TOFU: KS-test p-value of the forget set's losses).",
+        "it, AUC - AUC_retrained with a paired bootstrap interval, PrivLeak (MUSE) and forget quality (TOFU: "
+        "KS-test p-value of the forget set's losses).",
         default=None,
     )
     text_field: str = _help("data", "Field holding a row's text.", default="text")
@@ -521,14 +522,14 @@ class UnlearnConfig(TrainingArguments):
             _bad("match_judge", f"must be 'input' or 'current', got {self.match_judge!r}")
         if declared.matches and self.match_targets_under not in ("input", "current"):
             _bad("match_targets_under", f"must be 'input' or 'current', got {self.match_targets_under!r}")
+        if declared.matches and self.match_target not in MATCH_TARGETS:
+            _bad("match_target", f"must be one of {', '.join(MATCH_TARGETS)}, got {self.match_target!r}")
         if declared.matches and self.match_targets_under == "current" and self.match_target != "loss":
             _bad(
                 "match_targets_under",
-                "'current' needs match_target loss (the token profiles are the input model's), "
-                f"got {self.match_target!r}",
+                "'current' needs match_target loss (the other targets are token profiles or distributions, "
+                f"not losses to rescore), got {self.match_target!r}",
             )
-        if declared.matches and self.match_target not in MATCH_TARGETS:
-            _bad("match_target", f"must be one of {', '.join(MATCH_TARGETS)}, got {self.match_target!r}")
         if declared.matches and self.match_target == "reference" and not self.reference:
             _bad(
                 "match_target",
