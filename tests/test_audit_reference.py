@@ -153,3 +153,25 @@ def test_another_vocabulary_is_refused_before_any_compute(case, monkeypatch):
     with pytest.raises(ds_unlearn.InputError, match="^reference: 3 reference losses for 28 sequences"):
         ds_unlearn.audit(model, forget, holdout, thresholds=ds_unlearn.Thresholds(), reference=[1.0, 2.0, 3.0], **FAST)
     assert calls == []
+
+
+def test_the_retrained_section_names_intervals_only_when_the_audit_drew_them():
+    from ds_unlearn.core.audit_report import retrained_section
+
+    def summary(ci):
+        entry = {"auc": 0.6, "ci95": ci}
+        return {
+            "mia": {"loss": entry},
+            "mia_retrained": {"loss": {"auc": 0.5, "ci95": ci}},
+            "privleak": {"loss": 20.0},
+            "auc_difference": {"loss": {"delta": 0.1, "ci95": ci, "indistinguishable": None if ci is None else True}},
+            "forget_quality": 0.3,
+            "forget_quality_ks": {"statistic": 0.2, "forget_count": 4},
+        }
+
+    drawn = "\n".join(retrained_section(summary([-0.1, 0.3])))
+    assert "| loss | 0.600 | 0.500 [-0.100, 0.300] | 0.100 [-0.100, 0.300] | 20.0 |" in drawn
+    assert "AUC - retrained [paired 95% CI]" in drawn and "paired bootstrap" in drawn
+    bare = "\n".join(retrained_section(summary(None)))  # --bootstrap 0
+    assert "| score | AUC | AUC retrained | AUC - retrained | PrivLeak % |" in bare
+    assert "| loss | 0.600 | 0.500 | 0.100 | 20.0 |" in bare and "paired bootstrap" not in bare

@@ -238,6 +238,8 @@ def tpr_section(s: dict) -> list[str]:
 def retrained_section(s: dict) -> list[str]:
     """The audit against a model retrained without the forget set (MUSE's PrivLeak, TOFU's forget quality)."""
     ks = s["forget_quality_ks"]
+    differences = s.get("auc_difference", {})
+    intervals = bool(differences) and all(d["ci95"] is not None for d in differences.values())
     lines = [
         "",
         "### Against the retrained model (trained without the forget set)",
@@ -245,13 +247,18 @@ def retrained_section(s: dict) -> list[str]:
         "PrivLeak (MUSE) = (AUC - AUC retrained) / AUC retrained x 100: near 0 = where the retrained model "
         "sits, positive = still member-like, negative = pushed past it.",
         "",
-        "The difference's interval is a paired bootstrap (the same records drawn for both models): where it "
-        "holds 0, the attack's AUC under this model is within noise of its AUC under the retrained model.",
-        "",
-        "| score | AUC | AUC retrained [95% CI] | AUC - retrained [paired 95% CI] | PrivLeak % |",
+    ]
+    if intervals:
+        lines += [
+            "The difference's interval is a paired bootstrap (the same records drawn for both models): where it "
+            "holds 0, the attack's AUC under this model is within noise of its AUC under the retrained model.",
+            "",
+        ]
+    ci = " [95% CI]" if intervals else ""
+    lines += [
+        f"| score | AUC | AUC retrained{ci} | AUC - retrained{' [paired 95% CI]' if intervals else ''} | PrivLeak % |",
         "|---|---|---|---|---|",
     ]
-    differences = s.get("auc_difference", {})
     for score, value in s["privleak"].items():
         d = differences.get(score)
         delta = "n/a" if d is None else _auc({"auc": d["delta"], "ci95": d["ci95"]})
