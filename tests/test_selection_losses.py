@@ -562,3 +562,37 @@ def test_z_shortfall_lifts_only_tokens_scored_below_the_floor_by_hand():
     # The logarithm: the peaked position's pull per unit of score is 1 / (1 + floor - z), so a token
     # a hundred times further below than another does not pull a hundred times harder.
     assert float(leaf.grad[0, 1].norm()) < 100 * float(leaf.grad[0, 2].norm())
+
+
+@pytest.mark.parametrize("term", ["kl", "capped", "z_shortfall"])
+def test_on_rows_gives_the_full_batch_values_and_gradients_at_its_rows(term):
+    from ds_unlearn.unlearn.losses import IGNORE, on_rows, per_sequence_z_shortfall
+
+    torch.manual_seed(0)
+    B, T, V = 5, 6, 11
+    labels = torch.randint(0, V, (B, T))
+    labels[1, 4:] = IGNORE  # a padded row among the chosen ones
+    reference = torch.log_softmax(torch.randn(B, T - 1, V), -1)
+    index = torch.tensor([1, 3, 4])
+    fns = {
+        "kl": lambda x, y: per_sequence_kl(x, reference.index_select(0, index), y),
+        "capped": lambda x, y: per_sequence_capped_nll(x, y, cap=4.0),
+        "z_shortfall": lambda x, y: per_sequence_z_shortfall(x, y, floor=3.0),
+    }
+    full_fns = {
+        "kl": lambda x, y: per_sequence_kl(x, reference, y),
+        "capped": lambda x, y: per_sequence_capped_nll(x, y, cap=4.0),
+        "z_shortfall": lambda x, y: per_sequence_z_shortfall(x, y, floor=3.0),
+    }
+    logits = (3 * torch.randn(B, T, V)).requires_grad_()
+    part = on_rows(fns[term], index, B, logits, labels)
+    (part * torch.arange(1.0, B + 1)).sum().backward()
+    part_grad, logits.grad = logits.grad.clone(), None
+    full = full_fns[term](logits, labels)
+    chosen = torch.zeros(B, dtype=torch.bool).index_fill(0, index, True)
+    (torch.where(chosen, full, torch.zeros_like(full)) * torch.arange(1.0, B + 1)).sum().backward()
+    # The chosen rows' values and gradients equal the whole batch's; the others are 0 and untouched.
+    assert torch.allclose(part[index], full[index].detach(), atol=1e-6) and bool(torch.all(part[~chosen] == 0))
+    assert float(part[index].abs().min()) > 0  # the term is live at every chosen row
+    assert torch.allclose(part_grad, logits.grad, atol=1e-6)
+    assert bool(torch.all(part_grad[~chosen] == 0)) and float(part_grad[index].abs().sum()) > 0

@@ -1,6 +1,6 @@
 """``ds-unlearn demo``: plant synthetic personal records in SmolLM2-135M-Instruct, unlearn them (GA, SGA,
-TAU and UNDIAL by default; any method with --methods), audit them against a model retrained without
-them, and report per sequence. Offline, on 2 CPU cores.
+TAU and match by default; any method with --methods, every one with --methods all), audit them
+against a model retrained without them, and report per sequence. Offline, on 2 CPU cores.
 
     ds-unlearn demo --output_dir out/demo            # the full run: out/demo/report.md
     ds-unlearn demo --output_dir out/smoke --quick   # a smaller smoke run (about a minute)
@@ -36,8 +36,8 @@ class DemoConfig:
     seed: int | None = option(None, "Faker, holdout sample and training seed (default 0)")
     methods: list[str] | None = option(
         None,
-        "unlearning methods to run (default, with or without --quick: ga sga tau undial)",
-        choices=list(METHODS),
+        "unlearning methods to run, or all of them: all (default, with or without --quick: ga sga tau match)",
+        choices=[*METHODS, "all"],
     )
     lora: int | None = option(
         None,

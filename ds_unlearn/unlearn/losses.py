@@ -275,6 +275,19 @@ def z_matched_gamma(
     return torch.where(unchanged, torch.zeros_like(target), high)
 
 
+def on_rows(fn, index: torch.Tensor, size: int, *batch: torch.Tensor, **kwargs) -> torch.Tensor:
+    """``fn``'s per-row values computed on the rows ``index`` of a batch only, placed back at
+    those rows of a [``size``] vector (zeros elsewhere, no gradient there).
+
+    ``fn`` maps [k, ...] tensors to [k]; ``index`` [k] long row positions on the batch tensors'
+    device; each of ``batch`` is [size, ...] and is cut to those rows (``kwargs`` pass through
+    whole). A term that only some rows of a step take (KL toward a reference, the capped ascent
+    and its floors) then costs its [k, T, V] tensors, not [B, T, V]: the same values at those
+    rows, since every such term is computed row by row, with less memory and time."""
+    values = fn(*(t.index_select(0, index) for t in batch), **kwargs)
+    return torch.zeros(size, dtype=values.dtype, device=values.device).index_copy(0, index, values)
+
+
 def row_losses(
     terms: torch.Tensor,
     nll: torch.Tensor,

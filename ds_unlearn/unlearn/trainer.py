@@ -43,6 +43,7 @@ from .losses import (
     IGNORE,
     TERM_CODE,
     npo_loss,
+    on_rows,
     per_sequence_capped_nll,
     per_sequence_entropy_shortfall,
     per_sequence_kl,
@@ -226,45 +227,39 @@ class UnlearnTrainer(SequenceTrainer):
 
     def extra_row_losses(self, rows, terms, logits, labels, nll) -> dict:
         extra = {}
+        size = len(terms)
         if bool((terms == TERM_CODE["npo"]).any()):
             seq_logp = -nll * predicted_tokens(labels).to(nll.dtype)
             reference = self.reference_logp[rows.clamp(max=self.n_forget - 1).cpu()].to(nll.device)
             extra["npo"] = npo_loss(seq_logp, reference, self.args.npo_beta)
-        kl_rows, gap_rows = bool((terms == TERM_CODE["kl"]).any()), bool((terms == TERM_CODE["kl_gap"]).any())
-        if kl_rows or gap_rows:
-            reference = self._reference_batch(rows, terms, logits)
-            kl = per_sequence_kl(logits, reference, labels)
-            extra["kl"] = kl
-            if gap_rows:
-                extra["kl_gap"] = kl + per_sequence_true_token_gap(logits, reference, labels)
-        if bool((terms == TERM_CODE["ascend_capped"]).any()):
-            extra["capped"] = per_sequence_capped_nll(logits, labels, self.run.token_cap)
-            if self.run.entropy_floor > 0:  # ascended with it: confidently wrong positions spread their mass
-                # On those rows only: the entropy keeps [rows, T, V] tensors for the backward pass.
-                index = (terms == TERM_CODE["ascend_capped"]).nonzero()[:, 0].to(logits.device)
-                shortfall = per_sequence_entropy_shortfall(
-                    logits.index_select(0, index), labels.index_select(0, index), self.run.entropy_floor
-                )
-                extra["capped"] = extra["capped"].index_add(0, index, -shortfall.to(extra["capped"].dtype))
-            if self.run.z_floor is not None:  # ... and tokens scored below unseen text's low tail are lifted
-                index = (terms == TERM_CODE["ascend_capped"]).nonzero()[:, 0].to(logits.device)
-                shortfall = per_sequence_z_shortfall(
-                    logits.index_select(0, index), labels.index_select(0, index), self.run.z_floor
-                )
-                extra["capped"] = extra["capped"].index_add(0, index, -shortfall.to(extra["capped"].dtype))
+        # Each term below on the rows that take it only (losses.on_rows): match's step mixes
+        # ascended forget rows with KL rows, and a [B, T, V] pass of every term over every row
+        # would double the memory and cost the rest of the loss (measured on the demo's match).
+        kl_rows = ((terms == TERM_CODE["kl"]) | (terms == TERM_CODE["kl_gap"])).nonzero()[:, 0]
+        if len(kl_rows):
+            index = kl_rows.to(logits.device)
+            reference = self._reference_batch(rows.index_select(0, kl_rows.to(rows.device)), logits)
+            extra["kl"] = on_rows(lambda x, y: per_sequence_kl(x, reference, y), index, size, logits, labels)
+            if bool((terms == TERM_CODE["kl_gap"]).any()):
+                gap = on_rows(lambda x, y: per_sequence_true_token_gap(x, reference, y), index, size, logits, labels)
+                extra["kl_gap"] = extra["kl"] + gap
+        capped_rows = (terms == TERM_CODE["ascend_capped"]).nonzero()[:, 0]
+        if len(capped_rows):
+            extra["capped"] = on_rows(self._capped_ascent, capped_rows.to(logits.device), size, logits, labels)
         # One read-back per step (which rows, and below their lengths): the targets are built on the host.
         profiled = (terms == TERM_CODE["match_profile"]).nonzero()[:, 0]
         if len(profiled):
-            # On those rows only: the z statistic keeps a few [rows, T, V] tensors for the backward pass.
-            index = profiled.to(logits.device)
-            part_logits, part_labels = logits.index_select(0, index), labels.index_select(0, index)
-            gap = sum(
-                per_sequence_profile_gap(
-                    part_logits, part_labels, self._profile_batch(rows[profiled], part_labels, stat), stat
+            sources = rows[profiled]
+
+            def profile_gap(part_logits, part_labels):
+                return sum(
+                    per_sequence_profile_gap(
+                        part_logits, part_labels, self._profile_batch(sources, part_labels, stat), stat
+                    )
+                    for stat in PROFILE_STATISTICS[self.args.match_target]
                 )
-                for stat in PROFILE_STATISTICS[self.args.match_target]
-            )
-            extra["profile"] = torch.zeros(len(terms), dtype=gap.dtype, device=gap.device).index_copy(0, index, gap)
+
+            extra["profile"] = on_rows(profile_gap, profiled.to(logits.device), size, logits, labels)
         return extra
 
     def _profile_batch(self, rows, labels, statistic: str) -> torch.Tensor:
@@ -280,13 +275,23 @@ class UnlearnTrainer(SequenceTrainer):
                 batch[i, :n] = torch.from_numpy(profile_targets(profile.numpy(), n))
         return batch.to(labels.device)
 
-    def _reference_batch(self, rows, terms, logits) -> torch.Tensor:
-        """[B, T-1, V] reference log-probabilities for the batch's KL rows (zeros elsewhere)."""
-        batch = torch.zeros(logits.shape[0], logits.shape[1] - 1, logits.shape[2], dtype=torch.float32)
-        for i, (row, term) in enumerate(zip(rows.tolist(), terms.tolist())):
-            if term in (TERM_CODE["kl"], TERM_CODE["kl_gap"]):
-                ref = self.reference_logprobs[row]
-                batch[i, : ref.shape[0]] = ref
+    def _capped_ascent(self, logits, labels) -> torch.Tensor:
+        """[k] the capped NLL of ascended rows (``logits`` [k, T, V], ``labels`` [k, T]) less their
+        floors' shortfalls: what their ascent raises (``ascend_capped``)."""
+        capped = per_sequence_capped_nll(logits, labels, self.run.token_cap)
+        if self.run.entropy_floor > 0:  # confidently wrong positions spread their mass
+            capped = capped - per_sequence_entropy_shortfall(logits, labels, self.run.entropy_floor).to(capped.dtype)
+        if self.run.z_floor is not None:  # ... and tokens scored below unseen text's low tail are lifted
+            capped = capped - per_sequence_z_shortfall(logits, labels, self.run.z_floor).to(capped.dtype)
+        return capped
+
+    def _reference_batch(self, rows, logits) -> torch.Tensor:
+        """[k, T-1, V] reference log-probabilities of the batch's KL rows (``rows``: their [k] set
+        rows; zeros past each row's length; ``logits`` [B, T, V] gives the shape and device)."""
+        batch = torch.zeros(len(rows), logits.shape[1] - 1, logits.shape[2], dtype=torch.float32)
+        for i, row in enumerate(rows.tolist()):
+            ref = self.reference_logprobs[row]
+            batch[i, : ref.shape[0]] = ref
         return batch.to(logits.device)
 
     def lr_factor(self) -> float:
